@@ -1,0 +1,741 @@
+"""Alignment on a verifiable task: SFT -> DPO -> GRPO on generated math problems.
+
+A pretrained language model continues text; it does not answer questions. Post-training turns it
+into an assistant in stages, and this file walks through the three that matter most today, on a
+task where "better" is not a matter of taste but of arithmetic:
+
+1. The task. A generator of math problems with exact answers at graded difficulty (1-digit
+   add/sub, 1x1 multiplication, 2-digit add/sub, one-line word problems, ...), a held-out split
+   decided by a hash of the problem text (so no test problem is ever trained on), the chat format
+   `<|user|>question<|assistant|>answer<|endoftext|>`, and a verifier that *parses* the final
+   number out of the model's text (never `eval`s it).
+2. SFT (supervised fine-tuning): next-token loss on demonstrations, but only on response tokens:
+   the prompt is context, not something to imitate. Functions follow the CS336 assignment-5 API
+   (`tokenize_prompt_and_output`, `get_response_log_probs`, `masked_normalize`, ...).
+3. DPO (Rafailov et al. 2023, arXiv:2305.18290): learn from preference pairs (a correct answer
+   preferred over a wrong one) with a closed-form loss against a frozen reference copy, no
+   reward model, no sampling during training.
+4. GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300): reinforcement learning from the
+   verifier. Sample G answers per prompt, score them, use (r - group mean) / group std as the
+   advantage (no value network), and take PPO-clipped policy-gradient steps (Schulman et al. 2017,
+   arXiv:1707.06347). `--no-std-norm` drops the std division as in Dr. GRPO (Liu et al. 2025,
+   arXiv:2503.20783).
+5. Evaluation: greedy accuracy on the held-out split, per difficulty, with a 95% Wilson interval
+   so we can tell a real improvement from sampling noise.
+
+Run it (CPU, a few minutes; the pipeline does exactly this):
+    python align.py all  --ckpt runs/base/ckpt.pt --tokenizer data/pydocs/tokenizer --out-dir runs/align
+or stage by stage:
+    python align.py eval --ckpt runs/base/ckpt.pt --stage base
+    python align.py sft  --ckpt runs/base/ckpt.pt          # -> runs/align/sft.pt
+    python align.py dpo  --ckpt runs/align/sft.pt --beta 0.1   # -> runs/align/dpo.pt
+    python align.py grpo --ckpt runs/align/dpo.pt --group-size 8  # -> runs/align/grpo.pt
+    python align.py eval --ckpt runs/align/grpo.pt
+Your own data: `--data-jsonl FILE` with prompt/response (SFT), prompt/chosen/rejected (DPO) or
+prompt/answer (GSM8K-style; SFT, GRPO and eval) lines. On a GPU add `--device cuda`.
+"""
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import time
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+
+from bpe import Tokenizer
+from model import generate
+from train import AdamW, load_model, save_checkpoint
+
+USER, ASSISTANT, EOT = "<|user|>", "<|assistant|>", "<|endoftext|>"
+CHAT_SPECIALS = [EOT, USER, ASSISTANT]
+
+# ---------------------------------------------------------------
+# 1. The task: math problems with exact answers, graded difficulty, a hash-based held-out split.
+#
+# The base model is a few-M-parameter model pretrained for minutes on Python docs, so the ladder
+# starts very low. The response restates the equation before the answer ("3 + 4 = 7. #### 7"):
+# copying the operands next to the answer is easy for attention and makes the answer token a
+# short lookup, which is what a tiny model can learn in CPU minutes. Subtraction is kept
+# non-negative (a >= b) so the lowest levels stay in one small range of numbers.
+
+LEVELS = {1: "add/sub 1-digit", 2: "mul 1x1", 3: "add/sub 2-digit", 4: "word 1-digit",
+          5: "add/sub 3-digit, mul 2x1", 6: "mul 2x2"}
+NAMES = ["Ann", "Ben", "Cat", "Dan", "Eve", "Sam", "Tom", "Zoe"]
+THINGS = ["apples", "books", "coins", "eggs", "pens", "stamps"]
+ASK = ["What is {e}?", "Compute {e}.", "{e} = ?", "Calculate {e}.", "What do you get for {e}?"]
+
+
+def make_problem(rng: random.Random, level: int) -> dict:
+    """One problem: {"prompt", "response", "answer", "level"} at the given difficulty level."""
+    n = lambda digits: rng.randint(0, 10 ** digits - 1)  # noqa: E731  uniform, up to `digits` digits
+    if level in (1, 3, 4):
+        d = 2 if level == 3 else 1
+        a, b, op = n(d), n(d), rng.choice("+-*" if level == 4 else "+-")
+    elif level == 2:
+        a, b, op = n(1), n(1), "*"
+    elif level == 5:
+        a, b, op = (n(3), n(3), rng.choice("+-")) if rng.random() < 0.5 else (n(2), n(1), "*")
+    elif level == 6:
+        a, b, op = n(2), n(2), "*"
+    else:
+        raise ValueError(f"unknown level {level}")
+    if op == "-" and a < b:
+        a, b = b, a
+    c = a + b if op == "+" else a - b if op == "-" else a * b
+    if level == 4:  # the same arithmetic, dressed as a one-line story
+        who, what = rng.choice(NAMES), rng.choice(THINGS)
+        q = {"+": f"{who} has {a} {what} and gets {b} more. How many {what} does {who} have now?",
+             "-": f"{who} has {a} {what} and gives away {b}. How many {what} are left?",
+             "*": f"{who} buys {a} bags with {b} {what} in each. How many {what} is that?"}[op]
+    else:
+        q = rng.choice(ASK).format(e=f"{a} {op} {b}")
+    return {"prompt": q, "response": f"{a} {op} {b} = {c}. #### {c}", "answer": c, "level": level}
+
+
+def split_of(text: str, test_percent: int = 20) -> str:
+    """'test' or 'train', a pure function of the problem text (sha256; stable across runs and
+    machines, unlike Python's salted hash()). Any generator, any seed, any process agrees, so
+    training can never see a test problem. Note the split is by *text*: the arithmetic fact
+    3 + 4 may appear in training inside a differently worded problem; the held-out text never."""
+    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+    return "test" if h % 100 < test_percent else "train"
+
+
+def sample_problems(split: str, n: int, levels, seed: int, test_percent: int = 20, unique=False) -> list:
+    """n problems from one split, levels round-robin. unique=True dedupes (for the eval set) and
+    stops early when a level has fewer distinct test problems than asked for."""
+    rng, out, seen = random.Random(seed), [], set()
+    for i, level in enumerate(levels):
+        want = n // len(levels) + (i < n % len(levels))
+        got, tries = 0, 0
+        while got < want and tries < 200 * want:
+            tries += 1
+            p = make_problem(rng, level)
+            if split_of(p["prompt"], test_percent) != split or (unique and p["prompt"] in seen):
+                continue
+            seen.add(p["prompt"])
+            out.append(p)
+            got += 1
+    return out
+
+
+def load_jsonl(path: str) -> list:
+    """User data, one JSON object per line: prompt/response (SFT), prompt/chosen/rejected (DPO) or
+    prompt/answer (GSM8K-style: the answer text ends in '#### N'). Returns problems in the same
+    dict shape as make_problem, with "answer" the parsed gold number where one exists."""
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{i}: not JSON ({e.msg})")
+            if not isinstance(r, dict) or "prompt" not in r:
+                raise SystemExit(f"error: {path}:{i}: each line needs a 'prompt' field")
+            r = dict(r, level=r.get("level", "jsonl"))
+            if "answer" in r:  # GSM8K style: the worked answer is also the SFT response
+                r.setdefault("response", str(r["answer"]))
+                r["answer"] = parse_answer(str(r["answer"]))
+            rows.append(r)
+    if not rows:
+        raise SystemExit(f"error: {path} has no records")
+    return rows
+
+
+# ---------------------------------------------------------------
+# 2. The verifier: parse a number out of free text. Plain string parsing only: model output is
+#    data, never code (no eval, no sympy.sympify). Priority: the last "#### N" marker, then the
+#    last "answer: N", then simply the last number in the text.
+
+_NUM = r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # -12, 1,000, 3.5; not the 3 in x3
+_MARKED = [re.compile(r"####\s*(" + _NUM + ")"), re.compile(r"answer\s*(?:is)?\s*[:=]?\s*(" + _NUM + ")", re.I)]
+_MAX_DIGITS = 100  # longer "numbers" are garbage, and int() of huge strings is slow
+
+
+def parse_answer(text: str):
+    """The final numeric answer in text as an int (or a Fraction for decimals), None if absent."""
+    for pat in _MARKED:
+        found = pat.findall(text)
+        if found:
+            return _to_number(found[-1])
+    found = re.findall(_NUM, text)
+    return _to_number(found[-1]) if found else None
+
+
+def _to_number(s: str):
+    s = s.replace(",", "")
+    if len(s) > _MAX_DIGITS:
+        return None
+    v = Fraction(s)  # exact: "0.1" stays 1/10, no float rounding
+    return int(v) if v.denominator == 1 else v
+
+
+def reward_fn(response: str, ground_truth, format_weight: float = 0.1) -> dict:
+    """The verifier's score. answer_reward: the parsed answer equals the gold one; format_reward:
+    the response ends its reasoning with a '#### N' marker (a small shaping bonus that teaches
+    the output format before the answer is right)."""
+    fmt = float(_MARKED[0].search(response) is not None)
+    ans = float(ground_truth is not None and parse_answer(response) == ground_truth)
+    return {"reward": ans + format_weight * fmt, "format_reward": fmt, "answer_reward": ans}
+
+
+# ---------------------------------------------------------------
+# 3. Chat format and tokenization. Prompt and output are tokenized separately and concatenated
+#    (so the boundary is exact), right-padded, then shifted by one for next-token prediction.
+
+def chat_prompt(question: str) -> str:
+    return f"{USER}{question}{ASSISTANT}"
+
+
+def ensure_chat_tokens(tok, model):
+    """The pipeline trains the tokenizer with the three chat specials. A tokenizer that lacks them
+    gets them appended as new ids, and the model's embedding / lm_head grow to match (new rows
+    start at the mean embedding, so they are not wildly off-distribution)."""
+    missing = [s for s in CHAT_SPECIALS if s not in tok.special_ids]
+    if missing:  # the Tokenizer constructor appends specials absent from the vocab as new ids
+        tok = Tokenizer(tok.vocab, tok.merges, list(tok.special_ids) + missing)
+    V, old = tok.vocab_size, model.token_embeddings.weight.shape[0]
+    if V > old:
+        with torch.no_grad():
+            for mod in (model.token_embeddings, model.lm_head):
+                w = mod.weight  # (V_old, C)
+                mod.weight = torch.nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(V - old, -1)]))  # (V, C)
+            if model.cfg.tie_embeddings:
+                model.token_embeddings.weight = model.lm_head.weight
+        model.cfg.vocab_size = V
+    return tok, model
+
+
+def pack_prompt_and_output_ids(prompt_ids: list, output_ids: list, pad_id: int) -> dict:
+    """Lists of token-id lists -> {input_ids, labels, response_mask}, each (B, L-1)."""
+    full = [p + o for p, o in zip(prompt_ids, output_ids)]
+    L = max(len(f) for f in full)
+    ids = torch.full((len(full), L), pad_id, dtype=torch.long)  # (B, L)
+    mask = torch.zeros((len(full), L), dtype=torch.bool)  # (B, L): True on response tokens
+    for i, (p, f) in enumerate(zip(prompt_ids, full)):
+        ids[i, :len(f)] = torch.tensor(f)
+        mask[i, len(p):len(f)] = True
+    # label j is token j+1, so the response mask shifts with the labels
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "response_mask": mask[:, 1:]}
+
+
+def tokenize_prompt_and_output(prompts: list, outputs: list, tokenizer) -> dict:
+    """CS336 API: strings in, {input_ids, labels, response_mask} (B, max_len - 1) out."""
+    pad = tokenizer.special_ids.get(EOT, 0)  # padded positions are masked out; any id works
+    return pack_prompt_and_output_ids([tokenizer.encode(p) for p in prompts],
+                                      [tokenizer.encode(o) for o in outputs], pad)
+
+
+# ---------------------------------------------------------------
+# 4. Per-token log-probs, entropy, and masked reductions: the vocabulary every loss below uses.
+
+def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H = -sum_v p_v log p_v over the last dim, via logsumexp so large logits do not overflow."""
+    logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)  # (..., V)
+    return -(logp.exp() * logp).sum(-1)  # (...)
+
+
+def get_response_log_probs(model, input_ids, labels, return_token_entropy=False) -> dict:
+    """log p(label_t | tokens <= t) for every position: {"log_probs": (B, T), "token_entropy"?}."""
+    logits = model(input_ids).float()  # (B, T, V); fp32 for the log-softmax
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    out = {"log_probs": logp}
+    if return_token_entropy:
+        with torch.no_grad():  # a diagnostic, not a loss term
+            out["token_entropy"] = compute_entropy(logits)  # (B, T)
+    return out
+
+
+def masked_mean(t: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of t over mask==1 entries. An all-zero mask row gives 0, not NaN (0/0): one empty
+    response must not poison the whole batch's loss."""
+    m = mask.to(t.dtype)
+    return (t * m).sum(dim) / m.sum(dim).clamp(min=1) if dim is not None else (t * m).sum() / m.sum().clamp(min=1)
+
+
+def masked_normalize(t: torch.Tensor, mask: torch.Tensor, dim=None, normalize_constant: float = 1.0):
+    """Sum of t over mask==1 entries divided by a constant (Dr. GRPO / CS336 SFT normalization:
+    a fixed constant instead of the per-sequence length removes the bias toward short answers)."""
+    m = mask.to(t.dtype)
+    return ((t * m).sum(dim) if dim is not None else (t * m).sum()) / normalize_constant
+
+
+# ---------------------------------------------------------------
+# 5. SFT: maximize log p(response | prompt), response tokens only.
+
+def sft_microbatch_train_step(policy_log_probs, response_mask, gradient_accumulation_steps, normalize_constant=1.0):
+    """Backward on one microbatch. Dividing by gradient_accumulation_steps makes k microbatches
+    sum to the gradient of one big batch. Returns (loss, metadata)."""
+    per_seq = masked_normalize(policy_log_probs, response_mask, dim=-1, normalize_constant=normalize_constant)  # (B,)
+    loss = -per_seq.mean() / gradient_accumulation_steps
+    loss.backward()
+    return loss.detach(), {"nll": -masked_mean(policy_log_probs, response_mask).detach(),
+                           "response_tokens": response_mask.sum()}
+
+
+def run_sft(model, tok, args, log):
+    opt = AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    data = load_jsonl(args.data_jsonl) if args.data_jsonl else None
+    rng = random.Random(args.seed)
+    for step in range(1, args.steps + 1):
+        lr = args.lr * min(1.0, step / max(1, args.steps // 10)) * (0.1 + 0.9 * (1 - step / args.steps))
+        for g in opt.param_groups:  # warmup, then linear decay to 10%
+            g["lr"] = lr
+        t0 = time.time()
+        for _ in range(args.grad_accum):
+            batch = (rng.sample(data, min(args.batch_size, len(data))) if data else
+                     sample_problems("train", args.batch_size, args.levels, rng.randrange(2**31), args.test_percent))
+            b = tokenize_prompt_and_output([chat_prompt(p["prompt"]) for p in batch],
+                                           [p["response"] + EOT for p in batch], tok)
+            lp = get_response_log_probs(model, b["input_ids"].to(args.device), b["labels"].to(args.device))["log_probs"]
+            mask = b["response_mask"].to(args.device)
+            # normalize by the batch's mean response length: a per-token mean over the batch
+            loss, meta = sft_microbatch_train_step(lp, mask, args.grad_accum, mask.sum().item() / len(batch))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % args.log_every == 0 or step == args.steps:
+            log({"step": step, "loss": meta["nll"].item(), "lr": lr, "ms": 1000 * (time.time() - t0)},
+                f"sft step {step}/{args.steps} | nll {meta['nll'].item():.3f} | lr {lr:.1e}")
+    return model, opt
+
+
+# ---------------------------------------------------------------
+# 6. Sampling from the policy (model.generate: KV cache) and scoring with the verifier.
+
+@torch.no_grad()
+def sample_responses(model, tok, prompts: list, n: int, temperature: float, max_new_tokens: int, generator=None):
+    """n completions per prompt -> (prompt_ids, completion_ids, completion texts), flat lists in
+    prompt-major order. Each prompt's n copies share one length, so they batch without padding.
+    Completions are cut after the first <|endoftext|> (kept, so the policy learns to stop)."""
+    eot = tok.special_ids.get(EOT)
+    P, C, texts = [], [], []
+    was_training = model.training
+    model.eval()
+    for p in prompts:
+        pid = tok.encode(chat_prompt(p))
+        idx = torch.tensor([pid] * n, device=next(model.parameters()).device)  # (n, Tp)
+        out = generate(model, idx, max_new_tokens, temperature=temperature, stop_token=eot, generator=generator)
+        for row in out[:, len(pid):].tolist():
+            row = row[:row.index(eot) + 1] if eot in row else row
+            P.append(pid)
+            C.append(row)
+            texts.append(tok.decode([t for t in row if t != eot]))
+    model.train(was_training)
+    return P, C, texts
+
+
+def max_response_tokens(tok, problems) -> int:
+    """Room for the longest gold response plus slack: enough to answer, short enough to be fast."""
+    return max(len(tok.encode(p.get("response", "") + EOT)) for p in problems) + 4
+
+
+# ---------------------------------------------------------------
+# 7. DPO: -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]).
+#    The implicit reward of a response is beta * log(pi/ref); the loss is a logistic regression
+#    that the chosen response out-scores the rejected one.
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
+    """Per-pair loss (B,) and the implicit rewards (B,) of chosen and rejected responses.
+    Inputs are sequence log-probs: sums over response tokens. At policy == reference, loss = log 2."""
+    chosen = beta * (policy_chosen_logps - ref_chosen_logps)  # (B,)
+    rejected = beta * (policy_rejected_logps - ref_rejected_logps)  # (B,)
+    return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
+
+
+def sequence_log_probs(model, tok, prompts, responses, device) -> torch.Tensor:
+    """log pi(response | prompt) summed over response tokens, (B,)."""
+    b = tokenize_prompt_and_output([chat_prompt(p) for p in prompts], [r + EOT for r in responses], tok)
+    lp = get_response_log_probs(model, b["input_ids"].to(device), b["labels"].to(device))["log_probs"]
+    return masked_normalize(lp, b["response_mask"].to(device), dim=-1)
+
+
+def perturb(problem: dict, rng: random.Random) -> str:
+    """A wrong version of the gold response: the same text with the final number moved by 1-3."""
+    wrong = problem["answer"] + rng.choice([-3, -2, -1, 1, 2, 3])
+    return re.sub(rf"{problem['answer']}(\D*)$", lambda m: f"{wrong}{m.group(1)}", problem["response"]) \
+        .replace(f"= {problem['answer']}.", f"= {wrong}.")
+
+
+def build_preference_pairs(model, tok, args, log) -> list:
+    """(prompt, chosen, rejected) from the task: sample k answers from the SFT model; chosen = a
+    correct sample (else the gold response), rejected = a wrong sample (else a perturbed gold)."""
+    if args.data_jsonl:
+        rows = load_jsonl(args.data_jsonl)
+        bad = [r for r in rows if "chosen" not in r or "rejected" not in r]
+        if bad:
+            raise SystemExit(f"error: DPO data needs prompt/chosen/rejected on every line ({len(bad)} lack them)")
+        return [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    rng, gen = random.Random(args.seed), torch.Generator(args.device).manual_seed(args.seed)
+    problems = sample_problems("train", args.num_pairs, args.levels, args.seed + 1, args.test_percent)
+    T = max_response_tokens(tok, problems)
+    pairs, sampled = [], 0
+    t0 = time.time()
+    for p in problems:
+        _, _, texts = sample_responses(model, tok, [p["prompt"]], args.samples_per_prompt, 1.0, T, gen)
+        good = [t for t in texts if reward_fn(t, p["answer"])["answer_reward"] == 1]
+        bad = [t for t in texts if reward_fn(t, p["answer"])["answer_reward"] == 0]
+        sampled += bool(good) and bool(bad)
+        pairs.append((p["prompt"], good[0] if good else p["response"], bad[0] if bad else perturb(p, rng)))
+    log({"pairs": len(pairs), "both_sampled": sampled, "s": time.time() - t0},
+        f"dpo: {len(pairs)} pairs ({sampled} with both sides sampled) in {time.time() - t0:.0f} s")
+    return pairs
+
+
+def run_dpo(model, tok, args, log):
+    pairs = build_preference_pairs(model, tok, args, log)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen reference
+    opt = AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    rng = random.Random(args.seed)
+    with torch.no_grad():  # the reference never changes: score every pair once
+        ref_c = torch.cat([sequence_log_probs(ref, tok, [p for p, _, _ in pairs[i:i + 64]],
+                                              [c for _, c, _ in pairs[i:i + 64]], args.device) for i in range(0, len(pairs), 64)])
+        ref_r = torch.cat([sequence_log_probs(ref, tok, [p for p, _, _ in pairs[i:i + 64]],
+                                              [r for _, _, r in pairs[i:i + 64]], args.device) for i in range(0, len(pairs), 64)])
+    for step in range(1, args.steps + 1):
+        i = rng.sample(range(len(pairs)), min(args.batch_size, len(pairs)))
+        pr = [pairs[j][0] for j in i]
+        pc = sequence_log_probs(model, tok, pr, [pairs[j][1] for j in i], args.device)
+        pj = sequence_log_probs(model, tok, pr, [pairs[j][2] for j in i], args.device)
+        loss, rc, rr = dpo_loss(pc, pj, ref_c[i], ref_r[i], args.beta)
+        loss.mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        acc, margin = (rc > rr).float().mean().item(), (rc - rr).mean().item()
+        if step % args.log_every == 0 or step == args.steps:
+            log({"step": step, "loss": loss.mean().item(), "reward_acc": acc, "margin": margin},
+                f"dpo step {step}/{args.steps} | loss {loss.mean().item():.4f} | reward acc {acc:.2f} | margin {margin:.3f}")
+    return model, opt
+
+
+# ---------------------------------------------------------------
+# 8. GRPO: group-normalized advantages + a clipped policy-gradient loss.
+
+def compute_group_normalized_rewards(reward_fn, rollout_responses, repeated_ground_truths, group_size,
+                                     advantage_eps=1e-6, normalize_by_std=True):
+    """Rewards for a flat list of group_size-major rollouts, and advantages A = (r - mean_group) /
+    (std_group + eps). The group mean is the baseline a value network would otherwise learn;
+    normalize_by_std=False (Dr. GRPO) keeps the raw scale, which does not over-weight groups that
+    are nearly all right or all wrong. Returns (advantages (N,), raw_rewards (N,), metadata)."""
+    scores = [reward_fn(r, g) for r, g in zip(rollout_responses, repeated_ground_truths)]
+    raw = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)  # (N,)
+    grouped = raw.view(-1, group_size)  # (n_prompts, G)
+    adv = grouped - grouped.mean(-1, keepdim=True)
+    if normalize_by_std:
+        adv = adv / (grouped.std(-1, keepdim=True) + advantage_eps)  # unbiased std, as in the paper's code
+    meta = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
+    meta["reward_std"] = grouped.std(-1).mean().item()
+    return adv.reshape(-1), raw, meta
+
+
+def compute_naive_policy_gradient_loss(raw_rewards_or_advantages, policy_log_probs):
+    """REINFORCE: -A * log pi(token), per token. (B, 1) broadcast against (B, T)."""
+    return -raw_rewards_or_advantages * policy_log_probs
+
+
+def compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange):
+    """PPO's clipped surrogate: -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi/pi_old per token.
+    The clip removes the incentive to move rho beyond 1 +/- eps on one batch, which is what lets
+    us reuse a batch of rollouts for several epochs."""
+    ratio = torch.exp(policy_log_probs - old_log_probs)  # (B, T)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - cliprange, 1 + cliprange) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    return loss, {"clipped": (clipped < unclipped).detach(), "ratio": ratio.detach()}
+
+
+def compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards=None, advantages=None,
+                                 old_log_probs=None, cliprange=None):
+    """Dispatch: 'no_baseline' (raw reward), 'reinforce_with_baseline' (advantage), 'grpo_clip'."""
+    if loss_type == "no_baseline":
+        return compute_naive_policy_gradient_loss(raw_rewards, policy_log_probs), {}
+    if loss_type == "reinforce_with_baseline":
+        return compute_naive_policy_gradient_loss(advantages, policy_log_probs), {}
+    if loss_type == "grpo_clip":
+        return compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def grpo_microbatch_train_step(policy_log_probs, response_mask, gradient_accumulation_steps, loss_type,
+                               raw_rewards=None, advantages=None, old_log_probs=None, cliprange=None,
+                               ref_log_probs=None, kl_coef=0.0):
+    """Per-token loss -> mean over each response's tokens -> mean over the batch -> backward.
+    Optional KL penalty to a reference with the k3 estimator, exp(d) - d - 1 with
+    d = log ref - log pi: non-negative and unbiased for KL(pi || ref) (Schulman 2020)."""
+    loss, meta = compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, cliprange)
+    if kl_coef and ref_log_probs is not None:
+        d = ref_log_probs - policy_log_probs
+        kl = torch.exp(d) - d - 1  # (B, T)
+        loss = loss + kl_coef * kl
+        meta["kl"] = masked_mean(kl.detach(), response_mask)
+    loss = masked_mean(loss, response_mask, dim=-1).mean() / gradient_accumulation_steps
+    loss.backward()
+    return loss.detach(), meta
+
+
+def grpo_step(policy, optimizer, prompt_ids, completion_ids, texts, ground_truths, reward_fn, args, ref=None):
+    """One GRPO step on G-grouped rollouts (prompt-major, already sampled): score, normalize
+    within groups, then `epochs` passes of microbatch updates against the sampling policy's
+    log-probs (epochs=1 is on-policy; epochs>1 is the off-policy reuse the clip makes safe)."""
+    dev = next(policy.parameters()).device
+    adv, raw, meta = compute_group_normalized_rewards(reward_fn, texts, ground_truths, args.group_size,
+                                                      1e-6, not args.no_std_norm)
+    b = pack_prompt_and_output_ids(prompt_ids, completion_ids, pad_id=0)
+    ids, labels, mask = b["input_ids"].to(dev), b["labels"].to(dev), b["response_mask"].to(dev)
+    N, mb = len(texts), args.micro_batch_size
+    with torch.no_grad():  # pi_old (the sampler) and the reference, scored once per rollout batch
+        old = torch.cat([get_response_log_probs(policy, ids[i:i + mb], labels[i:i + mb])["log_probs"]
+                         for i in range(0, N, mb)])
+        ref_lp = (torch.cat([get_response_log_probs(ref, ids[i:i + mb], labels[i:i + mb])["log_probs"]
+                             for i in range(0, N, mb)]) if ref is not None and args.kl_coef else None)
+    accum = math.ceil(N / mb)
+    clip, ent = [], []
+    for _ in range(args.epochs_per_rollout):
+        for i in range(0, N, mb):
+            s = slice(i, i + mb)
+            out = get_response_log_probs(policy, ids[s], labels[s], return_token_entropy=True)
+            loss, m = grpo_microbatch_train_step(
+                out["log_probs"], mask[s], accum, args.loss_type, raw[s, None].to(dev), adv[s, None].to(dev),
+                old[s], args.cliprange, None if ref_lp is None else ref_lp[s], args.kl_coef)
+            ent.append(masked_mean(out["token_entropy"], mask[s]).item())
+            if "clipped" in m:
+                clip.append(masked_mean(m["clipped"].float(), mask[s]).item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    meta.update(entropy=sum(ent) / len(ent), clip_frac=sum(clip) / len(clip) if clip else 0.0,
+                response_len=mask.sum().item() / N, loss=loss.item() * accum)
+    return meta
+
+
+def run_grpo(model, tok, args, log):
+    data = load_jsonl(args.data_jsonl) if args.data_jsonl else None
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if args.kl_coef else None
+    opt = AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    rng, gen = random.Random(args.seed), torch.Generator(args.device).manual_seed(args.seed)
+    probe = data or sample_problems("train", 64, args.levels, args.seed, args.test_percent)
+    T = max_response_tokens(tok, probe)
+    t_start = time.time()
+    for step in range(1, args.steps + 1):
+        t0 = time.time()
+        batch = (rng.sample(data, min(args.prompts_per_step, len(data))) if data else
+                 sample_problems("train", args.prompts_per_step, args.levels, rng.randrange(2**31), args.test_percent))
+        P, C, texts = sample_responses(model, tok, [p["prompt"] for p in batch], args.group_size,
+                                       args.temperature, T, gen)
+        gts = [p["answer"] for p in batch for _ in range(args.group_size)]
+        rf = lambda r, g: reward_fn(r, g, args.format_weight)  # noqa: E731
+        m = grpo_step(model, opt, P, C, texts, gts, rf, args, ref)
+        eta = (time.time() - t_start) / step * (args.steps - step)
+        if step % args.log_every == 0 or step == args.steps:
+            log(dict(step=step, **m, ms=1000 * (time.time() - t0)),
+                f"grpo step {step}/{args.steps} | reward {m['reward']:.3f} | acc {m['answer_reward']:.3f} | "
+                f"len {m['response_len']:.1f} | ent {m['entropy']:.3f} | clip {m['clip_frac']:.3f} | "
+                f"{time.time() - t0:.1f} s/step | eta {eta:.0f} s")
+    return model, opt
+
+
+# ---------------------------------------------------------------
+# 9. Evaluation: greedy accuracy on the held-out split with a Wilson 95% interval.
+
+def wilson_interval(k: int, n: int, z: float = 1.96):
+    """Wilson score interval for a binomial proportion: unlike p +/- z*sqrt(p(1-p)/n) it stays
+    inside [0, 1] and behaves at p = 0 or 1 and small n (Wilson 1927)."""
+    if n == 0:
+        return 0.0, 0.0
+    p = k / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+@torch.no_grad()
+def evaluate(model, tok, problems: list, max_new_tokens=None) -> dict:
+    """Greedy decode each held-out problem, parse, compare. Prompts of equal token length are
+    batched together (generate has no padding mask, so only same-length prompts can share a batch)."""
+    T = max_new_tokens or max_response_tokens(tok, problems)
+    model.eval()
+    eot, dev = tok.special_ids.get(EOT), next(model.parameters()).device
+    by_len = {}
+    for p in problems:
+        by_len.setdefault(len(tok.encode(chat_prompt(p["prompt"]))), []).append(p)
+    results = []
+    for group in by_len.values():
+        for i in range(0, len(group), 64):
+            chunk = group[i:i + 64]
+            idx = torch.tensor([tok.encode(chat_prompt(p["prompt"])) for p in chunk], device=dev)  # (B, Tp)
+            out = generate(model, idx, T, temperature=0.0, stop_token=eot)[:, idx.shape[1]:].tolist()
+            for p, row in zip(chunk, out):
+                row = row[:row.index(eot)] if eot in row else row
+                results.append((p["level"], reward_fn(tok.decode(row), p["answer"])["answer_reward"] == 1))
+    k, n = sum(ok for _, ok in results), len(results)
+    lo, hi = wilson_interval(k, n)
+    res = {"acc": k / max(n, 1), "n": n, "ci_lo": lo, "ci_hi": hi, "by_difficulty": {}, "by_difficulty_n": {}}
+    for level in sorted({lv for lv, _ in results}, key=str):
+        oks = [ok for lv, ok in results if lv == level]
+        name = LEVELS.get(level, str(level))
+        res["by_difficulty"][name] = sum(oks) / len(oks)
+        res["by_difficulty_n"][name] = len(oks)
+    return res
+
+
+def eval_problems(args) -> list:
+    """The held-out set: fixed seed, deduplicated test-split problems (or the user's jsonl)."""
+    if args.data_jsonl:
+        return [r for r in load_jsonl(args.data_jsonl) if r.get("answer") is not None]
+    return sample_problems("test", args.n_eval, args.levels, seed=1234, test_percent=args.test_percent, unique=True)
+
+
+def write_eval(path: str, stage: str, res: dict):
+    """Merge {stage: result} into the eval JSON the pipeline report reads; atomic write."""
+    allres = json.load(open(path)) if os.path.exists(path) else {}
+    allres[stage] = res
+    with open(path + ".tmp", "w") as f:
+        json.dump(allres, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------
+# 10. CLI: load, run a stage, save (train.save_checkpoint format), evaluate.
+
+def load_policy(args):
+    if not os.path.exists(args.ckpt):
+        raise SystemExit(f"error: checkpoint {args.ckpt} not found (pretrain one with: python train.py --data data/pydocs --out-dir runs/base)")
+    model, ckpt = load_model(args.ckpt, device=args.device)
+    tdir = (args.tokenizer or (ckpt.get("align_args") or {}).get("tokenizer")
+            or os.path.join((ckpt.get("args") or {}).get("data", "data/pydocs"), "tokenizer"))
+    args.tokenizer = tdir  # recorded in the output checkpoint, so later stages find it
+    if not os.path.isdir(tdir):
+        raise SystemExit(f"error: tokenizer dir {tdir} not found (pass --tokenizer)")
+    tok, model = ensure_chat_tokens(Tokenizer.load(tdir), model)
+    return model.to(args.device), tok
+
+
+def make_logger(path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    f = open(path, "w")
+
+    def log(record, line):
+        print(line, flush=True)
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+    return log
+
+
+def run_eval_and_record(model, tok, args, stage):
+    t0 = time.time()
+    res = eval_problems(args)
+    r = evaluate(model, tok, res)
+    write_eval(os.path.join(args.out_dir, "eval.json"), stage, r)
+    by = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["by_difficulty"].items())
+    print(f"eval {stage}: acc {100 * r['acc']:.1f}% [{100 * r['ci_lo']:.1f}, {100 * r['ci_hi']:.1f}] "
+          f"n={r['n']} ({by}) in {time.time() - t0:.0f} s", flush=True)
+    return r
+
+
+STAGES = {"sft": run_sft, "dpo": run_dpo, "grpo": run_grpo}
+# Per-stage defaults, tuned so sft+dpo+grpo+4 evals fit in ~8 CPU minutes on a few-M-param model.
+DEFAULTS = {"sft": dict(steps=300, lr=1e-3, batch_size=32),
+            "dpo": dict(steps=40, lr=2e-5, batch_size=16),
+            "grpo": dict(steps=40, lr=2e-5, batch_size=16)}
+
+
+def run_stage(stage, args):
+    torch.manual_seed(args.seed)
+    model, tok = load_policy(args)
+    model.train()
+    log = make_logger(os.path.join(args.out_dir, f"{stage}_metrics.jsonl"))
+    t0 = time.time()
+    model, opt = STAGES[stage](model, tok, args, log)
+    out = args.out or os.path.join(args.out_dir, f"{stage}.pt")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    save_checkpoint(model, opt, args.steps, out, stage=stage, align_args=vars(args))
+    print(f"{stage}: {time.time() - t0:.0f} s, saved {out}", flush=True)
+    if not args.no_eval:
+        run_eval_and_record(model, tok, args, stage)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("stage", choices=["sft", "dpo", "grpo", "eval", "all"],
+                    help="which stage to run; 'all' = eval base, sft, dpo, grpo (each evaluated)")
+    # io
+    ap.add_argument("--ckpt", required=True, help="input checkpoint (train.save_checkpoint format)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: <ckpt args.data>/tokenizer)")
+    ap.add_argument("--out-dir", default="runs/align", help="where checkpoints, metrics JSONL and eval.json go")
+    ap.add_argument("--out", default=None, help="output checkpoint (default: OUT_DIR/STAGE.pt)")
+    ap.add_argument("--stage-name", default=None, help="eval: key in eval.json (default: ckpt file stem)")
+    ap.add_argument("--data-jsonl", default=None, help="user data instead of the generated task (see docstring)")
+    ap.add_argument("--device", default=None, help="cpu / cuda / mps (default: autodetect)")
+    ap.add_argument("--seed", type=int, default=0, help="seed for sampling, data order, init")
+    # task
+    ap.add_argument("--levels", default="1,2,4", help="difficulty levels, comma-separated: "
+                    + "; ".join(f"{k}={v}" for k, v in LEVELS.items()))
+    ap.add_argument("--test-percent", type=int, default=20, help="share of problem texts held out (hash split)")
+    ap.add_argument("--n-eval", type=int, default=600, help="held-out problems to evaluate (split evenly over levels)")
+    ap.add_argument("--no-eval", action="store_true", help="skip the eval after a training stage")
+    # optimization (None = the stage's default from DEFAULTS)
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate")
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences (SFT) / pairs (DPO) per microbatch")
+    ap.add_argument("--grad-accum", type=int, default=1, help="SFT microbatches per optimizer step")
+    ap.add_argument("--log-every", type=int, default=10, help="print/log every N steps")
+    # dpo
+    ap.add_argument("--beta", type=float, default=0.1, help="DPO beta: strength of the implicit KL to the reference")
+    ap.add_argument("--num-pairs", type=int, default=256, help="DPO preference pairs built from the task")
+    ap.add_argument("--samples-per-prompt", type=int, default=4, help="DPO: SFT samples per prompt to find a correct and a wrong answer")
+    # grpo
+    ap.add_argument("--group-size", type=int, default=8, help="GRPO G: completions per prompt")
+    ap.add_argument("--prompts-per-step", type=int, default=8, help="GRPO prompts per rollout batch")
+    ap.add_argument("--micro-batch-size", type=int, default=32, help="GRPO sequences per forward/backward")
+    ap.add_argument("--temperature", type=float, default=1.0, help="GRPO sampling temperature")
+    ap.add_argument("--loss-type", default="grpo_clip", choices=["no_baseline", "reinforce_with_baseline", "grpo_clip"],
+                    help="policy-gradient loss")
+    ap.add_argument("--cliprange", type=float, default=0.2, help="PPO/GRPO clip epsilon")
+    ap.add_argument("--epochs-per-rollout", type=int, default=1, help="1 = on-policy; >1 = reuse each rollout batch (off-policy)")
+    ap.add_argument("--no-std-norm", action="store_true", help="Dr. GRPO: advantages r - mean, no std division")
+    ap.add_argument("--kl-coef", type=float, default=0.0, help="KL penalty to the initial policy (k3 estimator)")
+    ap.add_argument("--format-weight", type=float, default=0.1, help="reward bonus for a '#### N' final answer")
+    ap.add_argument("--tiny", action="store_true", help="smoke-test sizes (pipeline --preset tiny)")
+    args = ap.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else
+                                  "mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        args.levels = [int(x) for x in args.levels.split(",")]
+        assert all(x in LEVELS for x in args.levels)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"error: --levels must be comma-separated numbers from {list(LEVELS)}")
+    if args.tiny:
+        args.n_eval, args.num_pairs, args.prompts_per_step = 60, 16, 4
+    user = {k: getattr(args, k) for k in ("steps", "lr", "batch_size")}
+
+    def with_defaults(stage):
+        for k, v in DEFAULTS[stage].items():
+            setattr(args, k, user[k] if user[k] is not None else (max(2, v // 20) if args.tiny and k == "steps" else v))
+
+    if args.stage == "eval":
+        model, tok = load_policy(args)
+        os.makedirs(args.out_dir, exist_ok=True)
+        run_eval_and_record(model, tok, args, args.stage_name or os.path.splitext(os.path.basename(args.ckpt))[0])
+    elif args.stage == "all":
+        model, tok = load_policy(args)
+        os.makedirs(args.out_dir, exist_ok=True)
+        run_eval_and_record(model, tok, args, "base")
+        del model
+        for stage in ("sft", "dpo", "grpo"):
+            with_defaults(stage)
+            args.out = None
+            args.ckpt = run_stage(stage, args)
+    else:
+        with_defaults(args.stage)
+        run_stage(args.stage, args)
+
+
+if __name__ == "__main__":
+    main()

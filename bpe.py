@@ -1,0 +1,731 @@
+"""
+Byte-level BPE: the tokenizer that turns text into the integer ids a language model reads.
+
+What it is. A language model predicts one symbol at a time, so we must pick the symbols. Raw
+bytes (256 symbols) make sequences ~4x longer than needed and waste context and compute; whole
+words leave an open vocabulary with no way to spell a word never seen. Byte-Pair Encoding
+(Sennrich et al. 2015, arXiv:1508.07909; originally a compression scheme, Gage 1994) sits in
+between: start from the 256 bytes, then repeatedly glue the most frequent adjacent pair into a
+new symbol until the vocabulary has the size we want. Every string stays encodable (bytes are
+always there), and frequent strings become single tokens. Working on UTF-8 bytes rather than
+Unicode characters is GPT-2's choice (Radford et al. 2019): no unknown token, ever.
+
+Two details make it work in practice, both from GPT-2:
+  1. Pre-tokenization. A regex first cuts text into word-like pieces (" the", "123", "\\n\\n"),
+     and merges never cross a piece. Without it BPE learns tokens like "dog." and "dog!".
+  2. Special tokens ("<|endoftext|>") are cut out of the text *before* anything else, so they
+     are never split or merged with their neighbours, and no learned token contains one.
+
+Training (`train_bpe`) costs: counting pairs naively is O(corpus) per merge. We count each
+distinct pre-token once (a Counter of words), keep pair -> count and pair -> {words}, and after
+each merge touch only the words containing the merged pair; a lazy max-heap finds the next pair.
+Pre-tokenization runs in parallel processes over chunks of the file cut at safe boundaries,
+each process reading only its own chunk, so memory stays bounded by the number of distinct words.
+
+Encoding (`Tokenizer.encode`) applies the learned merges in training order (lowest rank first)
+inside each pre-token, with a per-pre-token cache: natural text repeats the same few thousand
+words, so most pre-tokens are a dict lookup.
+
+Options: `merge_score="pmi"` picks pairs by count(ab)/(count(a)count(b)), the WordPiece
+criterion (Schuster & Nakajima 2012; Wu et al. 2016, arXiv:1609.08144); `split_digits=True`
+makes every digit its own pre-token (as Llama does, arXiv:2302.13971), so numbers tokenize uniformly.
+
+Run it:
+    python bpe.py train --input data/pydocs/train.txt --vocab-size 4096 \\
+        --special-tokens '<|endoftext|>' '<|user|>' '<|assistant|>' --out data/pydocs/tokenizer
+    python bpe.py encode --tokenizer data/pydocs/tokenizer --input data/pydocs/train.txt --out data/pydocs/train.bin
+    python bpe.py stats --tokenizer data/pydocs/tokenizer --input data/pydocs/val.txt
+"""
+
+import argparse
+import heapq
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+from typing import Iterable, Iterator
+
+import numpy as np
+import regex
+
+# GPT-2's pre-tokenizer: contractions, optional-space + letters, optional-space + numbers,
+# optional-space + punctuation, whitespace not followed by a non-space (so " word" keeps its
+# space), and any remaining whitespace.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Same, but every digit stands alone: "2024" -> "2","0","2","4" (Llama-style).
+SPLIT_DIGITS_PATTERN = GPT2_PATTERN.replace(r" ?\p{N}+", r"\p{N}")
+
+
+def ascii_twin(pattern):
+    r"""The same pattern restricted to ASCII input, for the stdlib `re` engine.
+
+    On pure-ASCII text (most English prose and code) `re` runs these patterns about twice as
+    fast as `regex`, and pre-tokenization is the bottleneck of both training and encoding. In
+    ASCII, \p{L} is [A-Za-z], \p{N} is [0-9], and `regex`'s \s is [\t\n\v\f\r ] (it excludes
+    \x1c-\x1f, which `re`'s \s would include, so we spell the class out). Returns None for
+    patterns we do not know how to translate.
+    """
+    ws = r"\t\n\x0b\x0c\r "
+    for a, b in [(r"[^\s\p{L}\p{N}]", f"[^{ws}A-Za-z0-9]"), (r"(?!\S)", f"(?![^{ws}])"),
+                 (r"\p{L}", "[A-Za-z]"), (r"\p{N}", "[0-9]"), (r"\s", f"[{ws}]")]:
+        pattern = pattern.replace(a, b)
+    return None if "\\p" in pattern or "\\S" in pattern else re.compile(pattern)
+
+
+def _findall(pat, pat_ascii, text):
+    """Pre-tokenize: the fast ASCII engine when it applies, else the full Unicode one."""
+    return (pat_ascii if pat_ascii is not None and text.isascii() else pat).findall(text)
+
+
+def _special_splitter(special_tokens):
+    """Regex matching any special token, longest first so "<|a|><|a|>" beats "<|a|>"."""
+    if not special_tokens:
+        return None
+    alts = sorted(special_tokens, key=len, reverse=True)
+    return regex.compile("(" + "|".join(regex.escape(s) for s in alts) + ")")
+
+
+# ---------------------------------------------------------------
+# Reading big files in chunks that are safe to pre-tokenize independently
+#
+# A cut at byte offset p is "safe" when pre-tokenizing the two halves separately gives exactly
+# the pre-tokens of the whole. Two kinds of position qualify:
+#   - just before a special token: the text is split there anyway;
+#   - between a printable ASCII character and "\n": no GPT-2 regex branch matches a
+#     non-space followed by a newline, so no pre-token can straddle that point.
+# (Cutting *after* "\n" is not safe: "\n\n\n" is one pre-token "\n\n" plus "\n".)
+# Both are ASCII byte positions, so cutting the raw bytes never splits a UTF-8 character.
+
+_NEWLINE_CUT = regex.compile(rb"[\x21-\x7e](?=\n)")
+
+
+def _chunk_boundaries(path, n_chunks, special_tokens, scan=1 << 20):
+    """Byte offsets [0, ..., size] cutting the file into ~n_chunks safe pieces.
+
+    From each evenly spaced guess we read forward to the next special token; if none shows up
+    within `scan` bytes we settle for the next safe line end instead."""
+    size = os.path.getsize(path)
+    specials = [s.encode("utf-8") for s in special_tokens or []]
+    bounds = [0]
+    with open(path, "rb") as f:
+        for i in range(1, n_chunks):
+            guess = max(size * i // n_chunks, bounds[-1])
+            f.seek(guess)
+            buf, cut = b"", size
+            while True:
+                block = f.read(1 << 16)
+                if not block:
+                    break
+                buf += block
+                hits = [j for j in (buf.find(s) for s in specials) if j >= 0]
+                if hits:  # prefer a document boundary
+                    cut = guess + min(hits)
+                    break
+                if len(buf) >= scan:  # no special nearby: fall back to a line end
+                    m = _NEWLINE_CUT.search(buf)
+                    if m:
+                        cut = guess + m.end()
+                        break
+            if cut > bounds[-1]:
+                bounds.append(cut)
+    if bounds[-1] != size:
+        bounds.append(size)
+    return bounds
+
+
+def _read_text(path, start, end):
+    with open(path, "rb") as f:
+        f.seek(start)
+        # Invalid UTF-8 in a corpus becomes U+FFFD rather than aborting a long job.
+        return f.read(end - start).decode("utf-8", errors="replace")
+
+
+def _check_input(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"input file is empty: {path}")
+
+
+# ---------------------------------------------------------------
+# Training, step 1: count pre-tokens ("words") in parallel
+
+
+def _count_words(job):
+    """Worker: pre-tokenize bytes [start, end) of the file into a Counter of UTF-8 byte strings."""
+    path, start, end, special_tokens, pattern = job
+    text = _read_text(path, start, end)
+    splitter, pat, pat_ascii = _special_splitter(special_tokens), regex.compile(pattern), ascii_twin(pattern)
+    pieces = splitter.split(text)[::2] if splitter else [text]  # even slots = text, odd = specials
+    counts = Counter()
+    for piece in pieces:
+        counts.update(_findall(pat, pat_ascii, piece))  # Counter.update on an iterable runs in C
+    return Counter({w.encode("utf-8"): c for w, c in counts.items()})
+
+
+def count_words(path, special_tokens, pattern=GPT2_PATTERN, workers=None, chunk_bytes=4 << 20, verbose=False):
+    """Counter {pre-token bytes: count} for the whole file, streaming chunk by chunk."""
+    _check_input(path)
+    size = os.path.getsize(path)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    n_chunks = max(1, -(-size // chunk_bytes))
+    bounds = _chunk_boundaries(path, n_chunks, special_tokens, scan=min(1 << 20, chunk_bytes))
+    jobs = [(path, a, b, special_tokens, pattern) for a, b in zip(bounds, bounds[1:])]
+    total, t0, done = Counter(), time.time(), 0
+    if workers == 1 or len(jobs) == 1:  # small input: a pool costs more than it saves
+        results = map(_count_words, jobs)
+        pool = None
+    else:
+        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
+        results = pool.imap(_count_words, jobs)  # workers read their own chunk: no big pickles
+    try:
+        for job, counts in zip(jobs, results):
+            total.update(counts)
+            done += job[2] - job[1]
+            if verbose:
+                _progress("pre-tokenize", done, size, t0)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return total
+
+
+def _progress(what, done, total, t0):
+    dt = max(time.time() - t0, 1e-9)
+    rate = done / dt
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    print(f"\r{what}: {done / 1e6:.1f}/{total / 1e6:.1f} MB | {rate / 1e6:.1f} MB/s | ETA {eta:.0f}s",
+          end="\n" if done >= total else "", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------
+# Training, step 2: merges with incremental pair counts
+#
+# Tie-breaking rule (CS336): among pairs with the highest count, take the lexicographically
+# greatest (bytes_a, bytes_b). heapq is a min-heap, so the heap key must *reverse* byte-string
+# order. For one byte string s we use  inv(s) = chr(255 - s[0]) + ... + chr(255 - s[-1]) + chr(256):
+# complementing reverses the order of differing bytes, and the trailing chr(256) (larger than any
+# complemented byte) makes a prefix sort *after* its extensions, reversing "b" < "ba" too.
+# Comparing the tuples (inv(a), inv(b)) then reverses tuple order, all in C string compares.
+
+_INV = {i: chr(255 - i) for i in range(256)}
+
+
+def _inv(b: bytes) -> str:
+    return b.decode("latin-1").translate(_INV) + "\u0100"
+
+
+
+def _merge_word(w, a, b, new, c, wi, pair_count, pair_words, grown):
+    """Replace every (a, b) in word w (left to right) by `new`; returns the new word or None.
+
+    Only pairs touching a merge site change. For a site at old index i:
+        (w[i-1], a) -> (prev, new)     unless the previous site ended at i-1 (then (b, a) was
+                                       already removed as that site's right neighbour)
+        (b, w[i+2]) -> (new, w[i+2])   unless w[i+2:i+4] is itself a site (its left side adds (new, new))
+    The merged pair (a, b) itself is dropped by the caller. `c` is the word's corpus count.
+    """
+    out, i, n, last = [], 0, len(w), -2
+    while i < n:
+        if w[i] == a and i + 1 < n and w[i + 1] == b:
+            if out:
+                if i != last + 2:
+                    p = (w[i - 1], a)
+                    pair_count[p] -= c
+                    if not pair_count[p]:
+                        del pair_count[p]
+                p = (out[-1], new)
+                pair_count[p] += c
+                pair_words[p].add(wi)
+                grown.add(p)
+            if i + 2 < n:
+                p = (b, w[i + 2])
+                pair_count[p] -= c
+                if not pair_count[p]:
+                    del pair_count[p]
+                if not (w[i + 2] == a and i + 3 < n and w[i + 3] == b):
+                    p = (new, w[i + 2])
+                    pair_count[p] += c
+                    pair_words[p].add(wi)
+                    grown.add(p)
+            out.append(new)
+            last = i
+            i += 2
+        else:
+            out.append(w[i])
+            i += 1
+    return out if last >= 0 else None
+
+
+def train_bpe(input_path, vocab_size, special_tokens=(), merge_score="count", split_digits=False,
+              workers=None, verbose=False, **kwargs):
+    """Learn a byte-level BPE. Returns (vocab {id: bytes}, merges [(bytes, bytes), ...]).
+
+    Ids: 0..255 are the single bytes, then the special tokens in the order given, then one id
+    per merge in the order learned. Stops early if no pair is left to merge.
+    """
+    special_tokens = list(dict.fromkeys(special_tokens or []))  # dedupe, keep order
+    if merge_score not in ("count", "pmi"):
+        raise ValueError(f"merge_score must be 'count' or 'pmi', got {merge_score!r}")
+    if vocab_size < 256 + len(special_tokens):
+        raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(special_tokens)} special tokens")
+    pattern = SPLIT_DIGITS_PATTERN if split_digits else GPT2_PATTERN
+    t0 = time.time()
+    word_counts = count_words(input_path, special_tokens, pattern, workers, verbose=verbose, **kwargs)
+
+    vocab = {i: bytes([i]) for i in range(256)}
+    for s in special_tokens:
+        vocab[len(vocab)] = s.encode("utf-8")
+    num_merges = vocab_size - len(vocab)
+
+    # Each distinct word becomes a list of symbol ids; a byte's id is its value.
+    words = [list(w) for w in word_counts]
+    counts = list(word_counts.values())
+    pair_count = defaultdict(int)      # (a, b) -> occurrences in the corpus (overlaps counted)
+    pair_words = defaultdict(set)      # (a, b) -> indices of words that (may) contain it
+    for wi, (w, c) in enumerate(zip(words, counts)):
+        for p in zip(w, w[1:]):
+            pair_count[p] += c
+            pair_words[p].add(wi)
+    sym_count = Counter()              # only needed for PMI: symbol frequencies
+    if merge_score == "pmi":
+        for w, c in zip(words, counts):
+            for s in w:
+                sym_count[s] += c
+
+    inv = {i: _inv(b) for i, b in vocab.items()}
+    heap = [(-c, inv[a], inv[b], a, b) for (a, b), c in pair_count.items()]
+    heapq.heapify(heap)
+
+    merges, t1 = [], time.time()
+    for m in range(num_merges):
+        # --- choose the pair ---
+        if merge_score == "count":
+            best = None
+            while heap:
+                negc, _, _, a, b = heap[0]
+                cur = pair_count.get((a, b), 0)
+                if cur == -negc:  # entry is current -> it is the max (see invariant below)
+                    best = (a, b)
+                    break
+                heapq.heappop(heap)
+                if 0 < cur:  # count went down since this entry was pushed: re-file it
+                    heapq.heappush(heap, (-cur, inv[a], inv[b], a, b))
+            # Invariant: every live pair has a heap entry with count >= its current count, so an
+            # entry whose count is current and sits on top beats every other pair.
+        else:  # PMI needs every score re-evaluated when symbol counts move: a plain scan
+            best = max(pair_count, default=None, key=lambda p: (
+                pair_count[p] / (sym_count[p[0]] * sym_count[p[1]]), vocab[p[0]], vocab[p[1]]))
+        if best is None:
+            if verbose:
+                print(f"no pairs left after {m} merges; vocab is {len(vocab)}", file=sys.stderr)
+            break
+        a, b = best
+        new = len(vocab)
+        vocab[new] = vocab[a] + vocab[b]
+        inv[new] = _inv(vocab[new])
+        merges.append((vocab[a], vocab[b]))
+
+        # --- apply it to the words that contain it, updating only the pairs next to each merge ---
+        grown = set()
+        for wi in pair_words.pop(best):
+            w = words[wi]
+            out = _merge_word(w, a, b, new, counts[wi], wi, pair_count, pair_words, grown)
+            if out is None:  # stale index entry: the pair is no longer in this word
+                continue
+            if merge_score == "pmi":
+                k = (len(w) - len(out)) * counts[wi]  # merges done in this word x its count
+                sym_count[a] -= k
+                sym_count[b] -= k
+                sym_count[new] += k
+            words[wi] = out
+        pair_count.pop(best, None)
+        for p in grown:  # only increases need a new heap entry (see invariant)
+            if p in pair_count:
+                heapq.heappush(heap, (-pair_count[p], inv[p[0]], inv[p[1]], p[0], p[1]))
+        if verbose and ((m + 1) % 500 == 0 or m + 1 == num_merges):
+            dt = time.time() - t1
+            eta = dt / (m + 1) * (num_merges - m - 1)
+            print(f"\rmerges: {m + 1}/{num_merges} | {(m + 1) / dt:.0f} merges/s | ETA {eta:.0f}s",
+                  end="\n" if m + 1 == num_merges else "", file=sys.stderr, flush=True)
+    if verbose:
+        print(f"trained {len(merges)} merges in {time.time() - t0:.2f}s", file=sys.stderr)
+    return vocab, merges
+
+
+# ---------------------------------------------------------------
+# GPT-2's file format: vocab.json maps token *strings* to ids, merges.txt lists "a b" per line.
+# Token bytes are written through a byte -> printable-unicode table so that spaces, newlines and
+# control bytes survive JSON and the space-separated merges file (" " becomes "Ġ").
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible byte -> printable character table (bytes already printable map to themselves)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+_B2U = bytes_to_unicode()
+_U2B = {u: b for b, u in _B2U.items()}
+
+
+def _to_str(b: bytes) -> str:
+    return "".join(_B2U[x] for x in b)
+
+
+def _to_bytes(s: str, where: str) -> bytes:
+    try:
+        return bytes(_U2B[ch] for ch in s)
+    except KeyError:
+        raise ValueError(f"{where}: token {s!r} is not in GPT-2 byte-to-unicode form") from None
+
+
+def _atomic_write(path, data, mode="w"):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------
+# The tokenizer: encode with the learned merges, decode by concatenating bytes
+
+
+class _Cache(dict):
+    """dict that computes missing entries: cache[piece] runs fn(piece) once, then remembers it."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def __missing__(self, key):
+        value = self[key] = self.fn(key)
+        return value
+
+
+class Tokenizer:
+    def __init__(self, vocab: dict, merges: list, special_tokens=None, pattern=GPT2_PATTERN):
+        self.vocab = dict(vocab)                       # id -> bytes
+        self.merges = list(merges)
+        self.pattern = pattern
+        self.special_tokens = list(dict.fromkeys(special_tokens or []))
+        self.byte_to_id = {b: i for i, b in self.vocab.items()}
+        for s in self.special_tokens:                   # specials missing from the vocab are appended
+            if s.encode("utf-8") not in self.byte_to_id:
+                i = max(self.vocab, default=-1) + 1
+                self.vocab[i] = s.encode("utf-8")
+                self.byte_to_id[self.vocab[i]] = i
+        self.special_ids = {s: self.byte_to_id[s.encode("utf-8")] for s in self.special_tokens}
+        missing = [x for x in range(256) if bytes([x]) not in self.byte_to_id]
+        if missing:
+            raise ValueError(f"vocab lacks {len(missing)} of the 256 single bytes (e.g. byte {missing[0]})")
+        self._byte_ids = [self.byte_to_id[bytes([x])] for x in range(256)]
+        # (id_a, id_b) -> (rank, id of a+b). Encoding applies the lowest rank first, i.e.
+        # replays the merges in the order training learned them.
+        self._ranks = {}
+        for r, (a, b) in enumerate(self.merges):
+            try:
+                self._ranks[(self.byte_to_id[a], self.byte_to_id[b])] = (r, self.byte_to_id[a + b])
+            except KeyError:
+                raise ValueError(f"merge {r} ({a!r}, {b!r}) refers to a token missing from the vocab") from None
+        self._pat, self._pat_ascii = regex.compile(pattern), ascii_twin(pattern)
+        self._splitter = _special_splitter(self.special_tokens)
+        self._cache = _Cache(self._bpe)                 # pre-token str -> list of ids
+        self._max_id = max(self.vocab)
+        self._id_bytes = [self.vocab.get(i, b"") for i in range(self._max_id + 1)]
+
+    # --- sizes ---
+    @property
+    def vocab_size(self) -> int:
+        return self._max_id + 1
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # --- encoding ---
+    def _bpe(self, piece: str) -> list:
+        """Merge one pre-token: repeatedly merge the adjacent pair with the lowest rank."""
+        ids = [self._byte_ids[x] for x in piece.encode("utf-8")]
+        ranks = self._ranks
+        while len(ids) > 1:
+            pairs = [p for p in zip(ids, ids[1:]) if p in ranks]
+            if not pairs:
+                break
+            a, b = min(pairs, key=ranks.__getitem__)  # values are (rank, id): lowest rank wins
+            new = ranks[(a, b)][1]
+            out, i, n = [], 0, len(ids)
+            while i < n:  # merge every occurrence, left to right (as training did)
+                if i + 1 < n and ids[i] == a and ids[i + 1] == b:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(ids[i])
+                    i += 1
+            ids = out
+        return ids
+
+    def _encode_text(self, text: str, out: list):
+        cache = self._cache
+        if len(cache) > 1 << 20:  # bound memory on huge, diverse corpora
+            cache.clear()
+        # The hot loop, written as two C-level maps: look each pre-token up (a miss calls _bpe
+        # via _Cache.__missing__) and append its ids. ~2x faster than the plain for-loop.
+        pieces = _findall(self._pat, self._pat_ascii, text)
+        for _ in map(out.extend, map(cache.__getitem__, pieces)):
+            pass
+
+    def encode(self, text: str) -> list:
+        out = []
+        if self._splitter is None:
+            self._encode_text(text, out)
+            return out
+        for k, part in enumerate(self._splitter.split(text)):
+            if k % 2:                      # odd slots are the captured special tokens
+                out.append(self.special_ids[part])
+            elif part:
+                self._encode_text(part, out)
+        return out
+
+    def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
+        """Lazily encode a stream of strings (e.g. a file read line by line).
+
+        We buffer text and only encode up to the last safe cut (a printable ASCII character
+        followed by "\\n", see the chunking section), so the ids equal `encode` of the whole
+        text while memory stays bounded by one paragraph. A special token containing a newline
+        could span such a cut, so in that (odd) case we buffer everything.
+        """
+        safe = not any("\n" in s for s in self.special_tokens)
+        buf = ""
+        for chunk in iterable:
+            buf += chunk
+            if not safe:
+                continue
+            i = len(buf)
+            while True:
+                i = buf.rfind("\n", 0, i)
+                if i <= 0 or "!" <= buf[i - 1] <= "~":
+                    break
+            if i > 0:
+                yield from self.encode(buf[:i])
+                buf = buf[i:]
+        if buf:
+            yield from self.encode(buf)
+
+    # --- decoding ---
+    def decode(self, ids) -> str:
+        table = self._id_bytes
+        try:
+            data = b"".join([table[i] for i in ids])
+        except (IndexError, TypeError):
+            bad = next(i for i in ids if not isinstance(i, (int, np.integer)) or not 0 <= i < len(table))
+            raise ValueError(f"token id {bad!r} out of range [0, {len(table)})") from None
+        if any(i < 0 for i in ids):  # negative indexes are valid Python but not valid ids
+            raise ValueError(f"token id {min(ids)} out of range [0, {len(table)})")
+        return data.decode("utf-8", errors="replace")  # a cut mid-character becomes U+FFFD
+
+    # --- files ---
+    def save(self, out_dir):
+        """Write vocab.json + merges.txt (GPT-2 format) and special_tokens.json, atomically."""
+        os.makedirs(out_dir, exist_ok=True)
+        vocab_json = {_to_str(b): i for i, b in sorted(self.vocab.items())}
+        _atomic_write(os.path.join(out_dir, "vocab.json"), json.dumps(vocab_json, ensure_ascii=False, indent=0))
+        lines = ["#version: 0.2"] + [f"{_to_str(a)} {_to_str(b)}" for a, b in self.merges]
+        _atomic_write(os.path.join(out_dir, "merges.txt"), "\n".join(lines) + "\n")
+        _atomic_write(os.path.join(out_dir, "special_tokens.json"), json.dumps(self.special_tokens))
+        if self.pattern != GPT2_PATTERN:  # only written when not the GPT-2 default
+            _atomic_write(os.path.join(out_dir, "pattern.txt"), self.pattern)
+
+    @classmethod
+    def from_files(cls, vocab_path, merges_path, special_tokens=None, pattern=GPT2_PATTERN):
+        for p in (vocab_path, merges_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"tokenizer file not found: {p}")
+        try:
+            with open(vocab_path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{vocab_path}: not valid JSON ({e})") from None
+        vocab = {int(i): _to_bytes(s, vocab_path) for s, i in raw.items()}
+        merges = []
+        with open(merges_path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                line = line.rstrip("\r\n")
+                if not line or (n == 1 and line.startswith("#version")):
+                    continue
+                parts = line.split(" ")
+                if len(parts) != 2:
+                    raise ValueError(f"{merges_path}:{n}: expected two tokens separated by one space")
+                merges.append((_to_bytes(parts[0], merges_path), _to_bytes(parts[1], merges_path)))
+        return cls(vocab, merges, special_tokens, pattern)
+
+    @classmethod
+    def load(cls, tokenizer_dir):
+        """Read a directory written by `save`."""
+        if not os.path.isdir(tokenizer_dir):
+            raise FileNotFoundError(f"tokenizer directory not found: {tokenizer_dir}")
+        specials, pattern = [], GPT2_PATTERN
+        sp = os.path.join(tokenizer_dir, "special_tokens.json")
+        if os.path.isfile(sp):
+            with open(sp, encoding="utf-8") as f:
+                specials = json.load(f)
+        pp = os.path.join(tokenizer_dir, "pattern.txt")
+        if os.path.isfile(pp):
+            with open(pp, encoding="utf-8") as f:
+                pattern = f.read()
+        return cls.from_files(os.path.join(tokenizer_dir, "vocab.json"),
+                              os.path.join(tokenizer_dir, "merges.txt"), specials, pattern)
+
+
+# ---------------------------------------------------------------
+# Encoding a whole corpus to a flat token file, in parallel
+
+_worker_tok = None
+
+
+def _init_encoder(tokenizer_dir):
+    global _worker_tok
+    _worker_tok = Tokenizer.load(tokenizer_dir)
+
+
+def _encode_chunk(job):
+    path, start, end, dtype = job
+    return np.asarray(_worker_tok.encode(_read_text(path, start, end)), dtype=dtype)
+
+
+def token_dtype(vocab_size):
+    """Reader rule shared by the repo: uint16 fits ids < 65536, else uint32."""
+    return np.uint16 if vocab_size <= 65536 else np.uint32
+
+
+def encode_file(tokenizer_dir, input_path, out_path, workers=None, chunk_bytes=4 << 20, verbose=True) -> int:
+    """Encode a text file into a flat array of token ids readable by np.memmap. Returns the count.
+
+    Chunks are cut just before special tokens or at line ends (safe cuts, see above), encoded by
+    a process pool, and appended in order to a temp file that is renamed at the end.
+    """
+    _check_input(input_path)
+    tok = Tokenizer.load(tokenizer_dir)  # fail early, in this process, on a bad dir
+    dtype = token_dtype(tok.vocab_size)
+    size = os.path.getsize(input_path)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    bounds = _chunk_boundaries(input_path, max(1, -(-size // chunk_bytes)), tok.special_tokens,
+                               scan=min(1 << 20, chunk_bytes))
+    jobs = [(input_path, a, b, dtype) for a, b in zip(bounds, bounds[1:])]
+    tmp = f"{out_path}.tmp{os.getpid()}"
+    n_tokens, done, t0, pool = 0, 0, time.time(), None
+    try:
+        if workers == 1 or len(jobs) == 1:
+            _init_encoder(tokenizer_dir)
+            results = map(_encode_chunk, jobs)
+        else:
+            ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+            pool = ctx.Pool(workers, initializer=_init_encoder, initargs=(tokenizer_dir,))
+            results = pool.imap(_encode_chunk, jobs)  # ordered, so the file is in input order
+        with open(tmp, "wb") as f:
+            for job, arr in zip(jobs, results):
+                arr.tofile(f)
+                n_tokens += len(arr)
+                done += job[2] - job[1]
+                if verbose:
+                    _progress("encode", done, size, t0)
+        os.replace(tmp, out_path)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if verbose:
+        print(f"wrote {n_tokens:,} tokens ({np.dtype(dtype).name}) to {out_path}: "
+              f"{size / max(n_tokens, 1):.2f} bytes/token", file=sys.stderr)
+    return n_tokens
+
+
+# ---------------------------------------------------------------
+# Diagnostics: how well does the tokenizer compress, and where does it do badly?
+
+STATS_PROBES = {
+    "numbers": ["2024", "3.14159", "1,000,000", "123456789", "0x7fff"],
+    "code indentation": ["    return x", "        if a:\n            b()", "\tpass"],
+    "non-English": ["Größenordnung", "l'élève français", "Привет, мир", "日本語のテキスト", "مرحبا بالعالم"],
+    "emoji": ["🙂🎉", "👩‍💻"],
+}
+
+
+def tokenizer_stats(tok, text):
+    ids = tok.encode(text)
+    n_words = len(text.split())
+    return {"bytes": len(text.encode("utf-8")), "tokens": len(ids), "words": n_words,
+            "bytes_per_token": len(text.encode("utf-8")) / max(len(ids), 1),
+            "tokens_per_word": len(ids) / max(n_words, 1)}
+
+
+def print_stats(tok, text):
+    s = tokenizer_stats(tok, text)
+    print(f"{s['bytes']:,} bytes -> {s['tokens']:,} tokens | {s['bytes_per_token']:.2f} bytes/token | "
+          f"{s['tokens_per_word']:.2f} tokens/word | vocab {len(tok)}")
+    for group, probes in STATS_PROBES.items():
+        print(f"\n{group}:")
+        for p in probes:
+            pieces = [tok.vocab[i].decode("utf-8", errors="backslashreplace") for i in tok.encode(p)]
+            print(f"  {p!r:34} {len(pieces):3d} tokens  {' | '.join(repr(x)[1:-1] for x in pieces)}")
+
+
+# ---------------------------------------------------------------
+# CLI
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Byte-level BPE tokenizer: train, encode, stats.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="learn merges from a text file")
+    t.add_argument("--input", required=True, help="UTF-8 text file")
+    t.add_argument("--vocab-size", type=int, required=True, help="256 bytes + specials + merges")
+    t.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"], help="never split or merged")
+    t.add_argument("--out", required=True, help="directory for vocab.json, merges.txt, special_tokens.json")
+    t.add_argument("--merge-score", choices=["count", "pmi"], default="count", help="pair selection rule")
+    t.add_argument("--split-digits", action="store_true", help="each digit is its own pre-token")
+    t.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: CPUs)")
+    e = sub.add_parser("encode", help="encode a text file to a flat uint16/uint32 .bin")
+    e.add_argument("--tokenizer", required=True, help="directory written by train")
+    e.add_argument("--input", required=True, help="UTF-8 text file")
+    e.add_argument("--out", required=True, help="output .bin path")
+    e.add_argument("--workers", type=int, default=None, help="encoding processes (default: CPUs)")
+    s = sub.add_parser("stats", help="compression and pathologies of a tokenizer on a text")
+    s.add_argument("--tokenizer", required=True, help="directory written by train")
+    s.add_argument("--input", required=True, help="UTF-8 text file (first 4 MB are used)")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "train":
+            t0 = time.time()
+            vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens, merge_score=args.merge_score,
+                                      split_digits=args.split_digits, workers=args.workers, verbose=True)
+            pattern = SPLIT_DIGITS_PATTERN if args.split_digits else GPT2_PATTERN
+            tok = Tokenizer(vocab, merges, args.special_tokens, pattern)
+            tok.save(args.out)
+            sample = _read_text(args.input, 0, min(os.path.getsize(args.input), 1 << 20))
+            st = tokenizer_stats(tok, sample)
+            print(f"vocab {len(tok)} ({len(merges)} merges) -> {args.out} | {time.time() - t0:.1f}s | "
+                  f"{st['bytes_per_token']:.2f} bytes/token on the first MB of input")
+        elif args.cmd == "encode":
+            encode_file(args.tokenizer, args.input, args.out, workers=args.workers)
+        else:
+            _check_input(args.input)
+            tok = Tokenizer.load(args.tokenizer)
+            print_stats(tok, _read_text(args.input, 0, min(os.path.getsize(args.input), 4 << 20)))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

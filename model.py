@@ -1,0 +1,656 @@
+"""
+model.py -- a decoder-only Transformer language model, built from scratch.
+
+What this file teaches
+    Every block of a modern (Llama-style) LM written out by hand: Linear, Embedding, RMSNorm,
+    SwiGLU, a numerically stable softmax, scaled dot-product attention, rotary position
+    embeddings (RoPE), multi-head / grouped-query self-attention, the pre-norm residual block,
+    and the full LM. Then what you do with it: KV-cached sampling (temperature, top-k, top-p,
+    min-p), speculative decoding with the exact accept/reject rule, FLOPs and MFU accounting,
+    and an export to Hugging Face's LlamaForCausalLM with identical logits.
+
+    "The mask is the worldview": the very same blocks become a bidirectional encoder when we
+    drop the causal mask (`causal=False`); trained with BERT's masked-LM objective
+    (`mlm_corrupt` below) they learn to fill in blanks instead of predicting the next token.
+
+Why
+    torch.nn only supplies Parameter and Module here; everything that computes is written out,
+    so the shapes and the math are on the page. A flag switches attention between the
+    from-scratch path ("naive"), PyTorch's fused kernel ("torch", the default) and our own
+    Triton FlashAttention ("triton", in kernels.py); all three compute the same function.
+
+Papers
+    Vaswani et al. 2017, Attention Is All You Need, arXiv:1706.03762
+    Zhang & Sennrich 2019, Root Mean Square Layer Normalization, arXiv:1910.07467
+    Shazeer 2020, GLU Variants Improve Transformer, arXiv:2002.05202
+    Su et al. 2021, RoFormer: Rotary Position Embedding, arXiv:2104.09864
+    Ainslie et al. 2023, GQA: Grouped-Query Attention, arXiv:2305.13245
+    Touvron et al. 2023, LLaMA, arXiv:2302.13971
+    Devlin et al. 2018, BERT (masked-LM objective), arXiv:1810.04805
+    Holtzman et al. 2019, nucleus (top-p) sampling, arXiv:1904.09751
+    Nguyen et al. 2024, min-p sampling, arXiv:2407.01082
+    Leviathan et al. 2022, Fast Inference via Speculative Decoding, arXiv:2211.17192
+    Chen et al. 2023, Accelerating LLM Decoding with Speculative Sampling, arXiv:2302.01318
+    Kaplan et al. 2020 (6N FLOPs/token), arXiv:2001.08361; Chowdhery et al. 2022 (PaLM, MFU), arXiv:2204.02311
+
+Run it
+    python model.py info --d-model 768 --num-layers 12 --num-heads 12 --vocab-size 50304 --context-length 1024
+    python model.py export-hf --ckpt out/ckpt.pt --out out/hf     # then LlamaForCausalLM.from_pretrained("out/hf")
+    PYTHONPATH=. python -m pytest wip/tests/test_model.py -q       # tests (CPU, < 1 min)
+"""
+
+import argparse
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+# ---------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------
+
+
+def default_d_ff(d_model: int) -> int:
+    """SwiGLU has three matrices instead of two, so Shazeer shrinks the hidden size to 8/3·d to
+    keep the parameter count of a 4·d ReLU MLP; we round to a multiple of 64 for fast matmuls."""
+    return max(64, 64 * round(8 * d_model / 3 / 64))
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    context_length: int = 256
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None = num_heads (plain multi-head attention)
+    d_ff: int | None = None  # None = default_d_ff(d_model)
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    causal: bool = True  # False = bidirectional encoder (masked-LM)
+    attn_backend: str = "torch"  # "naive" | "torch" | "triton"
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.d_ff is None:
+            self.d_ff = default_d_ff(self.d_model)
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if (self.d_model // self.num_heads) % 2:
+            raise ValueError("head dimension must be even for RoPE")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.attn_backend not in ("naive", "torch", "triton"):
+            raise ValueError(f"unknown attn_backend {self.attn_backend!r}")
+
+
+# ---------------------------------------------------------------
+# Primitives: Linear, Embedding, RMSNorm, SiLU, SwiGLU, softmax
+# ---------------------------------------------------------------
+
+
+class Linear(nn.Module):
+    """y = x W^T, no bias. W is stored (out, in) like torch so state dicts interchange.
+    Init: truncated normal with σ² = 2/(d_in + d_out) (Glorot), clipped at ±3σ."""
+
+    def __init__(self, d_in: int, d_out: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=dtype))
+        std = math.sqrt(2.0 / (d_in + d_out))
+        nn.init.trunc_normal_(self.weight, 0.0, std, -3 * std, 3 * std)
+
+    def forward(self, x):
+        return x @ self.weight.t()  # (..., d_in) @ (d_in, d_out) -> (..., d_out)
+
+
+class Embedding(nn.Module):
+    """A lookup table: row i is the vector of token i. Init N(0, 1) clipped at ±3."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        nn.init.trunc_normal_(self.weight, 0.0, 1.0, -3.0, 3.0)
+
+    def forward(self, token_ids):
+        return self.weight[token_ids]  # (B, T) -> (B, T, C)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) * weight. Unlike LayerNorm there is no mean subtraction and no
+    bias: rescaling alone is enough to keep activations tame, and it is cheaper. We square and
+    average in fp32 because bf16 sums of squares lose too many bits, then cast back."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+
+    def forward(self, x):
+        in_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)  # (B, T, C) / rms
+        return (x * self.weight.float()).to(in_dtype)
+
+
+def silu(x):
+    """SiLU (a.k.a. swish): x·σ(x). torch.sigmoid is stable for |x| large (no exp overflow)."""
+    return x * torch.sigmoid(x)
+
+
+class SwiGLU(nn.Module):
+    """FFN(x) = W2( silu(W1 x) ⊙ W3 x ): a gated MLP; the gate W3 x lets the network switch
+    features on and off multiplicatively, which trains better than a plain ReLU MLP."""
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device, dtype)  # weight (d_ff, d_model)
+        self.w2 = Linear(d_ff, d_model, device, dtype)  # weight (d_model, d_ff)
+        self.w3 = Linear(d_model, d_ff, device, dtype)  # weight (d_ff, d_model)
+
+    def forward(self, x):
+        return self.w2(silu(self.w1(x)) * self.w3(x))
+
+
+def softmax(x, dim: int = -1):
+    """softmax(x)_i = exp(x_i - max x) / Σ_j exp(x_j - max x). Subtracting the max changes
+    nothing mathematically but keeps exp() ≤ 1, so logits of 1e4 do not overflow to inf."""
+    x = x - x.amax(dim=dim, keepdim=True)
+    e = torch.exp(x)
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+# ---------------------------------------------------------------
+# Attention: scaled dot product, RoPE, multi-head / grouped-query
+# ---------------------------------------------------------------
+
+
+def scaled_dot_product_attention(Q, K, V, mask=None):
+    """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V.
+    Q (..., T_q, d_k), K (..., T_k, d_k), V (..., T_k, d_v); mask (T_q, T_k) bool, True = may
+    attend. Dividing by sqrt(d_k) keeps the dot products at unit variance so softmax does not
+    saturate. Masked scores become -inf, i.e. exactly zero weight after the softmax."""
+    scores = Q @ K.transpose(-2, -1) / math.sqrt(Q.shape[-1])  # (..., T_q, T_k)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return softmax(scores, dim=-1) @ V  # (..., T_q, d_v)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE: rotate each pair (x[2k], x[2k+1]) of a query/key by the angle pos·θ^(-2k/d).
+    A rotation by angle a·i on q and a·j on k leaves q·k depending only on a·(i - j): the
+    attention score sees *relative* position, with no learned position table at all."""
+
+    def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device, dtype=torch.float32) / d_k)  # (d_k/2,)
+        angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+        angles = angles.repeat_interleave(2, dim=-1)  # (max_seq_len, d_k): both members of a pair share an angle
+        sign = torch.tensor([-1.0, 1.0], device=device).repeat(d_k // 2)  # (-, +, -, +, ...)
+        # Not persistent: these are a pure function of the config, so they stay out of the state dict.
+        self.register_buffer("cos", angles.cos(), persistent=False)  # (max_seq_len, d_k)
+        self.register_buffer("sin", angles.sin() * sign, persistent=False)  # sin with the rotation's signs folded in
+
+    def forward(self, x, token_positions):
+        # x (..., T, d_k); token_positions (..., T) broadcastable against x's leading dims.
+        # For each pair (x1, x2) = (x[2k], x[2k+1]) the 2-D rotation is
+        #     x1' = x1·cos - x2·sin,    x2' = x2·cos + x1·sin.
+        # Swapping the members of every pair gives (x2, x1); times (-sin, +sin) that is the second
+        # term for both at once, so the whole rotation is two multiplies and an add.
+        cos = self.cos[token_positions].to(x.dtype)  # (..., T, d_k)
+        sin = self.sin[token_positions].to(x.dtype)
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x2, x1, x4, x3, ...)
+        return x * cos + swapped * sin
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Causal multi-head self-attention with RoPE and optional grouped-query attention (GQA):
+    num_kv_heads < num_heads lets groups of query heads share one key/value head, shrinking the
+    KV cache by num_heads/num_kv_heads at a small quality cost. Heads are laid out head-major in
+    the projection rows: rows [h·d_k, (h+1)·d_k) of q_proj belong to head h."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.d_k = cfg.d_model // cfg.num_heads
+        self.q_proj = Linear(cfg.d_model, self.num_heads * self.d_k, device, dtype)
+        self.k_proj = Linear(cfg.d_model, self.num_kv_heads * self.d_k, device, dtype)
+        self.v_proj = Linear(cfg.d_model, self.num_kv_heads * self.d_k, device, dtype)
+        self.output_proj = Linear(self.num_heads * self.d_k, cfg.d_model, device, dtype)
+        self.rope = RotaryEmbedding(cfg.rope_theta, self.d_k, cfg.context_length, device)
+
+    def forward(self, x, start_pos: int = 0, kv_cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.d_k).transpose(1, 2)  # (B, H, T, d_k)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.d_k).transpose(1, 2)  # (B, Hkv, T, d_k)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.d_k).transpose(1, 2)  # (B, Hkv, T, d_k)
+        pos = torch.arange(start_pos, start_pos + T, device=x.device)  # (T,) broadcasts over B, H
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        if kv_cache is not None:
+            # Write this step's keys/values into the preallocated cache, then attend to all of it.
+            k_buf, v_buf = kv_cache
+            k_buf[:, :, start_pos : start_pos + T] = k
+            v_buf[:, :, start_pos : start_pos + T] = v
+            k, v = k_buf[:, :, : start_pos + T], v_buf[:, :, : start_pos + T]  # (B, Hkv, T_k, d_k)
+        if self.num_kv_heads != self.num_heads:
+            # GQA: query head h reads kv head h // group (each kv head repeated `group` times).
+            group = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(group, dim=1)  # (B, H, T_k, d_k)
+            v = v.repeat_interleave(group, dim=1)
+        y = self._attend(q, k, v, start_pos)  # (B, H, T, d_k)
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.d_k)  # heads side by side
+        return self.output_proj(y)
+
+    def _attend(self, q, k, v, start_pos):
+        T_q, T_k = q.shape[-2], k.shape[-2]
+        causal = self.cfg.causal
+        backend = self.cfg.attn_backend
+        if backend == "triton" and T_q == T_k:
+            import kernels  # lazily: only this backend needs Triton
+
+            return kernels.FlashAttentionTriton.apply(q, k, v, causal)
+        # Query i sits at absolute position start_pos + i and may see keys j ≤ start_pos + i.
+        mask = None
+        if causal and T_q > 1:
+            i = torch.arange(T_q, device=q.device)[:, None] + (T_k - T_q)
+            mask = torch.arange(T_k, device=q.device)[None, :] <= i  # (T_q, T_k)
+        if backend == "naive":
+            return scaled_dot_product_attention(q, k, v, mask)
+        import torch.nn.functional as F  # the fused kernel (flash / memory-efficient / math)
+
+        if mask is not None and T_q == T_k:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# ---------------------------------------------------------------
+# The Transformer block and the language model
+# ---------------------------------------------------------------
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x = x + attn(ln1(x)); x = x + ffn(ln2(x)). Normalizing the
+    *input* of each sublayer leaves the residual stream an untouched identity path from the
+    embedding to the output, which is why deep pre-norm stacks train without warmup tricks."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.ln1 = RMSNorm(cfg.d_model, device=device, dtype=dtype)
+        self.attn = MultiHeadSelfAttention(cfg, device, dtype)
+        self.ln2 = RMSNorm(cfg.d_model, device=device, dtype=dtype)
+        self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, device, dtype)
+
+    def forward(self, x, start_pos: int = 0, kv_cache=None):
+        x = x + self.attn(self.ln1(x), start_pos, kv_cache)
+        return x + self.ffn(self.ln2(x))
+
+
+class KVCache:
+    """Per-layer key/value buffers, preallocated to max_len. `pos` = number of positions filled.
+    Speculative decoding rolls back rejected tokens by just lowering `pos`."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        d_k = cfg.d_model // cfg.num_heads
+        shape = (batch_size, cfg.num_kv_heads, max_len, d_k)
+        self.layers = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.num_layers)]
+        self.max_len = max_len
+        self.pos = 0
+
+
+class TransformerLM(nn.Module):
+    """token ids -> embeddings -> num_layers blocks -> final RMSNorm -> lm_head -> logits."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embeddings = Embedding(cfg.vocab_size, cfg.d_model, device, dtype)
+        self.layers = nn.ModuleList([TransformerBlock(cfg, device, dtype) for _ in range(cfg.num_layers)])
+        self.ln_final = RMSNorm(cfg.d_model, device=device, dtype=dtype)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, device, dtype)
+        if cfg.tie_embeddings:
+            # One matrix both reads tokens in and scores them out (Press & Wolf 2016). It keeps the
+            # lm_head's small Glorot init: N(0,1) rows would make the initial logits ~sqrt(d) large.
+            self.token_embeddings.weight = self.lm_head.weight
+
+    def forward(self, idx, kv_cache: KVCache | None = None):
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.cfg.context_length:
+            raise ValueError(f"sequence length {start + T} exceeds context_length {self.cfg.context_length}")
+        x = self.token_embeddings(idx)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, start, kv_cache.layers[i] if kv_cache is not None else None)
+        if kv_cache is not None:
+            kv_cache.pos = start + T
+        return self.lm_head(self.ln_final(x))  # (B, T, V)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (a tied matrix counts once). non_embedding=True drops the input
+        embedding table, which is a lookup and costs no FLOPs (Kaplan et al.'s N); a tied
+        table stays, because as lm_head it does a full matmul."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.cfg.tie_embeddings:
+            n -= self.token_embeddings.weight.numel()
+        return n
+
+
+# ---------------------------------------------------------------
+# FLOPs and MFU
+# ---------------------------------------------------------------
+
+
+def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
+    """The same count as TransformerLM.num_params, from the config alone (no model built)."""
+    d, d_k = cfg.d_model, cfg.d_model // cfg.num_heads
+    attn = d * d_k * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, output: H·d_k; k, v: Hkv·d_k
+    block = attn + 3 * d * cfg.d_ff + 2 * d  # + SwiGLU + two RMSNorm gains
+    emb = cfg.vocab_size * d
+    n = cfg.num_layers * block + d + emb  # + ln_final + lm_head
+    if not cfg.tie_embeddings and not non_embedding:
+        n += emb  # separate input embedding table
+    return n
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward) = 6N + 12·L·d·T (PaLM appendix B).
+    6N: each weight does one multiply-add (2 FLOPs) per token forward and twice that backward.
+    12·L·d·T: the attention matmuls QK^T and AV, which have no weights but cost 2·2·T·d per
+    layer per token forward (x3 for fwd+bwd). We count the full T×T square, like PaLM and
+    nanoGPT, even though a causal kernel skips half of it."""
+    T = seq_len or cfg.context_length
+    return 6 * count_params(cfg, non_embedding=True) + 12 * cfg.num_layers * cfg.d_model * T
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendor datasheets; "h100" matches SXM parts.
+PEAK_FLOPS = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "l40s": 362e12, "4090": 165e12, "a10": 125e12, "l4": 121e12}
+
+
+def device_peak_flops(device=None) -> float | None:
+    """Look up the bf16 peak of a CUDA device by name; None on CPU or an unknown GPU."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for key, peak in PEAK_FLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def estimate_mfu(cfg: ModelConfig, tokens_per_s: float, peak_flops: float | None = None, seq_len: int | None = None, device=None) -> float | None:
+    """Model FLOPs utilization = achieved model FLOP/s / peak FLOP/s (a fraction, 0.5 = 50%).
+    Returns None when the peak is unknown (CPU) and none is given."""
+    peak = peak_flops or device_peak_flops(device)
+    if not peak:
+        return None
+    return flops_per_token(cfg, seq_len) * tokens_per_s / peak
+
+
+# ---------------------------------------------------------------
+# Masked-LM corruption (BERT): the encoder's training objective
+# ---------------------------------------------------------------
+
+
+def mlm_corrupt(idx, mask_token_id: int, vocab_size: int, generator=None, mask_prob: float = 0.15):
+    """Select mask_prob of the positions; of those 80% become [MASK], 10% a random token, 10%
+    stay unchanged (so the model cannot learn "only [MASK] positions matter"). Returns
+    (inputs, labels) with labels = -100 (ignored by the loss) at unselected positions."""
+    u = torch.rand(idx.shape, generator=generator, device=idx.device)
+    selected = u < mask_prob
+    labels = torch.where(selected, idx, torch.full_like(idx, -100))
+    r = torch.rand(idx.shape, generator=generator, device=idx.device)
+    random_tokens = torch.randint(0, vocab_size, idx.shape, generator=generator, device=idx.device)
+    inputs = torch.where(selected & (r < 0.8), torch.full_like(idx, mask_token_id), idx)
+    inputs = torch.where(selected & (r >= 0.8) & (r < 0.9), random_tokens, inputs)
+    return inputs, labels
+
+
+# ---------------------------------------------------------------
+# Sampling with a KV cache
+# ---------------------------------------------------------------
+
+
+def logits_to_probs(logits, temperature: float = 1.0, top_k=None, top_p=None, min_p=None):
+    """Turn last-position logits (B, V) into a sampling distribution (B, V).
+    temperature 0 = greedy (a one-hot on the argmax); top-k keeps the k most likely tokens;
+    min-p drops tokens with p < min_p·p_max; top-p keeps the smallest set with mass ≥ top_p."""
+    logits = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = softmax(logits, dim=-1)
+    if min_p is not None:
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+    if top_p is not None:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Drop a token if the mass strictly before it already reaches top_p (the top one always stays).
+        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None, min_p=None, stop_token=None, generator=None):
+    """Sample max_new_tokens tokens after the prompt idx (B, T); returns (B, T + n) (fewer if every
+    row hit stop_token; finished rows are padded with stop_token). The prompt is run once
+    (prefill) to fill the KV cache; after that each step feeds only the newest token, so a step
+    costs O(T) attention instead of re-running the whole sequence. Once the window is full we
+    slide it like nanoGPT (re-run the last context_length tokens, no cache)."""
+    cfg = model.cfg
+    ctx = cfg.context_length
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(cfg, idx.shape[0], ctx, idx.device, dtype)
+    logits = model(idx[:, -ctx:], kv_cache=cache)[:, -1]  # prefill: (B, V)
+    out = idx
+    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    for step in range(max_new_tokens):
+        probs = logits_to_probs(logits, temperature, top_k, top_p, min_p)
+        nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+        if stop_token is not None:
+            nxt = nxt.masked_fill(done[:, None], stop_token)
+            done = done | (nxt[:, 0] == stop_token)
+        out = torch.cat([out, nxt], dim=1)
+        if step == max_new_tokens - 1 or done.all():
+            break
+        if cache.pos < ctx:
+            logits = model(nxt, kv_cache=cache)[:, -1]  # decode: one token, O(T) work
+        else:
+            logits = model(out[:, -ctx:])[:, -1]  # window full: slide it
+    return out
+
+
+# ---------------------------------------------------------------
+# Speculative decoding
+# ---------------------------------------------------------------
+
+
+def speculative_accept(p, q, draft_tokens, generator=None):
+    """The accept/reject rule that makes speculative sampling exact.
+    p (k+1, V): target distributions at the k drafted positions plus one more; q (k, V): draft
+    distributions; draft_tokens (k,) were sampled from q. Accept x_i with probability
+    min(1, p_i(x_i)/q_i(x_i)); at the first rejection sample from normalize(max(0, p_i - q_i))
+    and stop; if all k are accepted, sample a bonus token from p_{k+1}. Then every emitted token
+    is distributed exactly as the target would have sampled it (Leviathan et al. 2022, Thm 1).
+    Returns the list of emitted token ids (length 1..k+1)."""
+    out = []
+    for i, x in enumerate(draft_tokens.tolist()):
+        r = torch.rand((), generator=generator, device=p.device)
+        if r < torch.clamp(p[i, x] / q[i, x], max=1.0):
+            out.append(x)
+            continue
+        residual = torch.clamp(p[i] - q[i], min=0.0)
+        if residual.sum() <= 0:  # p == q up to rounding: rejection was a rounding artifact
+            residual = p[i]
+        out.append(torch.multinomial(residual / residual.sum(), 1, generator=generator).item())
+        return out
+    out.append(torch.multinomial(p[-1], 1, generator=generator).item())
+    return out
+
+
+@torch.no_grad()
+def speculative_generate(target, draft, idx, max_new_tokens: int, k: int = 4, temperature: float = 1.0, generator=None, stats=None):
+    """Let a small draft model propose k tokens, verify them all in ONE target forward pass, keep
+    the accepted prefix (+1 token from the target). Same output distribution as sampling the
+    target alone, but up to k+1 tokens per target pass. Batch size 1; the prompt plus the new
+    tokens must fit in both context windows. `stats` (a dict) receives proposed/accepted counts."""
+    if idx.shape[0] != 1:
+        raise ValueError("speculative_generate supports batch size 1")
+    T0 = idx.shape[1]
+    if T0 + max_new_tokens > min(target.cfg.context_length, draft.cfg.context_length):
+        raise ValueError("prompt + max_new_tokens exceeds a model's context_length")
+    caches = {}
+    for name, m in (("target", target), ("draft", draft)):
+        caches[name] = KVCache(m.cfg, 1, m.cfg.context_length, idx.device, next(m.parameters()).dtype)
+    out = idx
+    proposed = accepted = 0
+    # Invariant: each cache holds positions < pos ≤ n-1; the tokens out[pos:] are still to be fed.
+    while out.shape[1] < T0 + max_new_tokens:
+        n = out.shape[1]
+        kk = min(k, T0 + max_new_tokens - n)
+        # 1) draft proposes kk tokens autoregressively, remembering its distributions q.
+        dc = caches["draft"]
+        feed, qs, drafted = out[:, dc.pos :], [], []
+        for _ in range(kk):
+            q = logits_to_probs(draft(feed, kv_cache=dc)[:, -1], temperature)[0]  # (V,)
+            x = torch.multinomial(q, 1, generator=generator)  # (1,)
+            qs.append(q)
+            drafted.append(x)
+            feed = x[None]  # (1, 1)
+        drafted = torch.cat(drafted)  # (kk,)
+        # 2) target scores all proposals at once: kk+1 distributions from one forward pass.
+        tc = caches["target"]
+        feed = torch.cat([out[:, tc.pos :], drafted[None]], dim=1)
+        p = logits_to_probs(target(feed, kv_cache=tc)[0, -(kk + 1) :], temperature)  # (kk+1, V)
+        # 3) accept/reject, then roll both caches back to what is now known to be the prefix.
+        new = speculative_accept(p, torch.stack(qs), drafted, generator)
+        proposed, accepted = proposed + kk, accepted + len(new) - 1
+        out = torch.cat([out, torch.tensor([new], device=out.device, dtype=out.dtype)], dim=1)
+        n_known = out.shape[1] - 1  # every token but the newest is confirmed and may be cached
+        tc.pos, dc.pos = min(tc.pos, n_known), min(dc.pos, n_known)
+    if stats is not None:
+        stats.update(proposed=proposed, accepted=accepted)
+    return out[:, : T0 + max_new_tokens]
+
+
+# ---------------------------------------------------------------
+# Export to Hugging Face Llama
+# ---------------------------------------------------------------
+
+
+def _rope_rows_to_hf(w, num_heads: int):
+    """Our RoPE rotates interleaved pairs (2i, 2i+1); HF's rotate_half pairs (i, i + d/2).
+    Reorder each head's rows to [0, 2, 4, ..., 1, 3, 5, ...]: q·k is unchanged because q and k
+    get the same permutation, and each pair lands where HF expects it."""
+    d_out, d_in = w.shape
+    d_k = d_out // num_heads
+    perm = torch.cat([torch.arange(0, d_k, 2), torch.arange(1, d_k, 2)])
+    return w.view(num_heads, d_k, d_in)[:, perm].reshape(d_out, d_in)
+
+
+def to_hf_llama(model):
+    """Map a TransformerLM to (transformers.LlamaConfig, HF state_dict)."""
+    from transformers import LlamaConfig
+
+    cfg = model.cfg
+    if not cfg.causal:
+        raise ValueError("only causal models map onto LlamaForCausalLM")
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.d_model // cfg.num_heads,
+        max_position_embeddings=cfg.context_length, rms_norm_eps=1e-5, tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, hidden_act="silu",
+        bos_token_id=None, eos_token_id=None,
+    )
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    hf = {"model.embed_tokens.weight": sd["token_embeddings.weight"], "model.norm.weight": sd["ln_final.weight"], "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(cfg.num_layers):
+        a, h = f"layers.{i}.", f"model.layers.{i}."
+        hf[h + "self_attn.q_proj.weight"] = _rope_rows_to_hf(sd[a + "attn.q_proj.weight"], cfg.num_heads)
+        hf[h + "self_attn.k_proj.weight"] = _rope_rows_to_hf(sd[a + "attn.k_proj.weight"], cfg.num_kv_heads)
+        hf[h + "self_attn.v_proj.weight"] = sd[a + "attn.v_proj.weight"]
+        hf[h + "self_attn.o_proj.weight"] = sd[a + "attn.output_proj.weight"]
+        hf[h + "mlp.gate_proj.weight"] = sd[a + "ffn.w1.weight"]
+        hf[h + "mlp.up_proj.weight"] = sd[a + "ffn.w3.weight"]
+        hf[h + "mlp.down_proj.weight"] = sd[a + "ffn.w2.weight"]
+        hf[h + "input_layernorm.weight"] = sd[a + "ln1.weight"]
+        hf[h + "post_attention_layernorm.weight"] = sd[a + "ln2.weight"]
+    return hf_cfg, hf
+
+
+def export_hf(ckpt_path: str, out_dir: str):
+    """Read a train.py checkpoint, write a directory LlamaForCausalLM.from_pretrained loads."""
+    if not os.path.isfile(ckpt_path):
+        raise SystemExit(f"error: checkpoint not found: {ckpt_path}")
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError:
+        raise SystemExit("error: export-hf needs `pip install transformers`")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise SystemExit(f"error: {ckpt_path} is not a train.py checkpoint (needs 'model' and 'config')")
+    model = TransformerLM(ModelConfig(**ckpt["config"]))
+    # torch.compile'd models save keys prefixed with "_orig_mod."; strip it.
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    hf_cfg, sd = to_hf_llama(model)
+    hf_model = LlamaForCausalLM(hf_cfg)
+    hf_model.load_state_dict(sd)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
+    hf_model.save_pretrained(tmp)
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    print(f"wrote {out_dir} ({model.num_params():,} params)")
+
+
+# ---------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------
+
+
+def _info(args):
+    cfg = ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model, num_layers=args.num_layers,
+                      num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, d_ff=args.d_ff, tie_embeddings=args.tie_embeddings)
+    fpt = flops_per_token(cfg)
+    print(asdict(cfg))
+    print(f"params {count_params(cfg):,} | non-embedding {count_params(cfg, non_embedding=True):,}")
+    print(f"train FLOPs/token {fpt:.3e} (6N = {6 * count_params(cfg, True):.3e}, attention = {fpt - 6 * count_params(cfg, True):.3e})")
+    for name, peak in (("H100 bf16", PEAK_FLOPS["h100"]), ("A100 bf16", PEAK_FLOPS["a100"])):
+        print(f"tokens/s at 50% MFU on {name}: {0.5 * peak / fpt:,.0f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Transformer LM building blocks: model info and export to Hugging Face.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("info", help="print parameter count and training FLOPs per token for a config")
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size")
+    p.add_argument("--context-length", type=int, default=256, help="sequence length T")
+    p.add_argument("--d-model", type=int, default=256, help="residual stream width")
+    p.add_argument("--num-layers", type=int, default=4, help="number of Transformer blocks")
+    p.add_argument("--num-heads", type=int, default=4, help="attention (query) heads")
+    p.add_argument("--num-kv-heads", type=int, default=None, help="key/value heads for GQA (default: num-heads)")
+    p.add_argument("--d-ff", type=int, default=None, help="SwiGLU hidden size (default: multiple of 64 near 8/3·d_model)")
+    p.add_argument("--tie-embeddings", action="store_true", help="share the input embedding and lm_head matrix")
+    p = sub.add_parser("export-hf", help="convert a train.py checkpoint to a LlamaForCausalLM directory")
+    p.add_argument("--ckpt", required=True, help="path to train.py's ckpt.pt")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "info":
+            _info(args)
+        else:
+            export_hf(args.ckpt, args.out)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,723 @@
+"""Parallel training from scratch: DDP, bucketed DDP, ZeRO-1, FSDP (ZeRO-3), tensor and pipeline parallelism.
+
+The problem. One device has a fixed amount of compute and memory. To train faster we split the
+*batch* across devices (data parallelism); to train a model that does not fit we split the
+*model state* (ZeRO / FSDP), the *matrices* (tensor parallelism) or the *layers* (pipeline
+parallelism). Every variant here is ~50 lines on top of four `torch.distributed` collectives:
+
+    all_reduce      every rank ends with the sum of everyone's tensor      (gradients in DDP)
+    broadcast       every rank ends with rank r's tensor                   (ZeRO-1 parameters)
+    all_gather      every rank ends with the concatenation of all shards   (FSDP forward)
+    reduce_scatter  rank r ends with shard r of the sum                    (FSDP backward)
+
+A ring all-reduce is a reduce-scatter followed by an all-gather, so each rank sends about
+2·(N-1)/N × the payload. That is why FSDP (all-gather + reduce-scatter) costs about the same bytes
+as DDP (all-reduce) while storing only 1/N of the weights.
+
+Papers:
+    Li et al. 2020, "PyTorch Distributed: Experiences on Accelerating Data Parallel Training" (arXiv:2006.15704)
+    Rajbhandari et al. 2019, "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models" (arXiv:1910.02054)
+    Zhao et al. 2023, "PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel" (arXiv:2304.11277)
+    Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion Parameter Language Models Using Model Parallelism" (arXiv:1909.08053)
+    Huang et al. 2018, "GPipe: Efficient Training of Giant Neural Networks using Pipeline Parallelism" (arXiv:1811.06965)
+
+Run it:
+    python parallel.py demo --world-size 2                    # every variant, CPU, gloo, ~20 s
+    torchrun --nproc_per_node=2 train.py --data data/pydocs   # the real path: train.py wraps the
+                                                              # model in BucketedDDP (or --fsdp)
+    PYTHONPATH=. python -m pytest wip/tests/test_parallel.py -q   # equality with one process
+
+Backend: gloo on CPU, NCCL on CUDA (chosen by `setup_distributed`). Nothing here assumes a GPU.
+"""
+import argparse
+import contextlib
+import copy
+import math
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------
+# Process-group setup. torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT;
+# init_process_group("env://") reads them and meets the other ranks at MASTER_ADDR:MASTER_PORT.
+
+def setup_distributed():
+    """Join the process group if launched by torchrun. Returns (rank, local_rank, world_size, device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        device = "cuda" if torch.cuda.is_available() else (
+            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
+        return 0, 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        # One process per GPU; NCCL moves tensors GPU-to-GPU without touching the CPU.
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = "cpu", "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return rank, local_rank, world_size, device
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# torch 2.13 renamed the tensor-in/tensor-out collectives; fall back to the old names elsewhere.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _nbytes(t):
+    return t.numel() * t.element_size()
+
+
+@torch.no_grad()
+def _broadcast_from_rank0(module):
+    # Every rank must start from the same weights, or the averaged gradient is meaningless.
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t, src=0)
+
+
+# ---------------------------------------------------------------
+# DDP, one all-reduce per parameter. The trick that makes DDP fast is overlap: the gradient of the
+# last layer is ready long before backward reaches the first layer, so we start its all-reduce at
+# once (async_op=True returns a handle) and let communication run while autograd keeps computing.
+# `register_post_accumulate_grad_hook` fires after autograd has written the *final* gradient of
+# this backward into p.grad; a tied parameter is a single leaf with a single AccumulateGrad node,
+# so its hook fires once, after both uses have been summed.
+
+class DDP(nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.world_size = dist.get_world_size()
+        self.comm_bytes = 0          # payload bytes handed to all_reduce (a ring sends ~2x this)
+        self._handles = []           # (work handle, parameter) launched during this backward
+        self._sync = True            # False inside no_sync()
+        _broadcast_from_rank0(module)
+        for p in module.parameters():            # parameters() yields a tied weight once
+            if p.requires_grad:                  # frozen parameters get no gradient, no hook
+                p.register_post_accumulate_grad_hook(self._hook)
+
+    def _hook(self, p):
+        if self._sync:
+            self._handles.append((dist.all_reduce(p.grad, async_op=True), p))
+            self.comm_bytes += _nbytes(p.grad)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradient accumulation: let grads pile up locally; the backward after the block syncs."""
+        prev, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = prev
+
+    def finish_gradient_synchronization(self):
+        # all_reduce sums; every rank computed the mean over its own shard of the batch, so
+        # mean over the global batch = sum / world_size (averaged, not summed).
+        for work, p in self._handles:
+            work.wait()
+            p.grad.div_(self.world_size)
+        self._handles.clear()
+
+
+# ---------------------------------------------------------------
+# Bucketed DDP. One all-reduce per parameter pays the fixed latency of a collective hundreds of
+# times. Instead we pack gradients into ~bucket_size_mb flat buffers, in *reverse* parameter order
+# (roughly the order backward produces them), and launch one all-reduce when a bucket is full.
+# Buckets that never fill (a parameter unused this step) are launched in finish(), in the same
+# order on every rank, so the ranks never disagree about which collective comes next.
+
+class BucketedDDP(nn.Module):
+    def __init__(self, module, bucket_size_mb=25.0):
+        super().__init__()
+        self.module = module
+        self.world_size = dist.get_world_size()
+        self.comm_bytes = 0
+        self._sync = True
+        _broadcast_from_rank0(module)
+        params = [p for p in module.parameters() if p.requires_grad]
+        limit = bucket_size_mb * 2**20
+        self.buckets, cur, size = [], [], 0
+        for p in reversed(params):
+            if cur and size + _nbytes(p) > limit:
+                self.buckets.append(cur)
+                cur, size = [], 0
+            cur.append(p)
+            size += _nbytes(p)
+        if cur:
+            self.buckets.append(cur)
+        self._bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
+        # One preallocated flat buffer per bucket: no allocation in the hot path.
+        self._flat = [torch.empty(sum(p.numel() for p in b), dtype=b[0].dtype, device=b[0].device)
+                      for b in self.buckets]
+        self._pending = [len(b) for b in self.buckets]   # grads still to arrive per bucket
+        self._work = [None] * len(self.buckets)
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._hook)
+
+    def _hook(self, p):
+        if not self._sync:
+            return
+        i = self._bucket_of[p]
+        self._pending[i] -= 1
+        if self._pending[i] == 0:          # last gradient of this bucket just landed
+            self._launch(i)
+
+    def _launch(self, i):
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.buckets[i]]
+        torch.cat(grads, out=self._flat[i])                       # (bucket_numel,)
+        self._work[i] = dist.all_reduce(self._flat[i], async_op=True)
+        self.comm_bytes += _nbytes(self._flat[i])
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    no_sync = DDP.no_sync
+
+    def finish_gradient_synchronization(self):
+        if not self._sync:
+            return
+        for i, bucket in enumerate(self.buckets):
+            if self._work[i] is None:      # a parameter got no gradient this step
+                self._launch(i)
+        for i, bucket in enumerate(self.buckets):
+            self._work[i].wait()
+            flat = self._flat[i].div_(self.world_size)
+            offset = 0
+            for p in bucket:               # unpack the averaged bucket back into p.grad
+                g = flat[offset:offset + p.numel()].view_as(p)
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+                offset += p.numel()
+            self._work[i], self._pending[i] = None, len(bucket)
+
+
+# ---------------------------------------------------------------
+# ZeRO stage 1: shard the optimizer state. With AdamW each parameter carries two fp32 moments,
+# 8 bytes/param, twice the weights themselves. Every rank has the full (all-reduced) gradient
+# anyway, so rank r only *steps* the parameters it owns and then broadcasts them to everyone.
+# AdamW is elementwise, so stepping a subset gives bit-identical results to stepping everything.
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    def __init__(self, params, optimizer_cls, **kwargs):
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._cls, self._kwargs = optimizer_cls, kwargs
+        self._owner = {}                        # parameter -> rank that holds its state
+        self._load = [0] * self.world_size      # numel owned per rank, for greedy balancing
+        self.inner = None                       # the real optimizer, over this rank's shard only
+        self.comm_bytes = 0
+        super().__init__(params, defaults=kwargs)   # calls add_param_group for every group
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)     # self.param_groups keeps *all* params (zero_grad, lr)
+        group = self.param_groups[-1]
+        mine = []
+        for p in group["params"]:
+            r = min(range(self.world_size), key=lambda k: self._load[k])   # least-loaded rank
+            self._owner[p] = r
+            self._load[r] += p.numel()
+            if r == self.rank:
+                mine.append(p)
+        sub = {k: v for k, v in group.items() if k != "params"}
+        sub["params"] = mine
+        if self.inner is None:
+            self.inner = self._cls([sub], **self._kwargs)
+        else:
+            self.inner.add_param_group(sub)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # A schedule writes lr into self.param_groups; mirror hyperparameters into the shard.
+        for outer, inner in zip(self.param_groups, self.inner.param_groups):
+            inner.update({k: v for k, v in outer.items() if k != "params"})
+        self.inner.step()
+        works = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                works.append(dist.broadcast(p, src=self._owner[p], async_op=True))
+                self.comm_bytes += _nbytes(p)
+        for w in works:
+            w.wait()
+        return loss
+
+    def state_bytes(self):
+        """Bytes of optimizer state held on this rank (the thing ZeRO-1 divides by N)."""
+        return sum(_nbytes(t) for s in self.inner.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+# ---------------------------------------------------------------
+# FSDP = ZeRO stage 3: shard the weights too. Each Linear/Embedding weight is flattened, padded to
+# a multiple of N, and rank r keeps only slice r as an fp32 "master" Parameter: the optimizer sees
+# shards only, so weights, grads and optimizer state all shrink by N. Just before a module runs we
+# all-gather its full weight (optionally cast to bf16/fp16 first: half the bytes on the wire, and
+# the matmul runs in low precision); autograd then calls our backward, which reduce-scatters the
+# full-size gradient so rank r receives the summed gradient of its own slice. Small 1-D weights
+# (norms) stay replicated and are all-reduced like DDP. A production FSDP also frees the gathered
+# weight after forward and re-gathers it in backward; here autograd keeps it alive until backward
+# ends (the gathered copies are dropped in finish_gradient_synchronization), which keeps the code
+# short; the persistent memory (what the ZeRO formula counts) is sharded all the same.
+
+class _GatherWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, shard, shape, dtype, fsdp):
+        ctx.fsdp, ctx.numel = fsdp, math.prod(shape)
+        src = shard.detach().to(dtype or shard.dtype)                          # (numel/N,)
+        flat = torch.empty(src.numel() * fsdp.world_size, dtype=src.dtype, device=src.device)
+        _all_gather(flat, src)                                 # (N * numel/N,)
+        fsdp.comm_bytes += _nbytes(flat)
+        return flat[:ctx.numel].view(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        fsdp = ctx.fsdp
+        # Reduce in fp32 even when computing in bf16: summing N low-precision grads loses bits.
+        g = grad.reshape(-1).float()
+        shard_numel = -(-ctx.numel // fsdp.world_size)
+        g = F.pad(g, (0, shard_numel * fsdp.world_size - g.numel()))          # (N * numel/N,)
+        out = torch.empty(shard_numel, dtype=torch.float32, device=g.device)
+        _reduce_scatter(out, g)                                     # my slice of the sum
+        fsdp.comm_bytes += _nbytes(g)
+        return out.div_(fsdp.world_size), None, None, None
+
+
+def _is_sharded_module(mod):
+    # torch's nn.Linear/nn.Embedding and model.py's from-scratch classes share these names.
+    return type(mod).__name__ in ("Linear", "Embedding") and isinstance(mod._parameters.get("weight"), nn.Parameter)
+
+
+class FSDP(nn.Module):
+    def __init__(self, module, compute_dtype=None):
+        super().__init__()
+        self.module, self.compute_dtype = module, compute_dtype
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.comm_bytes = 0
+        _broadcast_from_rank0(module)
+        self.names = {id(p): n for n, p in module.named_parameters()}   # original names, tied once
+        self.sharded = {}        # id(full param) -> dict(name, shape, shard, users=[module, ...])
+        for mod in module.modules():
+            if not _is_sharded_module(mod):
+                continue
+            p = mod._parameters["weight"]
+            if id(p) not in self.sharded:        # first user of a (possibly tied) weight
+                k = -(-p.numel() // self.world_size)                           # ceil(numel / N)
+                flat = F.pad(p.detach().reshape(-1), (0, k * self.world_size - p.numel()))
+                shard = nn.Parameter(flat[self.rank * k:(self.rank + 1) * k].clone().float(),
+                                     requires_grad=p.requires_grad)
+                mod.register_parameter("weight_shard", shard)   # so .parameters() yields shards
+                self.sharded[id(p)] = dict(name=self.names[id(p)], shape=p.shape, shard=shard, users=[])
+            self.sharded[id(p)]["users"].append(mod)
+            del mod._parameters["weight"]
+            mod.register_forward_pre_hook(self._make_pre_hook(self.sharded[id(p)]))
+        shard_ids = {id(e["shard"]) for e in self.sharded.values()}
+        self.replicated = [p for p in module.parameters() if id(p) not in shard_ids and p.requires_grad]
+
+    def _make_pre_hook(self, entry):
+        def pre_hook(mod, args):
+            mod.weight = _GatherWeight.apply(entry["shard"], entry["shape"], self.compute_dtype, self)
+            if self.compute_dtype is not None:   # feed the low-precision matmul low-precision inputs
+                return tuple(a.to(self.compute_dtype) if torch.is_tensor(a) and a.is_floating_point() else a
+                             for a in args)
+        return pre_hook
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def finish_gradient_synchronization(self):
+        # Sharded grads were reduce-scattered inside backward; replicated ones need an all-reduce.
+        grads = [p.grad for p in self.replicated if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            self.comm_bytes += _nbytes(flat)
+            flat.div_(self.world_size)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        for e in self.sharded.values():          # drop the gathered full weights
+            for mod in e["users"]:
+                mod.__dict__.pop("weight", None)
+
+    @torch.no_grad()
+    def gather_full_params(self):
+        """Full fp32 parameters keyed by the wrapped module's original names (e.g. for a checkpoint)."""
+        full = {}
+        shard_ids = {id(e["shard"]): e for e in self.sharded.values()}
+        for name, p in self.module.named_parameters():
+            if id(p) in shard_ids:
+                e = shard_ids[id(p)]
+                flat = torch.empty(p.numel() * self.world_size, dtype=p.dtype, device=p.device)
+                _all_gather(flat, p.detach())
+                full[e["name"]] = flat[:math.prod(e["shape"])].view(e["shape"]).clone()
+            else:
+                full[name.removesuffix("_shard")] = p.detach().clone()
+        return full
+
+
+# ---------------------------------------------------------------
+# Tensor parallelism (Megatron). Split a weight matrix instead of the batch. For Y = X Wᵀ:
+#   column-parallel: W split by *output* rows, rank r computes Y[:, slice r]   (no comm)
+#   row-parallel:    W split by *input* columns, X arrives already split; each rank computes a
+#                    partial sum of Y, and one all-reduce adds the partials.
+# Chaining column → row means the intermediate activation never leaves its rank: one all-reduce
+# per MLP and one per attention block in forward (operator g), one each in backward (operator f).
+
+class _CopyToTP(torch.autograd.Function):
+    """f: identity forward; backward all-reduces, because every rank's branch used the same X."""
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """g: forward all-reduces the partial sums; backward is identity (each rank owns its partial)."""
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class TPSwiGLU(nn.Module):
+    """SwiGLU MLP w2(silu(w1 x) * w3 x) with w1, w3 column-parallel and w2 row-parallel."""
+    def __init__(self, w1, w2, w3, rank, world_size):
+        super().__init__()
+        self.w1 = nn.Parameter(w1.chunk(world_size, 0)[rank].clone())    # (d_ff/N, d)
+        self.w3 = nn.Parameter(w3.chunk(world_size, 0)[rank].clone())    # (d_ff/N, d)
+        self.w2 = nn.Parameter(w2.chunk(world_size, 1)[rank].clone())    # (d, d_ff/N)
+
+    def forward(self, x):                                   # (B, T, d), replicated
+        x = _CopyToTP.apply(x)
+        h = F.silu(x @ self.w1.T) * (x @ self.w3.T)         # (B, T, d_ff/N), stays local
+        return _ReduceFromTP.apply(h @ self.w2.T)           # (B, T, d), partial sums added
+
+
+class TPAttention(nn.Module):
+    """Causal attention with heads split across ranks: q/k/v column-parallel, output row-parallel.
+    Supports RoPE (pass model.py's rotary module) and grouped-query attention (num_kv_heads)."""
+    def __init__(self, wq, wk, wv, wo, num_heads, rank, world_size, num_kv_heads=None, rope=None):
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        assert num_heads % world_size == 0 and num_kv_heads % world_size == 0, "heads must split evenly"
+        self.h, self.kvh, self.rope = num_heads // world_size, num_kv_heads // world_size, rope
+        # Heads are contiguous row blocks of W_q/W_k/W_v, so chunking rows keeps whole heads together;
+        # with GQA rank r's query heads r·h..(r+1)·h-1 read exactly kv heads r·kvh..(r+1)·kvh-1.
+        self.wq, self.wk, self.wv = (nn.Parameter(w.chunk(world_size, 0)[rank].clone()) for w in (wq, wk, wv))
+        self.wo = nn.Parameter(wo.chunk(world_size, 1)[rank].clone())    # (d, d/N)
+
+    def forward(self, x):                                   # (B, T, d), replicated
+        B, T, _ = x.shape
+        x = _CopyToTP.apply(x)
+        q = (x @ self.wq.T).view(B, T, self.h, -1).transpose(1, 2)              # (B, h, T, hd)
+        k, v = ((x @ w.T).view(B, T, self.kvh, -1).transpose(1, 2) for w in (self.wk, self.wv))  # (B, kvh, T, hd)
+        if self.rope is not None:
+            pos = torch.arange(T, device=x.device)
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        if self.kvh != self.h:
+            k, v = (t.repeat_interleave(self.h // self.kvh, dim=1) for t in (k, v))  # (B, h, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)              # (B, h, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, -1)                                  # (B, T, d/N)
+        return _ReduceFromTP.apply(y @ self.wo.T)                                # (B, T, d)
+
+
+class TPBlock(nn.Module):
+    """A model.py TransformerBlock split Megatron-style: 2 all-reduces forward, 2 backward.
+    The RMSNorm weights are replicated; _CopyToTP's backward all-reduce hands them full grads."""
+    def __init__(self, block, rank, world_size):
+        super().__init__()
+        a, f = block.attn, block.ffn
+        self.ln1, self.ln2 = copy.deepcopy(block.ln1), copy.deepcopy(block.ln2)
+        self.attn = TPAttention(a.q_proj.weight.detach(), a.k_proj.weight.detach(), a.v_proj.weight.detach(),
+                                a.output_proj.weight.detach(), a.num_heads, rank, world_size, a.num_kv_heads, a.rope)
+        self.ffn = TPSwiGLU(f.w1.weight.detach(), f.w2.weight.detach(), f.w3.weight.detach(), rank, world_size)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.ffn(self.ln2(x))
+
+
+def reference_swiglu(x, w1, w2, w3):
+    return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+
+
+def reference_attention(x, wq, wk, wv, wo, num_heads):
+    B, T, d = x.shape
+    q, k, v = ((x @ w.T).view(B, T, num_heads, -1).transpose(1, 2) for w in (wq, wk, wv))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return y.transpose(1, 2).reshape(B, T, d) @ wo.T
+
+
+# ---------------------------------------------------------------
+# Pipeline parallelism (GPipe). Give each rank a contiguous run of layers (a "stage"). A naive
+# pipeline leaves all but one stage idle; GPipe cuts the batch into M micro-batches so stage s can
+# work on micro-batch m while stage s+1 works on m-1. Idle "bubble" fraction = (S-1)/(M+S-1).
+# Schedule: all forwards, then all backwards (in reverse); gradients accumulate over micro-batches.
+
+def lm_as_layers(model):
+    """An LM as a flat list of modules applied in sequence (model.py's TransformerLM or ToyLM)."""
+    if hasattr(model, "as_layers"):
+        return model.as_layers()
+    return [model.token_embeddings, *model.layers, model.ln_final, model.lm_head]
+
+
+def split_stages(layers, world_size):
+    """Split a list of modules into world_size contiguous nn.Sequential stages."""
+    bounds = [round(i * len(layers) / world_size) for i in range(world_size + 1)]
+    return [nn.Sequential(*layers[bounds[i]:bounds[i + 1]]) for i in range(world_size)]
+
+
+def gpipe_step(stage, inputs, targets, num_micro, act_shape, act_dtype=torch.float32):
+    """One GPipe forward+backward. `inputs`/`targets` are only read on the first/last rank.
+    act_shape = shape of one micro-batch's activation crossing a stage boundary.
+    Returns the mean loss on the last rank (None elsewhere); grads land in stage's parameters."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    first, last = rank == 0, rank == world - 1
+    ins, outs, losses = [], [], []
+    for m in range(num_micro):                                  # ---- forward, micro-batch m
+        if first:
+            x = inputs.chunk(num_micro)[m]
+        else:
+            x = torch.empty(act_shape, dtype=act_dtype)
+            dist.recv(x, src=rank - 1)
+            x.requires_grad_(True)                              # we need dL/dx to send back
+        y = stage(x)
+        if last:
+            logits = y.flatten(0, -2)
+            losses.append(F.cross_entropy(logits, targets.chunk(num_micro)[m].reshape(-1)) / num_micro)
+        else:
+            dist.send(y.detach().contiguous(), dst=rank + 1)
+        ins.append(x)
+        outs.append(y)
+    for m in reversed(range(num_micro)):                        # ---- backward, last micro first
+        if last:
+            losses[m].backward()
+        else:
+            g = torch.empty(act_shape, dtype=act_dtype)
+            dist.recv(g, src=rank + 1)
+            outs[m].backward(g)
+        if not first:
+            dist.send(ins[m].grad.contiguous(), dst=rank - 1)
+    return sum(l.item() for l in losses) if last else None
+
+
+# ---------------------------------------------------------------
+# A toy LM with every awkward case: a tied embedding/head, a frozen layer, replicated RMSNorm
+# weights. Tests and the demo use it so they do not depend on model.py.
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x):
+        # Upcast to fp32 for the mean of squares (bf16 would lose the small terms), cast back.
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln = RMSNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
+
+
+class ToyLM(nn.Module):
+    def __init__(self, vocab_size=64, d_model=32, num_layers=2, tie=True, freeze=True):
+        super().__init__()
+        self.token_embeddings = nn.Embedding(vocab_size, d_model)
+        self.frozen = nn.Linear(d_model, d_model, bias=False)
+        self.frozen.weight.requires_grad_(not freeze)
+        self.layers = nn.ModuleList(ToyBlock(d_model) for _ in range(num_layers))
+        self.ln_final = RMSNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie:
+            self.lm_head.weight = self.token_embeddings.weight   # one Parameter, two users
+
+    def as_layers(self):
+        return [self.token_embeddings, self.frozen, *self.layers, self.ln_final, self.lm_head]
+
+    def forward(self, idx):                                   # (B, T) -> (B, T, V)
+        x = idx
+        for layer in self.as_layers():
+            x = layer(x)
+        return x
+
+
+# ---------------------------------------------------------------
+# The demo: every variant on the same toy LM, N gloo processes, step time, bytes, memory.
+# ZeRO memory per rank with AdamW in fp32 (Ψ = #params, N = ranks; 4 B weights + 4 B grads + 8 B
+# Adam moments):  DDP 16Ψ,  ZeRO-1 8Ψ + 8Ψ/N,  ZeRO-3 16Ψ/N (+16 B per replicated norm weight).
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_worker(rank, world_size, port):
+    """Process-group init for an mp.spawn worker (torchrun does this through env vars instead)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+
+
+def state_bytes(model, optimizer):
+    """Measured bytes per rank: weights + grads + optimizer state tensors."""
+    params = {id(p): p for p in model.parameters()}.values()
+    opt = optimizer.state_bytes() if isinstance(optimizer, ShardedOptimizer) else sum(
+        _nbytes(t) for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+    return sum(_nbytes(p) for p in params) + sum(_nbytes(p.grad) for p in params if p.grad is not None) + opt
+
+
+def _demo_model(args, tie=True, seed=0):
+    torch.manual_seed(seed)
+    if args.model == "transformer":
+        from model import ModelConfig, TransformerLM   # the real thing, if model.py is there
+        return TransformerLM(ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length,
+                                         d_model=args.d_model, num_layers=args.num_layers, num_heads=4,
+                                         tie_embeddings=tie))
+    return ToyLM(args.vocab_size, args.d_model, args.num_layers, tie=tie, freeze=False)
+
+
+def _demo_worker(rank, world_size, port, args):
+    init_worker(rank, world_size, port)
+    V, d, B, T, N = args.vocab_size, args.d_model, args.batch_size, args.context_length, world_size
+    idx = torch.randint(0, V, (B * N, T + 1), generator=torch.Generator().manual_seed(1))
+    x, y = idx[:, :-1][rank * B:(rank + 1) * B], idx[:, 1:][rank * B:(rank + 1) * B]   # my shard
+    psi = sum(p.numel() for p in _demo_model(args).parameters())
+    rows = []
+
+    def run(name, wrapped, opt, formula):
+        dist.barrier()
+        for step in range(args.steps + 1):       # step 0 is warm-up, not timed
+            if step == 1:
+                t0 = time.perf_counter()
+                wrapped.comm_bytes = opt.comm_bytes = 0
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(wrapped(x).flatten(0, 1).float(), y.reshape(-1))
+            loss.backward()
+            wrapped.finish_gradient_synchronization()
+            opt.step()
+        ms = (time.perf_counter() - t0) / args.steps * 1e3
+        comm = (wrapped.comm_bytes + opt.comm_bytes) / args.steps
+        rows.append((name, ms, comm, state_bytes(wrapped, opt), formula))
+
+    m = DDP(_demo_model(args))
+    run("DDP (per-param)", m, torch.optim.AdamW(m.parameters()), 16 * psi)
+    m = BucketedDDP(_demo_model(args), bucket_size_mb=args.bucket_size_mb)
+    run("BucketedDDP", m, torch.optim.AdamW(m.parameters()), 16 * psi)
+    m = BucketedDDP(_demo_model(args), bucket_size_mb=args.bucket_size_mb)
+    run("ZeRO-1 (sharded AdamW)", m, ShardedOptimizer(m.parameters(), torch.optim.AdamW), 8 * psi + 8 * psi / N)
+    for dt, label in ((None, "fp32"), (torch.bfloat16, "bf16")):
+        m = FSDP(_demo_model(args), compute_dtype=dt)
+        repl = sum(p.numel() for p in m.replicated)
+        run(f"FSDP/ZeRO-3 ({label})", m, torch.optim.AdamW(m.parameters()), 16 * (psi - repl) / N + 16 * repl)
+
+    # Tensor parallel: one block (attention + SwiGLU) split over N ranks, checked against the unsplit block.
+    g = torch.Generator().manual_seed(2)
+    xin = torch.randn(B, T, d, generator=g)
+    if args.model == "transformer":
+        block = _demo_model(args).layers[0]
+        tp = TPBlock(block, rank, N)
+        ref = block(xin)
+    else:
+        H, dff = 4, 4 * d
+        W = {k: torch.randn(s, generator=g) / s[1] ** 0.5 for k, s in
+             dict(wq=(d, d), wk=(d, d), wv=(d, d), wo=(d, d), w1=(dff, d), w2=(d, dff), w3=(dff, d)).items()}
+        tp = nn.Sequential(TPAttention(W["wq"], W["wk"], W["wv"], W["wo"], H, rank, N),
+                           TPSwiGLU(W["w1"], W["w2"], W["w3"], rank, N))
+        ref = reference_swiglu(reference_attention(xin, W["wq"], W["wk"], W["wv"], W["wo"], H), W["w1"], W["w2"], W["w3"])
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        out = tp(xin)
+        out.square().mean().backward()
+    ms = (time.perf_counter() - t0) / args.steps * 1e3
+    tp_err = (out - ref).abs().max().item()
+    tp_bytes = 4 * _nbytes(xin)        # fwd: 2 all-reduces of (B,T,d); bwd: 2 more
+    rows.append((f"TP block (max err {tp_err:.0e})", ms, tp_bytes, sum(2 * _nbytes(p) for p in tp.parameters()), None))
+
+    # Pipeline parallel: the untied LM cut into N stages, GPipe with 4 micro-batches.
+    stage = split_stages(lm_as_layers(_demo_model(args, tie=False)), N)[rank]
+    M = 4
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        stage.zero_grad()
+        gpipe_step(stage, idx[:, :-1], idx[:, 1:], M, (B * N // M, T, d))
+    ms = (time.perf_counter() - t0) / args.steps * 1e3
+    pp_bytes = 2 * B * N * T * d * 4 * (1 if rank in (0, N - 1) else 2)   # activations out + grads back
+    rows.append((f"GPipe {N} stages x {M} micro", ms, pp_bytes, sum(2 * _nbytes(p) for p in stage.parameters()), None))
+
+    if rank == 0:
+        print(f"{args.model} LM: {psi:,} params, V={V} d={d} layers={args.num_layers}; {N} ranks x batch {B} x T {T}")
+        print(f"{'variant':30s} {'ms/step':>8s} {'comm/rank/step':>15s} {'mem/rank meas.':>15s} {'ZeRO formula':>13s}")
+        for name, ms, comm, mem, formula in rows:
+            f = f"{formula / 1e6:10.3f} MB" if formula else f"{'-':>13s}"
+            print(f"{name:30s} {ms:8.1f} {comm / 1e6:12.3f} MB {mem / 1e6:12.3f} MB {f}")
+        print("comm = payload handed to collectives on rank 0 (a ring all-reduce moves ~2(N-1)/N x it); "
+              "mem = weights + grads + AdamW state (TP/PP rows: weights + grads)")
+    cleanup_distributed()
+
+
+def demo(args):
+    port = free_port()
+    mp.spawn(_demo_worker, args=(args.world_size, port, args), nprocs=args.world_size, join=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("demo", help="run every variant on CPU with gloo and print step time, bytes, memory")
+    p.add_argument("--world-size", type=int, default=2, help="number of processes (ranks)")
+    # model / data
+    p.add_argument("--model", default="transformer" if os.path.exists(os.path.join(os.path.dirname(__file__), "model.py"))
+                   else "toy", choices=["transformer", "toy"], help="model.py's TransformerLM or the toy LM here")
+    p.add_argument("--vocab-size", type=int, default=512, help="toy LM vocabulary size")
+    p.add_argument("--d-model", type=int, default=128, help="toy LM width")
+    p.add_argument("--num-layers", type=int, default=4, help="toy LM blocks")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per rank")
+    p.add_argument("--context-length", type=int, default=64, help="tokens per sequence")
+    # run
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up)")
+    p.add_argument("--bucket-size-mb", type=float, default=1.0, help="BucketedDDP bucket size")
+    args = parser.parse_args()
+    if args.world_size < 2:
+        raise SystemExit("error: --world-size must be >= 2")
+    if 4 % args.world_size:
+        raise SystemExit("error: the TP demo splits 4 heads; use --world-size 2 or 4")
+    demo(args)

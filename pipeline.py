@@ -1,0 +1,274 @@
+"""The whole pipeline in one command: raw pages -> corpus -> tokenizer -> model -> aligned model -> report.
+
+Each stage is one of the repo's files run as a script, exactly as you would run it by hand; this
+file only chains them, skips stages whose outputs already exist (so a rerun after a crash picks
+up where it stopped), times them, and writes `report.md` from the artifacts they left behind.
+
+    python pipeline.py                 # embedded corpus, CPU, ~20 min on 2 cores
+    python pipeline.py --fresh         # redo every stage
+    python pipeline.py --preset gpu    # same pipeline, bigger model/data: ~1 h on one H100
+    python pipeline.py --preset tiny   # a smoke test (used by test_all.py), ~1-2 min
+    python pipeline.py --scaling       # also run the scaling-law sweep and fit
+
+The report is generated, never hand-written: every number in it is read from a stage's output
+(stats.json, metrics.jsonl, eval.json, ...).
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
+
+# ---------------------------------------------------------------
+# Presets: one dict of extra flags per stage. Everything else is each script's own default.
+
+PRESETS = {
+    "cpu": {
+        "data": [],
+        "bpe": ["--vocab-size", "4096"],
+        "train": [],
+        "align": [],
+    },
+    "tiny": {
+        "data": ["--modules", "json,textwrap,string,csv,base64,difflib"],
+        "bpe": ["--vocab-size", "512"],
+        "train": ["--max-steps", "20", "--d-model", "64", "--num-layers", "2", "--num-heads", "2",
+                  "--context-length", "64", "--batch-size", "8", "--eval-every", "10", "--eval-steps", "2"],
+        "align": ["--tiny"],
+    },
+    "gpu": {
+        "data": [],
+        "bpe": ["--vocab-size", "8192"],
+        "train": ["--d-model", "768", "--num-layers", "12", "--num-heads", "12",
+                  "--context-length", "1024", "--batch-size", "32", "--max-steps", "5000", "--compile"],
+        "align": [],
+    },
+}
+
+
+def stage_plan(out, preset):
+    """The stages in order: (name, command, artifacts that prove it finished)."""
+    py = sys.executable
+    p = PRESETS[preset]
+    d = os.path.join(out, "data")
+    tok = os.path.join(d, "tokenizer")
+    base = os.path.join(out, "base")
+    al = os.path.join(out, "align")
+    return [
+        ("data", [py, "data.py", "--out", d, *p["data"]],
+         [os.path.join(d, "train.txt"), os.path.join(d, "val.txt"), os.path.join(d, "stats.json")]),
+        ("bpe", [py, "bpe.py", "train", "--input", os.path.join(d, "train.txt"), "--out", tok,
+                 "--special-tokens", *SPECIALS, *p["bpe"]],
+         [os.path.join(tok, "vocab.json"), os.path.join(tok, "merges.txt")]),
+        ("encode", [py, "-c", f"import bpe; [bpe.encode_file({tok!r}, {os.path.join(d, s + '.txt')!r}, "
+                              f"{os.path.join(d, s + '.bin')!r}) for s in ('train', 'val')]"],
+         [os.path.join(d, "train.bin"), os.path.join(d, "val.bin")]),
+        ("pretrain", [py, "train.py", "--data", d, "--out-dir", base, *p["train"]],
+         [os.path.join(base, "ckpt.pt")]),
+        ("align", [py, "align.py", "all", "--ckpt", os.path.join(base, "ckpt.pt"), "--tokenizer", tok,
+                   "--out-dir", al, *p["align"]],
+         [os.path.join(al, "eval.json")]),
+    ]
+
+
+def run_stages(out, preset, fresh, scaling):
+    """Run each stage unless its artifacts exist; record wall time per stage in timings.json."""
+    os.makedirs(out, exist_ok=True)
+    tpath = os.path.join(out, "timings.json")
+    timings = json.load(open(tpath)) if os.path.exists(tpath) and not fresh else {}
+    plan = stage_plan(out, preset)
+    if scaling:
+        sc = os.path.join(out, "scaling")
+        plan.append(("scaling", [sys.executable, "scaling.py", "sweep", "--data", os.path.join(out, "data"),
+                                 "--out-dir", sc, "--fit"], [os.path.join(sc, "fit.json")]))
+    for i, (name, cmd, artifacts) in enumerate(plan):
+        if not fresh and all(os.path.exists(a) for a in artifacts):
+            print(f"[{i + 1}/{len(plan)}] {name}: done already, skipping (--fresh to redo)", flush=True)
+            continue
+        print(f"[{i + 1}/{len(plan)}] {name}: {' '.join(cmd)}", flush=True)
+        t0 = time.time()
+        rc = subprocess.call(cmd, cwd=ROOT)
+        if rc != 0:
+            raise SystemExit(f"error: stage '{name}' failed with exit code {rc}; fix it and rerun (finished stages are kept)")
+        missing = [a for a in artifacts if not os.path.exists(a)]
+        if missing:
+            raise SystemExit(f"error: stage '{name}' finished but did not write {missing[0]}")
+        timings[name] = round(time.time() - t0, 1)
+        json.dump(timings, open(tpath + ".tmp", "w"), indent=1)
+        os.replace(tpath + ".tmp", tpath)
+        print(f"[{i + 1}/{len(plan)}] {name}: {timings[name]:.0f} s", flush=True)
+    return timings
+
+
+# ---------------------------------------------------------------
+# The report: read each stage's artifacts and write report.md (+ a loss-curve PNG).
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
+def md_table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def section_corpus(out):
+    path = os.path.join(out, "data", "stats.json")
+    if not os.path.exists(path):
+        return "## Corpus\n\n(data stage did not run)\n"
+    st = json.load(open(path))
+    flat = [(k, v) for k, v in st.items() if not isinstance(v, (dict, list))]
+    text = "## Corpus\n\n" + md_table(["stat", "value"], flat) + "\n"
+    for k, v in st.items():
+        if isinstance(v, dict) and v and all(not isinstance(x, (dict, list)) for x in v.values()):
+            text += f"\n**{k}**\n\n" + md_table(["key", "value"], sorted(v.items(), key=lambda kv: str(kv[0]))) + "\n"
+    return text
+
+
+def section_tokenizer(out):
+    import bpe
+    d = os.path.join(out, "data")
+    tok = bpe.Tokenizer.load(os.path.join(d, "tokenizer"))
+    with open(os.path.join(d, "val.txt"), encoding="utf-8") as f:
+        sample = f.read(200_000)
+    ids = tok.encode(sample)
+    nbytes = len(sample.encode("utf-8"))
+    examples = ["The quick brown fox jumps over the lazy dog.",
+                "def encode(self, text: str) -> list[int]:",
+                "    return 12345 + 67890",
+                "Die Katze schläft auf dem Sofa."]
+    rows = []
+    for e in examples:
+        pieces = [tok.decode([i]) for i in tok.encode(e)]
+        rows.append((f"`{e}`", len(pieces), " · ".join(p.replace("|", "\\|").replace(" ", "␣") for p in pieces)))
+    return (f"## Tokenizer\n\nvocab {len(tok)}; on the first {nbytes / 1e3:.0f} kB of val.txt: "
+            f"**{nbytes / max(1, len(ids)):.2f} bytes/token**.\n\n"
+            + md_table(["text", "tokens", "pieces"], rows) + "\n")
+
+
+def section_pretrain(out):
+    import torch
+    import model as M
+    base = os.path.join(out, "base")
+    rows = read_jsonl(os.path.join(base, "metrics.jsonl"))
+    final = next((r for r in reversed(rows) if r.get("final")), {})
+    ck = torch.load(os.path.join(base, "ckpt.pt"), map_location="cpu", weights_only=True)
+    cfg = M.ModelConfig(**ck["config"])
+    net = M.TransformerLM(cfg)
+    net.load_state_dict(ck["model"])
+    text = "## Model and pretraining\n\n" + md_table(["", ""], [
+        ("config", ", ".join(f"{k}={v}" for k, v in ck["config"].items())),
+        ("parameters", f"{net.num_params():,} ({net.num_params(non_embedding=True):,} non-embedding)"),
+        ("train FLOPs/token (fwd+bwd)", f"{M.flops_per_token(cfg):.3g}"),
+        ("steps", final.get("step", ck.get("iteration"))),
+        ("tokens seen", f"{final.get('tokens', 0):,}"),
+        ("total training FLOPs", f"{final.get('flops', 0):.3g}"),
+        ("final val loss (nats/token)", f"{final.get('val_loss', float('nan')):.3f}"),
+        ("unigram entropy of the train tokens", f"{final.get('unigram_entropy', float('nan')):.3f}"),
+        ("wall time", f"{final.get('wall_s', 0):.0f} s"),
+    ]) + "\n"
+    steps = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r and not r.get("final")]
+    vals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r and not r.get("final")]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*zip(*steps), label="train loss", lw=1)
+        if vals:
+            ax.plot(*zip(*vals), "o-", label="val loss")
+        if "unigram_entropy" in final:
+            ax.axhline(final["unigram_entropy"], ls="--", c="gray", label="unigram entropy")
+        ax.set_xlabel("step"); ax.set_ylabel("loss (nats/token)"); ax.legend(); fig.tight_layout()
+        fig.savefig(os.path.join(out, "loss.png"), dpi=110)
+        text += "\n![loss curve](loss.png)\n"
+    except ImportError:
+        every = max(1, len(steps) // 12)
+        text += "\n" + md_table(["step", "train loss"], [(s, f"{l:.3f}") for s, l in steps[::every]]) + "\n"
+    # Samples: a few continuations from the pretrained model, seeded so the report is reproducible.
+    import bpe
+    tok = bpe.Tokenizer.load(os.path.join(out, "data", "tokenizer"))
+    net.eval()
+    g = torch.Generator().manual_seed(0)
+    text += "\n**Samples** (temperature 0.8, top-k 50):\n"
+    for prompt in ["The function", "Return a"]:
+        idx = torch.tensor([tok.encode(prompt)])
+        with torch.no_grad():
+            y = M.generate(net, idx, 48, temperature=0.8, top_k=50, generator=g,
+                           stop_token=tok.special_ids.get("<|endoftext|>"))
+        text += "\n```\n" + tok.decode(y[0].tolist()) + "\n```\n"
+    return text
+
+
+def section_align(out):
+    path = os.path.join(out, "align", "eval.json")
+    if not os.path.exists(path):
+        return "## Alignment\n\n(align stage did not run)\n"
+    ev = json.load(open(path))
+    rows = []
+    for stage in ["base", "sft", "dpo", "grpo"]:
+        if stage in ev:
+            r = ev[stage]
+            rows.append((stage, f"{100 * r['acc']:.1f}%", f"[{100 * r['ci_lo']:.1f}, {100 * r['ci_hi']:.1f}]", r["n"],
+                         ", ".join(f"{k}: {100 * v:.0f}%" for k, v in r.get("by_difficulty", {}).items())))
+    return ("## Alignment (held-out math problems, greedy decoding)\n\n"
+            + md_table(["stage", "accuracy", "95% CI (Wilson)", "n", "by difficulty"], rows) + "\n")
+
+
+def section_scaling(out):
+    path = os.path.join(out, "scaling", "fit.json")
+    if not os.path.exists(path):
+        return ""
+    fit = json.load(open(path))
+    return "## Scaling-law fit\n\n```\n" + json.dumps(fit, indent=1)[:3000] + "\n```\n"
+
+
+def write_report(out, timings):
+    import torch
+    parts = [f"# Pipeline report\n\nGenerated {time.strftime('%Y-%m-%d %H:%M:%S')} by `python pipeline.py`.\n"]
+    for fn in (section_corpus, section_tokenizer, section_pretrain, section_align, section_scaling):
+        try:
+            parts.append(fn(out))
+        except Exception as e:  # a report with a hole beats no report; the hole names its cause
+            parts.append(f"## {fn.__name__[8:].title()}\n\n(could not build this section: {type(e).__name__}: {e})\n")
+    parts.append("## Wall time per stage\n\n" + md_table(["stage", "seconds"], list(timings.items())) + "\n")
+    import numpy
+    parts.append("## Versions and hardware\n\n" + md_table(["", ""], [
+        ("python", platform.python_version()), ("torch", torch.__version__), ("numpy", numpy.__version__),
+        ("machine", f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"),
+        ("GPU", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"),
+    ]) + "\n")
+    path = os.path.join(out, "report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(parts))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+# ---------------------------------------------------------------
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/pipeline", help="where every stage writes (data/, base/, align/, report.md)")
+    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="size: cpu (default), tiny (smoke test), gpu")
+    ap.add_argument("--fresh", action="store_true", help="redo every stage even if its outputs exist")
+    ap.add_argument("--scaling", action="store_true", help="also run the scaling-law sweep and fit (slow)")
+    ap.add_argument("--report-only", action="store_true", help="only regenerate report.md from existing artifacts")
+    args = ap.parse_args()
+    os.chdir(ROOT)
+    t0 = time.time()
+    tpath = os.path.join(args.out, "timings.json")
+    if args.report_only:
+        timings = json.load(open(tpath)) if os.path.exists(tpath) else {}
+    else:
+        timings = run_stages(args.out, args.preset, args.fresh, args.scaling)
+    print(f"report: {write_report(args.out, timings)} ({time.time() - t0:.0f} s)")

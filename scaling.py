@@ -1,0 +1,604 @@
+"""Scaling laws: how big a model to train, on how many tokens, for a given compute budget.
+
+The question. You have C floating-point operations to spend. A bigger model (N parameters)
+learns more per token but eats more FLOPs per token, so it sees fewer tokens (D). Which split
+of C into N and D gives the lowest loss? Kaplan et al. (2020, arXiv:2001.08361) found that loss
+is a smooth power law in N, D and C; Hoffmann et al. ("Chinchilla", 2022, arXiv:2203.15556)
+showed that N and D should grow at about the same rate (N_opt ~ C^0.5, ~20 tokens/parameter),
+and that most large models of the time were undertrained. Besiroglu et al. (2024,
+arXiv:2404.10102) refit Chinchilla's own table and found its approach-3 fit was off; their
+point (fit carefully, report confidence intervals) is why we bootstrap everything here.
+
+This file does the whole loop at toy scale:
+  1. FLOP accounting. Training costs C ~= 6 N D (2 FLOPs per multiply-add, forward = 2ND,
+     backward = 2x forward). We also count the exact FLOPs of our TransformerLM (attention
+     included) and show where 6ND is off for small models.
+  2. Approach 2 (IsoFLOP): for each budget, train several sizes, fit loss vs log N with a
+     parabola, take its minimum N_opt(C); then fit power laws N_opt ~ C^a, D_opt ~ C^b.
+  3. Approach 3 (parametric): fit L(N, D) = E + A/N^alpha + B/D^beta directly to all runs
+     (Huber loss on log L, L-BFGS from a grid of starts), then solve for the optimum in closed form.
+  4. A sweep that drives train.py (subprocess) for each (budget, size) and collects results.
+
+Run it:
+    python scaling.py flops                                    # exact FLOPs vs 6ND table
+    python scaling.py sweep --data data/pydocs --budgets 1e11 3e11 1e12 --sizes 16 32 64 128
+    python scaling.py fit --runs runs/scaling/results.jsonl --target 3e12
+    python scaling.py fit --runs published.csv --target 5.76e23  # any CSV/JSONL: N, D or C, loss
+    # bigger on one GPU: add --device cuda --context-length 256 --batch-size 64 --sizes 256 384 512 768
+"""
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# ---------------------------------------------------------------
+# 1. FLOP accounting
+#
+# A matmul (m, k) @ (k, n) costs 2*m*k*n FLOPs (one multiply + one add per term). Per token, a
+# linear layer with a (k, n) weight therefore costs 2*k*n = 2 * (its parameter count). Summing over
+# all weight matrices gives the famous "forward = 2N FLOPs per token". The backward pass needs two
+# matmuls per forward matmul (gradient w.r.t. the input and w.r.t. the weight), so backward = 2x
+# forward and training = 3 * 2N = 6N per token, C = 6 N D for D tokens.
+#
+# What 6N misses: attention scores. QK^T and AV have no parameters but cost 2*T*d_model each
+# per token and layer (T = tokens attended to). Embedding lookups are free (a gather, not a
+# matmul), so the embedding table is excluded from N -- but the lm_head (d_model x vocab) is a
+# real matmul and stays in. For small models with a big vocabulary, lm_head IS most of N.
+
+
+def default_d_ff(d_model):
+    """SwiGLU hidden size: 8/3 * d_model (three matrices cost what a 4x two-matrix MLP costs),
+    rounded to a multiple of 64, at least 64 -- the same rule as model.default_d_ff."""
+    return max(64, 64 * round(8 * d_model / 3 / 64))
+
+
+def param_counts(vocab_size, d_model, num_layers, num_heads, num_kv_heads=None, d_ff=None,
+                 tie_embeddings=False):
+    """Exact parameter count of our TransformerLM: {"total", "non_embedding"}.
+
+    non_embedding = everything except token_embeddings (lm_head stays: it costs FLOPs)."""
+    kv = num_kv_heads or num_heads
+    head_dim = d_model // num_heads
+    d_ff = d_ff or default_d_ff(d_model)
+    attn = d_model * d_model * 2 + 2 * d_model * kv * head_dim   # q_proj, output_proj; k_proj, v_proj
+    ffn = 3 * d_model * d_ff                                      # w1, w2, w3 (SwiGLU)
+    norms = 2 * d_model                                           # ln1, ln2 (RMSNorm gains)
+    body = num_layers * (attn + ffn + norms) + d_model            # + ln_final
+    emb = vocab_size * d_model
+    head = 0 if tie_embeddings else vocab_size * d_model
+    # With tied embeddings the single matrix is counted once, as the (non-embedding) lm_head.
+    return {"total": body + emb + head, "non_embedding": body + (emb if tie_embeddings else head)}
+
+
+def forward_flops_per_token(vocab_size, d_model, num_layers, num_heads, context_length,
+                            num_kv_heads=None, d_ff=None, causal=True):
+    """Exact matmul FLOPs of one forward pass, per token (norms, softmax, SiLU ignored: O(d))."""
+    kv = num_kv_heads or num_heads
+    head_dim = d_model // num_heads
+    d_ff = d_ff or default_d_ff(d_model)
+    T = context_length
+    # Average number of keys each query sees: causal attention sees 1..T, mean (T+1)/2.
+    t_att = (T + 1) / 2 if causal else T
+    per_layer = (
+        2 * d_model * d_model            # q_proj
+        + 2 * 2 * d_model * kv * head_dim  # k_proj, v_proj (GQA: fewer kv heads)
+        + 2 * t_att * d_model            # QK^T: each head, q . k over head_dim, for t_att keys
+        + 2 * t_att * d_model            # AV:   weighted sum of t_att value vectors
+        + 2 * d_model * d_model          # output_proj
+        + 3 * 2 * d_model * d_ff         # SwiGLU: w1, w3 (up), w2 (down)
+    )
+    return num_layers * per_layer + 2 * d_model * vocab_size   # + lm_head
+
+
+def train_flops_per_token(*args, **kwargs):
+    """Forward + backward: backward costs 2x forward, so 3x forward in total."""
+    return 3 * forward_flops_per_token(*args, **kwargs)
+
+
+def flops_table(vocab_size=4096, context_length=256):
+    """Rows comparing exact training FLOPs/token to 6N (N = non-embedding) and 6N_total."""
+    rows = []
+    for d, L in [(32, 2), (64, 2), (128, 4), (256, 4), (512, 8), (768, 12), (2048, 24), (4096, 32)]:
+        H = max(1, d // 64)
+        n = param_counts(vocab_size, d, L, H)
+        exact = train_flops_per_token(vocab_size, d, L, H, context_length)
+        rows.append({"d_model": d, "layers": L, "N": n["non_embedding"], "N_total": n["total"],
+                     "exact": exact, "exact/6N": exact / (6 * n["non_embedding"]),
+                     "exact/6N_total": exact / (6 * n["total"])})
+    return rows
+
+
+# ---------------------------------------------------------------
+# 2. Reading runs: our sweep's results.jsonl, or any published table (CSV or JSONL)
+#
+# Columns: N (parameters), loss, and D (tokens) or C (FLOPs); the missing one comes from C = 6ND.
+# An optional "budget" column names the IsoFLOP group; without it we group runs by C rounded to
+# 2 significant digits (a published IsoFLOP table has a handful of distinct C values).
+
+
+def load_runs(path):
+    """Return dict of numpy arrays N, D, C, loss, budget (one entry per run)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no such file: {path}")
+    with open(path) as f:
+        if path.endswith(".csv"):
+            rows = list(csv.DictReader(f))
+        else:
+            rows = [json.loads(line) for line in f if line.strip()]
+    out = {k: [] for k in ("N", "D", "C", "loss", "budget")}
+    for i, r in enumerate(rows):
+        r = {k.strip(): v for k, v in r.items()}
+        get = lambda k: float(r[k]) if r.get(k) not in (None, "") else None
+        N, D, C, loss = get("N"), get("D"), get("C"), get("loss")
+        if N is None or loss is None or (D is None and C is None):
+            raise SystemExit(f"error: {path} row {i + 1}: need columns N, loss and D or C")
+        D = D if D is not None else C / (6 * N)
+        C = C if C is not None else 6 * N * D
+        budget = get("budget") or float(f"{C:.2g}")
+        for k, v in zip(out, (N, D, C, loss, budget)):
+            out[k].append(v)
+    return {k: np.array(v, dtype=np.float64) for k, v in out.items()}
+
+
+def _subset(runs, idx):
+    return {k: v[idx] for k, v in runs.items()}
+
+
+# ---------------------------------------------------------------
+# 3. Approach 2: IsoFLOP profiles
+#
+# At fixed C, loss vs log N is a valley: too small a model underfits, too big a model sees too few
+# tokens. Near the bottom the valley is close to a parabola in log N, so we fit
+# loss = p0 (log N)^2 + p1 log N + p2 and read off log N_opt = -p1 / (2 p0). Then across budgets,
+# log N_opt = a log C + const is a straight line: the slope a is the scaling exponent.
+
+
+def isoflop_minimum(N, D, loss):
+    """Parabola fit of loss vs log N at one budget -> (N_opt, D_opt, coefficients) or None."""
+    x = np.log(N)
+    if len(np.unique(x)) < 3:
+        return None
+    p = np.polyfit(x, loss, 2)
+    if p[0] <= 0:                       # no valley: the sizes do not bracket the optimum
+        return None
+    x_opt = -p[1] / (2 * p[0])
+    # D is a function of N at fixed C (D = C/6N, or C/flops_per_token(N)); interpolate log D
+    # linearly in log N rather than assuming 6ND, so exact-FLOP budgets work too.
+    q = np.polyfit(x, np.log(D), 1)
+    return math.exp(x_opt), math.exp(np.polyval(q, x_opt)), p
+
+
+def approach2(runs, n_boot=200, seed=0, targets=()):
+    """Fit N_opt ~ C^a and D_opt ~ C^b across IsoFLOP budgets, bootstrap CIs.
+
+    Returns {"budgets": [...per-budget minima...], "a", "b", "a_ci", "b_ci", "log_k_N", "log_k_D",
+    "predict": {target: {N_opt, N_ci, D_opt, D_ci}}}."""
+    def fit(r):
+        mins = []
+        for c in np.unique(r["budget"]):
+            m = r["budget"] == c
+            res = isoflop_minimum(r["N"][m], r["D"][m], r["loss"][m])
+            if res is not None:
+                mins.append((c, *res))
+        if len(mins) < 2:
+            return None, mins
+        logC = np.log([m[0] for m in mins])
+        a, kN = np.polyfit(logC, np.log([m[1] for m in mins]), 1)   # log N_opt = a log C + kN
+        b, kD = np.polyfit(logC, np.log([m[2] for m in mins]), 1)   # log D_opt = b log C + kD
+        return (a, kN, b, kD), mins
+
+    params, mins = fit(runs)
+    if params is None:
+        raise SystemExit("error: approach 2 needs >= 2 budgets whose sizes bracket a loss minimum")
+    # Bootstrap: resample runs with replacement *within each budget* and refit everything.
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(runs["budget"] == c) for c in np.unique(runs["budget"])]
+    boots = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+        p, _ = fit(_subset(runs, idx))
+        if p is not None:
+            boots.append(p)
+    boots = np.array(boots)
+    ci = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+    a, kN, b, kD = params
+    out = {"budgets": [{"C": float(c), "N_opt": n, "D_opt": d, "parabola": p.tolist()}
+                       for c, n, d, p in mins],
+           "a": a, "b": b, "log_k_N": kN, "log_k_D": kD,
+           "a_ci": ci(boots[:, 0]), "b_ci": ci(boots[:, 2]), "n_boot": len(boots), "predict": {}}
+    for C in targets:
+        lc = math.log(C)
+        n_b, d_b = np.exp(boots[:, 0] * lc + boots[:, 1]), np.exp(boots[:, 2] * lc + boots[:, 3])
+        out["predict"][C] = {"N_opt": math.exp(a * lc + kN), "N_ci": ci(n_b),
+                             "D_opt": math.exp(b * lc + kD), "D_ci": ci(d_b)}
+    return out
+
+
+# ---------------------------------------------------------------
+# 4. Approach 3: the parametric loss L(N, D) = E + A / N^alpha + B / D^beta
+#
+# E is the irreducible loss (entropy of text), A/N^alpha the penalty for a finite model, B/D^beta
+# for finite data. Following Chinchilla we fit in log space: with A = e^a, B = e^b, E = e^e,
+#     log L = LSE(a - alpha log N, b - beta log D, e)         (LSE = log-sum-exp)
+# which keeps A, B, E positive and the terms on a common scale. The loss is a Huber loss
+# (delta = 1e-3, so nearly L1: robust to a few bad runs) on log L, *summed* over runs. The problem
+# is non-convex with long flat valleys (A and alpha trade off), so we start L-BFGS from many
+# points: we score Chinchilla's whole init grid in one vectorized pass and polish the best few.
+
+HUBER_DELTA = 1e-3
+INIT_GRID = {"e": np.arange(-1.0, 1.01, 0.5), "a": np.arange(0.0, 25.1, 5.0),
+             "b": np.arange(0.0, 25.1, 5.0), "alpha": np.arange(0.0, 2.01, 0.5),
+             "beta": np.arange(0.0, 2.01, 0.5)}
+
+
+def huber(r, delta=HUBER_DELTA):
+    """0.5 r^2 for |r| <= delta, delta (|r| - delta/2) beyond: quadratic core, linear tails."""
+    ar = r.abs() if torch.is_tensor(r) else np.abs(r)
+    return (ar <= delta) * 0.5 * r ** 2 + (ar > delta) * delta * (ar - 0.5 * delta)
+
+
+def log_loss_pred(theta, logN, logD):
+    """theta = (e, a, b, alpha, beta) -> predicted log L for each run (torch or numpy)."""
+    e, a, b, alpha, beta = theta
+    if torch.is_tensor(logN):
+        terms = torch.stack([a - alpha * logN, b - beta * logD, e.expand_as(logN)])
+        return torch.logsumexp(terms, dim=0)
+    return np.logaddexp(np.logaddexp(a - alpha * logN, b - beta * logD), e)
+
+
+def _lbfgs(theta0, logN, logD, logL, max_iter=500):
+    """Polish one starting point with L-BFGS (float64, strong-Wolfe line search)."""
+    theta = torch.tensor(theta0, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
+                            tolerance_change=1e-14, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = huber(log_loss_pred(theta, logN, logD) - logL).sum()   # summed, not averaged
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        final = huber(log_loss_pred(theta, logN, logD) - logL).sum().item()
+    return theta.detach().numpy(), final
+
+
+def fit_parametric(N, D, loss, top_k=8, inits=None):
+    """Fit (E, A, B, alpha, beta) -> dict. `inits` overrides the grid (used by the bootstrap)."""
+    logN, logD, logL = (torch.tensor(np.log(v), dtype=torch.float64) for v in (N, D, loss))
+    if inits is None:
+        grid = np.array(list(itertools.product(*INIT_GRID.values())))        # (4500, 5)
+        # Vectorized objective for every grid point at once: (G, 1) params x (1, R) runs.
+        pred = log_loss_pred(grid.T[:, :, None], np.log(N)[None], np.log(D)[None])  # (G, R)
+        score = huber(pred - np.log(loss)[None]).sum(1)
+        inits = grid[np.argsort(score)[:top_k]]
+    best = None
+    for theta0 in inits:
+        theta, obj = _lbfgs(theta0, logN, logD, logL)
+        if np.all(np.isfinite(theta)) and (best is None or obj < best[1]):
+            best = (theta, obj)
+    e, a, b, alpha, beta = best[0]
+    return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": float(alpha),
+            "beta": float(beta), "objective": best[1], "theta": best[0].tolist()}
+
+
+def predict_loss(fit, N, D):
+    """L(N, D) = E + A / N^alpha + B / D^beta."""
+    return fit["E"] + fit["A"] / np.power(N, fit["alpha"]) + fit["B"] / np.power(D, fit["beta"])
+
+
+def compute_optimal(fit, C):
+    """Minimize L(N, C/6N) over N in closed form.
+
+    Setting dL/dN = 0 with D = C/(6N): alpha A / N^alpha = beta B / D^beta, which gives
+        G = (alpha A / (beta B))^(1/(alpha+beta)),
+        N_opt = G (C/6)^(beta/(alpha+beta)),   D_opt = G^-1 (C/6)^(alpha/(alpha+beta)).
+    So N_opt ~ C^a with a = beta/(alpha+beta), the same exponent approach 2 measures."""
+    A, B, al, be = fit["A"], fit["B"], fit["alpha"], fit["beta"]
+    G = (al * A / (be * B)) ** (1 / (al + be))
+    return G * (C / 6) ** (be / (al + be)), (C / 6) ** (al / (al + be)) / G
+
+
+def approach3(runs, n_boot=100, seed=0, targets=()):
+    """Parametric fit on all runs + bootstrap CIs for the parameters and the allocation."""
+    fit = fit_parametric(runs["N"], runs["D"], runs["loss"])
+    rng = np.random.default_rng(seed)
+    keys = ["E", "A", "B", "alpha", "beta"]
+    samples = {k: [] for k in keys + [f"N_opt@{C:g}" for C in targets] + [f"D_opt@{C:g}" for C in targets]}
+    n = len(runs["N"])
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, size=n)
+        # Starting each resample from the full-data optimum is the usual shortcut: the bootstrap
+        # fits are small perturbations of it, and a full grid search per resample costs 10x.
+        f = fit_parametric(runs["N"][idx], runs["D"][idx], runs["loss"][idx], inits=[fit["theta"]])
+        for k in keys:
+            samples[k].append(f[k])
+        for C in targets:
+            N_opt, D_opt = compute_optimal(f, C)
+            samples[f"N_opt@{C:g}"].append(N_opt)
+            samples[f"D_opt@{C:g}"].append(D_opt)
+    fit["ci"] = {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+                 for k, v in samples.items() if v}
+    fit["a"] = fit["beta"] / (fit["alpha"] + fit["beta"])
+    fit["predict"] = {}
+    for C in targets:
+        N_opt, D_opt = compute_optimal(fit, C)
+        fit["predict"][C] = {"N_opt": N_opt, "D_opt": D_opt, "loss": float(predict_loss(fit, N_opt, D_opt))}
+    return fit
+
+
+# ---------------------------------------------------------------
+# 5. The sweep: train every (budget, size) pair with train.py
+#
+# Model sizes are d_model values (heads = d_model / head_dim, fixed depth), so N grows ~ d_model^2.
+# For each budget C the number of steps follows from the exact FLOPs per token:
+#     steps = C / (train_flops_per_token(model) * tokens_per_step)      (or 6N with --flops 6nd)
+# Each run gets its own cosine schedule ending at its last step: Chinchilla's fix to Kaplan, whose
+# too-long schedules made small-data runs look worse than they are.
+
+
+def size_config(d_model, args, vocab_size):
+    H = max(1, d_model // args.head_dim)
+    cfg = dict(vocab_size=vocab_size, d_model=d_model, num_layers=args.num_layers, num_heads=H)
+    n = param_counts(**cfg)
+    per_tok = (6 * n["non_embedding"] if args.flops == "6nd"
+               else train_flops_per_token(**cfg, context_length=args.context_length))
+    return cfg, n, per_tok
+
+
+def data_vocab_size(data_dir):
+    """Vocab size the way train.py sees it: len(bpe.Tokenizer.load(DATA/tokenizer))."""
+    tok = os.path.join(data_dir, "tokenizer")
+    if not os.path.isdir(tok):
+        raise SystemExit(f"error: no tokenizer at {tok} (run data.py and bpe.py, or pass --vocab-size)")
+    from bpe import Tokenizer
+    return len(Tokenizer.load(tok))
+
+
+def read_final(metrics_path):
+    """The {"final": true, ...} line of a train.py metrics.jsonl, or None if the run did not finish."""
+    if not os.path.exists(metrics_path):
+        return None
+    final = None
+    for line in open(metrics_path):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue                      # a half-written last line of a killed run
+        if rec.get("final"):
+            final = rec
+    return final
+
+
+def write_jsonl(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def sweep(args):
+    """Run train.py for each (budget, size); append to results.jsonl; skip finished runs."""
+    if not os.path.exists(os.path.join(ROOT, "train.py")):
+        raise SystemExit("error: train.py not found next to scaling.py")
+    os.makedirs(args.out_dir, exist_ok=True)
+    results_path = args.results or os.path.join(args.out_dir, "results.jsonl")
+    results = [json.loads(l) for l in open(results_path)] if os.path.exists(results_path) else []
+    done = {r["run"] for r in results}
+    V = args.vocab_size or data_vocab_size(args.data)
+    tokens_per_step = args.batch_size * args.context_length
+    plan = [(C, d) for C in args.budgets for d in args.sizes]
+    total_C = sum(C for C, _ in plan)
+    spent_C, t0 = 0.0, time.time()
+    for i, (C, d) in enumerate(plan):
+        cfg, n, per_tok = size_config(d, args, V)
+        name = f"C{C:.1e}_d{d}_L{args.num_layers}"
+        run_dir = os.path.join(args.out_dir, name)
+        steps = int(round(C / (per_tok * tokens_per_step)))
+        if name in done:
+            print(f"[{i + 1}/{len(plan)}] {name}: done, skipping")
+            continue
+        if steps < args.min_steps:
+            print(f"[{i + 1}/{len(plan)}] {name}: only {steps} steps at this budget, skipping")
+            continue
+        final = read_final(os.path.join(run_dir, "metrics.jsonl"))
+        if final is None or final.get("step") != steps:
+            cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", args.data,
+                   "--out-dir", run_dir, "--d-model", str(d), "--num-layers", str(args.num_layers),
+                   "--num-heads", str(cfg["num_heads"]), "--context-length", str(args.context_length),
+                   "--batch-size", str(args.batch_size), "--max-steps", str(steps),
+                   "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
+                   "--warmup-steps", str(max(1, steps // 20)), "--eval-every", str(steps),
+                   "--eval-steps", str(args.eval_steps), "--log-every", str(max(1, steps // 5)),
+                   "--sample-every", "0", "--ckpt-every", str(steps), "--seed", str(args.seed),
+                   "--device", args.device] + (["--vocab-size", str(V)] if args.vocab_size else [])
+            cmd += args.train_args.split() if args.train_args else []
+            os.makedirs(run_dir, exist_ok=True)
+            print(f"[{i + 1}/{len(plan)}] {name}: N={n['non_embedding']:,} steps={steps} "
+                  f"D={steps * tokens_per_step:,}", flush=True)
+            with open(os.path.join(run_dir, "train.log"), "w") as log:
+                rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            final = read_final(os.path.join(run_dir, "metrics.jsonl"))
+            if rc != 0 or final is None:
+                raise SystemExit(f"error: train.py failed (exit {rc}); see {run_dir}/train.log")
+        D = final.get("tokens") or steps * tokens_per_step
+        row = {"run": name, "budget": C, "d_model": d, "num_layers": args.num_layers,
+               "N": n["non_embedding"], "N_total": n["total"], "D": D, "C": per_tok * D,
+               "C_6ND": 6 * n["non_embedding"] * D, "loss": final["val_loss"], "steps": steps,
+               "wall_s": final.get("wall_s"), "train_flops": final.get("flops")}
+        if final.get("params") not in (None, n["total"]):
+            print(f"  warning: train.py reports {final['params']:,} params, we count {n['total']:,}")
+        results.append(row)
+        write_jsonl(results_path, results)
+        spent_C += C
+        el = time.time() - t0
+        eta = el / spent_C * (total_C - sum(C for C, _ in plan[:i + 1]))
+        print(f"  val_loss {row['loss']:.4f} | {el:.0f}s elapsed | "
+              f"{spent_C / el:.2e} FLOP/s | ETA {eta:.0f}s", flush=True)
+    return results_path
+
+
+# ---------------------------------------------------------------
+# 6. Fit report: both approaches, the allocation for a target budget, and a plot
+
+
+def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0):
+    runs = load_runs(runs_path)
+    out_dir = out_dir or os.path.dirname(os.path.abspath(runs_path))
+    print(f"{len(runs['N'])} runs, {len(np.unique(runs['budget']))} budgets, from {runs_path}")
+    report = {"runs": runs_path, "n_runs": len(runs["N"]), "targets": list(targets)}
+    try:
+        a2 = approach2(runs, n_boot=n_boot, seed=seed, targets=targets)
+        report["approach2"] = a2
+        print("\nApproach 2 (IsoFLOP parabolas):")
+        for m in a2["budgets"]:
+            print(f"  C={m['C']:.2e}  N_opt={m['N_opt']:.3g}  D_opt={m['D_opt']:.3g}")
+        print(f"  N_opt ~ C^a, a = {a2['a']:.3f}  95% CI [{a2['a_ci'][0]:.3f}, {a2['a_ci'][1]:.3f}]")
+        print(f"  D_opt ~ C^b, b = {a2['b']:.3f}  95% CI [{a2['b_ci'][0]:.3f}, {a2['b_ci'][1]:.3f}]")
+        for C, p in a2["predict"].items():
+            print(f"  at C={C:.2e}: N_opt={p['N_opt']:.3g} [{p['N_ci'][0]:.3g}, {p['N_ci'][1]:.3g}]"
+                  f"  D_opt={p['D_opt']:.3g} [{p['D_ci'][0]:.3g}, {p['D_ci'][1]:.3g}]")
+    except SystemExit as e:
+        a2 = None
+        print(f"\nApproach 2 skipped: {e}")
+    a3 = approach3(runs, n_boot=n_boot, seed=seed, targets=targets)
+    report["approach3"] = a3
+    print("\nApproach 3 (parametric L = E + A/N^alpha + B/D^beta):")
+    for k in ("E", "A", "B", "alpha", "beta"):
+        lo, hi = a3["ci"][k]
+        print(f"  {k:5s} = {a3[k]:10.4g}   95% CI [{lo:.4g}, {hi:.4g}]")
+    print(f"  implied a = beta/(alpha+beta) = {a3['a']:.3f}")
+    for C, p in a3["predict"].items():
+        lo, hi = a3["ci"][f"N_opt@{C:g}"]
+        print(f"  at C={C:.2e}: N_opt={p['N_opt']:.3g} [{lo:.3g}, {hi:.3g}]  D_opt={p['D_opt']:.3g}"
+              f"  tokens/param={p['D_opt'] / p['N_opt']:.1f}  predicted loss={p['loss']:.4f}")
+    resid = np.log(predict_loss(a3, runs["N"], runs["D"])) - np.log(runs["loss"])
+    print(f"  fit residual (log loss): rms {np.sqrt(np.mean(resid ** 2)):.4f}, max {np.abs(resid).max():.4f}")
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, "fit.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1, default=float)
+    os.replace(tmp, os.path.join(out_dir, "fit.json"))
+    plot(runs, a2, a3, targets, out_dir)
+    return report
+
+
+def plot(runs, a2, a3, targets, out_dir):
+    """IsoFLOP curves with fitted minima + N_opt vs C on log-log (PNG, or a text table)."""
+    budgets = np.unique(runs["budget"])
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("\nmatplotlib not installed; IsoFLOP table instead:")
+        for c in budgets:
+            m = runs["budget"] == c
+            print(f"  C={c:.2e}: " + "  ".join(f"N={n:.3g}:{l:.3f}" for n, l in
+                                             sorted(zip(runs["N"][m], runs["loss"][m]))))
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(budgets)))
+    for c, col in zip(budgets, colors):
+        m = runs["budget"] == c
+        ax1.scatter(runs["N"][m], runs["loss"][m], color=col, label=f"C={c:.1e}")
+        if a2 is not None:
+            for b in a2["budgets"]:
+                if b["C"] == c:
+                    x = np.linspace(np.log(runs["N"][m]).min(), np.log(runs["N"][m]).max(), 50)
+                    ax1.plot(np.exp(x), np.polyval(b["parabola"], x), color=col)
+                    ax1.plot(b["N_opt"], np.polyval(b["parabola"], np.log(b["N_opt"])), "*",
+                             color=col, ms=14, mec="k")
+    ax1.set(xscale="log", xlabel="N (non-embedding params)", ylabel="val loss", title="IsoFLOP profiles")
+    ax1.legend(fontsize=8)
+    Cs = np.logspace(np.log10(budgets.min()) - 0.3, np.log10(max([budgets.max(), *targets])) + 0.3, 50)
+    if a2 is not None:
+        ax2.scatter([b["C"] for b in a2["budgets"]], [b["N_opt"] for b in a2["budgets"]],
+                    color="C0", label="IsoFLOP minima")
+        ax2.plot(Cs, np.exp(a2["a"] * np.log(Cs) + a2["log_k_N"]), "C0",
+                 label=f"approach 2: a={a2['a']:.2f}")
+    ax2.plot(Cs, [compute_optimal(a3, C)[0] for C in Cs], "C1--",
+             label=f"approach 3: a={a3['a']:.2f}")
+    for C in targets:
+        ax2.axvline(C, color="gray", lw=0.8, ls=":")
+    ax2.set(xscale="log", yscale="log", xlabel="C (FLOPs)", ylabel="N_opt", title="compute-optimal N")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "scaling.png")
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+    print(f"\nwrote {path}")
+
+
+# ---------------------------------------------------------------
+# 7. CLI
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("flops", help="exact training FLOPs per token vs 6N")
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size")
+    p.add_argument("--context-length", type=int, default=256, help="tokens per sequence")
+
+    p = sub.add_parser("sweep", help="train each (budget, size) with train.py")
+    # what to sweep
+    p.add_argument("--data", default="data/pydocs", help="dir with train.bin, val.bin, tokenizer/")
+    p.add_argument("--vocab-size", type=int, default=None, help="vocab size (default: from DATA/tokenizer)")
+    p.add_argument("--out-dir", default="runs/scaling", help="one subdir per run + results.jsonl")
+    p.add_argument("--results", default=None, help="results file (default OUT_DIR/results.jsonl)")
+    p.add_argument("--budgets", type=float, nargs="+", default=[1e11, 3e11, 1e12], help="FLOP budgets")
+    p.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 128], help="d_model values")
+    p.add_argument("--flops", choices=["exact", "6nd"], default="exact", help="FLOPs per token rule")
+    p.add_argument("--min-steps", type=int, default=10, help="skip runs with fewer steps")
+    # model and training knobs, shared by every run
+    p.add_argument("--num-layers", type=int, default=2, help="depth of every model")
+    p.add_argument("--head-dim", type=int, default=16, help="num_heads = d_model / head_dim")
+    p.add_argument("--context-length", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine to lr/10)")
+    p.add_argument("--eval-steps", type=int, default=20, help="val batches for the final loss")
+    p.add_argument("--seed", type=int, default=0, help="seed for every run")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    p.add_argument("--train-args", default="", help="extra flags passed to train.py verbatim")
+    p.add_argument("--fit", action="store_true", help="fit the results afterwards (writes fit.json)")
+    p.add_argument("--target", type=float, nargs="*", default=None, help="budgets to extrapolate to")
+
+    p = sub.add_parser("fit", help="fit approaches 2 and 3 to a results file (CSV or JSONL)")
+    p.add_argument("--runs", required=True, help="results.jsonl from sweep, or CSV/JSONL: N, D|C, loss")
+    p.add_argument("--target", type=float, nargs="+", default=None, help="budgets to extrapolate to")
+    p.add_argument("--out-dir", default=None, help="where fit.json and scaling.png go (default: next to runs)")
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for CIs")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    return ap
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
+
+    if args.cmd == "flops":
+        print(f"training FLOPs per token, vocab {args.vocab_size}, context {args.context_length} "
+              f"(N = non-embedding params; lm_head counted, token embedding not)")
+        print(f"{'d_model':>7} {'layers':>6} {'N':>14} {'N_total':>14} {'exact':>14} "
+              f"{'exact/6N':>9} {'exact/6N_tot':>12}")
+        for r in flops_table(args.vocab_size, args.context_length):
+            print(f"{r['d_model']:>7} {r['layers']:>6} {r['N']:>14,} {r['N_total']:>14,} "
+                  f"{r['exact']:>14,.0f} {r['exact/6N']:>9.3f} {r['exact/6N_total']:>12.3f}")
+    elif args.cmd == "sweep":
+        path = sweep(args)
+        if args.fit:
+            fit_report(path, args.target or [10 * max(args.budgets)], args.out_dir)
+    else:
+        runs_path = args.runs
+        targets = args.target or [10 * float(load_runs(runs_path)["C"].max())]
+        fit_report(runs_path, targets, args.out_dir, n_boot=args.bootstrap, seed=args.seed)

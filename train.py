@@ -1,0 +1,754 @@
+"""
+train.py -- the training loop, built from its parts.
+
+A language model learns by next-token prediction: read a window of token ids, predict each next
+id, measure the surprise (cross-entropy), step the weights downhill. Everything that makes this
+work at scale is a small, separate idea, and each one is written here from scratch so you can
+read it, test it against PyTorch's own version, and change it:
+
+  1. `cross_entropy`     -- the loss, computed stably with the log-sum-exp trick.
+  2. `AdamW`             -- Adam with decoupled weight decay (Loshchilov & Hutter 2017, arXiv:1711.05101;
+                            Adam: Kingma & Ba 2014, arXiv:1412.6980).
+  3. `Muon`              -- momentum + Newton-Schulz orthogonalization for 2-D hidden weights
+                            (Jordan et al. 2024, modded-nanogpt; Liu et al. 2025, arXiv:2502.16982).
+  4. `lr_cosine_schedule`-- linear warmup then cosine decay (Loshchilov & Hutter 2016, arXiv:1608.03983).
+  5. `clip_grad_norm`    -- rescale the whole gradient when its global L2 norm is too large.
+  6. `get_batch`         -- random windows from a flat memmapped token file.
+  7. checkpoints         -- everything needed for a *bitwise* resume: weights, optimizer moments,
+                            step, and every random-number-generator state.
+  8. the loop            -- gradient accumulation, bf16 autocast, eval (loss / perplexity / bits
+                            per byte), samples, JSONL metrics, DDP / FSDP under torchrun.
+
+The objective is causal LM by default; `--objective mlm` trains a bidirectional model with
+BERT-style masking (Devlin et al. 2018, arXiv:1810.04805) instead.
+
+Run it (data dir from `python data.py` + `python bpe.py ...`, see README):
+    python train.py --data data/pydocs                                 # CPU, a few minutes
+    python train.py --data data/pydocs --d-model 768 --num-layers 12 --num-heads 12 \\
+        --context-length 1024 --batch-size 32 --max-steps 5000 --compile   # one GPU
+    torchrun --nproc_per_node 8 train.py --data data/pydocs ...        # DDP (add --fsdp to shard)
+    python train.py --data data/pydocs --resume                        # continue OUT/ckpt.pt
+    python train.py --sample --ckpt out/ckpt.pt --prompt "def main("   # sample from a checkpoint
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------
+# 1. The loss: cross-entropy with the log-sum-exp trick
+# ---------------------------------------------------------------
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    """Mean of -log softmax(logits)[target] over all positions whose target != ignore_index.
+
+    logits (..., V), targets (...). -log p_y = logsumexp(z) - z_y. Computing exp(z) directly
+    overflows for large logits (exp(1000) = inf), so we subtract the row max m first:
+    logsumexp(z) = m + log sum exp(z - m), where every exponent is <= 0.
+    ignore_index = -100 marks positions that carry no loss (the unmasked tokens in MLM).
+    """
+    V = logits.size(-1)
+    z = logits.reshape(-1, V).float()  # (N, V) -- upcast: bf16 log-sum-exp loses digits
+    y = targets.reshape(-1)  # (N,)
+    keep = y != ignore_index  # (N,)
+    m = z.max(dim=-1, keepdim=True).values  # (N, 1)
+    lse = m.squeeze(-1) + (z - m).exp().sum(dim=-1).log()  # (N,)
+    z_y = z.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)  # (N,) clamp: -100 is not an index
+    nll = (lse - z_y) * keep  # (N,) zero where ignored
+    return nll.sum() / keep.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------
+# 2. Optimizers: AdamW and Muon
+# ---------------------------------------------------------------
+
+
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay (arXiv:1711.05101), same update order as torch.optim.AdamW.
+
+    Per parameter, with gradient g at step t:
+        theta <- theta - lr * wd * theta               (decay, *not* folded into g: "decoupled")
+        m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2
+        theta <- theta - lr/(1 - b1^t) * m / (sqrt(v)/sqrt(1 - b2^t) + eps)   (bias correction)
+    The bias correction undoes the zero initialization of m and v in the first steps.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)  # m: first moment
+                    state["exp_avg_sq"] = torch.zeros_like(p)  # v: second moment
+                state["step"] += 1
+                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+                p.mul_(1 - lr * wd)
+                m.lerp_(g, 1 - b1)  # m = b1 m + (1-b1) g
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1-b2) g^2
+                denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
+                p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+        return loss
+
+
+def newton_schulz(G, steps=5):
+    """Approximately orthogonalize G (replace its singular values by ~1), as in modded-nanogpt.
+
+    For X = U S V^T, the odd polynomial f(X) = aX + b(XX^T)X + c(XX^T)^2 X = U f(S) V^T acts on
+    the singular values only. The quintic coefficients (3.4445, -4.7750, 2.0315) are tuned to
+    push every s in (0, 1] towards 1 as fast as possible in 5 steps; they do not converge exactly,
+    they leave the values in a band of roughly [0.7, 1.2], which works just as well for training.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    # bf16 is fine on GPU (the iteration is self-correcting); on CPU fp32 is faster and exact.
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT  # work with the wide orientation so X X^T is the small Gram matrix
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius norm >= spectral: s <= 1
+    for _ in range(steps):
+        A = X @ X.mT  # (m, m)
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D hidden weight matrices only.
+
+    update = NS(nesterov_momentum(g)): every direction of the update gets the same magnitude, so
+    rare-but-useful directions are not drowned by the dominant ones. Embeddings, lm_head and
+    norm gains are not "hidden linear maps" and stay with AdamW (see `build_optimizers`).
+    """
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            mu = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)  # buf = mu buf + (1-mu) g
+                g = p.grad.lerp(buf, mu) if group["nesterov"] else buf  # look ahead along buf
+                u = newton_schulz(g, group["ns_steps"])
+                # scale so the per-element RMS of the update is similar for tall and wide matrices
+                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
+        return loss
+
+
+def build_optimizers(model, args):
+    """AdamW everywhere, or Muon for 2-D hidden weights + AdamW for the rest. Returns a list."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    betas = (args.beta1, args.beta2)
+    if args.optimizer == "muon":
+        hidden = [p for n, p in named if p.ndim == 2 and "token_embeddings" not in n and "lm_head" not in n]
+        other = [p for n, p in named if not (p.ndim == 2 and "token_embeddings" not in n and "lm_head" not in n)]
+        opts = [Muon(hidden, lr=args.muon_lr, momentum=0.95), AdamW(other, lr=args.lr, betas=betas, weight_decay=0.0)]
+    else:
+        # weight decay on matrices only: shrinking a norm gain towards 0 has no regularizing meaning
+        decay = [p for n, p in named if p.ndim >= 2]
+        no_decay = [p for n, p in named if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opts = [AdamW(groups, lr=args.lr, betas=betas)]
+    for opt in opts:
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]  # the schedule multiplies this by a factor in [0, 1]
+    return opts
+
+
+# ---------------------------------------------------------------
+# 3. Learning-rate schedule and gradient clipping
+# ---------------------------------------------------------------
+
+
+def lr_cosine_schedule(it, max_lr, min_lr, warmup_iters, cosine_cycle_iters):
+    """Linear warmup it/T_w * max_lr, cosine from max_lr down to min_lr at T_c, min_lr after.
+
+    Warmup: Adam's second moment is noisy in the first steps, so a full-size step would be
+    too big. Cosine: large steps while far from a minimum, small ones to settle into it.
+    """
+    if it < warmup_iters:
+        return it / warmup_iters * max_lr
+    if it > cosine_cycle_iters:
+        return min_lr
+    progress = (it - warmup_iters) / max(1, cosine_cycle_iters - warmup_iters)  # 0 -> 1
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+@torch.no_grad()
+def clip_grad_norm(params, max_norm, eps=1e-6):
+    """If ||g||_2 over *all* grads exceeds max_norm, scale every grad by max_norm/(||g|| + eps).
+
+    One global norm (not per tensor) keeps the update direction; only its length is capped, so a
+    single bad batch cannot throw the weights far away. Returns the norm before clipping.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norms = [g.detach().float().norm() for g in grads]
+    # under FSDP each grad is a sharded DTensor; full_tensor() sums the shards' squares across ranks
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    total = torch.stack(norms).norm()
+    coef = (max_norm / (total + eps)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device, g.dtype) if not hasattr(g, "full_tensor") else coef.item())
+    return total
+
+
+# ---------------------------------------------------------------
+# 4. Data: random windows from a flat token file
+# ---------------------------------------------------------------
+
+
+def get_batch(data, batch_size, context_length, device, generator=None):
+    """Sample B windows of T+1 consecutive tokens; x = first T, y = last T (shifted by one).
+
+    data is a 1-D np.memmap of token ids: the OS pages in only the windows we touch, so a file
+    bigger than RAM is fine. `generator` is a dedicated torch.Generator whose state is saved
+    in checkpoints: the batch sequence then replays exactly after a resume.
+    """
+    T = context_length
+    starts = torch.randint(len(data) - T, (batch_size,), generator=generator).tolist()  # 0..n-T-1
+    x = torch.from_numpy(np.stack([data[s : s + T] for s in starts]).astype(np.int64))  # (B, T)
+    y = torch.from_numpy(np.stack([data[s + 1 : s + T + 1] for s in starts]).astype(np.int64))  # (B, T)
+    if str(device).startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def load_tokens(path, vocab_size):
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found (run data.py and bpe.py encode first)")
+    dtype = np.uint16 if vocab_size <= 65536 else np.uint32  # the contract's reader rule
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def unigram_entropy(tokens, vocab_size):
+    """H = -sum p log p (nats) of the token frequencies: the loss of the best model that ignores
+    context. A model that has learned anything must get below it."""
+    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
+    if len(counts) > vocab_size:
+        raise SystemExit(f"error: data has token id {len(counts) - 1} >= vocab size {vocab_size}")
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def bytes_per_token(tok, tokens):
+    """Average UTF-8 bytes per token on a sample, so loss can be reported in bits per byte
+    (bpb = loss / ln 2 / bytes_per_token), a number comparable across tokenizers."""
+    ids = np.asarray(tokens[: min(len(tokens), 200_000)]).tolist()
+    vocab = getattr(tok, "vocab", None)
+    if isinstance(vocab, dict):  # exact: sum the byte lengths of the tokens
+        return sum(len(vocab[i]) for i in ids) / len(ids)
+    return len(tok.decode(ids).encode("utf-8")) / len(ids)
+
+
+def load_tokenizer(tok_dir):
+    """bpe.Tokenizer from DIR or None: the tokenizer is optional (only samples and bpb need it)."""
+    if not tok_dir or not os.path.isdir(tok_dir):
+        return None
+    from bpe import Tokenizer
+
+    return Tokenizer.load(tok_dir)
+
+
+# ---------------------------------------------------------------
+# 5. Checkpoints: atomic, complete, checked
+# ---------------------------------------------------------------
+
+
+def unwrap(model):
+    """The plain TransformerLM under DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def is_fsdp(model):
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def rng_state(batch_gen):
+    """Every RNG that influences training, as plain types (torch.load(weights_only=True) safe)."""
+    np_state = np.random.get_state()
+    return {
+        "batch": batch_gen.get_state(),  # the data-loader generator: the one that matters most
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state, batch_gen):
+    batch_gen.set_state(state["batch"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+
+
+def save_checkpoint(model, optimizer, iteration, out, **extra):
+    """torch.save a dict of plain types. `out` is a path (written to a temp name then
+    os.replace'd, so a kill mid-write never leaves a half file) or a file object.
+    `optimizer` is one optimizer or a list (Muon + AdamW). Under FSDP every rank must call this
+    (gathering the shards is collective); only rank 0 writes."""
+    opts = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(model, options=o)
+        opt_sds = [get_optimizer_state_dict(model, opt, options=o) for opt in opts]
+        if int(os.environ.get("RANK", 0)) != 0:
+            return
+    else:
+        model_sd, opt_sds = unwrap(model).state_dict(), [opt.state_dict() for opt in opts]
+    raw = unwrap(model)
+    ckpt = {
+        "model": model_sd,
+        "optimizer": opt_sds if isinstance(optimizer, (list, tuple)) and len(opts) > 1 else opt_sds[0],
+        "iteration": int(iteration),
+        "config": dataclasses.asdict(raw.cfg) if hasattr(raw, "cfg") else {},
+        **extra,
+    }
+    if not isinstance(out, (str, os.PathLike)):
+        torch.save(ckpt, out)
+        return
+    tmp = f"{out}.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, out)  # atomic on POSIX: readers see the old file or the new one, never half
+
+
+def read_checkpoint(src):
+    """torch.load(weights_only=True) with a one-line error for missing/corrupt/truncated files."""
+    if isinstance(src, (str, os.PathLike)) and not os.path.exists(src):
+        raise SystemExit(f"error: checkpoint {src} not found")
+    try:
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [""])[0][:80]
+        raise SystemExit(f"error: cannot read checkpoint {src} (corrupt or truncated?): {type(e).__name__}: {msg}")
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise SystemExit(f"error: {src} is not a train.py checkpoint")
+    return ckpt
+
+
+def check_config(saved, current):
+    """Refuse to load weights into a model of another shape, naming the first mismatch."""
+    flag = {"causal": "objective"}
+    for key, val in current.items():
+        if key in saved and key != "attn_backend" and saved[key] != val:
+            name = flag.get(key, key).replace("_", "-")
+            raise SystemExit(f"error: checkpoint {key}={saved[key]} but --{name} {val}")
+
+
+def load_checkpoint(src, model, optimizer=None):
+    """Restore model (and optimizer[s]) from `src` (path, file object or an already-read dict);
+    returns the iteration. RNG states are left to the caller (see `train`)."""
+    ckpt = src if isinstance(src, dict) else read_checkpoint(src)
+    raw = unwrap(model)
+    if hasattr(raw, "cfg") and ckpt.get("config"):
+        check_config(ckpt["config"], dataclasses.asdict(raw.cfg))
+    opts = optimizer if isinstance(optimizer, (list, tuple)) else ([optimizer] if optimizer is not None else [])
+    opt_sds = ckpt["optimizer"] if isinstance(ckpt.get("optimizer"), list) else [ckpt.get("optimizer")]
+    if opts and len(opt_sds) != len(opts):
+        raise SystemExit(f"error: checkpoint has {len(opt_sds)} optimizer(s) but --optimizer needs {len(opts)}")
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        o = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, ckpt["model"], options=o)
+        for opt, sd in zip(opts, opt_sds):
+            set_optimizer_state_dict(model, opt, sd, options=o)
+    else:
+        raw.load_state_dict(ckpt["model"])
+        for opt, sd in zip(opts, opt_sds):
+            opt.load_state_dict(sd)
+    return int(ckpt["iteration"])
+
+
+def load_model(ckpt_path, device="cpu"):
+    """Build a TransformerLM from a checkpoint's config and load its weights (eval mode)."""
+    from model import ModelConfig, TransformerLM
+
+    ckpt = read_checkpoint(ckpt_path)
+    model = TransformerLM(ModelConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+# ---------------------------------------------------------------
+# 6. The training loop
+# ---------------------------------------------------------------
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Train a Transformer LM from scratch (see the module docstring).")
+    # data and output
+    p.add_argument("--data", help="dir with train.bin, val.bin and optionally tokenizer/")
+    p.add_argument("--out-dir", default="out", help="where ckpt.pt and metrics.jsonl go")
+    p.add_argument("--vocab-size", type=int, default=None, help="vocab size (default: from DIR/tokenizer; required without one)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: DIR/tokenizer)")
+    # model
+    p.add_argument("--d-model", type=int, default=192, help="residual stream width")
+    p.add_argument("--num-layers", type=int, default=4, help="Transformer blocks")
+    p.add_argument("--num-heads", type=int, default=4, help="attention heads")
+    p.add_argument("--num-kv-heads", type=int, default=None, help="KV heads for GQA (default: --num-heads)")
+    p.add_argument("--d-ff", type=int, default=None, help="SwiGLU hidden size (default ~8/3 d_model)")
+    p.add_argument("--context-length", type=int, default=128, help="tokens per training window")
+    p.add_argument("--rope-theta", type=float, default=10000.0, help="RoPE base")
+    p.add_argument("--tie-embeddings", action="store_true", help="share token_embeddings and lm_head")
+    p.add_argument("--attn-backend", default="torch", choices=["naive", "torch", "triton"], help="attention implementation")
+    p.add_argument("--objective", default="clm", choices=["clm", "mlm"], help="causal LM or masked LM (bidirectional)")
+    p.add_argument("--mask-prob", type=float, default=0.15, help="MLM: fraction of positions to predict")
+    # optimization
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-step (per rank)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--max-steps", type=int, default=400, help="optimizer steps")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon = Muon for hidden matrices + AdamW for the rest")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    p.add_argument("--muon-lr", type=float, default=0.02, help="peak Muon learning rate")
+    p.add_argument("--min-lr", type=float, default=2e-4, help="final learning rate (Muon scaled alike)")
+    p.add_argument("--warmup-steps", type=int, default=40, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay (matrices only)")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = off)")
+    # evaluation, logging, checkpoints
+    p.add_argument("--eval-every", type=int, default=100, help="eval on val every N steps (and at the end)")
+    p.add_argument("--eval-steps", type=int, default=10, help="val batches per eval")
+    p.add_argument("--log-every", type=int, default=10, help="print/log train loss every N steps")
+    p.add_argument("--sample-every", type=int, default=200, help="print a sample every N steps (0 = off; needs a tokenizer)")
+    p.add_argument("--ckpt-every", type=int, default=200, help="write OUT/ckpt.pt every N steps (and at the end)")
+    p.add_argument("--keep-ckpts", action="store_true", help="also keep OUT/ckpt-STEP.pt for every checkpoint")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, help="resume from OUT/ckpt.pt (or a given path)")
+    # system
+    p.add_argument("--seed", type=int, default=1337, help="random seed (rank r uses seed + r for batches)")
+    p.add_argument("--device", default=None, help="cuda | mps | cpu (default: autodetect)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with torch fully_shard instead of DDP")
+    # sampling mode
+    p.add_argument("--sample", action="store_true", help="sample from --ckpt instead of training")
+    p.add_argument("--ckpt", default=None, help="checkpoint for --sample")
+    p.add_argument("--prompt", default="", help="prompt for --sample")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
+    return p
+
+
+def autodetect_device(name=None):
+    if name:
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def truncate_metrics(path, step):
+    """On resume, drop records written after the checkpoint (a killed run may have logged past it)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    keep = [r for r in recs if not r.get("final") and r.get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(path + ".tmp", path)
+
+
+def train(args):
+    from model import ModelConfig, TransformerLM, estimate_mfu, flops_per_token
+
+    t_start = time.time()
+    # --- distributed setup: one process per GPU under torchrun, plain single process otherwise
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import parallel
+
+        rank, _, world, device = parallel.setup_distributed()
+        if args.fsdp and args.optimizer == "muon":
+            raise SystemExit("error: --optimizer muon needs whole matrices; not supported with --fsdp")
+    else:
+        rank, device = 0, autodetect_device(args.device)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    device_type = str(device).split(":")[0]
+
+    # --- data, tokenizer, vocab
+    if not args.data:
+        raise SystemExit("error: --data DIR is required (or --sample --ckpt PATH)")
+    tok = load_tokenizer(args.tokenizer or os.path.join(args.data, "tokenizer"))
+    if args.vocab_size is None and tok is None:
+        raise SystemExit(f"error: no tokenizer in {args.data}/tokenizer; pass --vocab-size")
+    data_vocab = args.vocab_size or len(tok)
+    train_data = load_tokens(os.path.join(args.data, "train.bin"), data_vocab)
+    val_data = load_tokens(os.path.join(args.data, "val.bin"), data_vocab)
+    for name, d in (("train", train_data), ("val", val_data)):
+        if len(d) <= args.context_length + 1:
+            raise SystemExit(f"error: {name}.bin has {len(d)} tokens, needs > --context-length {args.context_length}")
+    H_unigram = unigram_entropy(train_data, data_vocab)
+    bpt = bytes_per_token(tok, val_data) if tok is not None else None
+
+    # --- model: MLM gets one extra embedding row, the [MASK] token, and bidirectional attention
+    mlm = args.objective == "mlm"
+    if mlm:
+        from model import mlm_corrupt
+    cfg = ModelConfig(
+        vocab_size=data_vocab + (1 if mlm else 0), context_length=args.context_length, d_model=args.d_model,
+        num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, d_ff=args.d_ff,
+        rope_theta=args.rope_theta, tie_embeddings=args.tie_embeddings, causal=not mlm, attn_backend=args.attn_backend,
+    )  # fmt: skip
+    torch.manual_seed(args.seed)  # same init on every rank
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    raw_model = TransformerLM(cfg).to(device)
+    # a dedicated generator for batches (and MLM masks): its state is all a resume needs to replay
+    # the same data order; rank r draws from seed + r so ranks see different batches
+    batch_gen = torch.Generator().manual_seed(args.seed + rank)
+
+    # --- resume: read now, load after wrapping (FSDP loads into the sharded parameters)
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    ckpt, start, wall_before = None, 0, 0.0
+    if args.resume:
+        ckpt = read_checkpoint(ckpt_path if args.resume == "auto" else args.resume)
+
+    # --- wrap: compile, then DDP (bucketed all-reduce) or FSDP (sharded params, grads, moments)
+    model = raw_model
+    if world > 1 and args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in raw_model.layers:
+            fully_shard(block)  # each block gathers its params just in time, frees them after
+        fully_shard(raw_model)
+    # optimizers after sharding: fully_shard swaps the parameters for sharded DTensors
+    optimizers = build_optimizers(raw_model, args)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, raw_model, optimizers)
+        per_rank = ckpt["rng"]["batch_per_rank"]
+        set_rng_state({**ckpt["rng"], "batch": per_rank[rank] if len(per_rank) == world else per_rank[0]}, batch_gen)
+        if len(per_rank) != world:
+            batch_gen.manual_seed(args.seed + rank + 1000 * start)  # world size changed: fresh stream
+        wall_before = ckpt.get("wall_s", 0.0)
+        log(f"resumed from step {start}")
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1 and not args.fsdp:
+        import parallel
+
+        model = parallel.BucketedDDP(model, bucket_size_mb=25)
+    if master:
+        if ckpt is not None:
+            truncate_metrics(metrics_path, start)
+        elif os.path.exists(metrics_path):
+            os.remove(metrics_path)
+
+    def write_metrics(rec):
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device_type == "cuda" and torch.cuda.is_bf16_supported()
+        else contextlib.nullcontext()
+    )
+    mask_id = data_vocab  # the extra row
+
+    def next_batch(data, gen):
+        """(inputs, targets) on device. CLM: targets = next tokens. MLM: corrupt x, predict originals."""
+        if not mlm:
+            return get_batch(data, args.batch_size, args.context_length, device, gen)
+        x, _ = get_batch(data, args.batch_size, args.context_length, "cpu", gen)
+        inp, labels = mlm_corrupt(x, mask_id, data_vocab, generator=gen, mask_prob=args.mask_prob)
+        return inp.to(device), labels.to(device)
+
+    def all_mean(t):
+        if world > 1:
+            torch.distributed.all_reduce(t)  # SUM works on every backend (gloo has no AVG)
+            t /= world
+        return t
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean val loss over fixed batches (own generator: eval never perturbs training RNG)."""
+        model.eval()
+        gen = torch.Generator().manual_seed(10_000 + rank)
+        total = torch.zeros((), device=device)
+        for _ in range(args.eval_steps):
+            x, y = next_batch(val_data, gen)
+            with autocast:
+                total += cross_entropy(model(x), y).float()
+        model.train()
+        return all_mean(total / args.eval_steps).item()
+
+    def sample_text(n=64):
+        if tok is None or mlm or args.fsdp:
+            return None
+        from model import generate
+
+        eot = getattr(tok, "special_ids", {}).get("<|endoftext|>")
+        prompt = torch.tensor([[eot if eot is not None else int(val_data[0])]], device=device)
+        out = generate(raw_model, prompt, n, temperature=0.8, top_k=50, generator=torch.Generator(device).manual_seed(args.seed))
+        return tok.decode(out[0, 1:].tolist())
+
+    def checkpoint(step):
+        states = [batch_gen.get_state()]
+        if world > 1:  # rank 0 saves every rank's batch stream, so each resumes its own
+            states = [None] * world
+            torch.distributed.all_gather_object(states, batch_gen.get_state())
+        rng = {**rng_state(batch_gen), "batch_per_rank": states}
+        extra = dict(args=vars(args), rng=rng, wall_s=wall_before + time.time() - t_start)
+        if master or is_fsdp(model):
+            save_checkpoint(model if is_fsdp(model) else raw_model, optimizers, step, ckpt_path, **extra)
+        if master and args.keep_ckpts:
+            shutil.copyfile(ckpt_path, os.path.join(args.out_dir, f"ckpt-{step}.pt"))
+
+    # --- bookkeeping for logs
+    tokens_per_step = args.batch_size * args.context_length * args.grad_accum * world
+    fpt = flops_per_token(cfg)
+    n_params = raw_model.num_params()
+    log(f"model: {n_params / 1e6:.2f}M params ({raw_model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding) | "
+        f"{tokens_per_step} tokens/step | device {device} x{world} | unigram entropy {H_unigram:.3f} nats")  # fmt: skip
+
+    val_loss = None
+    for it in range(start, args.max_steps):
+        step = it + 1
+        factor = lr_cosine_schedule(it, 1.0, args.min_lr / args.lr, args.warmup_steps, args.max_steps)
+        for opt in optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            last = micro == args.grad_accum - 1
+            x, y = next_batch(train_data, batch_gen)
+            # all-reduce only once per optimizer step: skip it on non-final micro-steps
+            if world > 1 and args.fsdp:
+                model.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext()
+            elif world > 1 and not last:
+                sync = model.no_sync()
+            else:
+                sync = contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    loss = cross_entropy(model(x), y)
+                (loss / args.grad_accum).backward()  # grads add up over micro-steps
+            loss_sum += loss.detach().float()
+        if world > 1 and not args.fsdp:
+            model.finish_gradient_synchronization()  # wait for the last buckets' all-reduce
+        if args.grad_clip > 0:
+            clip_grad_norm(params, args.grad_clip)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            loss_val = all_mean(loss_sum / args.grad_accum).item()  # .item() waits for the GPU
+            dt = time.perf_counter() - t0
+            tps = tokens_per_step / dt
+            mfu = estimate_mfu(cfg, tps / world, device=device)  # per-GPU fraction of peak; None on CPU
+            lr = args.lr * factor
+            mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+            log(f"step {step}/{args.max_steps} | loss {loss_val:.3f} | lr {lr:.1e} | {dt * 1000:.0f} ms | {tps / 1e3:.1f}k tok/s | mfu {mfu_s}")
+            write_metrics(dict(step=step, loss=loss_val, lr=lr, ms=dt * 1000, tok_per_s=tps, mfu=mfu, tokens=step * tokens_per_step))
+        if step % args.eval_every == 0 or step == args.max_steps:
+            val_loss = evaluate()
+            bpb = val_loss / math.log(2) / bpt if bpt and not mlm else None
+            log(f"eval step {step} | val loss {val_loss:.3f} | ppl {math.exp(min(val_loss, 50)):.1f}" + (f" | bpb {bpb:.3f}" if bpb else ""))
+            write_metrics(dict(step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)), val_bpb=bpb))
+        if args.sample_every and step % args.sample_every == 0 and master:
+            text = sample_text()
+            if text is not None:
+                log("sample: " + repr(text[:300]))
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            checkpoint(step)
+
+    if val_loss is None:  # resumed at or past max-steps: nothing ran, still report
+        val_loss = evaluate()
+    wall = wall_before + time.time() - t_start
+    tokens = args.max_steps * tokens_per_step
+    log(f"done: val loss {val_loss:.3f} vs unigram entropy {H_unigram:.3f} nats | {args.max_steps} steps, "
+        f"{tokens / 1e6:.2f}M tokens in {wall:.0f}s")  # fmt: skip
+    final = dict(final=True, step=args.max_steps, val_loss=val_loss, params=n_params,
+                 non_embedding_params=raw_model.num_params(non_embedding=True), tokens=tokens,
+                 flops=fpt * tokens, unigram_entropy=H_unigram, wall_s=wall)  # fmt: skip
+    write_metrics(final)
+    if world > 1:
+        import parallel
+
+        parallel.cleanup_distributed()
+    return final
+
+
+# ---------------------------------------------------------------
+# 7. Sampling from a checkpoint
+# ---------------------------------------------------------------
+
+
+def sample(args):
+    from model import generate
+
+    if not args.ckpt:
+        raise SystemExit("error: --sample needs --ckpt PATH")
+    device = autodetect_device(args.device)
+    model, ckpt = load_model(args.ckpt, device)
+    data_dir = ckpt.get("args", {}).get("data") or ""
+    tok = load_tokenizer(args.tokenizer or ckpt.get("args", {}).get("tokenizer") or os.path.join(data_dir, "tokenizer"))
+    if tok is None:
+        raise SystemExit("error: no tokenizer found; pass --tokenizer DIR")
+    ids = tok.encode(args.prompt) or [tok.special_ids.get("<|endoftext|>", 0)]
+    idx = torch.tensor([ids], device=device)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   stop_token=tok.special_ids.get("<|endoftext|>"), generator=gen)  # fmt: skip
+    print(tok.decode(out[0].tolist()))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return sample(args) if args.sample else train(args)
+
+
+if __name__ == "__main__":
+    main()
