@@ -282,12 +282,15 @@ def sft_microbatch_train_step(policy_log_probs, response_mask, gradient_accumula
 
 
 def run_sft(model, tok, args, log):
+    # Fresh problems every step from the train split (the generator is unlimited, so there are no
+    # epochs and no overfitting to a fixed set of texts). Linear warmup over 10% of the steps,
+    # then linear decay to 10% of the peak.
     opt = AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     data = load_jsonl(args.data_jsonl) if args.data_jsonl else None
-    rng = random.Random(args.seed)
+    rng, t_start = random.Random(args.seed), time.time()
     for step in range(1, args.steps + 1):
         lr = args.lr * min(1.0, step / max(1, args.steps // 10)) * (0.1 + 0.9 * (1 - step / args.steps))
-        for g in opt.param_groups:  # warmup, then linear decay to 10%
+        for g in opt.param_groups:
             g["lr"] = lr
         t0 = time.time()
         for _ in range(args.grad_accum):
@@ -303,7 +306,8 @@ def run_sft(model, tok, args, log):
         opt.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == args.steps:
             log({"step": step, "loss": meta["nll"].item(), "lr": lr, "ms": 1000 * (time.time() - t0)},
-                f"sft step {step}/{args.steps} | nll {meta['nll'].item():.3f} | lr {lr:.1e}")
+                f"sft step {step}/{args.steps} | nll {meta['nll'].item():.3f} | lr {lr:.1e} | "
+                f"{1000 * (time.time() - t0):.0f} ms | eta {(time.time() - t_start) / step * (args.steps - step):.0f} s")
     return model, opt
 
 
@@ -313,22 +317,31 @@ def run_sft(model, tok, args, log):
 @torch.no_grad()
 def sample_responses(model, tok, prompts: list, n: int, temperature: float, max_new_tokens: int, generator=None):
     """n completions per prompt -> (prompt_ids, completion_ids, completion texts), flat lists in
-    prompt-major order. Each prompt's n copies share one length, so they batch without padding.
-    Completions are cut after the first <|endoftext|> (kept, so the policy learns to stop)."""
+    prompt-major order. generate() has no padding mask, so prompts are batched by token length
+    (n copies each). Completions are cut after the first <|endoftext|> (kept, so the policy
+    learns to stop)."""
     eot = tok.special_ids.get(EOT)
-    P, C, texts = [], [], []
+    enc = [tok.encode(chat_prompt(p)) for p in prompts]
+    by_len, rows = {}, [None] * len(prompts)
+    for i, e in enumerate(enc):
+        by_len.setdefault(len(e), []).append(i)
     was_training = model.training
     model.eval()
-    for p in prompts:
-        pid = tok.encode(chat_prompt(p))
-        idx = torch.tensor([pid] * n, device=next(model.parameters()).device)  # (n, Tp)
+    dev = next(model.parameters()).device
+    for L, idxs in by_len.items():
+        idx = torch.tensor([enc[i] for i in idxs for _ in range(n)], device=dev)  # (len(idxs) * n, L)
         out = generate(model, idx, max_new_tokens, temperature=temperature, stop_token=eot, generator=generator)
-        for row in out[:, len(pid):].tolist():
+        out = out[:, L:].tolist()
+        for j, i in enumerate(idxs):
+            rows[i] = out[j * n:(j + 1) * n]
+    model.train(was_training)
+    P, C, texts = [], [], []
+    for e, group in zip(enc, rows):
+        for row in group:
             row = row[:row.index(eot) + 1] if eot in row else row
-            P.append(pid)
+            P.append(e)
             C.append(row)
             texts.append(tok.decode([t for t in row if t != eot]))
-    model.train(was_training)
     return P, C, texts
 
 
@@ -378,10 +391,11 @@ def build_preference_pairs(model, tok, args, log) -> list:
     T = max_response_tokens(tok, problems)
     pairs, sampled = [], 0
     t0 = time.time()
-    for p in problems:
-        _, _, texts = sample_responses(model, tok, [p["prompt"]], args.samples_per_prompt, 1.0, T, gen)
-        good = [t for t in texts if reward_fn(t, p["answer"])["answer_reward"] == 1]
-        bad = [t for t in texts if reward_fn(t, p["answer"])["answer_reward"] == 0]
+    k = args.samples_per_prompt
+    _, _, texts = sample_responses(model, tok, [p["prompt"] for p in problems], k, 1.0, T, gen)
+    for i, p in enumerate(problems):
+        ok = [(t, reward_fn(t, p["answer"])["answer_reward"] == 1) for t in texts[i * k:(i + 1) * k]]
+        good, bad = [t for t, y in ok if y], [t for t, y in ok if not y]
         sampled += bool(good) and bool(bad)
         pairs.append((p["prompt"], good[0] if good else p["response"], bad[0] if bad else perturb(p, rng)))
     log({"pairs": len(pairs), "both_sampled": sampled, "s": time.time() - t0},
@@ -390,6 +404,8 @@ def build_preference_pairs(model, tok, args, log) -> list:
 
 
 def run_dpo(model, tok, args, log):
+    # The reference is the policy's own starting point (the SFT model). beta sets how far the
+    # policy may move: the optimum of the DPO objective is pi ~ ref * exp(r / beta).
     pairs = build_preference_pairs(model, tok, args, log)
     ref = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen reference
     opt = AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -515,6 +531,11 @@ def grpo_step(policy, optimizer, prompt_ids, completion_ids, texts, ground_truth
 
 
 def run_grpo(model, tok, args, log):
+    # What we measured on the 3M-param pydocs model (wip/readme/align.md): at T = 1 most samples
+    # are wrong, their negative advantages spread mass over the whole vocabulary, entropy rises
+    # and greedy accuracy falls; T = 0.7 with lr 1e-4 and 16 prompts/step was the setting that
+    # improved it. AdamW with betas (0.9, 0.95): RL gradients are noisy, a shorter second-moment
+    # memory adapts faster to their changing scale.
     data = load_jsonl(args.data_jsonl) if args.data_jsonl else None
     ref = copy.deepcopy(model).eval().requires_grad_(False) if args.kl_coef else None
     opt = AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
@@ -556,23 +577,10 @@ def wilson_interval(k: int, n: int, z: float = 1.96):
 
 @torch.no_grad()
 def evaluate(model, tok, problems: list, max_new_tokens=None) -> dict:
-    """Greedy decode each held-out problem, parse, compare. Prompts of equal token length are
-    batched together (generate has no padding mask, so only same-length prompts can share a batch)."""
+    """Greedy decode each held-out problem (temperature 0, one sample), parse, compare."""
     T = max_new_tokens or max_response_tokens(tok, problems)
-    model.eval()
-    eot, dev = tok.special_ids.get(EOT), next(model.parameters()).device
-    by_len = {}
-    for p in problems:
-        by_len.setdefault(len(tok.encode(chat_prompt(p["prompt"]))), []).append(p)
-    results = []
-    for group in by_len.values():
-        for i in range(0, len(group), 64):
-            chunk = group[i:i + 64]
-            idx = torch.tensor([tok.encode(chat_prompt(p["prompt"])) for p in chunk], device=dev)  # (B, Tp)
-            out = generate(model, idx, T, temperature=0.0, stop_token=eot)[:, idx.shape[1]:].tolist()
-            for p, row in zip(chunk, out):
-                row = row[:row.index(eot)] if eot in row else row
-                results.append((p["level"], reward_fn(tok.decode(row), p["answer"])["answer_reward"] == 1))
+    _, _, texts = sample_responses(model, tok, [p["prompt"] for p in problems], 1, 0.0, T)
+    results = [(p["level"], reward_fn(t, p["answer"])["answer_reward"] == 1) for p, t in zip(problems, texts)]
     k, n = sum(ok for _, ok in results), len(results)
     lo, hi = wilson_interval(k, n)
     res = {"acc": k / max(n, 1), "n": n, "ci_lo": lo, "ci_hi": hi, "by_difficulty": {}, "by_difficulty_n": {}}
@@ -640,9 +648,9 @@ def run_eval_and_record(model, tok, args, stage):
 
 STAGES = {"sft": run_sft, "dpo": run_dpo, "grpo": run_grpo}
 # Per-stage defaults, tuned so sft+dpo+grpo+4 evals fit in ~8 CPU minutes on a few-M-param model.
-DEFAULTS = {"sft": dict(steps=300, lr=1e-3, batch_size=32),
-            "dpo": dict(steps=40, lr=2e-5, batch_size=16),
-            "grpo": dict(steps=40, lr=2e-5, batch_size=16)}
+DEFAULTS = {"sft": dict(steps=150, lr=1e-3, batch_size=32),
+            "dpo": dict(steps=30, lr=5e-5, batch_size=16),
+            "grpo": dict(steps=120, lr=1e-4, batch_size=16)}
 
 
 def run_stage(stage, args):
@@ -688,20 +696,23 @@ def main(argv=None):
     ap.add_argument("--log-every", type=int, default=10, help="print/log every N steps")
     # dpo
     ap.add_argument("--beta", type=float, default=0.1, help="DPO beta: strength of the implicit KL to the reference")
-    ap.add_argument("--num-pairs", type=int, default=256, help="DPO preference pairs built from the task")
+    ap.add_argument("--num-pairs", type=int, default=128, help="DPO preference pairs built from the task")
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="DPO: SFT samples per prompt to find a correct and a wrong answer")
     # grpo
     ap.add_argument("--group-size", type=int, default=8, help="GRPO G: completions per prompt")
-    ap.add_argument("--prompts-per-step", type=int, default=8, help="GRPO prompts per rollout batch")
+    ap.add_argument("--prompts-per-step", type=int, default=16, help="GRPO prompts per rollout batch")
     ap.add_argument("--micro-batch-size", type=int, default=32, help="GRPO sequences per forward/backward")
-    ap.add_argument("--temperature", type=float, default=1.0, help="GRPO sampling temperature")
+    ap.add_argument("--temperature", type=float, default=0.7,
+                    help="GRPO sampling temperature (< 1: fewer junk samples whose negative advantages flatten the policy)")
     ap.add_argument("--loss-type", default="grpo_clip", choices=["no_baseline", "reinforce_with_baseline", "grpo_clip"],
                     help="policy-gradient loss")
     ap.add_argument("--cliprange", type=float, default=0.2, help="PPO/GRPO clip epsilon")
     ap.add_argument("--epochs-per-rollout", type=int, default=1, help="1 = on-policy; >1 = reuse each rollout batch (off-policy)")
     ap.add_argument("--no-std-norm", action="store_true", help="Dr. GRPO: advantages r - mean, no std division")
     ap.add_argument("--kl-coef", type=float, default=0.0, help="KL penalty to the initial policy (k3 estimator)")
-    ap.add_argument("--format-weight", type=float, default=0.1, help="reward bonus for a '#### N' final answer")
+    ap.add_argument("--format-weight", type=float, default=0.0,
+                    help="GRPO reward bonus for a '#### N' final answer (0: SFT already teaches the format, and std "
+                         "normalization would blow a 0.1 format-only difference among wrong answers up to unit advantages)")
     ap.add_argument("--tiny", action="store_true", help="smoke-test sizes (pipeline --preset tiny)")
     args = ap.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else

@@ -28,7 +28,8 @@ words, so most pre-tokens are a dict lookup.
 
 Options: `merge_score="pmi"` picks pairs by count(ab)/(count(a)count(b)), the WordPiece
 criterion (Schuster & Nakajima 2012; Wu et al. 2016, arXiv:1609.08144); `split_digits=True`
-makes every digit its own pre-token (as Llama does, arXiv:2302.13971), so numbers tokenize uniformly.
+makes every digit its own pre-token (as LLaMA does, Touvron et al. 2023, arXiv:2302.13971; Llama 3
+uses groups of up to three digits instead), so numbers tokenize uniformly.
 
 Run it:
     python bpe.py train --input data/pydocs/train.txt --vocab-size 4096 \\
@@ -44,8 +45,10 @@ import multiprocessing as mp
 import os
 import re
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
+from itertools import repeat
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -55,7 +58,7 @@ import regex
 # optional-space + punctuation, whitespace not followed by a non-space (so " word" keeps its
 # space), and any remaining whitespace.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# Same, but every digit stands alone: "2024" -> "2","0","2","4" (Llama-style).
+# Same, but every digit stands alone: "2024" -> "2","0","2","4" (LLaMA-style).
 SPLIT_DIGITS_PATTERN = GPT2_PATTERN.replace(r" ?\p{N}+", r"\p{N}")
 
 
@@ -109,26 +112,29 @@ def _chunk_boundaries(path, n_chunks, special_tokens, scan=1 << 20):
     within `scan` bytes we settle for the next safe line end instead."""
     size = os.path.getsize(path)
     specials = [s.encode("utf-8") for s in special_tokens or []]
+    keep = max(map(len, specials), default=1)  # overlap between blocks, so no match straddles two
     bounds = [0]
     with open(path, "rb") as f:
         for i in range(1, n_chunks):
             guess = max(size * i // n_chunks, bounds[-1])
             f.seek(guess)
-            buf, cut = b"", size
+            pos, tail, cut = guess, b"", size
             while True:
-                block = f.read(1 << 16)
+                block = f.read(min(1 << 16, scan))
                 if not block:
                     break
-                buf += block
+                buf, base = tail + block, pos - len(tail)  # buf starts at file offset `base`
                 hits = [j for j in (buf.find(s) for s in specials) if j >= 0]
                 if hits:  # prefer a document boundary
-                    cut = guess + min(hits)
+                    cut = base + min(hits)
                     break
-                if len(buf) >= scan:  # no special nearby: fall back to a line end
+                pos += len(block)
+                if pos - guess >= scan:  # no special nearby: fall back to a line end
                     m = _NEWLINE_CUT.search(buf)
                     if m:
-                        cut = guess + m.end()
+                        cut = base + m.end()
                         break
+                tail = buf[-keep:]
             if cut > bounds[-1]:
                 bounds.append(cut)
     if bounds[-1] != size:
@@ -179,7 +185,7 @@ def count_words(path, special_tokens, pattern=GPT2_PATTERN, workers=None, chunk_
         results = map(_count_words, jobs)
         pool = None
     else:
-        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
+        pool = _pool(workers)
         results = pool.imap(_count_words, jobs)  # workers read their own chunk: no big pickles
     try:
         for job, counts in zip(jobs, results):
@@ -192,6 +198,14 @@ def count_words(path, special_tokens, pattern=GPT2_PATTERN, workers=None, chunk_
             pool.close()
             pool.join()
     return total
+
+
+def _pool(workers, **kwargs):
+    """A process pool. fork starts fastest, but forking a process that already runs threads
+    (torch's thread pools, a DDP test) can deadlock a child, so then we pay for spawn."""
+    threaded = "torch" in sys.modules or threading.active_count() > 1
+    method = "fork" if sys.platform == "linux" and not threaded else "spawn"
+    return mp.get_context(method).Pool(workers, **kwargs)
 
 
 def _progress(what, done, total, t0):
@@ -217,7 +231,6 @@ _INV = {i: chr(255 - i) for i in range(256)}
 
 def _inv(b: bytes) -> str:
     return b.decode("latin-1").translate(_INV) + "\u0100"
-
 
 
 def _merge_word(w, a, b, new, c, wi, pair_count, pair_words, grown):
@@ -282,7 +295,9 @@ def train_bpe(input_path, vocab_size, special_tokens=(), merge_score="count", sp
         vocab[len(vocab)] = s.encode("utf-8")
     num_merges = vocab_size - len(vocab)
 
-    # Each distinct word becomes a list of symbol ids; a byte's id is its value.
+    # Each distinct word becomes a list of symbol ids; a byte's id is its value. From here on the
+    # corpus is just (word, count) pairs: " the" seen 40,000 times is merged once, weighted by 40,000.
+    # That is why training cost depends on the number of *distinct* pre-tokens, not corpus size.
     words = [list(w) for w in word_counts]
     counts = list(word_counts.values())
     pair_count = defaultdict(int)      # (a, b) -> occurrences in the corpus (overlaps counted)
@@ -297,6 +312,8 @@ def train_bpe(input_path, vocab_size, special_tokens=(), merge_score="count", sp
             for s in w:
                 sym_count[s] += c
 
+    # Heap entries: (-count, inv(bytes_a), inv(bytes_b), a, b). The smallest entry is the pair
+    # with the highest count and, among equal counts, the greatest bytes: the CS336 choice.
     inv = {i: _inv(b) for i, b in vocab.items()}
     heap = [(-c, inv[a], inv[b], a, b) for (a, b), c in pair_count.items()]
     heapq.heapify(heap)
@@ -331,6 +348,8 @@ def train_bpe(input_path, vocab_size, special_tokens=(), merge_score="count", sp
         merges.append((vocab[a], vocab[b]))
 
         # --- apply it to the words that contain it, updating only the pairs next to each merge ---
+        # pair_words may list words that lost the pair since (we never remove indices); those
+        # come back as None and cost one scan. `grown` collects pairs whose count went up.
         grown = set()
         for wi in pair_words.pop(best):
             w = words[wi]
@@ -414,6 +433,15 @@ class _Cache(dict):
 
 
 class Tokenizer:
+    """Apply a trained BPE: text -> ids (`encode`) and ids -> text (`decode`).
+
+    encode: cut out special tokens (longest match first) -> pre-tokenize with the same regex as
+    training -> for each pre-token, start from its UTF-8 bytes and apply merges in rank order.
+    Applying merges by rank reproduces exactly what training did to every training word, and it
+    is also what tiktoken does (its ranks are our merge order), which the tests check id for id.
+    With no special tokens, "<|endoftext|>" is ordinary text and gets split like any other.
+    """
+
     def __init__(self, vocab: dict, merges: list, special_tokens=None, pattern=GPT2_PATTERN):
         self.vocab = dict(vocab)                       # id -> bytes
         self.merges = list(merges)
@@ -430,12 +458,13 @@ class Tokenizer:
         if missing:
             raise ValueError(f"vocab lacks {len(missing)} of the 256 single bytes (e.g. byte {missing[0]})")
         self._byte_ids = [self.byte_to_id[bytes([x])] for x in range(256)]
-        # (id_a, id_b) -> (rank, id of a+b). Encoding applies the lowest rank first, i.e.
-        # replays the merges in the order training learned them.
-        self._ranks = {}
+        # (id_a, id_b) -> rank, and rank -> id of a+b. Encoding applies the lowest rank first,
+        # i.e. replays the merges in the order training learned them.
+        self._rank_of, self._merged_id = {}, []
         for r, (a, b) in enumerate(self.merges):
             try:
-                self._ranks[(self.byte_to_id[a], self.byte_to_id[b])] = (r, self.byte_to_id[a + b])
+                self._rank_of[(self.byte_to_id[a], self.byte_to_id[b])] = r
+                self._merged_id.append(self.byte_to_id[a + b])
             except KeyError:
                 raise ValueError(f"merge {r} ({a!r}, {b!r}) refers to a token missing from the vocab") from None
         self._pat, self._pat_ascii = regex.compile(pattern), ascii_twin(pattern)
@@ -454,24 +483,28 @@ class Tokenizer:
 
     # --- encoding ---
     def _bpe(self, piece: str) -> list:
-        """Merge one pre-token: repeatedly merge the adjacent pair with the lowest rank."""
+        """Merge one pre-token: repeatedly merge the adjacent pair with the lowest rank.
+
+        rs[i] is the rank of the pair (ids[i], ids[i+1]) (or `inf`: never merged). Merging at i
+        only changes the ranks of the two pairs around it, so we patch those rather than
+        recompute; min/index/slice run in C. Taking the leftmost lowest rank each time equals
+        "merge every occurrence left to right": a pair containing the new token always ranks
+        later than the merge that made it.
+        """
         ids = [self._byte_ids[x] for x in piece.encode("utf-8")]
-        ranks = self._ranks
-        while len(ids) > 1:
-            pairs = [p for p in zip(ids, ids[1:]) if p in ranks]
-            if not pairs:
+        get, inf, merged = self._rank_of.get, len(self.merges), self._merged_id
+        rs = list(map(get, zip(ids, ids[1:]), repeat(inf)))
+        while rs:
+            r = min(rs)
+            if r == inf:  # no pair left that training ever merged
                 break
-            a, b = min(pairs, key=ranks.__getitem__)  # values are (rank, id): lowest rank wins
-            new = ranks[(a, b)][1]
-            out, i, n = [], 0, len(ids)
-            while i < n:  # merge every occurrence, left to right (as training did)
-                if i + 1 < n and ids[i] == a and ids[i + 1] == b:
-                    out.append(new)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
+            i = rs.index(r)
+            ids[i:i + 2] = [merged[r]]
+            del rs[i]
+            if i > 0:
+                rs[i - 1] = get((ids[i - 1], ids[i]), inf)
+            if i < len(rs):
+                rs[i] = get((ids[i], ids[i + 1]), inf)
         return ids
 
     def _encode_text(self, text: str, out: list):
@@ -507,13 +540,14 @@ class Tokenizer:
         safe = not any("\n" in s for s in self.special_tokens)
         buf = ""
         for chunk in iterable:
+            lo = max(len(buf), 1)  # older text held no safe cut: search only the new part
             buf += chunk
             if not safe:
                 continue
             i = len(buf)
             while True:
-                i = buf.rfind("\n", 0, i)
-                if i <= 0 or "!" <= buf[i - 1] <= "~":
+                i = buf.rfind("\n", lo, i)
+                if i < 0 or "!" <= buf[i - 1] <= "~":
                     break
             if i > 0:
                 yield from self.encode(buf[:i])
@@ -524,6 +558,7 @@ class Tokenizer:
     # --- decoding ---
     def decode(self, ids) -> str:
         table = self._id_bytes
+        ids = ids if isinstance(ids, list) else list(ids)  # also accepts arrays and iterators
         try:
             data = b"".join([table[i] for i in ids])
         except (IndexError, TypeError):
@@ -555,7 +590,9 @@ class Tokenizer:
                 raw = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{vocab_path}: not valid JSON ({e})") from None
-        vocab = {int(i): _to_bytes(s, vocab_path) for s, i in raw.items()}
+        if not isinstance(raw, dict) or not all(isinstance(i, int) for i in raw.values()):
+            raise ValueError(f"{vocab_path}: expected a JSON object mapping token strings to integer ids")
+        vocab = {i: _to_bytes(s, vocab_path) for s, i in raw.items()}
         merges = []
         with open(merges_path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -576,8 +613,13 @@ class Tokenizer:
         specials, pattern = [], GPT2_PATTERN
         sp = os.path.join(tokenizer_dir, "special_tokens.json")
         if os.path.isfile(sp):
-            with open(sp, encoding="utf-8") as f:
-                specials = json.load(f)
+            try:
+                with open(sp, encoding="utf-8") as f:
+                    specials = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{sp}: not valid JSON ({e})") from None
+            if not isinstance(specials, list) or not all(isinstance(x, str) for x in specials):
+                raise ValueError(f"{sp}: expected a JSON list of strings")
         pp = os.path.join(tokenizer_dir, "pattern.txt")
         if os.path.isfile(pp):
             with open(pp, encoding="utf-8") as f:
@@ -589,6 +631,9 @@ class Tokenizer:
 # ---------------------------------------------------------------
 # Encoding a whole corpus to a flat token file, in parallel
 
+# Each worker process loads the tokenizer once (pool initializer) and keeps it, with its
+# pre-token cache, across all the chunks it encodes; only file offsets and the id arrays cross
+# process boundaries.
 _worker_tok = None
 
 
@@ -628,8 +673,7 @@ def encode_file(tokenizer_dir, input_path, out_path, workers=None, chunk_bytes=4
             _init_encoder(tokenizer_dir)
             results = map(_encode_chunk, jobs)
         else:
-            ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_encoder, initargs=(tokenizer_dir,))
+            pool = _pool(workers, initializer=_init_encoder, initargs=(tokenizer_dir,))
             results = pool.imap(_encode_chunk, jobs)  # ordered, so the file is in input order
         with open(tmp, "wb") as f:
             for job, arr in zip(jobs, results):
@@ -670,6 +714,14 @@ def tokenizer_stats(tok, text):
             "tokens_per_word": len(ids) / max(n_words, 1)}
 
 
+def _show(b: bytes) -> str:
+    """A token for display: its text if it is whole UTF-8, else its raw bytes (b"\\xc3")."""
+    try:
+        return repr(b.decode("utf-8"))[1:-1]
+    except UnicodeDecodeError:
+        return str(b)[2:-1]
+
+
 def print_stats(tok, text):
     s = tokenizer_stats(tok, text)
     print(f"{s['bytes']:,} bytes -> {s['tokens']:,} tokens | {s['bytes_per_token']:.2f} bytes/token | "
@@ -677,8 +729,8 @@ def print_stats(tok, text):
     for group, probes in STATS_PROBES.items():
         print(f"\n{group}:")
         for p in probes:
-            pieces = [tok.vocab[i].decode("utf-8", errors="backslashreplace") for i in tok.encode(p)]
-            print(f"  {p!r:34} {len(pieces):3d} tokens  {' | '.join(repr(x)[1:-1] for x in pieces)}")
+            pieces = [_show(tok.vocab[i]) for i in tok.encode(p)]
+            print(f"  {p!r:34} {len(pieces):3d} tokens  {' | '.join(pieces)}")
 
 
 # ---------------------------------------------------------------

@@ -8,8 +8,8 @@ other languages, e-mail addresses, spam, near-identical copies of the same page 
 garbage. This file walks through the classic filtering pipeline, one function per stage, in the
 order the data flows:
 
-    source  ->  HTML -> text  ->  language ID  ->  PII masking  ->  exact-line dedup
-            ->  Gopher rules  ->  quality / toxic / NSFW classifiers  ->  MinHash near-dedup
+    source  ->  HTML -> text  ->  language ID  ->  PII masking  ->  MinHash near-dedup
+            ->  exact-line (boilerplate) dedup  ->  Gopher rules  ->  quality / toxic / NSFW
             ->  train.txt / val.txt (+ train.bin / val.bin with a bpe.py tokenizer)
 
 Every input document ends up either kept or dropped *with a reason*: stats.json accounts for all
@@ -50,7 +50,6 @@ import argparse
 import gzip
 import hashlib
 import html.parser
-import io
 import json
 import os
 import re
@@ -120,8 +119,9 @@ class _TextExtractor(html.parser.HTMLParser):
         if self.skip_depth:
             return
         # Outside <pre>, HTML whitespace is insignificant: collapse it. We leave U+00A0 (&nbsp;)
-        # alone here, so indentation written with &nbsp; (as pydoc does for code) survives.
-        self.parts.append(data if self.pre_depth else re.sub(r"[ \t\r\n\f]+", " ", data))
+        # alone here, so indentation written with &nbsp; (as pydoc does for code) survives; inside
+        # <pre> spaces become U+00A0 too, and every U+00A0 turns back into a space at the end.
+        self.parts.append(data.replace(" ", "\xa0") if self.pre_depth else re.sub(r"[ \t\r\n\f]+", " ", data))
 
 
 def _decode_html(html_bytes):
@@ -216,14 +216,13 @@ def identify_language(text):
     words = re.findall(r"[^\W\d_]+'?", sample.lower())
     scores = {lg: sum(w in sw for w in words) + 0.5 * len(re.findall(_MARKERS[lg], sample.lower()))
               for lg, sw in _STOPWORDS.items()}
-    best = max(scores, key=scores.get)
-    total = sum(scores.values())
-    if total == 0:
+    best, second = sorted(scores, key=scores.get, reverse=True)[:2]
+    if scores[best] == 0:
         return "unk", 0.0
-    # Confidence = how much the winner stands out x how much evidence there is at all.
-    # Running prose is ~40% stopwords; a 10% rate already counts as full evidence (code-heavy docs).
+    # Confidence = margin over the runner-up (related languages share many stopwords) x how much
+    # evidence there is at all: prose is ~40% stopwords; 10% already counts as full evidence.
     coverage = min(1.0, scores[best] / (0.10 * len(words) + 1))
-    return best, round(scores[best] / total * coverage, 4)
+    return best, round(scores[best] / (scores[best] + scores[second]) * coverage, 4)
 
 
 # ---------------------------------------------------------------
@@ -385,27 +384,22 @@ def train_classifier(texts, labels, label_names, num_buckets=2**16, dim=16, epoc
     """Train a fastText-style classifier; returns a plain dict that torch.save can store."""
     import torch
     torch.manual_seed(seed)
-    torch.set_num_threads(1)  # tiny model: thread start-up costs more than it saves (and keeps runs bit-identical)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: on a busy 2-core box extra threads cost 10x more than they save
     model = _fasttext_model(num_buckets, dim, len(label_names))
     flat, offsets = _bag(texts, num_buckets)
     y = torch.tensor(labels)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(epochs):  # full batch: our sets are tiny; for big .jsonl files use minibatches
-        logits = model[1](model[0](flat, offsets))  # (N, num_labels)
-        loss = torch.nn.functional.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return {"state_dict": model.state_dict(), "labels": list(label_names), "num_buckets": num_buckets, "dim": dim}
-
-
-def load_classifier(path):
-    import torch
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-    except (OSError, RuntimeError) as e:
-        raise SystemExit(f"error: cannot load classifier {path}: {e}")
-    return blob
+        for _ in range(epochs):  # full batch: our sets are tiny; for big .jsonl files use minibatches
+            logits = model[1](model[0](flat, offsets))  # (N, num_labels)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return {"state_dict": model.state_dict(), "labels": list(label_names), "num_buckets": num_buckets, "dim": dim}
 
 
 _CLASSIFIERS = {}  # kind -> (model, labels, num_buckets); trained/loaded once per process
@@ -413,8 +407,12 @@ _CLASSIFIERS = {}  # kind -> (model, labels, num_buckets); trained/loaded once p
 
 def set_classifier(kind, path=None):
     """Load `path` (a train-classifier output) for `kind`, or train the embedded default."""
+    import torch
     if path:
-        blob = load_classifier(path)
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        except (OSError, RuntimeError) as e:
+            raise SystemExit(f"error: cannot load classifier {path}: {e}")
     else:
         names, sets = _DEFAULT_SETS[kind]
         texts = [t for s in sets for t in s]
@@ -476,12 +474,17 @@ def exact_line_dedup(input_files, output_dir, keep_blank=False):
         os.replace(out + ".tmp", out)
 
 
-def exact_line_dedup_docs(texts):
-    """In-memory variant for the pipeline. Blank lines are paragraph separators, not content: kept."""
-    counts = Counter(hash(line) for t in texts for line in t.split("\n") if line.strip())
+def exact_line_dedup_docs(texts, min_docs=2):
+    """In-memory variant for the pipeline: drop every line found in >= min_docs documents.
+
+    Counting documents (not occurrences) targets boilerplate, which repeats *across* pages. With
+    min_docs=2 a line shared by any two documents goes; on the stdlib docs that also deletes every
+    short code line ("{", "return x") and leaves 1.4 MB of 4.6, so the CLI default is 10.
+    Blank lines are paragraph separators, not content: always kept."""
+    df = Counter(h for t in texts for h in {hash(line) for line in t.split("\n") if line.strip()})
     out, removed = [], 0
     for t in texts:
-        lines = [line for line in t.split("\n") if not line.strip() or counts[hash(line)] == 1]
+        lines = [line for line in t.split("\n") if not line.strip() or df[hash(line)] < min_docs]
         removed += t.count("\n") + 1 - len(lines)
         out.append(re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n"))
     return out, removed
@@ -494,70 +497,101 @@ def exact_line_dedup_docs(texts):
 # estimates Jaccard. Comparing all pairs is O(N²); LSH splits the signature into b bands of r rows
 # and only compares documents that agree on an entire band: P(candidate) = 1 - (1 - J^r)^b, an S-curve
 # that is steep around (1/b)^(1/r). Candidates are then verified with the exact Jaccard.
+# Speed comes from never looping in Python per word or per shingle: words, n-grams, signatures and
+# LSH buckets are all numpy array operations (uint64 arithmetic wraps around mod 2^64, silently).
 
-_MERSENNE = (1 << 61) - 1
+_P = np.uint64(0x100000001B3)  # odd multiplier of the polynomial word hash (the FNV-1 prime)
+_PINV = np.uint64(pow(0x100000001B3, -1, 1 << 64))  # its inverse mod 2^64 (exists because _P is odd)
+_COMBINING = re.compile(r"[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]")
 
 
 def normalize_for_dedup(text):
     """lowercase, NFD, drop accents (combining marks), punctuation -> space, collapse whitespace."""
-    text = unicodedata.normalize("NFD", text.lower())
-    text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    text = text.lower() if text.isascii() else _COMBINING.sub("", unicodedata.normalize("NFD", text.lower()))
     return " ".join(re.sub(r"[^\w\s]|_", " ", text).split())
+
+
+def _mix64(h):
+    """splitmix64 finalizer: spreads every input bit over the whole word (the polynomial alone is linear)."""
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+# normalize_for_dedup on bytes, vectorized: a 256-entry table lowercases ASCII letters, keeps digits
+# and UTF-8 bytes of non-ASCII word characters, and maps everything else to a space; then runs of
+# spaces collapse. Non-ASCII text first loses accents and non-word symbols (a regex, in C).
+_LUT = np.array([c | 0x20 if chr(c).isalpha() else c if chr(c).isdigit() else 32 for c in range(128)]
+                + list(range(128, 256)), dtype=np.uint8)
+_NON_ASCII_SYMBOL = re.compile(r"[^\x00-\x7f\w]")
+
+
+def _normalized_bytes(text):
+    if not text.isascii():
+        text = _COMBINING.sub("", unicodedata.normalize("NFD", text.lower()))
+        text = _NON_ASCII_SYMBOL.sub(" ", text)
+    b = _LUT[np.frombuffer(text.encode(), dtype=np.uint8)]
+    keep = b != 32
+    keep[1:] |= b[:-1] != 32  # a space survives only right after a non-space ...
+    b = b[keep]
+    return b[:-1] if len(b) and b[-1] == 32 else b  # ... and not at the end
 
 
 def shingle_hashes(text, ngrams):
     """Sorted unique 64-bit hashes of the word n-grams of normalize_for_dedup(text)."""
-    words = normalize_for_dedup(text).split()
-    if not words:
+    b = _normalized_bytes(text).astype(np.uint64)
+    if len(b) == 0:
         return np.zeros(0, dtype=np.uint64)
-    # One stable 64-bit hash per distinct word (two crc32s), then the n-gram hash is a polynomial
-    # in the word hashes, h = Σ_j w[i+j]·P^j mod 2^64, computed for all positions at once in numpy.
-    cache = {}
-    wh = np.fromiter((cache.setdefault(w, (zlib.crc32(w.encode()) << 32) | zlib.crc32(w.encode(), 0x9E3779B9))
-                      for w in words), dtype=np.uint64, count=len(words))
-    n = min(ngrams, len(words))  # a document shorter than n words is one shingle
-    S = len(words) - n + 1
+    # Word hashes for all words at once. With C[k] = Σ_{i<k} byte_i·P^i (a prefix sum), the word
+    # spanning bytes [s, e) hashes to (C[e] - C[s])·P^(-s) = Σ byte_{s+j}·P^j: same word, same hash,
+    # wherever it sits. Words are separated by exactly one space after normalization.
+    n = len(b)
+    pows = np.cumprod(np.full(n, _P, dtype=np.uint64)) * _PINV  # P^0 .. P^(n-1)
+    ipows = np.cumprod(np.full(n, _PINV, dtype=np.uint64)) * _P  # P^0 .. P^-(n-1)
+    C = np.concatenate([np.zeros(1, np.uint64), np.cumsum(b * pows)])
+    spaces = np.flatnonzero(b == 32)
+    starts = np.concatenate([[0], spaces + 1])
+    ends = np.concatenate([spaces, [n]])
+    wh = _mix64((C[ends] - C[starts]) * ipows[starts] + (ends - starts).astype(np.uint64))  # (W,)
+    k = min(ngrams, len(wh))  # a document shorter than n words is one shingle
+    S = len(wh) - k + 1
     h = wh[:S].copy()
-    P = np.uint64(0x9E3779B97F4A7C15)
-    for j in range(1, n):
-        h = h * P + wh[j:j + S]  # uint64 arithmetic wraps around mod 2^64 (array ops do not warn)
-    return np.unique(h)
+    for j in range(1, k):  # n-gram hash = polynomial in its word hashes
+        h = h * _P + wh[j:j + S]
+    return np.unique(_mix64(h))
 
 
 def minhash_params(num_hashes, seed=0):
-    """(a, b) for num_hashes universal hashes h(x) = ((a·x + b) mod p) with p = 2^61 - 1."""
+    """(a, b) for num_hashes multiply-add-shift hashes h(x) = ((a·x + b) mod 2^64) >> 32, a odd."""
     rng = np.random.default_rng(seed)
-    a = rng.integers(1, _MERSENNE, size=num_hashes, dtype=np.uint64)
-    b = rng.integers(0, _MERSENNE, size=num_hashes, dtype=np.uint64)
+    a = rng.integers(0, 2**64, size=num_hashes, dtype=np.uint64, endpoint=False) | np.uint64(1)
+    b = rng.integers(0, 2**64, size=num_hashes, dtype=np.uint64, endpoint=False)
     return a, b
 
 
-def minhash_signature(shingles, a, b, chunk=8192):
-    """(S,) uint64 shingle hashes -> (K,) signature: min over shingles of (a·x + b) mod (2^61 - 1).
+def minhash_signatures(shingle_list, a, b, chunk=4096):
+    """list of (S_i,) uint64 shingle hashes -> (N, K) uint32 signatures, min_x h_k(x).
 
-    a·x needs up to 122 bits, so we multiply in 32-bit halves and fold with the Mersenne identity
-    2^61 ≡ 1 (mod p): x mod p = (x & p) + (x >> 61). Every intermediate fits in uint64."""
+    Hash family: Dietzfelbinger et al.'s multiply-add-shift (2-universal on 64-bit words), the
+    "uint64 with care" alternative to (a·x + b) mod (2^61 - 1): the top 32 bits of a·x + b computed
+    mod 2^64 need no 128-bit products, so one (K, S) multiply, add and shift per chunk. We batch
+    many documents into one (K, S) array and take per-document minima with np.minimum.reduceat."""
     K = len(a)
-    if len(shingles) == 0:
-        return np.full(K, _MERSENNE, dtype=np.uint64)
-    p = np.uint64(_MERSENNE)
-    m32 = np.uint64(0xFFFFFFFF)
-    s32, s29, s61 = np.uint64(32), np.uint64(29), np.uint64(61)
-    a_lo, a_hi = (a & m32)[:, None], (a >> s32)[:, None]  # (K, 1); a < 2^61 so a_hi < 2^29
-    sig = np.full(K, _MERSENNE, dtype=np.uint64)
-    for start in range(0, len(shingles), chunk):
-        x = shingles[start:start + chunk] % p  # (S,) now < 2^61
-        x_lo, x_hi = x & m32, x >> s32  # x_hi < 2^29
-        # a·x = hh·2^64 + (mid)·2^32 + ll with hh = a_hi·x_hi (< 2^58), mid = a_hi·x_lo + a_lo·x_hi (< 2^62)
-        hh, ll = a_hi * x_hi, a_lo * x_lo  # (K, S)
-        mid = a_hi * x_lo + a_lo * x_hi
-        # 2^64 ≡ 2^3, mid·2^32 = (mid >> 29)·2^61 + (mid & (2^29-1))·2^32 ≡ (mid >> 29) + ((mid & ...) << 32)
-        r = (hh << np.uint64(3)) + (mid >> s29) + ((mid & np.uint64((1 << 29) - 1)) << s32)
-        r = (r & p) + (r >> s61) + (ll & p) + (ll >> s61) + b[:, None]  # each term < 2^61 + small
-        r = (r & p) + (r >> s61)
-        r = np.where(r >= p, r - p, r)
-        sig = np.minimum(sig, r.min(axis=1))
-    return sig
+    sigs = np.full((len(shingle_list), K), 2**32 - 1, dtype=np.uint64)  # empty document: all max
+    pieces = [(i, s[j:j + chunk]) for i, s in enumerate(shingle_list) for j in range(0, len(s), chunk)]
+    start = 0
+    while start < len(pieces):
+        group, size = [], 0
+        while start < len(pieces) and (not group or size + len(pieces[start][1]) <= chunk):
+            group.append(pieces[start])
+            size += len(pieces[start][1])
+            start += 1
+        x = np.concatenate([p for _, p in group])  # (S,)
+        offsets = np.cumsum([0] + [len(p) for _, p in group[:-1]])
+        h = (a[:, None] * x[None, :] + b[:, None]) >> np.uint64(32)  # (K, S)
+        mins = np.minimum.reduceat(h, offsets, axis=1)  # (K, len(group))
+        np.minimum.at(sigs, np.array([i for i, _ in group]), mins.T)
+    return sigs.astype(np.uint32)
 
 
 def jaccard(x, y):
@@ -574,7 +608,7 @@ def minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_th
         raise SystemExit(f"error: num_hashes {num_hashes} is not divisible by num_bands {num_bands}")
     a, b = minhash_params(num_hashes, seed)
     shingles = [shingle_hashes(t, ngrams) for t in texts]
-    sigs = np.stack([minhash_signature(s, a, b) for s in shingles]) if texts else np.zeros((0, num_hashes), np.uint64)
+    sigs = minhash_signatures(shingles, a, b).astype(np.uint64)  # (N, K)
     r = num_hashes // num_bands
     parent = list(range(len(texts)))
 
@@ -586,19 +620,36 @@ def minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_th
 
     checked = set()
     for band in range(num_bands):
-        buckets = {}
-        for i, key in enumerate(map(bytes, sigs[:, band * r:(band + 1) * r])):  # (r,) slice -> hashable key
-            buckets.setdefault(key, []).append(i)
-        for members in buckets.values():
-            for x in range(len(members)):
-                for y in range(x + 1, len(members)):
-                    i, j = members[x], members[y]
-                    if (i, j) in checked or find(i) == find(j):
+        key = np.zeros(len(texts), dtype=np.uint64)
+        for c in range(band * r, (band + 1) * r):  # the band's r values -> one 64-bit bucket key
+            key = key * _P + sigs[:, c]
+        order = np.argsort(key, kind="stable")  # equal keys become neighbours, in document order
+        ks = key[order]
+        eq = ks[1:] == ks[:-1]  # (N-1,) same bucket as the previous document
+        shared = np.zeros(len(ks), dtype=bool)
+        shared[1:] |= eq
+        shared[:-1] |= eq
+        pos = np.flatnonzero(shared)  # documents in buckets of size >= 2; the rest never go near Python
+        new_bucket = np.flatnonzero(~eq[pos[1:] - 1]) + 1 if len(pos) else []
+        for members in np.split(order[pos], new_bucket):
+            groups = {}  # cluster root -> members of this bucket in that cluster
+            for j in map(int, members):
+                rj = find(j)
+                for g in list(groups):  # compare j with the other clusters present in the bucket
+                    if g == rj:
                         continue
-                    checked.add((i, j))
-                    if jaccard(shingles[i], shingles[j]) >= jaccard_threshold:
-                        ri, rj = find(i), find(j)
-                        parent[max(ri, rj)] = min(ri, rj)  # the root is always the earliest document
+                    for i in groups[g]:
+                        if (i, j) in checked:
+                            continue
+                        checked.add((i, j))
+                        if jaccard(shingles[i], shingles[j]) >= jaccard_threshold:
+                            root, other = min(g, rj), max(g, rj)
+                            parent[other] = root  # the root is always the earliest document
+                            groups[root] = groups.pop(g, []) + groups.pop(rj, [])
+                            rj = root
+                            break
+                # m copies of one page cost O(m) per band, not O(m²): one cluster, nothing to compare
+                groups.setdefault(rj, []).append(j)
     groups = {}
     for i in range(len(texts)):
         groups.setdefault(find(i), []).append(i)
@@ -736,7 +787,7 @@ _SKIP_MODULES = {"antigravity", "this", "tkinter", "turtle", "turtledemo", "idle
                  "msilib", "msvcrt", "nt", "winreg", "winsound", "_winapi"}
 
 
-def stdlib_modules(max_submodules=40):
+def stdlib_modules(max_submodules=300):
     """Sorted public stdlib modules plus (bounded) submodules of packages, found without importing."""
     import importlib.util
     import pkgutil
@@ -752,7 +803,7 @@ def stdlib_modules(max_submodules=40):
         if spec is None or not spec.submodule_search_locations:
             continue
         subs, stack = [], [(list(spec.submodule_search_locations), top)]
-        while stack and len(subs) < max_submodules:  # depth-first over the package directories
+        while stack and len(subs) < max_submodules:  # breadth-first over the package directories
             paths, prefix = stack.pop(0)
             for info in sorted(pkgutil.iter_modules(paths), key=lambda m: m.name):
                 if info.name.startswith("_") or "test" in info.name or len(subs) >= max_submodules:
@@ -769,6 +820,7 @@ def _render_init(timeout):
     _RENDER_TIMEOUT = timeout
     os.environ.clear()
     os.environ.update({"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "LANG": "C.UTF-8"})
+    sys.argv = ["pydoc"]  # the sys module's page shows argv: keep the command line out of the corpus
     sys.stdout = sys.stderr = open(os.devnull, "w")
     import warnings
     warnings.simplefilter("ignore")
@@ -794,8 +846,10 @@ def render_module_html(name):
         return name, None, "import_error"
     finally:
         signal.alarm(0)
-    # Object reprs carry memory addresses that change every run: drop them (determinism).
-    return name, re.sub(r" at 0x[0-9a-fA-F]+", "", page), None
+    # Object reprs carry memory addresses that change every run ("<object object at 0x7f..>",
+    # "<PyDLL 'None', handle 7f..>"; pydoc writes the spaces as &nbsp;): drop them (determinism).
+    page = re.sub(r"(?:\s|&nbsp;)(?:at(?:\s|&nbsp;)0x[0-9a-fA-F]+|handle(?:\s|&nbsp;)[0-9a-fA-F]{8,})", "", page)
+    return name, page, None
 
 
 def iter_stdlib_docs(modules, workers, timeout=20):
@@ -827,8 +881,7 @@ def iter_stdlib_docs(modules, workers, timeout=20):
         (pool.terminate if hung else pool.close)()
         pool.join()
     for key in sorted(topics):  # the language reference topics ship as plain text: wrap as <pre>
-        import html as _html
-        body = f"<h1>{_html.escape(key)}</h1><pre>{_html.escape(topics[key])}</pre>"
+        body = f"<h1>{html.escape(key)}</h1><pre>{html.escape(topics[key])}</pre>"
         yield f"topic:{key}", "html", pydoc.html.page(key, body).encode()
 
 
@@ -905,11 +958,11 @@ def build_corpus(items, args):
         else:
             ids.append(doc_id)
             texts.append(text)
-        _progress(stats["docs_in"], 0, t0, "extract+lang+pii docs", every=2.0)
+        if args.input or args.url:  # (the default corpus shows its own render progress)
+            _progress(stats["docs_in"], 0, t0, "extract+lang+pii docs", every=2.0)
     if pool:
         pool.close()
         pool.join()
-    print(file=sys.stderr)
     stats["seconds_extract"] = round(time.time() - t0, 2)
 
     def keep_only(mask, reason):  # apply a boolean mask, counting the dropped documents
@@ -920,8 +973,18 @@ def build_corpus(items, args):
         ids = [d for d, k in zip(ids, mask) if k]
         texts = [t for t, k in zip(texts, mask) if k]
 
+    # Near-duplicates first: line dedup would otherwise strip the shared lines of near-identical
+    # pages (the encodings.* codecs) and leave husks that Gopher drops for the wrong reason.
+    if not args.no_dedup and texts:
+        t1 = time.time()
+        keep, clusters = minhash_dedup_docs(texts, args.num_hashes, args.num_bands, args.ngrams, args.jaccard_threshold)
+        stats["minhash_clusters"] = len(clusters)
+        stats["minhash_example_clusters"] = [[ids[i] for i in c[:4]] for c in clusters[:5]]
+        stats["seconds_minhash"] = round(time.time() - t1, 2)
+        keep_only(keep, "dedup_minhash")
+
     if not args.no_line_dedup:
-        texts, stats["lines_removed_by_line_dedup"] = exact_line_dedup_docs(texts)
+        texts, stats["lines_removed_by_line_dedup"] = exact_line_dedup_docs(texts, args.line_dedup_min_docs)
         keep_only([bool(t.strip()) for t in texts], "empty_after_line_dedup")
     if not args.no_gopher:
         fails = [gopher_failure(t) for t in texts]
@@ -934,14 +997,6 @@ def build_corpus(items, args):
             set_classifier(kind, path)
             preds = classify_batch(kind, texts)
             keep_only([not (label == bad_label and score >= thr) for label, score in preds], kind)
-    if not args.no_dedup and texts:
-        t1 = time.time()
-        keep, clusters = minhash_dedup_docs(texts, args.num_hashes, args.num_bands, args.ngrams, args.jaccard_threshold)
-        stats["minhash_clusters"] = len(clusters)
-        stats["minhash_example_clusters"] = [[ids[i] for i in c[:4]] for c in clusters[:5]]
-        stats["seconds_minhash"] = round(time.time() - t1, 2)
-        keep_only(keep, "dedup_minhash")
-
     # Split by a hash of the document id: stable across runs and independent of document order.
     in_val = [int(hashlib.sha1(d.encode()).hexdigest()[:8], 16) % 10000 < args.val_fraction * 10000 for d in ids]
     if ids and not any(in_val):
@@ -961,8 +1016,12 @@ def build_corpus(items, args):
     if args.tokenizer:
         import bpe  # lazy: only needed to write token files
         for split in ("train", "val"):
-            n = bpe.encode_file(args.tokenizer, os.path.join(out_dir, f"{split}.txt"), os.path.join(out_dir, f"{split}.bin"))
-            stats[f"{split}_tokens"] = int(n)
+            src, dst = os.path.join(out_dir, f"{split}.txt"), os.path.join(out_dir, f"{split}.bin")
+            if stats[f"{split}_docs"] == 0:  # nothing to encode: an empty token file
+                open(dst, "wb").close()
+                stats[f"{split}_tokens"] = 0
+            else:
+                stats[f"{split}_tokens"] = int(bpe.encode_file(args.tokenizer, src, dst, workers=args.workers))
     stats["seconds_total"] = round(time.time() - t_start, 2)
     with open(os.path.join(out_dir, "stats.json.tmp"), "w") as f:
         json.dump(stats, f, indent=1, sort_keys=True)
@@ -1023,7 +1082,7 @@ def main(argv=None):
     p.add_argument("--input", nargs="+", default=[], help="WARC/WET (.warc.gz), .jsonl with 'text', .html, .txt files or dirs")
     p.add_argument("--url", action="append", default=[], help="remote text/jsonl/warc file (downloaded once, resumable)")
     p.add_argument("--modules", default=None, help="comma-separated stdlib modules for the default corpus (default: all)")
-    p.add_argument("--max-submodules", type=int, default=40, help="submodules rendered per stdlib package")
+    p.add_argument("--max-submodules", type=int, default=300, help="submodules rendered per stdlib package")
     p.add_argument("--no-topics", action="store_true", help="default corpus: skip the pydoc_data topics")
     p.add_argument("--render-timeout", type=int, default=20, help="seconds allowed to import+render one module")
     # output
@@ -1039,6 +1098,7 @@ def main(argv=None):
     p.add_argument("--fasttext-lid", default=None, help="path to a fastText LID model (needs the fasttext package)")
     p.add_argument("--no-pii", action="store_true", help="skip e-mail / phone / IP masking")
     p.add_argument("--no-line-dedup", action="store_true", help="skip exact line dedup")
+    p.add_argument("--line-dedup-min-docs", type=int, default=10, help="a line in >= this many documents is boilerplate")
     p.add_argument("--no-gopher", action="store_true", help="skip the Gopher quality rules")
     p.add_argument("--no-quality", action="store_true", help="skip the quality classifier")
     p.add_argument("--quality-model", default=None, help="quality classifier .pt (default: train the embedded toy)")

@@ -1,5 +1,5 @@
 """
-kernels.py -- writing GPU kernels for a language model: RMSNorm and FlashAttention-2.
+kernels.py -- writing GPU kernels for a language model: RMSNorm, FlashAttention-2, and friends.
 
 Why kernels at all?  A GPU op costs max(time to do the FLOPs, time to move the bytes).
 An H100 SXM does ~990 dense bf16 TFLOP/s but reads HBM at only ~3.35 TB/s, so an op
@@ -21,8 +21,9 @@ Contents, in teaching order:
                           algorithm can be read and stepped through on a CPU.
   3. FlashAttentionTriton the same algorithm as Triton kernels (forward, D precompute,
                           dK/dV kernel, dQ kernel), causal tile skipping, exp2 softmax.
-  4. ChunkedCrossEntropy  lm-head + cross-entropy that never builds (tokens x vocab)
-                          logits at once (Liger-kernel style, arXiv:2410.10989).
+  4. SwiGLUTriton         fused silu(a) * b;  ChunkedCrossEntropy: lm-head + cross-entropy
+                          that never builds the (tokens x vocab) logits at once
+                          (Liger-kernel style, Hsu et al. 2024, arXiv:2410.10989).
   5. bench / test CLI.
 
 Papers: FlashAttention (Dao et al. 2022, arXiv:2205.14135), FlashAttention-2 (Dao
@@ -30,9 +31,9 @@ Papers: FlashAttention (Dao et al. 2022, arXiv:2205.14135), FlashAttention-2 (Da
 (Tillet et al. 2019).  The FlashAttention layout follows Stanford CS336 assignment 2.
 
 Run it:
-  python kernels.py test              # quick self-check (CPU: Triton interpreter, slow-ish)
+  python kernels.py test              # self-check of every kernel (CPU: ~5-15 s, interpreter)
   python kernels.py bench [--quick]   # GPU: TFLOP/s, GB/s, % of peak; CPU: torch-level only
-  TRITON_INTERPRET=1 pytest wip/tests/test_kernels.py -q
+  PYTHONPATH=. python -m pytest wip/tests/test_kernels.py -q
 Without a GPU we set TRITON_INTERPRET=1 before importing triton: the kernels then run
 in Triton's numpy interpreter on CPU tensors (correct, but ~1000x slower than a GPU).
 """
@@ -50,7 +51,6 @@ import triton.language as tl  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the native GPU instruction
-LN2 = 0.6931471805599453
 # The interpreter (triton 3.9) multiplies the raw bit patterns of bf16 tiles in tl.dot, so
 # there we upcast the tiles to fp32 first; on a GPU the tensor cores take bf16 directly.
 _UPCAST = tl.constexpr(INTERPRET)
@@ -455,7 +455,7 @@ class FlashAttentionTriton(torch.autograd.Function):
         else:
             grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), BH)  # noqa: E731
         _fa_fwd[grid](q3, k3, v3, o, L, Tq, Tk, sm_scale * LOG2E, d=d, **kw)
-        ctx.save_for_backward(L, q3, k3, v3, o)
+        ctx.save_for_backward(L.view(*lead, Tq), q3, k3, v3, o)  # L: (batch[, heads], n_queries)
         ctx.is_causal, ctx.shape, ctx.prec = bool(is_causal), (lead, Tq, Tk, d), prec
         return o.reshape(q.shape)
 
@@ -463,6 +463,7 @@ class FlashAttentionTriton(torch.autograd.Function):
     def backward(ctx, do):
         L, q3, k3, v3, o = ctx.saved_tensors
         lead, Tq, Tk, d = ctx.shape
+        L = L.view(-1, Tq)  # (BH, Tq)
         BH = q3.shape[0]
         do3 = do.reshape(BH, Tq, d).contiguous()
         BLOCK_D = max(16, triton.next_power_of_2(d))
@@ -635,7 +636,8 @@ def _bench_gpu(quick):
         t_ours, t_sdpa = _time_ms(mk(FlashAttentionTriton.apply)), _time_ms(mk(sdpa))
         tf = mult * fwd_flops / (t_ours * 1e-3)
         note = f"{tf / 1e12:.0f} TFLOP/s{pct(tf, flops_peak)}; sdpa {mult * fwd_flops / (t_sdpa * 1e-3) / 1e12:.0f}"
-        print(f"flash-attn {label} causal B{B} H{H} T{T} d{d} bf16: triton {t_ours:.3f} ms, sdpa-flash {t_sdpa:.3f} ms | {note}")
+        print(f"flash-attn {label} causal B{B} H{H} T{T} d{d} bf16: triton {t_ours:.3f} ms, "
+              f"sdpa-flash {t_sdpa:.3f} ms | {note}")
         rows.append(_row(f"flash_attn_{label}_causal_T{T}_d{d}", t_ours, t_sdpa, "sdpa flash",
                          ">=0.9x" if label == "fwd" else ">=0.7x", note))
     return rows
@@ -655,7 +657,8 @@ def _bench_cpu(quick):
     FlashAttentionTorch.BLOCK_Q = FlashAttentionTorch.BLOCK_K = 16
     t_naive = _time_ms(lambda: attention_ref(q, k, v, True), iters=3)
     t_sdpa = _time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), iters=3)
-    note = f"naive materialises {B * H * T * T * 4 / 2**20:.0f} MiB of scores; 128x128 tiles hold {B * H * 128 * 128 * 4 / 2**10:.0f} KiB"
+    note = (f"naive materialises {B * H * T * T * 4 / 2**20:.0f} MiB of scores; "
+            f"128x128 tiles hold {B * H * 128 * 128 * 4 / 2**10:.0f} KiB")
     print(f"attention fwd causal B{B} H{H} T{T} d{d} fp32: FlashAttentionTorch {t_fa:.1f} ms, "
           f"naive {t_naive:.1f} ms, sdpa {t_sdpa:.1f} ms | {note}")
     rows += [_row(f"flash_attn_torch_fwd_cpu_T{T}", t_fa, t_sdpa, "sdpa (cpu)", "", note),
@@ -674,6 +677,7 @@ def _bench_cpu(quick):
 
 
 def run_bench(quick=False):
+    """Print and return rows; ratio = peer time / our time, so > 1 means we are faster."""
     rows = _bench_gpu(quick) if torch.cuda.is_available() and not INTERPRET else _bench_cpu(quick)
     print(f"{'name':42s} {'ours':>10s} {'peer':>10s} {'ratio':>6s}  peer")
     for r in rows:
@@ -697,7 +701,9 @@ def self_test():
     def grads(f, *xs):
         xs = [x.detach().clone().requires_grad_() for x in xs]
         y = f(*xs)
-        y.backward(torch.ones_like(y) if y.dim() == 0 else torch.randn_like(y, generator=torch.Generator(y.device).manual_seed(1)))
+        gen = torch.Generator(y.device).manual_seed(1)
+        g = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype) if y.dim() else torch.ones_like(y)
+        y.backward(g)
         return [y] + [x.grad for x in xs]
 
     for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
@@ -710,7 +716,8 @@ def self_test():
             q, k, v = (torch.randn(1, 2, 37, 32, device=dev, dtype=dt) for _ in range(3))
             ref = grads(lambda q, k, v: attention_ref(q, k, v, causal)[0], q, k, v)
             for fa in (FlashAttentionTorch, FlashAttentionTriton):
-                check(f"{fa.__name__} causal={causal} {dt}", grads(lambda q, k, v: fa.apply(q, k, v, causal), q, k, v), ref, tol)
+                ours = grads(lambda q, k, v: fa.apply(q, k, v, causal), q, k, v)
+                check(f"{fa.__name__} causal={causal} {dt}", ours, ref, tol)
     h, W, t = torch.randn(40, 16, device=dev), torch.randn(50, 16, device=dev), torch.randint(0, 50, (40,), device=dev)
     check("ChunkedCrossEntropy fp32", grads(lambda h, W: ChunkedCrossEntropy.apply(h, W, t, 16), h, W),
           grads(lambda h, W: torch.nn.functional.cross_entropy(h @ W.t(), t), h, W), 1e-4)

@@ -22,10 +22,12 @@ Papers:
     Huang et al. 2018, "GPipe: Efficient Training of Giant Neural Networks using Pipeline Parallelism" (arXiv:1811.06965)
 
 Run it:
-    python parallel.py demo --world-size 2                    # every variant, CPU, gloo, ~20 s
+    python parallel.py demo --world-size 2                    # every variant, CPU, gloo, ~30-60 s on 2 cores
     torchrun --nproc_per_node=2 train.py --data data/pydocs   # the real path: train.py wraps the
                                                               # model in BucketedDDP (or --fsdp)
     PYTHONPATH=. python -m pytest wip/tests/test_parallel.py -q   # equality with one process
+    # multi-node: the same command on every node, meeting at one rendezvous endpoint
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST0:29500 train.py ...
 
 Backend: gloo on CPU, NCCL on CUDA (chosen by `setup_distributed`). Nothing here assumes a GPU.
 """
@@ -152,10 +154,13 @@ class BucketedDDP(nn.Module):
         self._sync = True
         _broadcast_from_rank0(module)
         params = [p for p in module.parameters() if p.requires_grad]
-        limit = bucket_size_mb * 2**20
+        # Like torch's DDP, cap the *first* bucket at 1 MB: its all-reduce then starts a few layers
+        # into backward instead of after 25 MB of gradients, which buys overlap on small models.
+        limit = min(1.0, bucket_size_mb) * 2**20
         self.buckets, cur, size = [], [], 0
         for p in reversed(params):
             if cur and size + _nbytes(p) > limit:
+                limit = bucket_size_mb * 2**20
                 self.buckets.append(cur)
                 cur, size = [], 0
             cur.append(p)
@@ -180,6 +185,8 @@ class BucketedDDP(nn.Module):
             self._launch(i)
 
     def _launch(self, i):
+        # Copy into the flat buffer (torch's DDP can skip this copy by making p.grad a view of the
+        # bucket, gradient_as_bucket_view=True; we keep p.grad an ordinary tensor for clarity).
         grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.buckets[i]]
         torch.cat(grads, out=self._flat[i])                       # (bucket_numel,)
         self._work[i] = dist.all_reduce(self._flat[i], async_op=True)
@@ -198,7 +205,7 @@ class BucketedDDP(nn.Module):
                 self._launch(i)
         for i, bucket in enumerate(self.buckets):
             self._work[i].wait()
-            flat = self._flat[i].div_(self.world_size)
+            flat = self._flat[i].div_(self.world_size)   # sum of per-rank means -> global mean
             offset = 0
             for p in bucket:               # unpack the averaged bucket back into p.grad
                 g = flat[offset:offset + p.numel()].view_as(p)
@@ -227,6 +234,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults=kwargs)   # calls add_param_group for every group
 
     def add_param_group(self, param_group):
+        # Whole parameters go to ranks (greedy, biggest-first would balance better): simple, and a
+        # parameter's state never straddles two ranks. Caveat: state_dict() holds only this rank's
+        # shard, so a checkpoint needs a gather first (not implemented here).
         super().add_param_group(param_group)     # self.param_groups keeps *all* params (zero_grad, lr)
         group = self.param_groups[-1]
         mine = []
@@ -253,6 +263,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for outer, inner in zip(self.param_groups, self.inner.param_groups):
             inner.update({k: v for k, v in outer.items() if k != "params"})
         self.inner.step()
+        # Owner r now has the new values of its parameters; everyone else has stale ones. One
+        # broadcast per parameter, all in flight at once (a real ZeRO flattens them per rank).
         works = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -334,6 +346,10 @@ class FSDP(nn.Module):
         self.replicated = [p for p in module.parameters() if id(p) not in shard_ids and p.requires_grad]
 
     def _make_pre_hook(self, entry):
+        # Runs right before the Linear/Embedding's own forward: put a *plain tensor* attribute
+        # `weight` (the gathered, autograd-tracked full matrix) where the Parameter used to be, so
+        # the module's unchanged forward (x @ self.weight.t(), self.weight[ids]) just works. A tied
+        # weight has two users, each gathers it; autograd adds their two reduce-scattered grads.
         def pre_hook(mod, args):
             mod.weight = _GatherWeight.apply(entry["shard"], entry["shape"], self.compute_dtype, self)
             if self.compute_dtype is not None:   # feed the low-precision matmul low-precision inputs
@@ -505,6 +521,8 @@ def gpipe_step(stage, inputs, targets, num_micro, act_shape, act_dtype=torch.flo
     rank, world = dist.get_rank(), dist.get_world_size()
     first, last = rank == 0, rank == world - 1
     ins, outs, losses = [], [], []
+    # Blocking send/recv keep the schedule easy to read; the price is that a stage cannot compute
+    # while it sends (real pipelines post isend/irecv and interleave, e.g. 1F1B in PipeDream).
     for m in range(num_micro):                                  # ---- forward, micro-batch m
         if first:
             x = inputs.chunk(num_micro)[m]
@@ -515,6 +533,7 @@ def gpipe_step(stage, inputs, targets, num_micro, act_shape, act_dtype=torch.flo
         y = stage(x)
         if last:
             logits = y.flatten(0, -2)
+            # mean over equal micro-batches of their means = the full-batch mean
             losses.append(F.cross_entropy(logits, targets.chunk(num_micro)[m].reshape(-1)) / num_micro)
         else:
             dist.send(y.detach().contiguous(), dst=rank + 1)
@@ -523,10 +542,10 @@ def gpipe_step(stage, inputs, targets, num_micro, act_shape, act_dtype=torch.flo
     for m in reversed(range(num_micro)):                        # ---- backward, last micro first
         if last:
             losses[m].backward()
-        else:
+        else:                                                   # dL/d(my output) comes from downstream
             g = torch.empty(act_shape, dtype=act_dtype)
             dist.recv(g, src=rank + 1)
-            outs[m].backward(g)
+            outs[m].backward(g)                                 # vector-Jacobian product through my layers
         if not first:
             dist.send(ins[m].grad.contiguous(), dst=rank - 1)
     return sum(l.item() for l in losses) if last else None
@@ -598,6 +617,8 @@ def init_worker(rank, world_size, port):
 
 
 def state_bytes(model, optimizer):
+    # Counts what lives between steps. Activations and the transiently gathered FSDP weights are
+    # not included: they depend on batch size, while the ZeRO formula is about model state.
     """Measured bytes per rank: weights + grads + optimizer state tensors."""
     params = {id(p): p for p in model.parameters()}.values()
     opt = optimizer.state_bytes() if isinstance(optimizer, ShardedOptimizer) else sum(
@@ -624,6 +645,8 @@ def _demo_worker(rank, world_size, port, args):
     rows = []
 
     def run(name, wrapped, opt, formula):
+        # The same training step for every data-parallel variant: only the wrapper and the
+        # optimizer change. Each rank sees its own B sequences of the global batch.
         dist.barrier()
         for step in range(args.steps + 1):       # step 0 is warm-up, not timed
             if step == 1:

@@ -6,8 +6,9 @@ of C into N and D gives the lowest loss? Kaplan et al. (2020, arXiv:2001.08361) 
 is a smooth power law in N, D and C; Hoffmann et al. ("Chinchilla", 2022, arXiv:2203.15556)
 showed that N and D should grow at about the same rate (N_opt ~ C^0.5, ~20 tokens/parameter),
 and that most large models of the time were undertrained. Besiroglu et al. (2024,
-arXiv:2404.10102) refit Chinchilla's own table and found its approach-3 fit was off; their
-point (fit carefully, report confidence intervals) is why we bootstrap everything here.
+arXiv:2404.10102) refit Chinchilla's approach-3 data and found the published fit inconsistent
+with the other two approaches and its confidence intervals implausibly narrow; their lesson
+(fit carefully, check convergence, bootstrap) is why every number here comes with a CI.
 
 This file does the whole loop at toy scale:
   1. FLOP accounting. Training costs C ~= 6 N D (2 FLOPs per multiply-add, forward = 2ND,
@@ -19,12 +20,15 @@ This file does the whole loop at toy scale:
      (Huber loss on log L, L-BFGS from a grid of starts), then solve for the optimum in closed form.
   4. A sweep that drives train.py (subprocess) for each (budget, size) and collects results.
 
-Run it:
-    python scaling.py flops                                    # exact FLOPs vs 6ND table
-    python scaling.py sweep --data data/pydocs --budgets 1e11 3e11 1e12 --sizes 16 32 64 128
-    python scaling.py fit --runs runs/scaling/results.jsonl --target 3e12
-    python scaling.py fit --runs published.csv --target 5.76e23  # any CSV/JSONL: N, D or C, loss
-    # bigger on one GPU: add --device cuda --context-length 256 --batch-size 64 --sizes 256 384 512 768
+Run it (CPU; defaults: 5 sizes x 4 budgets on byte-level pydocs, ~13 min on 2 busy cores):
+    python scaling.py flops                                   # exact FLOPs vs 6ND table
+    python scaling.py bytes --text data/pydocs --out data/pydocs-bytes   # vocab-256 token files
+    python scaling.py sweep --data data/pydocs-bytes --vocab-size 256 --out-dir runs/scaling
+    python scaling.py fit --runs runs/scaling/results.jsonl --target 3e11
+    python scaling.py fit --runs published.csv --target 5.76e23   # any CSV/JSONL: N, D or C, loss
+One GPU, BPE data, bigger models:
+    python scaling.py sweep --data data/pydocs --device cuda --context-length 256 --batch-size 64 \
+        --head-dim 64 --num-layers 4 --sizes 128 192 256 384 512 --budgets 1e15 3e15 1e16 --fit
 """
 import argparse
 import csv
@@ -172,6 +176,8 @@ def isoflop_minimum(N, D, loss):
     if p[0] <= 0:                       # no valley: the sizes do not bracket the optimum
         return None
     x_opt = -p[1] / (2 * p[0])
+    if not x.min() <= x_opt <= x.max():  # a minimum outside the sampled sizes is extrapolation
+        return None
     # D is a function of N at fixed C (D = C/6N, or C/flops_per_token(N)); interpolate log D
     # linearly in log N rather than assuming 6ND, so exact-FLOP budgets work too.
     q = np.polyfit(x, np.log(D), 1)
@@ -200,7 +206,10 @@ def approach2(runs, n_boot=200, seed=0, targets=()):
     params, mins = fit(runs)
     if params is None:
         raise SystemExit("error: approach 2 needs >= 2 budgets whose sizes bracket a loss minimum")
-    # Bootstrap: resample runs with replacement *within each budget* and refit everything.
+    # Bootstrap: resample runs with replacement *within each budget* (so every budget keeps its
+    # size), refit the parabolas and the power law, and read CIs off the spread of the refits.
+    # With few runs per budget this is crude, but it is honest about how much a handful of noisy
+    # runs can pin down: a wide CI on `a` is the result, not a bug.
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(runs["budget"] == c) for c in np.unique(runs["budget"])]
     boots = []
@@ -264,7 +273,10 @@ def _lbfgs(theta0, logN, logD, logL, max_iter=500):
 
     def closure():
         opt.zero_grad()
-        loss = huber(log_loss_pred(theta, logN, logD) - logL).sum()   # summed, not averaged
+        # Summed, not averaged: L-BFGS stops on *absolute* tolerances, and a mean over runs of
+        # residuals ~1e-3 is so small that it would stop long before converging (the pitfall
+        # Besiroglu et al. found in the original fit).
+        loss = huber(log_loss_pred(theta, logN, logD) - logL).sum()
         loss.backward()
         return loss
     opt.step(closure)
@@ -303,14 +315,19 @@ def compute_optimal(fit, C):
     Setting dL/dN = 0 with D = C/(6N): alpha A / N^alpha = beta B / D^beta, which gives
         G = (alpha A / (beta B))^(1/(alpha+beta)),
         N_opt = G (C/6)^(beta/(alpha+beta)),   D_opt = G^-1 (C/6)^(alpha/(alpha+beta)).
-    So N_opt ~ C^a with a = beta/(alpha+beta), the same exponent approach 2 measures."""
+    So N_opt ~ C^a with a = beta/(alpha+beta), the same exponent approach 2 measures.
+    (This uses C = 6ND; with exact FLOPs per token slightly above 6N the true optimum is a few
+    percent smaller -- well inside the CI of any fit we can afford.)"""
     A, B, al, be = fit["A"], fit["B"], fit["alpha"], fit["beta"]
     G = (al * A / (be * B)) ** (1 / (al + be))
     return G * (C / 6) ** (be / (al + be)), (C / 6) ** (al / (al + be)) / G
 
 
 def approach3(runs, n_boot=100, seed=0, targets=()):
-    """Parametric fit on all runs + bootstrap CIs for the parameters and the allocation."""
+    """Parametric fit on all runs + bootstrap CIs for the parameters and the allocation.
+
+    Unlike approach 2, this uses every run (not just those near a minimum) and gives a loss
+    prediction for any (N, D), which is what we check against a held-out training run."""
     fit = fit_parametric(runs["N"], runs["D"], runs["loss"])
     rng = np.random.default_rng(seed)
     keys = ["E", "A", "B", "alpha", "beta"]
@@ -348,6 +365,8 @@ def approach3(runs, n_boot=100, seed=0, targets=()):
 
 
 def size_config(d_model, args, vocab_size):
+    """One size knob: d_model. Depth and head size stay fixed, so N ~ 12 L d^2 + V d grows with
+    width alone -- the simplest family in which "bigger" means one thing."""
     H = max(1, d_model // args.head_dim)
     cfg = dict(vocab_size=vocab_size, d_model=d_model, num_layers=args.num_layers, num_heads=H)
     n = param_counts(**cfg)
@@ -363,6 +382,23 @@ def data_vocab_size(data_dir):
         raise SystemExit(f"error: no tokenizer at {tok} (run data.py and bpe.py, or pass --vocab-size)")
     from bpe import Tokenizer
     return len(Tokenizer.load(tok))
+
+
+def write_byte_dataset(text_dir, out_dir):
+    """train.txt/val.txt -> train.bin/val.bin of raw UTF-8 bytes (vocab 256, no tokenizer needed).
+
+    Why: with a 4096-token vocab the lm_head alone is 4096*d_model parameters, so CPU-sized
+    models are mostly lm_head and a CPU-sized budget buys only a few hundred steps. With bytes,
+    the Transformer body is most of N and a tiny budget still trains for hundreds of steps."""
+    os.makedirs(out_dir, exist_ok=True)
+    for split in ("train", "val"):
+        src = os.path.join(text_dir, f"{split}.txt")
+        if not os.path.exists(src):
+            raise SystemExit(f"error: no {src} (run data.py first)")
+        ids = np.fromfile(src, dtype=np.uint8).astype(np.uint16)   # contract: uint16 for V <= 65536
+        ids.tofile(os.path.join(out_dir, f"{split}.bin.tmp"))
+        os.replace(os.path.join(out_dir, f"{split}.bin.tmp"), os.path.join(out_dir, f"{split}.bin"))
+        print(f"{split}: {len(ids):,} byte tokens -> {out_dir}/{split}.bin")
 
 
 def read_final(metrics_path):
@@ -403,6 +439,8 @@ def sweep(args):
     spent_C, t0 = 0.0, time.time()
     for i, (C, d) in enumerate(plan):
         cfg, n, per_tok = size_config(d, args, V)
+        # The budget fixes the step count: a 4x bigger model gets ~4x fewer tokens. Runs whose
+        # budget buys fewer than --min-steps steps would measure only the warmup, so we skip them.
         name = f"C{C:.1e}_d{d}_L{args.num_layers}"
         run_dir = os.path.join(args.out_dir, name)
         steps = int(round(C / (per_tok * tokens_per_step)))
@@ -412,6 +450,7 @@ def sweep(args):
         if steps < args.min_steps:
             print(f"[{i + 1}/{len(plan)}] {name}: only {steps} steps at this budget, skipping")
             continue
+        # A run dir with a finished metrics.jsonl (e.g. results.jsonl was deleted) is reused.
         final = read_final(os.path.join(run_dir, "metrics.jsonl"))
         if final is None or final.get("step") != steps:
             cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", args.data,
@@ -427,11 +466,16 @@ def sweep(args):
             os.makedirs(run_dir, exist_ok=True)
             print(f"[{i + 1}/{len(plan)}] {name}: N={n['non_embedding']:,} steps={steps} "
                   f"D={steps * tokens_per_step:,}", flush=True)
+            # Tiny models are bound by per-op overhead, not FLOPs: one thread per run avoids
+            # OpenMP threads spinning against each other (5-50x faster on a busy 2-core box).
+            env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
             with open(os.path.join(run_dir, "train.log"), "w") as log:
-                rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
             final = read_final(os.path.join(run_dir, "metrics.jsonl"))
             if rc != 0 or final is None:
                 raise SystemExit(f"error: train.py failed (exit {rc}); see {run_dir}/train.log")
+        # N and C are our exact counts (train.py's own "flops" uses the full-square attention
+        # estimate, kept as train_flops for comparison); loss is the final validation loss.
         D = final.get("tokens") or steps * tokens_per_step
         row = {"run": name, "budget": C, "d_model": d, "num_layers": args.num_layers,
                "N": n["non_embedding"], "N_total": n["total"], "D": D, "C": per_tok * D,
@@ -453,8 +497,16 @@ def sweep(args):
 # 6. Fit report: both approaches, the allocation for a target budget, and a plot
 
 
-def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0):
+def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0, min_budget=0.0):
+    """Fit both approaches, print parameters + CIs + the allocation at each target budget,
+    write fit.json (read by pipeline.py's report) and scaling.png next to the runs.
+
+    The two approaches answer the same question from different angles; when they disagree (they
+    usually do at toy scale) the honest output is both numbers and their CIs."""
     runs = load_runs(runs_path)
+    # The smallest budgets are a few dozen optimizer steps: loss there measures warmup, not
+    # capacity. --min-budget drops them (say so when you report the fit: it is a choice).
+    runs = _subset(runs, runs["budget"] >= min_budget)
     out_dir = out_dir or os.path.dirname(os.path.abspath(runs_path))
     print(f"{len(runs['N'])} runs, {len(np.unique(runs['budget']))} budgets, from {runs_path}")
     report = {"runs": runs_path, "n_runs": len(runs["N"]), "targets": list(targets)}
@@ -472,6 +524,8 @@ def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0):
     except SystemExit as e:
         a2 = None
         print(f"\nApproach 2 skipped: {e}")
+    if len(runs["N"]) < 5:
+        raise SystemExit(f"error: {len(runs['N'])} runs; the parametric fit has 5 parameters, need >= 5")
     a3 = approach3(runs, n_boot=n_boot, seed=seed, targets=targets)
     report["approach3"] = a3
     print("\nApproach 3 (parametric L = E + A/N^alpha + B/D^beta):")
@@ -521,6 +575,7 @@ def plot(runs, a2, a3, targets, out_dir):
                     ax1.plot(b["N_opt"], np.polyval(b["parabola"], np.log(b["N_opt"])), "*",
                              color=col, ms=14, mec="k")
     ax1.set(xscale="log", xlabel="N (non-embedding params)", ylabel="val loss", title="IsoFLOP profiles")
+    ax1.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # no overlapping labels
     ax1.legend(fontsize=8)
     Cs = np.logspace(np.log10(budgets.min()) - 0.3, np.log10(max([budgets.max(), *targets])) + 0.3, 50)
     if a2 is not None:
@@ -551,25 +606,30 @@ def build_parser():
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size")
     p.add_argument("--context-length", type=int, default=256, help="tokens per sequence")
 
+    p = sub.add_parser("bytes", help="byte-level train.bin/val.bin from a corpus dir (vocab 256)")
+    p.add_argument("--text", default="data/pydocs", help="dir with train.txt and val.txt")
+    p.add_argument("--out", default="data/pydocs-bytes", help="output dir for train.bin, val.bin")
+
     p = sub.add_parser("sweep", help="train each (budget, size) with train.py")
     # what to sweep
     p.add_argument("--data", default="data/pydocs", help="dir with train.bin, val.bin, tokenizer/")
     p.add_argument("--vocab-size", type=int, default=None, help="vocab size (default: from DATA/tokenizer)")
     p.add_argument("--out-dir", default="runs/scaling", help="one subdir per run + results.jsonl")
     p.add_argument("--results", default=None, help="results file (default OUT_DIR/results.jsonl)")
-    p.add_argument("--budgets", type=float, nargs="+", default=[1e11, 3e11, 1e12], help="FLOP budgets")
-    p.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 128], help="d_model values")
+    p.add_argument("--budgets", type=float, nargs="+", default=[3e9, 1e10, 3e10, 1e11], help="FLOP budgets")
+    p.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 24, 32, 48], help="d_model values")
     p.add_argument("--flops", choices=["exact", "6nd"], default="exact", help="FLOPs per token rule")
     p.add_argument("--min-steps", type=int, default=10, help="skip runs with fewer steps")
     # model and training knobs, shared by every run
     p.add_argument("--num-layers", type=int, default=2, help="depth of every model")
-    p.add_argument("--head-dim", type=int, default=16, help="num_heads = d_model / head_dim")
+    p.add_argument("--head-dim", type=int, default=8, help="num_heads = d_model / head_dim")
     p.add_argument("--context-length", type=int, default=64, help="tokens per sequence")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine to lr/10)")
-    p.add_argument("--eval-steps", type=int, default=20, help="val batches for the final loss")
+    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (cosine to lr/10)")
+    p.add_argument("--eval-steps", type=int, default=40, help="val batches for the final loss")
     p.add_argument("--seed", type=int, default=0, help="seed for every run")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for each run (0 = inherit)")
     p.add_argument("--train-args", default="", help="extra flags passed to train.py verbatim")
     p.add_argument("--fit", action="store_true", help="fit the results afterwards (writes fit.json)")
     p.add_argument("--target", type=float, nargs="*", default=None, help="budgets to extrapolate to")
@@ -580,6 +640,7 @@ def build_parser():
     p.add_argument("--out-dir", default=None, help="where fit.json and scaling.png go (default: next to runs)")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for CIs")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--min-budget", type=float, default=0.0, help="ignore runs of smaller budgets")
     return ap
 
 
@@ -594,6 +655,8 @@ if __name__ == "__main__":
         for r in flops_table(args.vocab_size, args.context_length):
             print(f"{r['d_model']:>7} {r['layers']:>6} {r['N']:>14,} {r['N_total']:>14,} "
                   f"{r['exact']:>14,.0f} {r['exact/6N']:>9.3f} {r['exact/6N_total']:>12.3f}")
+    elif args.cmd == "bytes":
+        write_byte_dataset(args.text, args.out)
     elif args.cmd == "sweep":
         path = sweep(args)
         if args.fit:
@@ -601,4 +664,5 @@ if __name__ == "__main__":
     else:
         runs_path = args.runs
         targets = args.target or [10 * float(load_runs(runs_path)["C"].max())]
-        fit_report(runs_path, targets, args.out_dir, n_boot=args.bootstrap, seed=args.seed)
+        fit_report(runs_path, targets, args.out_dir, n_boot=args.bootstrap, seed=args.seed,
+                   min_budget=args.min_budget)

@@ -279,7 +279,10 @@ def load_tokenizer(tok_dir):
         return None
     from bpe import Tokenizer
 
-    return Tokenizer.load(tok_dir)
+    try:
+        return Tokenizer.load(tok_dir)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load tokenizer {tok_dir}: {e}")
 
 
 # ---------------------------------------------------------------
@@ -438,12 +441,12 @@ def build_parser():
     # optimization
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-step (per rank)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--max-steps", type=int, default=400, help="optimizer steps")
+    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon = Muon for hidden matrices + AdamW for the rest")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     p.add_argument("--muon-lr", type=float, default=0.02, help="peak Muon learning rate")
     p.add_argument("--min-lr", type=float, default=2e-4, help="final learning rate (Muon scaled alike)")
-    p.add_argument("--warmup-steps", type=int, default=40, help="linear warmup steps")
+    p.add_argument("--warmup-steps", type=int, default=30, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay (matrices only)")
     p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
@@ -452,8 +455,8 @@ def build_parser():
     p.add_argument("--eval-every", type=int, default=100, help="eval on val every N steps (and at the end)")
     p.add_argument("--eval-steps", type=int, default=10, help="val batches per eval")
     p.add_argument("--log-every", type=int, default=10, help="print/log train loss every N steps")
-    p.add_argument("--sample-every", type=int, default=200, help="print a sample every N steps (0 = off; needs a tokenizer)")
-    p.add_argument("--ckpt-every", type=int, default=200, help="write OUT/ckpt.pt every N steps (and at the end)")
+    p.add_argument("--sample-every", type=int, default=100, help="print a sample every N steps (0 = off; needs a tokenizer)")
+    p.add_argument("--ckpt-every", type=int, default=100, help="write OUT/ckpt.pt every N steps (and at the end)")
     p.add_argument("--keep-ckpts", action="store_true", help="also keep OUT/ckpt-STEP.pt for every checkpoint")
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="resume from OUT/ckpt.pt (or a given path)")
     # system
@@ -530,11 +533,14 @@ def train(args):
     mlm = args.objective == "mlm"
     if mlm:
         from model import mlm_corrupt
-    cfg = ModelConfig(
-        vocab_size=data_vocab + (1 if mlm else 0), context_length=args.context_length, d_model=args.d_model,
-        num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, d_ff=args.d_ff,
-        rope_theta=args.rope_theta, tie_embeddings=args.tie_embeddings, causal=not mlm, attn_backend=args.attn_backend,
-    )  # fmt: skip
+    try:
+        cfg = ModelConfig(
+            vocab_size=data_vocab + (1 if mlm else 0), context_length=args.context_length, d_model=args.d_model,
+            num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, d_ff=args.d_ff,
+            rope_theta=args.rope_theta, tie_embeddings=args.tie_embeddings, causal=not mlm, attn_backend=args.attn_backend,
+        )  # fmt: skip
+    except ValueError as e:  # e.g. d_model not divisible by num_heads
+        raise SystemExit(f"error: {e}")
     torch.manual_seed(args.seed)  # same init on every rank
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -662,22 +668,22 @@ def train(args):
         for micro in range(args.grad_accum):
             last = micro == args.grad_accum - 1
             x, y = next_batch(train_data, batch_gen)
-            # all-reduce only once per optimizer step: skip it on non-final micro-steps
+            # Communication is the expensive part of a distributed step, and only the *sum* of the
+            # micro-steps' grads matters: non-final micro-steps accumulate locally (no_sync), the
+            # last one triggers the all-reduce (FSDP: the reduce-scatter) of the accumulated grads.
             if world > 1 and args.fsdp:
                 model.set_requires_gradient_sync(last)
-                sync = contextlib.nullcontext()
-            elif world > 1 and not last:
-                sync = model.no_sync()
-            else:
-                sync = contextlib.nullcontext()
+            sync = model.no_sync() if world > 1 and not args.fsdp and not last else contextlib.nullcontext()
             with sync:
-                with autocast:
+                with autocast:  # bf16 matmuls on CUDA; cross_entropy upcasts to fp32 itself
                     loss = cross_entropy(model(x), y)
-                (loss / args.grad_accum).backward()  # grads add up over micro-steps
+                # .backward() *adds* into p.grad, so dividing by grad_accum makes the sum a mean:
+                # B x grad_accum sequences then give exactly the gradient of one big batch
+                (loss / args.grad_accum).backward()
             loss_sum += loss.detach().float()
         if world > 1 and not args.fsdp:
             model.finish_gradient_synchronization()  # wait for the last buckets' all-reduce
-        if args.grad_clip > 0:
+        if args.grad_clip > 0:  # after the all-reduce: every rank must clip the same gradient
             clip_grad_norm(params, args.grad_clip)
         for opt in optimizers:
             opt.step()
