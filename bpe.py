@@ -36,6 +36,8 @@ Run it:
         --special-tokens '<|endoftext|>' '<|user|>' '<|assistant|>' --out data/pydocs/tokenizer
     python bpe.py encode --tokenizer data/pydocs/tokenizer --input data/pydocs/train.txt --out data/pydocs/train.bin
     python bpe.py stats --tokenizer data/pydocs/tokenizer --input data/pydocs/val.txt
+    python bench.py --only bpe              # train vs HF tokenizers, encode vs tiktoken
+CPU only; there is nothing here for a GPU to do.
 """
 
 import argparse
@@ -68,19 +70,35 @@ def ascii_twin(pattern):
     On pure-ASCII text (most English prose and code) `re` runs these patterns about twice as
     fast as `regex`, and pre-tokenization is the bottleneck of both training and encoding. In
     ASCII, \p{L} is [A-Za-z], \p{N} is [0-9], and `regex`'s \s is [\t\n\v\f\r ] (it excludes
-    \x1c-\x1f, which `re`'s \s would include, so we spell the class out). Returns None for
-    patterns we do not know how to translate.
+    \x1c-\x1f, which `re`'s \s would include, so we spell the class out). Only our two
+    patterns are translated (a test checks them on random ASCII); for any other we return None.
     """
+    if pattern not in (GPT2_PATTERN, SPLIT_DIGITS_PATTERN):
+        return None
     ws = r"\t\n\x0b\x0c\r "
     for a, b in [(r"[^\s\p{L}\p{N}]", f"[^{ws}A-Za-z0-9]"), (r"(?!\S)", f"(?![^{ws}])"),
                  (r"\p{L}", "[A-Za-z]"), (r"\p{N}", "[0-9]"), (r"\s", f"[{ws}]")]:
         pattern = pattern.replace(a, b)
-    return None if "\\p" in pattern or "\\S" in pattern else re.compile(pattern)
+    return re.compile(pattern)
+
+
+# Zero-width cut between a printable ASCII character and "\n": never inside a pre-token (see
+# "Reading big files in chunks" below for why).
+_LINE_CUT = re.compile(r"(?<=[\x21-\x7e])(?=\n)")
 
 
 def _findall(pat, pat_ascii, text):
-    """Pre-tokenize: the fast ASCII engine when it applies, else the full Unicode one."""
-    return (pat_ascii if pat_ascii is not None and text.isascii() else pat).findall(text)
+    """Pre-tokenize with the fast ASCII engine wherever the text allows it."""
+    if pat_ascii is None:
+        return pat.findall(text)
+    if text.isascii():
+        return pat_ascii.findall(text)
+    # Mixed text is still mostly ASCII line by line (95% on the stdlib docs), so we cut it at
+    # safe line ends and give each line the engine it allows: ~10% faster pre-tokenization.
+    out = []
+    for line in _LINE_CUT.split(text):
+        out += (pat_ascii if line.isascii() else pat).findall(line)
+    return out
 
 
 def _special_splitter(special_tokens):
@@ -113,6 +131,7 @@ def _chunk_boundaries(path, n_chunks, special_tokens, scan=1 << 20):
     size = os.path.getsize(path)
     specials = [s.encode("utf-8") for s in special_tokens or []]
     keep = max(map(len, specials), default=1)  # overlap between blocks, so no match straddles two
+    line_cuts = not any(b"\n" in s for s in specials)  # a special spanning "x\n" would be cut in two
     bounds = [0]
     with open(path, "rb") as f:
         for i in range(1, n_chunks):
@@ -129,7 +148,7 @@ def _chunk_boundaries(path, n_chunks, special_tokens, scan=1 << 20):
                     cut = base + min(hits)
                     break
                 pos += len(block)
-                if pos - guess >= scan:  # no special nearby: fall back to a line end
+                if pos - guess >= scan and line_cuts:  # no special nearby: fall back to a line end
                     m = _NEWLINE_CUT.search(buf)
                     if m:
                         cut = base + m.end()
@@ -439,10 +458,14 @@ class Tokenizer:
     training -> for each pre-token, start from its UTF-8 bytes and apply merges in rank order.
     Applying merges by rank reproduces exactly what training did to every training word, and it
     is also what tiktoken does (its ranks are our merge order), which the tests check id for id.
+    (tiktoken looks pairs up by the bytes of their concatenation, so on rare vocabularies where
+    two different merges spell the same bytes the two can differ; we follow the merge list.)
     With no special tokens, "<|endoftext|>" is ordinary text and gets split like any other.
     """
 
     def __init__(self, vocab: dict, merges: list, special_tokens=None, pattern=GPT2_PATTERN):
+        if pattern not in (GPT2_PATTERN, SPLIT_DIGITS_PATTERN):  # chunked encoding relies on their safe cuts
+            raise ValueError("pattern must be GPT2_PATTERN or SPLIT_DIGITS_PATTERN")
         self.vocab = dict(vocab)                       # id -> bytes
         self.merges = list(merges)
         self.pattern = pattern
@@ -487,7 +510,7 @@ class Tokenizer:
 
         rs[i] is the rank of the pair (ids[i], ids[i+1]) (or `inf`: never merged). Merging at i
         only changes the ranks of the two pairs around it, so we patch those rather than
-        recompute; min/index/slice run in C. Taking the leftmost lowest rank each time equals
+        recompute; min/index/del run in C. Taking the leftmost lowest rank each time equals
         "merge every occurrence left to right": a pair containing the new token always ranks
         later than the merge that made it.
         """
@@ -499,8 +522,8 @@ class Tokenizer:
             if r == inf:  # no pair left that training ever merged
                 break
             i = rs.index(r)
-            ids[i:i + 2] = [merged[r]]
-            del rs[i]
+            ids[i] = merged[r]
+            del ids[i + 1], rs[i]
             if i > 0:
                 rs[i - 1] = get((ids[i - 1], ids[i]), inf)
             if i < len(rs):
@@ -593,16 +616,19 @@ class Tokenizer:
         if not isinstance(raw, dict) or not all(isinstance(i, int) for i in raw.values()):
             raise ValueError(f"{vocab_path}: expected a JSON object mapping token strings to integer ids")
         vocab = {i: _to_bytes(s, vocab_path) for s, i in raw.items()}
+        try:
+            with open(merges_path, encoding="utf-8") as f:
+                lines = f.read().split("\n")  # token strings never hold whitespace (see _B2U)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{merges_path}: not valid UTF-8 ({e})") from None
         merges = []
-        with open(merges_path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                line = line.rstrip("\r\n")
-                if not line or (n == 1 and line.startswith("#version")):
-                    continue
-                parts = line.split(" ")
-                if len(parts) != 2:
-                    raise ValueError(f"{merges_path}:{n}: expected two tokens separated by one space")
-                merges.append((_to_bytes(parts[0], merges_path), _to_bytes(parts[1], merges_path)))
+        for n, line in enumerate(lines, 1):
+            if not line or (n == 1 and line.startswith("#version")):
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise ValueError(f"{merges_path}:{n}: expected two tokens separated by one space")
+            merges.append((_to_bytes(parts[0], merges_path), _to_bytes(parts[1], merges_path)))
         return cls(vocab, merges, special_tokens, pattern)
 
     @classmethod

@@ -55,11 +55,13 @@ import os
 import re
 import sys
 import time
+import types
 import unicodedata
 import zlib
 from collections import Counter
 
 import numpy as np
+import regex
 
 EOT = "<|endoftext|>"
 
@@ -138,12 +140,17 @@ def _decode_html(html_bytes):
     return html_bytes.decode("utf-8", errors="replace")
 
 
+def _looks_binary(text, window=20000):
+    """Binary garbage decodes to a soup of U+FFFD and control characters: > 10% of them is not text."""
+    head = text[:window]
+    bad = head.count("\ufffd") + sum(1 for ch in head if ord(ch) < 32 and ch not in "\t\n\r\f")
+    return bool(head) and bad / len(head) > 0.1
+
+
 def extract_text_from_html_bytes(html_bytes):
     """HTML bytes -> plain text with blank-line-separated paragraphs, or None for garbage."""
     text = _decode_html(html_bytes)
-    # Binary garbage decodes to a soup of U+FFFD and control characters: refuse it.
-    bad = text.count("\ufffd") + sum(1 for ch in text[:20000] if ord(ch) < 32 and ch not in "\t\n\r\f")
-    if text and bad / min(len(text), 20000) > 0.1:
+    if _looks_binary(text):
         return None
     parser = _TextExtractor()
     try:
@@ -181,7 +188,7 @@ _STOPWORDS = {
 _STOPWORDS = {lang: set(words.split()) for lang, words in _STOPWORDS.items()}
 # Letters and suffixes that (almost) only one of the languages uses; each hit adds half a stopword.
 _MARKERS = {"de": r"ß|ä|ö|ü|sch|ung\b", "fr": r"ç|è|ê|œ|eux\b|\bqu'", "es": r"ñ|¿|¡|ción\b", "it": r"zione\b|gli\b|ò",
-            "pt": r"ã|õ|ção\b|ções\b", "nl": r"ij|oo|\bvan\b", "sv": r"å", "pl": r"ą|ę|ł|ś|ż|ź|ń", "en": r"\bth|ing\b"}
+            "pt": r"ã|õ|ção\b|ções\b", "nl": r"ij|aa|uu|\bvan\b", "sv": r"å", "pl": r"ą|ę|ł|ś|ż|ź|ń", "en": r"\bth|ing\b"}
 _FASTTEXT_LID = None  # set by load_fasttext_lid()
 
 
@@ -380,7 +387,7 @@ def _bag(texts, num_buckets):
     return torch.tensor([i for x in ids for i in x]), offsets  # flat ids + start offsets
 
 
-def train_classifier(texts, labels, label_names, num_buckets=2**16, dim=16, epochs=60, lr=0.2, seed=0):
+def train_classifier(texts, labels, label_names, num_buckets=2**14, dim=16, epochs=60, lr=0.2, seed=0):
     """Train a fastText-style classifier; returns a plain dict that torch.save can store."""
     import torch
     torch.manual_seed(seed)
@@ -497,12 +504,12 @@ def exact_line_dedup_docs(texts, min_docs=2):
 # estimates Jaccard. Comparing all pairs is O(N²); LSH splits the signature into b bands of r rows
 # and only compares documents that agree on an entire band: P(candidate) = 1 - (1 - J^r)^b, an S-curve
 # that is steep around (1/b)^(1/r). Candidates are then verified with the exact Jaccard.
-# Speed comes from never looping in Python per word or per shingle: words, n-grams, signatures and
-# LSH buckets are all numpy array operations (uint64 arithmetic wraps around mod 2^64, silently).
+# Speed comes from never looping in Python per shingle or per hash function: normalization is one
+# bytes.translate, each distinct word is hashed once, and n-grams, signatures and LSH buckets are
+# numpy array operations over whole batches (uint64 arithmetic wraps around mod 2^64, silently).
 
-_P = np.uint64(0x100000001B3)  # odd multiplier of the polynomial word hash (the FNV-1 prime)
-_PINV = np.uint64(pow(0x100000001B3, -1, 1 << 64))  # its inverse mod 2^64 (exists because _P is odd)
-_COMBINING = re.compile(r"[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]")
+_P = np.uint64(0x100000001B3)  # odd multiplier of the polynomial n-gram hash (the FNV-1 prime)
+_COMBINING = regex.compile(r"\p{Mn}")  # every nonspacing mark: accents, but also e.g. the kana dakuten
 
 
 def normalize_for_dedup(text):
@@ -518,47 +525,64 @@ def _mix64(h):
     return h ^ (h >> np.uint64(31))
 
 
-# normalize_for_dedup on bytes, vectorized: a 256-entry table lowercases ASCII letters, keeps digits
-# and UTF-8 bytes of non-ASCII word characters, and maps everything else to a space; then runs of
-# spaces collapse. Non-ASCII text first loses accents and non-word symbols (a regex, in C).
-_LUT = np.array([c | 0x20 if chr(c).isalpha() else c if chr(c).isdigit() else 32 for c in range(128)]
-                + list(range(128, 256)), dtype=np.uint8)
+# normalize_for_dedup on bytes, in C: a 256-byte table lowercases ASCII letters, keeps digits and
+# the UTF-8 bytes of non-ASCII word characters, and maps everything else to a space; bytes.split()
+# then collapses the spaces. Non-ASCII text first loses accents and non-word symbols (a regex, in C).
+_TABLE = bytes([c | 0x20 if chr(c).isalpha() else c if chr(c).isdigit() else 32 for c in range(128)]
+               + list(range(128, 256)))
 _NON_ASCII_SYMBOL = re.compile(r"[^\x00-\x7f\w]")
 
 
-def _normalized_bytes(text):
+def _normalized_words(text):
+    """normalize_for_dedup(text).split(), as a list of UTF-8 bytes objects."""
     if not text.isascii():
         text = _COMBINING.sub("", unicodedata.normalize("NFD", text.lower()))
         text = _NON_ASCII_SYMBOL.sub(" ", text)
-    b = _LUT[np.frombuffer(text.encode(), dtype=np.uint8)]
-    keep = b != 32
-    keep[1:] |= b[:-1] != 32  # a space survives only right after a non-space ...
-    b = b[keep]
-    return b[:-1] if len(b) and b[-1] == 32 else b  # ... and not at the end
+    return text.encode().translate(_TABLE).split()
 
 
 def shingle_hashes(text, ngrams):
     """Sorted unique 64-bit hashes of the word n-grams of normalize_for_dedup(text)."""
-    b = _normalized_bytes(text).astype(np.uint64)
-    if len(b) == 0:
-        return np.zeros(0, dtype=np.uint64)
-    # Word hashes for all words at once. With C[k] = Σ_{i<k} byte_i·P^i (a prefix sum), the word
-    # spanning bytes [s, e) hashes to (C[e] - C[s])·P^(-s) = Σ byte_{s+j}·P^j: same word, same hash,
-    # wherever it sits. Words are separated by exactly one space after normalization.
-    n = len(b)
-    pows = np.cumprod(np.full(n, _P, dtype=np.uint64)) * _PINV  # P^0 .. P^(n-1)
-    ipows = np.cumprod(np.full(n, _PINV, dtype=np.uint64)) * _P  # P^0 .. P^-(n-1)
-    C = np.concatenate([np.zeros(1, np.uint64), np.cumsum(b * pows)])
-    spaces = np.flatnonzero(b == 32)
-    starts = np.concatenate([[0], spaces + 1])
-    ends = np.concatenate([spaces, [n]])
-    wh = _mix64((C[ends] - C[starts]) * ipows[starts] + (ends - starts).astype(np.uint64))  # (W,)
-    k = min(ngrams, len(wh))  # a document shorter than n words is one shingle
-    S = len(wh) - k + 1
-    h = wh[:S].copy()
-    for j in range(1, k):  # n-gram hash = polynomial in its word hashes
-        h = h * _P + wh[j:j + S]
-    return np.unique(_mix64(h))
+    return np.unique(shingle_hashes_batch([text], ngrams)[0])
+
+
+def shingle_hashes_batch(texts, ngrams, batch_words=1 << 20):
+    """64-bit hashes of every document's word n-grams, repeats included (a repeat cannot change a
+    minimum, so only the few candidate pairs that reach the exact Jaccard check pay for np.unique).
+    A constant number of numpy calls per batch of ~1M words, none per document or per shingle."""
+    out, batch, size = [], [], 0
+    for t in texts:
+        batch.append(_normalized_words(t))
+        size += len(batch[-1])
+        if size >= batch_words:
+            out += _shingles_of_batch(batch, ngrams)
+            batch, size = [], 0
+    return out + _shingles_of_batch(batch, ngrams) if batch else out
+
+
+def _shingles_of_batch(docs, ngrams):
+    # Every distinct word of the batch is hashed once (blake2b is stable across runs, unlike
+    # hash()); then the batch's words are one flat (W,) array of word hashes, document after document.
+    index = {}
+    ids = np.array([index.setdefault(w, len(index)) for d in docs for w in d], dtype=np.int64)  # (W,)
+    vocab = np.array([int.from_bytes(hashlib.blake2b(w, digest_size=8).digest(), "little") for w in index],
+                     dtype=np.uint64)
+    wh = vocab[ids] if len(ids) else np.zeros(0, dtype=np.uint64)
+    nw = np.array([len(d) for d in docs])
+    ws = np.cumsum(nw) - nw  # index of each document's first word
+    W = len(wh)
+    # n-gram hash = a polynomial in its word hashes, built one word at a time at every position;
+    # windows that run into the next document are masked out. A document shorter than n words is a
+    # single shingle, its whole word sequence: we take that value when the polynomial has j words.
+    h, inside = wh.copy(), np.arange(W) + ngrams - 1 < np.repeat(ws + nw, nw)  # (W,) window fits
+    short = [(ws[nw == j], None) for j in range(1, ngrams)]
+    for j in range(1, ngrams):
+        short[j - 1] = (short[j - 1][0], h[short[j - 1][0]])  # h holds j-word polynomials here
+        h[:max(W - j, 0)] = h[:max(W - j, 0)] * _P + wh[j:]
+    for pos, val in short:
+        h[pos], inside[pos] = val, True
+    counts = np.where(nw >= ngrams, nw - ngrams + 1, np.minimum(nw, 1))  # shingles per document
+    return np.split(_mix64(h[inside]), np.cumsum(counts)[:-1])
 
 
 def minhash_params(num_hashes, seed=0):
@@ -569,29 +593,32 @@ def minhash_params(num_hashes, seed=0):
     return a, b
 
 
-def minhash_signatures(shingle_list, a, b, chunk=4096):
+def minhash_signatures(shingle_list, a, b, chunk=2048):
     """list of (S_i,) uint64 shingle hashes -> (N, K) uint32 signatures, min_x h_k(x).
 
     Hash family: Dietzfelbinger et al.'s multiply-add-shift (2-universal on 64-bit words), the
-    "uint64 with care" alternative to (a·x + b) mod (2^61 - 1): the top 32 bits of a·x + b computed
-    mod 2^64 need no 128-bit products, so one (K, S) multiply, add and shift per chunk. We batch
-    many documents into one (K, S) array and take per-document minima with np.minimum.reduceat."""
-    K = len(a)
-    sigs = np.full((len(shingle_list), K), 2**32 - 1, dtype=np.uint64)  # empty document: all max
-    pieces = [(i, s[j:j + chunk]) for i, s in enumerate(shingle_list) for j in range(0, len(s), chunk)]
-    start = 0
-    while start < len(pieces):
-        group, size = [], 0
-        while start < len(pieces) and (not group or size + len(pieces[start][1]) <= chunk):
-            group.append(pieces[start])
-            size += len(pieces[start][1])
-            start += 1
-        x = np.concatenate([p for _, p in group])  # (S,)
-        offsets = np.cumsum([0] + [len(p) for _, p in group[:-1]])
-        h = (a[:, None] * x[None, :] + b[:, None]) >> np.uint64(32)  # (K, S)
-        mins = np.minimum.reduceat(h, offsets, axis=1)  # (K, len(group))
-        np.minimum.at(sigs, np.array([i for i, _ in group]), mins.T)
-    return sigs.astype(np.uint32)
+    "uint64 with care" alternative to (a·x + b) mod (2^61 - 1): h(x) = the top 32 bits of a·x + b
+    computed mod 2^64, so no 128-bit products. Taking the top bits is monotone, so we shift only
+    the minima: min_x (v_x >> 32) == (min_x v_x) >> 32. All documents' shingles are laid end to end
+    and cut into chunks of (K, chunk) that stay in cache; np.minimum.reduceat takes the per-document
+    minima inside a chunk, and a document split across two chunks gets the min of both halves."""
+    K, N = len(a), len(shingle_list)
+    sigs = np.full((N, K), np.iinfo(np.uint64).max, dtype=np.uint64)  # empty document: all max
+    lens = np.array([len(s) for s in shingle_list], dtype=np.int64)
+    if lens.sum() == 0:
+        return (sigs >> np.uint64(32)).astype(np.uint32)
+    xs = np.concatenate(shingle_list)  # (S_total,)
+    doc = np.repeat(np.arange(N), lens)  # (S_total,) which document each shingle belongs to
+    buf = np.empty((K, chunk), dtype=np.uint64)
+    for start in range(0, len(xs), chunk):
+        x, d = xs[start:start + chunk], doc[start:start + chunk]
+        h = buf[:, :len(x)]
+        np.multiply(a[:, None], x[None, :], out=h)  # (K, chunk), wraps mod 2^64
+        h += b[:, None]
+        seg = np.flatnonzero(np.concatenate([[True], d[1:] != d[:-1]]))  # first shingle of each doc
+        ids = d[seg]  # distinct within a chunk, so plain fancy indexing is safe
+        sigs[ids] = np.minimum(sigs[ids], np.minimum.reduceat(h, seg, axis=1).T)
+    return (sigs >> np.uint64(32)).astype(np.uint32)
 
 
 def jaccard(x, y):
@@ -607,10 +634,16 @@ def minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_th
     if num_hashes % num_bands:
         raise SystemExit(f"error: num_hashes {num_hashes} is not divisible by num_bands {num_bands}")
     a, b = minhash_params(num_hashes, seed)
-    shingles = [shingle_hashes(t, ngrams) for t in texts]
+    shingles = shingle_hashes_batch(texts, ngrams)
     sigs = minhash_signatures(shingles, a, b).astype(np.uint64)  # (N, K)
     r = num_hashes // num_bands
     parent = list(range(len(texts)))
+    cache = {}
+
+    def uniq(i):  # sorted unique shingles, computed only for documents that become candidates
+        if i not in cache:
+            cache[i] = np.unique(shingles[i])
+        return cache[i]
 
     def find(i):  # union-find with path halving
         while parent[i] != i:
@@ -636,13 +669,13 @@ def minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_th
             for j in map(int, members):
                 rj = find(j)
                 for g in list(groups):  # compare j with the other clusters present in the bucket
-                    if g == rj:
+                    if g == rj or g not in groups:  # (a merge below may have folded g into rj)
                         continue
                     for i in groups[g]:
                         if (i, j) in checked:
                             continue
                         checked.add((i, j))
-                        if jaccard(shingles[i], shingles[j]) >= jaccard_threshold:
+                        if jaccard(uniq(i), uniq(j)) >= jaccard_threshold:
                             root, other = min(g, rj), max(g, rj)
                             parent[other] = root  # the root is always the earliest document
                             groups[root] = groups.pop(g, []) + groups.pop(rj, [])
@@ -722,6 +755,8 @@ def iter_warc(path):
                         yield doc_id, "bad", "not_html"
                 elif kind == "conversion":  # WET: already plain text
                     yield doc_id, "text", body.decode("utf-8", "replace")
+                else:  # warcinfo, request, metadata, ...: records, but not documents (still counted)
+                    yield doc_id, "bad", "not_a_document"
     except (EOFError, OSError, zlib.error) as e:  # truncated gzip stream, bad CRC, not gzip...
         yield f"{path}#{n + 1}", "bad", "truncated" if isinstance(e, EOFError) or "end" in str(e).lower() else "corrupt_file"
 
@@ -815,9 +850,19 @@ def stdlib_modules(max_submodules=300):
     return names
 
 
+_VOLATILE_SYS = {"modules", "path", "path_importer_cache", "meta_path", "path_hooks", "argv", "orig_argv",
+                 "last_type", "last_value", "last_traceback", "ps1", "ps2", "stdin", "stdout", "stderr",
+                 "__stdin__", "__stdout__", "__stderr__"}
+_MACHINE_PATHS = {}
+
+
 def _render_init(timeout):
     global _RENDER_TIMEOUT
     _RENDER_TIMEOUT = timeout
+    _MACHINE_PATHS.update({p: "/usr" for p in {sys.prefix, sys.base_prefix, sys.exec_prefix} if len(p) > 1})
+    for p in (os.getcwd(), os.path.dirname(os.path.abspath(__file__))):
+        if len(p) > 1 and not sys.prefix.startswith(p):  # (cwd "/" must not turn every "/" into ".")
+            _MACHINE_PATHS[p] = "."
     os.environ.clear()
     os.environ.update({"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "LANG": "C.UTF-8"})
     sys.argv = ["pydoc"]  # the sys module's page shows argv: keep the command line out of the corpus
@@ -839,6 +884,10 @@ def render_module_html(name):
     signal.alarm(_RENDER_TIMEOUT)
     try:
         module = importlib.import_module(name)
+        if name == "sys":  # live interpreter state, not documentation: it depends on what ran before
+            module = types.ModuleType("sys", sys.__doc__)
+            module.__dict__.update({k: v for k, v in vars(sys).items() if k not in _VOLATILE_SYS})
+        module.__dict__.pop("__warningregistry__", None)  # what warned so far in this worker: volatile
         page = pydoc.html.page(pydoc.describe(module), pydoc.html.document(module, name))
     except TimeoutError:
         return name, None, "render_timeout"
@@ -849,6 +898,10 @@ def render_module_html(name):
     # Object reprs carry memory addresses that change every run ("<object object at 0x7f..>",
     # "<PyDLL 'None', handle 7f..>"; pydoc writes the spaces as &nbsp;): drop them (determinism).
     page = re.sub(r"(?:\s|&nbsp;)(?:at(?:\s|&nbsp;)0x[0-9a-fA-F]+|handle(?:\s|&nbsp;)[0-9a-fA-F]{8,})", "", page)
+    # Where Python is installed is a fact about this machine, not about the library: write every
+    # install prefix as /usr and the working directory as ".", so the corpus is the same everywhere.
+    for path, neutral in sorted(_MACHINE_PATHS.items(), key=lambda kv: -len(kv[0])):
+        page = page.replace(path, neutral)
     return name, page, None
 
 
@@ -857,16 +910,14 @@ def iter_stdlib_docs(modules, workers, timeout=20):
     import multiprocessing as mp
     import pydoc
     from pydoc_data.topics import topics
-    # Spawned (not forked) workers with a fixed PYTHONHASHSEED: set/dict reprs in the rendered
-    # pages then come out in the same order on every run.
-    old = os.environ.get("PYTHONHASHSEED")
-    os.environ["PYTHONHASHSEED"] = "0"
+    # Spawned (not forked) workers with a fixed PYTHONHASHSEED, so set/dict reprs in the rendered
+    # pages come out in the same order on every run, and TZ=UTC (the time module's page shows it).
+    saved = dict(os.environ)
+    os.environ.update({"PYTHONHASHSEED": "0", "TZ": "UTC"})
     ctx = mp.get_context("spawn")
     pool = ctx.Pool(workers, initializer=_render_init, initargs=(timeout,), maxtasksperchild=100)
-    if old is None:
-        del os.environ["PYTHONHASHSEED"]
-    else:
-        os.environ["PYTHONHASHSEED"] = old
+    os.environ.clear()
+    os.environ.update(saved)
     pending = [pool.apply_async(render_module_html, (m,)) for m in modules]
     t0, hung = time.time(), False
     try:
@@ -891,6 +942,9 @@ def iter_stdlib_docs(modules, workers, timeout=20):
 # batched classifiers run in the parent afterwards. Every document gets exactly one fate.
 
 _CFG = {}
+# The stages in pipeline order. Every drop reason is "stage:why", so stats.json can say, per
+# stage, how many documents came in, how many it kept and why it dropped the rest.
+STAGES = ["source", "extract", "lang", "pii", "minhash", "line_dedup", "gopher", "quality", "toxic", "nsfw"]
 
 
 def _doc_init(cfg):
@@ -903,19 +957,21 @@ def process_document(item):
     """(doc_id, kind, payload) -> (doc_id, text | None, drop_reason | None, pii_counts, lang, n_bytes)."""
     doc_id, kind, payload = item
     if kind == "bad":
-        return doc_id, None, payload, {}, None, 0
+        return doc_id, None, f"source:{payload}", {}, None, 0
     n_bytes = len(payload) if kind == "html" else len(payload.encode("utf-8", "replace"))
-    text = extract_text_from_html_bytes(payload) if kind == "html" else payload
+    text = extract_text_from_html_bytes(payload) if kind == "html" else (None if _looks_binary(payload) else payload)
     if text is None:
-        return doc_id, None, "undecodable", {}, None, n_bytes
+        return doc_id, None, "extract:undecodable", {}, None, n_bytes
     text = text.strip()
     if not text:
-        return doc_id, None, "empty", {}, None, n_bytes
+        return doc_id, None, "extract:empty", {}, None, n_bytes
     lang = None
     if _CFG.get("lang"):
         lang, conf = identify_language(text)
-        if lang != _CFG["lang"] or conf < _CFG["min_lang_confidence"]:
-            return doc_id, None, "lang", {}, lang, n_bytes
+        if lang != _CFG["lang"]:
+            return doc_id, None, "lang:unknown" if lang == "unk" else "lang:other_language", {}, lang, n_bytes
+        if conf < _CFG["min_lang_confidence"]:
+            return doc_id, None, "lang:low_confidence", {}, lang, n_bytes
     pii = {}
     if _CFG.get("pii"):
         for key, fn in (("email", mask_emails), ("phone", mask_phone_numbers), ("ip", mask_ips)):
@@ -923,20 +979,21 @@ def process_document(item):
     return doc_id, text, None, pii, lang, n_bytes
 
 
-def _note_example(stats, reason, doc_id, k=5):
-    stats.setdefault("dropped_examples", {}).setdefault(reason, [])
-    if len(stats["dropped_examples"][reason]) < k:
-        stats["dropped_examples"][reason].append(doc_id)
-
-
 def build_corpus(items, args):
     """Run the whole pipeline on a stream of (doc_id, kind, payload); write files; return stats."""
     t_start = time.time()
     cfg = {"lang": None if args.no_lang else args.lang, "min_lang_confidence": args.min_lang_confidence,
            "pii": not args.no_pii, "fasttext_lid": args.fasttext_lid}
-    stats = {"docs_in": 0, "kept": 0, "dropped_by_reason": Counter(), "gopher_reasons": Counter(),
-             "bytes_in": 0, "pii": Counter(), "langs": Counter()}
+    stats = {"docs_in": 0, "kept": 0, "dropped_by_reason": Counter(), "bytes_in": 0, "pii": Counter(),
+             "langs": Counter(), "dropped_examples": {}}
     drop = stats["dropped_by_reason"]
+
+    def dropped(reason, doc_id, k=5):  # count it, and remember a few ids per reason for inspection
+        drop[reason] += 1
+        ex = stats["dropped_examples"].setdefault(reason, [])
+        if len(ex) < k:
+            ex.append(doc_id)
+
     ids, texts = [], []
     if args.workers > 1:  # streaming: imap keeps input order and only a window of documents in flight
         import multiprocessing as mp
@@ -946,32 +1003,33 @@ def build_corpus(items, args):
         pool, _ = None, _doc_init(cfg)
         results = map(process_document, items)
     t0 = time.time()
-    for doc_id, text, reason, pii, lang, n_bytes in results:
-        stats["docs_in"] += 1
-        stats["bytes_in"] += n_bytes
-        stats["pii"].update(pii)
-        if lang:
-            stats["langs"][lang] += 1
-        if reason:
-            drop[reason] += 1
-            _note_example(stats, reason, doc_id)
-        else:
-            ids.append(doc_id)
-            texts.append(text)
-        if args.input or args.url:  # (the default corpus shows its own render progress)
-            _progress(stats["docs_in"], 0, t0, "extract+lang+pii docs", every=2.0)
-    if pool:
-        pool.close()
-        pool.join()
+    try:
+        for doc_id, text, reason, pii, lang, n_bytes in results:
+            stats["docs_in"] += 1
+            stats["bytes_in"] += n_bytes
+            stats["pii"].update(pii)
+            if lang:
+                stats["langs"][lang] += 1
+            if reason:
+                dropped(reason, doc_id)
+            else:
+                ids.append(doc_id)
+                texts.append(text)
+            if args.input or args.url:  # (the default corpus shows its own render progress)
+                _progress(stats["docs_in"], 0, t0, "extract+lang+pii docs", every=2.0)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
     stats["seconds_extract"] = round(time.time() - t0, 2)
 
-    def keep_only(mask, reason):  # apply a boolean mask, counting the dropped documents
+    def keep_only(reasons):  # one drop reason (or None = keep) per surviving document
         nonlocal ids, texts
-        drop[reason] += sum(not k for k in mask)
-        for d in (d for d, k in zip(ids, mask) if not k):
-            _note_example(stats, reason, d)
-        ids = [d for d, k in zip(ids, mask) if k]
-        texts = [t for t, k in zip(texts, mask) if k]
+        for d, r in zip(ids, reasons):
+            if r:
+                dropped(r, d)
+        ids = [d for d, r in zip(ids, reasons) if not r]
+        texts = [t for t, r in zip(texts, reasons) if not r]
 
     # Near-duplicates first: line dedup would otherwise strip the shared lines of near-identical
     # pages (the encodings.* codecs) and leave husks that Gopher drops for the wrong reason.
@@ -981,27 +1039,33 @@ def build_corpus(items, args):
         stats["minhash_clusters"] = len(clusters)
         stats["minhash_example_clusters"] = [[ids[i] for i in c[:4]] for c in clusters[:5]]
         stats["seconds_minhash"] = round(time.time() - t1, 2)
-        keep_only(keep, "dedup_minhash")
-
+        keep_only([None if k else "minhash:near_duplicate" for k in keep])
     if not args.no_line_dedup:
         texts, stats["lines_removed_by_line_dedup"] = exact_line_dedup_docs(texts, args.line_dedup_min_docs)
-        keep_only([bool(t.strip()) for t in texts], "empty_after_line_dedup")
+        keep_only([None if t.strip() else "line_dedup:empty" for t in texts])
     if not args.no_gopher:
-        fails = [gopher_failure(t) for t in texts]
-        stats["gopher_reasons"].update(f for f in fails if f)
-        keep_only([f is None for f in fails], "gopher")
+        keep_only([f and f"gopher:{f}" for f in map(gopher_failure, texts)])
     for kind, bad_label, off, path, thr in (("quality", "low", args.no_quality, args.quality_model, args.quality_threshold),
                                             ("toxic", "toxic", args.no_toxic, args.toxic_model, args.toxic_threshold),
                                             ("nsfw", "nsfw", args.no_nsfw, args.nsfw_model, args.nsfw_threshold)):
         if not off and texts:
             set_classifier(kind, path)
             preds = classify_batch(kind, texts)
-            keep_only([not (label == bad_label and score >= thr) for label, score in preds], kind)
+            keep_only([f"{kind}:{label}" if label == bad_label and score >= thr else None for label, score in preds])
+    stats["kept"] = len(texts)
+    assert stats["kept"] + sum(drop.values()) == stats["docs_in"], "a document went missing"
+    # Per-stage funnel: documents still alive after each stage, in pipeline order.
+    alive = stats["docs_in"]
+    stats["docs_after_stage"] = {}
+    for i, stage in enumerate(STAGES):
+        alive -= sum(n for r, n in drop.items() if r.split(":")[0] == stage)
+        stats["docs_after_stage"][f"{i}_{stage}"] = alive
+
     # Split by a hash of the document id: stable across runs and independent of document order.
     in_val = [int(hashlib.sha1(d.encode()).hexdigest()[:8], 16) % 10000 < args.val_fraction * 10000 for d in ids]
     if ids and not any(in_val):
         in_val[min(range(len(ids)), key=lambda i: hashlib.sha1(ids[i].encode()).hexdigest())] = True
-    out_dir = os.path.join(args.out_dir, args.name)
+    out_dir = args.out or os.path.join("data", args.name)
     os.makedirs(out_dir, exist_ok=True)
     for split, want in (("train", False), ("val", True)):
         docs = [t for t, v in zip(texts, in_val) if v == want]
@@ -1011,8 +1075,6 @@ def build_corpus(items, args):
         os.replace(path + ".tmp", path)
         stats[f"{split}_docs"] = len(docs)
         stats[f"{split}_bytes"] = os.path.getsize(path)
-    stats["kept"] = len(texts)
-    assert stats["kept"] + sum(drop.values()) == stats["docs_in"], "a document went missing"
     if args.tokenizer:
         import bpe  # lazy: only needed to write token files
         for split in ("train", "val"):
@@ -1031,13 +1093,13 @@ def build_corpus(items, args):
 
 
 def print_stats(stats, out_dir):
-    print(f"\n{'stage / reason':<28}{'docs':>8}")
-    print(f"{'input documents':<28}{stats['docs_in']:>8}")
-    for reason, n in sorted(stats["dropped_by_reason"].items(), key=lambda kv: -kv[1]):
-        print(f"  dropped: {reason:<18}{n:>8}")
-    for reason, n in sorted(stats["gopher_reasons"].items()):
-        print(f"    gopher {reason:<19}{n:>8}")
-    print(f"{'kept':<28}{stats['kept']:>8}")
+    print(f"\n{'stage':<14}{'docs left':>10}   dropped (reason: docs)")
+    print(f"{'input':<14}{stats['docs_in']:>10}")
+    for key, alive in stats["docs_after_stage"].items():
+        stage = key.split("_", 1)[1]
+        why = ", ".join(f"{r.split(':', 1)[1]}: {n}" for r, n in sorted(stats["dropped_by_reason"].items())
+                        if r.split(":")[0] == stage)
+        print(f"{stage:<14}{alive:>10}   {why}")
     print(f"PII masked: {dict(stats['pii'])}; lines removed by line dedup: {stats.get('lines_removed_by_line_dedup', 0)}")
     print(f"train: {stats['train_docs']} docs, {stats['train_bytes'] / 1e6:.2f} MB | val: {stats['val_docs']} docs, "
           f"{stats['val_bytes'] / 1e6:.2f} MB | {stats['bytes_in'] / 1e6:.1f} MB in | {stats['seconds_total']:.1f} s -> {out_dir}")
@@ -1086,8 +1148,9 @@ def main(argv=None):
     p.add_argument("--no-topics", action="store_true", help="default corpus: skip the pydoc_data topics")
     p.add_argument("--render-timeout", type=int, default=20, help="seconds allowed to import+render one module")
     # output
-    p.add_argument("--name", default="pydocs", help="corpus name: writes OUT_DIR/NAME/{train,val}.txt, stats.json")
-    p.add_argument("--out-dir", default="data", help="parent directory of the corpus")
+    p.add_argument("--name", default="pydocs", help="corpus name: writes data/NAME/{train,val}.txt, stats.json")
+    p.add_argument("--out", default=None, help="output directory (default: data/NAME)")
+    p.add_argument("--cache-dir", default=os.path.join("data", "cache"), help="where --url downloads are kept")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents (by id hash) in val.txt")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--tokenizer", default=None, help="bpe.py tokenizer dir: also write train.bin / val.bin")
@@ -1120,7 +1183,7 @@ def main(argv=None):
     for path in args.input:
         if not os.path.exists(path):
             raise SystemExit(f"error: input {path} does not exist")
-    paths = list(args.input) + [download(u, os.path.join(args.out_dir, "cache")) for u in args.url]
+    paths = list(args.input) + [download(u, args.cache_dir) for u in args.url]
     if paths:
         items = (item for path in paths for item in iter_source(path))
     else:

@@ -16,7 +16,7 @@ What this file teaches
 Why
     torch.nn only supplies Parameter and Module here; everything that computes is written out,
     so the shapes and the math are on the page. A flag switches attention between the
-    from-scratch path ("naive"), PyTorch's fused kernel ("torch", the default) and our own
+    from-scratch path ("scratch"), PyTorch's fused kernel ("sdpa", the default) and our own
     Triton FlashAttention ("triton", in kernels.py); all three compute the same function.
 
 Papers
@@ -36,7 +36,7 @@ Papers
 Run it
     python model.py info --d-model 768 --num-layers 12 --num-heads 12 --vocab-size 50304 --context-length 1024
     python model.py export-hf --ckpt out/ckpt.pt --out out/hf     # then LlamaForCausalLM.from_pretrained("out/hf")
-    PYTHONPATH=. python -m pytest wip/tests/test_model.py -q       # tests (CPU, < 1 min)
+    python -m pytest -q test_all.py -k "model or attention or generate"  # tests (CPU)
 """
 
 import argparse
@@ -61,6 +61,9 @@ def default_d_ff(d_model: int) -> int:
     return max(64, 64 * round(8 * d_model / 3 / 64))
 
 
+ATTN_BACKENDS = ("scratch", "sdpa", "triton")  # from-scratch math | F.scaled_dot_product_attention | kernels.py
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 4096
@@ -73,7 +76,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     causal: bool = True  # False = bidirectional encoder (masked-LM)
-    attn_backend: str = "torch"  # "naive" | "torch" | "triton"
+    attn_backend: str = "sdpa"  # "scratch" | "sdpa" | "triton"
 
     def __post_init__(self):
         if self.num_kv_heads is None:
@@ -86,7 +89,7 @@ class ModelConfig:
             raise ValueError("head dimension must be even for RoPE")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.attn_backend not in ("naive", "torch", "triton"):
+        if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"unknown attn_backend {self.attn_backend!r}")
 
 
@@ -240,6 +243,7 @@ class MultiHeadSelfAttention(nn.Module):
             k_buf[:, :, start_pos : start_pos + T] = k
             v_buf[:, :, start_pos : start_pos + T] = v
             k, v = k_buf[:, :, : start_pos + T], v_buf[:, :, : start_pos + T]  # (B, Hkv, T_k, d_k)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # under autocast q is bf16 while the buffers may be fp32
         if self.num_kv_heads != self.num_heads:
             # GQA: query head h reads kv head h // group (each kv head repeated `group` times).
             group = self.num_heads // self.num_kv_heads
@@ -254,10 +258,8 @@ class MultiHeadSelfAttention(nn.Module):
         T_q, T_k = q.shape[-2], k.shape[-2]
         causal = self.cfg.causal
         backend = self.cfg.attn_backend
-        if backend == "triton" and T_q == T_k:
-            import kernels  # lazily: only this backend needs Triton
-
-            return kernels.FlashAttentionTriton.apply(q, k, v, causal)
+        if backend == "triton" and T_q == T_k:  # decode steps (T_q < T_k) fall through to sdpa
+            return _triton_attention(q, k, v, causal)
         # With a KV cache the T_q new queries are the *last* T_q of the T_k positions: query i sits
         # at absolute position (T_k - T_q) + i and may see keys j ≤ (T_k - T_q) + i. A single
         # decoding query (T_q = 1) sees everything cached, so it needs no mask at all.
@@ -265,13 +267,26 @@ class MultiHeadSelfAttention(nn.Module):
         if causal and T_q > 1:
             i = torch.arange(T_q, device=q.device)[:, None] + (T_k - T_q)
             mask = torch.arange(T_k, device=q.device)[None, :] <= i  # (T_q, T_k)
-        if backend == "naive":
+        if backend == "scratch":
             return scaled_dot_product_attention(q, k, v, mask)
         # PyTorch's fused kernel picks flash / memory-efficient / math by device and dtype; with
         # is_causal it never materializes the mask (and skips the masked half on GPU).
         if mask is not None and T_q == T_k:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _triton_attention(q, k, v, causal):
+    """Our FlashAttention-2 kernel from kernels.py, imported only when asked for, so model.py
+    runs anywhere torch does. Triton kernels need a CUDA device; without one kernels.py switches
+    Triton to its interpreter (TRITON_INTERPRET=1: correct, ~1000x slower, fine for tests)."""
+    try:
+        import kernels
+    except ImportError as e:  # triton missing, or kernels.py not next to model.py
+        raise RuntimeError(f"attn_backend='triton' needs triton and kernels.py ({e}); use attn_backend='sdpa'") from e
+    if q.device.type != "cuda" and not getattr(kernels, "INTERPRET", False):
+        raise RuntimeError("attn_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1); use attn_backend='sdpa'")
+    return kernels.FlashAttentionTriton.apply(q, k, v, causal)  # (B, H, T, d_k)
 
 
 # ---------------------------------------------------------------

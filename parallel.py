@@ -168,9 +168,17 @@ class BucketedDDP(nn.Module):
         if cur:
             self.buckets.append(cur)
         self._bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
-        # One preallocated flat buffer per bucket: no allocation in the hot path.
+        # One preallocated flat buffer per bucket, and p.grad becomes a *view* into it (torch's
+        # gradient_as_bucket_view=True): each gradient is copied once, as it arrives, the
+        # all-reduce and the averaging work in place, and nothing is copied back afterwards.
         self._flat = [torch.empty(sum(p.numel() for p in b), dtype=b[0].dtype, device=b[0].device)
-                      for b in self.buckets]
+                      for b in self.buckets]                                  # (bucket_numel,)
+        self._view = {}
+        for b, flat in zip(self.buckets, self._flat):
+            offset = 0
+            for p in b:
+                self._view[p] = flat[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
         self._pending = [len(b) for b in self.buckets]   # grads still to arrive per bucket
         self._work = [None] * len(self.buckets)
         for p in params:
@@ -179,16 +187,23 @@ class BucketedDDP(nn.Module):
     def _hook(self, p):
         if not self._sync:
             return
+        self._adopt(p)
         i = self._bucket_of[p]
         self._pending[i] -= 1
         if self._pending[i] == 0:          # last gradient of this bucket just landed
             self._launch(i)
 
+    def _adopt(self, p):
+        # zero_grad(set_to_none=True) left p.grad None, so autograd made a fresh tensor: move it
+        # into p's slot of the bucket. With set_to_none=False autograd accumulated into the slot.
+        v = self._view[p]
+        if p.grad is None:
+            v.zero_()                      # unused this step: contributes zeros, like torch's DDP
+        elif p.grad.data_ptr() != v.data_ptr():
+            v.copy_(p.grad)
+        p.grad = v
+
     def _launch(self, i):
-        # Copy into the flat buffer (torch's DDP can skip this copy by making p.grad a view of the
-        # bucket, gradient_as_bucket_view=True; we keep p.grad an ordinary tensor for clarity).
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.buckets[i]]
-        torch.cat(grads, out=self._flat[i])                       # (bucket_numel,)
         self._work[i] = dist.all_reduce(self._flat[i], async_op=True)
         self.comm_bytes += _nbytes(self._flat[i])
 
@@ -201,19 +216,13 @@ class BucketedDDP(nn.Module):
         if not self._sync:
             return
         for i, bucket in enumerate(self.buckets):
-            if self._work[i] is None:      # a parameter got no gradient this step
+            if self._work[i] is None:      # some parameter got no gradient this step
+                for p in bucket:
+                    self._adopt(p)
                 self._launch(i)
         for i, bucket in enumerate(self.buckets):
             self._work[i].wait()
-            flat = self._flat[i].div_(self.world_size)   # sum of per-rank means -> global mean
-            offset = 0
-            for p in bucket:               # unpack the averaged bucket back into p.grad
-                g = flat[offset:offset + p.numel()].view_as(p)
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.copy_(g)
-                offset += p.numel()
+            self._flat[i].div_(self.world_size)          # sum of per-rank means -> global mean
             self._work[i], self._pending[i] = None, len(bucket)
 
 
@@ -276,7 +285,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self):
         """Bytes of optimizer state held on this rank (the thing ZeRO-1 divides by N)."""
-        return sum(_nbytes(t) for s in self.inner.state.values() for t in s.values() if torch.is_tensor(t))
+        # (0-dim tensors such as Adam's step counter are bookkeeping, not the 8 bytes/param)
+        return sum(_nbytes(t) for s in self.inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
 
 
 # ---------------------------------------------------------------
@@ -293,23 +303,30 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
 class _GatherWeight(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard, shape, dtype, fsdp):
-        ctx.fsdp, ctx.numel = fsdp, math.prod(shape)
+    def forward(ctx, shard, entry, dtype, fsdp):
+        ctx.entry, ctx.fsdp, ctx.numel = entry, fsdp, math.prod(entry["shape"])
         src = shard.detach().to(dtype or shard.dtype)                          # (numel/N,)
         flat = torch.empty(src.numel() * fsdp.world_size, dtype=src.dtype, device=src.device)
-        _all_gather(flat, src)                                 # (N * numel/N,)
+        _all_gather(flat, src)                                                 # (N * numel/N,)
         fsdp.comm_bytes += _nbytes(flat)
-        return flat[:ctx.numel].view(shape)
+        return flat[:ctx.numel].view(entry["shape"])
 
     @staticmethod
     def backward(ctx, grad):
-        fsdp = ctx.fsdp
+        fsdp, e = ctx.fsdp, ctx.entry
         # Reduce in fp32 even when computing in bf16: summing N low-precision grads loses bits.
+        # A tied weight has two users, so backward lands here twice: we add the full-size grads
+        # locally and reduce-scatter once, after the last user (half the traffic, and the same
+        # summation order as autograd's single AccumulateGrad in the unsharded model).
         g = grad.reshape(-1).float()
+        e["acc"] = g if e["acc"] is None else e["acc"] + g
+        e["pending"] -= 1
+        if e["pending"] > 0:
+            return None, None, None, None      # "no gradient from this use"; the last use sends it all
         shard_numel = -(-ctx.numel // fsdp.world_size)
-        g = F.pad(g, (0, shard_numel * fsdp.world_size - g.numel()))          # (N * numel/N,)
+        g, e["acc"] = F.pad(e["acc"], (0, shard_numel * fsdp.world_size - ctx.numel)), None  # (N * numel/N,)
         out = torch.empty(shard_numel, dtype=torch.float32, device=g.device)
-        _reduce_scatter(out, g)                                     # my slice of the sum
+        _reduce_scatter(out, g)                                                # my slice of the sum
         fsdp.comm_bytes += _nbytes(g)
         return out.div_(fsdp.world_size), None, None, None
 
@@ -338,7 +355,8 @@ class FSDP(nn.Module):
                 shard = nn.Parameter(flat[self.rank * k:(self.rank + 1) * k].clone().float(),
                                      requires_grad=p.requires_grad)
                 mod.register_parameter("weight_shard", shard)   # so .parameters() yields shards
-                self.sharded[id(p)] = dict(name=self.names[id(p)], shape=p.shape, shard=shard, users=[])
+                self.sharded[id(p)] = dict(name=self.names[id(p)], shape=p.shape, shard=shard, users=[],
+                                           pending=0, acc=None)   # backward bookkeeping, see above
             self.sharded[id(p)]["users"].append(mod)
             del mod._parameters["weight"]
             mod.register_forward_pre_hook(self._make_pre_hook(self.sharded[id(p)]))
@@ -349,9 +367,11 @@ class FSDP(nn.Module):
         # Runs right before the Linear/Embedding's own forward: put a *plain tensor* attribute
         # `weight` (the gathered, autograd-tracked full matrix) where the Parameter used to be, so
         # the module's unchanged forward (x @ self.weight.t(), self.weight[ids]) just works. A tied
-        # weight has two users, each gathers it; autograd adds their two reduce-scattered grads.
+        # weight has two users; each gathers it, and _GatherWeight.backward sums both before sending.
         def pre_hook(mod, args):
-            mod.weight = _GatherWeight.apply(entry["shard"], entry["shape"], self.compute_dtype, self)
+            if torch.is_grad_enabled() and entry["shard"].requires_grad:
+                entry["pending"] += 1            # one more backward use to wait for
+            mod.weight = _GatherWeight.apply(entry["shard"], entry, self.compute_dtype, self)
             if self.compute_dtype is not None:   # feed the low-precision matmul low-precision inputs
                 return tuple(a.to(self.compute_dtype) if torch.is_tensor(a) and a.is_floating_point() else a
                              for a in args)

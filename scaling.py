@@ -167,21 +167,28 @@ def _subset(runs, idx):
 # log N_opt = a log C + const is a straight line: the slope a is the scaling exponent.
 
 
-def isoflop_minimum(N, D, loss):
-    """Parabola fit of loss vs log N at one budget -> (N_opt, D_opt, coefficients) or None."""
+def isoflop_minimum(N, D, loss, window=2):
+    """Parabola fit of loss vs log N at one budget -> (N_opt, D_opt, coefficients) or None.
+
+    Only the best size and its `window` nearest sizes on each side enter the fit: the valley is
+    asymmetric (steeper on the small-N side), so a parabola through far-away sizes misplaces
+    the bottom -- on our CPU sweep by ~30% in N with all six sizes of a budget."""
     x = np.log(N)
-    if len(np.unique(x)) < 3:
+    ux = np.unique(x)
+    j = np.searchsorted(ux, x[np.argmin(loss)])
+    m = np.isin(x, ux[max(0, j - window):j + window + 1])
+    if len(ux[max(0, j - window):j + window + 1]) < 3:
         return None
-    p = np.polyfit(x, loss, 2)
+    p = np.polyfit(x[m], loss[m], 2)
     if p[0] <= 0:                       # no valley: the sizes do not bracket the optimum
         return None
     x_opt = -p[1] / (2 * p[0])
-    if not x.min() <= x_opt <= x.max():  # a minimum outside the sampled sizes is extrapolation
+    if not x[m].min() <= x_opt <= x[m].max():  # a minimum outside the sampled sizes is extrapolation
         return None
     # D is a function of N at fixed C (D = C/6N, or C/flops_per_token(N)); interpolate log D
     # linearly in log N rather than assuming 6ND, so exact-FLOP budgets work too.
     q = np.polyfit(x, np.log(D), 1)
-    return math.exp(x_opt), math.exp(np.polyval(q, x_opt)), p
+    return math.exp(x_opt), math.exp(np.polyval(q, x_opt)), p, np.exp([x[m].min(), x[m].max()])
 
 
 def approach2(runs, n_boot=200, seed=0, targets=()):
@@ -201,7 +208,11 @@ def approach2(runs, n_boot=200, seed=0, targets=()):
         logC = np.log([m[0] for m in mins])
         a, kN = np.polyfit(logC, np.log([m[1] for m in mins]), 1)   # log N_opt = a log C + kN
         b, kD = np.polyfit(logC, np.log([m[2] for m in mins]), 1)   # log D_opt = b log C + kD
-        return (a, kN, b, kD), mins
+        # The valley floors give a loss forecast too: log L_opt = g log C + kL (a pure power law,
+        # no irreducible term -- fine over a decade or two, wrong in the limit; approach 3 has E).
+        L_min = [np.polyval(m[3], math.log(m[1])) for m in mins]
+        g, kL = np.polyfit(logC, np.log(L_min), 1)
+        return (a, kN, b, kD, g, kL), mins
 
     params, mins = fit(runs)
     if params is None:
@@ -218,18 +229,20 @@ def approach2(runs, n_boot=200, seed=0, targets=()):
         p, _ = fit(_subset(runs, idx))
         if p is not None:
             boots.append(p)
-    boots = np.array(boots)
-    ci = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
-    a, kN, b, kD = params
-    out = {"budgets": [{"C": float(c), "N_opt": n, "D_opt": d, "parabola": p.tolist()}
-                       for c, n, d, p in mins],
-           "a": a, "b": b, "log_k_N": kN, "log_k_D": kD,
+    boots = np.array(boots).reshape(-1, 6)   # (n_boot that found >= 2 minima, 6 params)
+    ci = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [math.nan] * 2
+    a, kN, b, kD, g, kL = params
+    out = {"budgets": [{"C": float(c), "N_opt": n, "D_opt": d, "parabola": p.tolist(), "N_range": r.tolist(),
+                        "loss": float(np.polyval(p, math.log(n)))} for c, n, d, p, r in mins],
+           "a": a, "b": b, "log_k_N": kN, "log_k_D": kD, "loss_exponent": g, "log_k_L": kL,
            "a_ci": ci(boots[:, 0]), "b_ci": ci(boots[:, 2]), "n_boot": len(boots), "predict": {}}
     for C in targets:
         lc = math.log(C)
-        n_b, d_b = np.exp(boots[:, 0] * lc + boots[:, 1]), np.exp(boots[:, 2] * lc + boots[:, 3])
+        # each bootstrap refit predicts at C; the spread of those predictions is the CI
+        n_b, d_b, l_b = (np.exp(boots[:, i] * lc + boots[:, i + 1]) for i in (0, 2, 4))
         out["predict"][C] = {"N_opt": math.exp(a * lc + kN), "N_ci": ci(n_b),
-                             "D_opt": math.exp(b * lc + kD), "D_ci": ci(d_b)}
+                             "D_opt": math.exp(b * lc + kD), "D_ci": ci(d_b),
+                             "loss": math.exp(g * lc + kL), "loss_ci": ci(l_b)}
     return out
 
 
@@ -368,7 +381,11 @@ def size_config(d_model, args, vocab_size):
     """One size knob: d_model. Depth and head size stay fixed, so N ~ 12 L d^2 + V d grows with
     width alone -- the simplest family in which "bigger" means one thing."""
     H = max(1, d_model // args.head_dim)
-    cfg = dict(vocab_size=vocab_size, d_model=d_model, num_layers=args.num_layers, num_heads=H)
+    # d_ff = 8/3 d rounded to a multiple of 8, passed to train.py explicitly: model.py's default
+    # rounds to 64 with a floor of 64, which at d_model <= 48 makes the MLP jump in steps and the
+    # family stop being "the same shape, wider".
+    cfg = dict(vocab_size=vocab_size, d_model=d_model, num_layers=args.num_layers, num_heads=H,
+               d_ff=max(8, 8 * round(d_model / 3)))
     n = param_counts(**cfg)
     per_tok = (6 * n["non_embedding"] if args.flops == "6nd"
                else train_flops_per_token(**cfg, context_length=args.context_length))
@@ -435,8 +452,7 @@ def sweep(args):
     V = args.vocab_size or data_vocab_size(args.data)
     tokens_per_step = args.batch_size * args.context_length
     plan = [(C, d) for C in args.budgets for d in args.sizes]
-    total_C = sum(C for C, _ in plan)
-    spent_C, t0 = 0.0, time.time()
+    spent_C, t0 = 0.0, time.time()     # FLOPs trained by *this* invocation, for the ETA
     for i, (C, d) in enumerate(plan):
         cfg, n, per_tok = size_config(d, args, V)
         # The budget fixes the step count: a 4x bigger model gets ~4x fewer tokens. Runs whose
@@ -452,10 +468,13 @@ def sweep(args):
             continue
         # A run dir with a finished metrics.jsonl (e.g. results.jsonl was deleted) is reused.
         final = read_final(os.path.join(run_dir, "metrics.jsonl"))
-        if final is None or final.get("step") != steps:
+        if final is not None and final.get("step") == steps:
+            print(f"[{i + 1}/{len(plan)}] {name}: finished earlier, reusing its metrics.jsonl")
+        else:
+            spent_C += C
             cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", args.data,
                    "--out-dir", run_dir, "--d-model", str(d), "--num-layers", str(args.num_layers),
-                   "--num-heads", str(cfg["num_heads"]), "--context-length", str(args.context_length),
+                   "--num-heads", str(cfg["num_heads"]), "--d-ff", str(cfg["d_ff"]), "--context-length", str(args.context_length),
                    "--batch-size", str(args.batch_size), "--max-steps", str(steps),
                    "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
                    "--warmup-steps", str(max(1, steps // 20)), "--eval-every", str(steps),
@@ -478,6 +497,7 @@ def sweep(args):
         # estimate, kept as train_flops for comparison); loss is the final validation loss.
         D = final.get("tokens") or steps * tokens_per_step
         row = {"run": name, "budget": C, "d_model": d, "num_layers": args.num_layers,
+               "head_dim": args.head_dim, "vocab_size": V, "context_length": args.context_length,
                "N": n["non_embedding"], "N_total": n["total"], "D": D, "C": per_tok * D,
                "C_6ND": 6 * n["non_embedding"] * D, "loss": final["val_loss"], "steps": steps,
                "wall_s": final.get("wall_s"), "train_flops": final.get("flops")}
@@ -485,11 +505,11 @@ def sweep(args):
             print(f"  warning: train.py reports {final['params']:,} params, we count {n['total']:,}")
         results.append(row)
         write_jsonl(results_path, results)
-        spent_C += C
         el = time.time() - t0
-        eta = el / spent_C * (total_C - sum(C for C, _ in plan[:i + 1]))
-        print(f"  val_loss {row['loss']:.4f} | {el:.0f}s elapsed | "
-              f"{spent_C / el:.2e} FLOP/s | ETA {eta:.0f}s", flush=True)
+        left = sum(c for c, dd in plan[i + 1:] if f"C{c:.1e}_d{dd}_L{args.num_layers}" not in done)
+        rate = spent_C / el if spent_C else float("nan")
+        print(f"  val_loss {row['loss']:.4f} | {el:.0f}s elapsed | {rate:.2e} FLOP/s | "
+              f"ETA {left / rate:.0f}s", flush=True)
     return results_path
 
 
@@ -520,7 +540,8 @@ def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0, min_budget=
         print(f"  D_opt ~ C^b, b = {a2['b']:.3f}  95% CI [{a2['b_ci'][0]:.3f}, {a2['b_ci'][1]:.3f}]")
         for C, p in a2["predict"].items():
             print(f"  at C={C:.2e}: N_opt={p['N_opt']:.3g} [{p['N_ci'][0]:.3g}, {p['N_ci'][1]:.3g}]"
-                  f"  D_opt={p['D_opt']:.3g} [{p['D_ci'][0]:.3g}, {p['D_ci'][1]:.3g}]")
+                  f"  D_opt={p['D_opt']:.3g} [{p['D_ci'][0]:.3g}, {p['D_ci'][1]:.3g}]"
+                  f"  loss={p['loss']:.4f} [{p['loss_ci'][0]:.4f}, {p['loss_ci'][1]:.4f}]")
     except SystemExit as e:
         a2 = None
         print(f"\nApproach 2 skipped: {e}")
@@ -537,6 +558,21 @@ def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0, min_budget=
         lo, hi = a3["ci"][f"N_opt@{C:g}"]
         print(f"  at C={C:.2e}: N_opt={p['N_opt']:.3g} [{lo:.3g}, {hi:.3g}]  D_opt={p['D_opt']:.3g}"
               f"  tokens/param={p['D_opt'] / p['N_opt']:.1f}  predicted loss={p['loss']:.4f}")
+    family = sweep_family(runs_path)
+    if family:
+        # The closed form assumes C = 6ND; our runs spend exact FLOPs, so for runs from our own
+        # sweep we also search the sweep's actual model family: the width whose exact-FLOP
+        # budget split minimizes the fitted L(N, D). This is what `sweep` would train next.
+        print(f"  in the sweep's family (L={family['num_layers']}, head_dim {family['head_dim']}, "
+              f"T={family['context_length']}, exact FLOPs):")
+        report["family"] = {}
+        for C in targets:
+            rows = family_table(family, a3, C)
+            best = min(range(len(rows)), key=lambda j: rows[j]["loss"])
+            report["family"][C] = rows[best]
+            for r in rows[max(0, best - 2):best + 3]:
+                print(f"    C={C:.2e} d_model={r['d_model']:4d}  N={r['N']:>9,}  D={r['D']:.3g}  "
+                      f"predicted loss={r['loss']:.4f}" + ("   <- optimum" if r is rows[best] else ""))
     resid = np.log(predict_loss(a3, runs["N"], runs["D"])) - np.log(runs["loss"])
     print(f"  fit residual (log loss): rms {np.sqrt(np.mean(resid ** 2)):.4f}, max {np.abs(resid).max():.4f}")
     os.makedirs(out_dir, exist_ok=True)
@@ -546,6 +582,30 @@ def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0, min_budget=
     os.replace(tmp, os.path.join(out_dir, "fit.json"))
     plot(runs, a2, a3, targets, out_dir)
     return report
+
+
+def sweep_family(runs_path):
+    """The model-family knobs stored in our sweep's results.jsonl rows (None for other tables)."""
+    if not runs_path.endswith(".jsonl"):
+        return None
+    row = json.loads(open(runs_path).readline())
+    keys = ("vocab_size", "num_layers", "head_dim", "context_length")
+    return {k: row[k] for k in keys} if all(k in row for k in keys) else None
+
+
+def family_table(family, fit, C, widths=range(8, 257, 4)):
+    """Predicted loss of every valid width of the family when trained on exactly C FLOPs."""
+    args = argparse.Namespace(flops="exact", **{k: family[k] for k in ("num_layers", "head_dim", "context_length")})
+    rows = []
+    for d in widths:
+        H = max(1, d // args.head_dim)
+        if d % H or (d // H) % 2:        # model.py needs an even head_dim (RoPE)
+            continue
+        _, n, per_tok = size_config(d, args, family["vocab_size"])
+        D = C / per_tok
+        rows.append({"d_model": d, "N": n["non_embedding"], "D": D,
+                     "loss": float(predict_loss(fit, n["non_embedding"], D))})
+    return rows
 
 
 def plot(runs, a2, a3, targets, out_dir):
@@ -570,7 +630,7 @@ def plot(runs, a2, a3, targets, out_dir):
         if a2 is not None:
             for b in a2["budgets"]:
                 if b["C"] == c:
-                    x = np.linspace(np.log(runs["N"][m]).min(), np.log(runs["N"][m]).max(), 50)
+                    x = np.linspace(*np.log(b["N_range"]), 50)   # the sizes the parabola saw
                     ax1.plot(np.exp(x), np.polyval(b["parabola"], x), color=col)
                     ax1.plot(b["N_opt"], np.polyval(b["parabola"], np.log(b["N_opt"])), "*",
                              color=col, ms=14, mec="k")
@@ -616,10 +676,10 @@ def build_parser():
     p.add_argument("--vocab-size", type=int, default=None, help="vocab size (default: from DATA/tokenizer)")
     p.add_argument("--out-dir", default="runs/scaling", help="one subdir per run + results.jsonl")
     p.add_argument("--results", default=None, help="results file (default OUT_DIR/results.jsonl)")
-    p.add_argument("--budgets", type=float, nargs="+", default=[3e9, 1e10, 3e10, 1e11], help="FLOP budgets")
-    p.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 24, 32, 48], help="d_model values")
+    p.add_argument("--budgets", type=float, nargs="+", default=[3e10, 1e11, 3e11, 1e12], help="FLOP budgets")
+    p.add_argument("--sizes", type=int, nargs="+", default=[16, 24, 32, 48, 64, 96], help="d_model values")
     p.add_argument("--flops", choices=["exact", "6nd"], default="exact", help="FLOPs per token rule")
-    p.add_argument("--min-steps", type=int, default=10, help="skip runs with fewer steps")
+    p.add_argument("--min-steps", type=int, default=50, help="skip runs with fewer steps (they measure warmup)")
     # model and training knobs, shared by every run
     p.add_argument("--num-layers", type=int, default=2, help="depth of every model")
     p.add_argument("--head-dim", type=int, default=8, help="num_heads = d_model / head_dim")

@@ -435,7 +435,7 @@ def build_parser():
     p.add_argument("--context-length", type=int, default=128, help="tokens per training window")
     p.add_argument("--rope-theta", type=float, default=10000.0, help="RoPE base")
     p.add_argument("--tie-embeddings", action="store_true", help="share token_embeddings and lm_head")
-    p.add_argument("--attn-backend", default="torch", choices=["naive", "torch", "triton"], help="attention implementation")
+    p.add_argument("--attn-backend", default="sdpa", choices=["scratch", "sdpa", "triton"], help="attention: from-scratch math, torch SDPA, or kernels.py Triton")
     p.add_argument("--objective", default="clm", choices=["clm", "mlm"], help="causal LM or masked LM (bidirectional)")
     p.add_argument("--mask-prob", type=float, default=0.15, help="MLM: fraction of positions to predict")
     # optimization
@@ -454,13 +454,13 @@ def build_parser():
     # evaluation, logging, checkpoints
     p.add_argument("--eval-every", type=int, default=100, help="eval on val every N steps (and at the end)")
     p.add_argument("--eval-steps", type=int, default=10, help="val batches per eval")
-    p.add_argument("--log-every", type=int, default=10, help="print/log train loss every N steps")
+    p.add_argument("--log-every", type=int, default=1, help="print/log train loss every N steps")
     p.add_argument("--sample-every", type=int, default=100, help="print a sample every N steps (0 = off; needs a tokenizer)")
     p.add_argument("--ckpt-every", type=int, default=100, help="write OUT/ckpt.pt every N steps (and at the end)")
     p.add_argument("--keep-ckpts", action="store_true", help="also keep OUT/ckpt-STEP.pt for every checkpoint")
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="resume from OUT/ckpt.pt (or a given path)")
     # system
-    p.add_argument("--seed", type=int, default=1337, help="random seed (rank r uses seed + r for batches)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed (all ranks share one batch stream; rank r keeps slice r)")
     p.add_argument("--device", default=None, help="cuda | mps | cpu (default: autodetect)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with torch fully_shard instead of DDP")
@@ -470,7 +470,9 @@ def build_parser():
     p.add_argument("--prompt", default="", help="prompt for --sample")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this much mass")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p times the top probability")
     return p
 
 
@@ -511,12 +513,15 @@ def train(args):
     else:
         rank, device = 0, autodetect_device(args.device)
     master = rank == 0
-    log = print if master else (lambda *a, **k: None)
+    # flush: a log piped to a file (or killed mid-run) must still show every finished step
+    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     device_type = str(device).split(":")[0]
 
     # --- data, tokenizer, vocab
     if not args.data:
         raise SystemExit("error: --data DIR is required (or --sample --ckpt PATH)")
+    if not os.path.isdir(args.data):
+        raise SystemExit(f"error: data dir {args.data} not found (run data.py and bpe.py encode first)")
     tok = load_tokenizer(args.tokenizer or os.path.join(args.data, "tokenizer"))
     if args.vocab_size is None and tok is None:
         raise SystemExit(f"error: no tokenizer in {args.data}/tokenizer; pass --vocab-size")
@@ -526,7 +531,8 @@ def train(args):
     for name, d in (("train", train_data), ("val", val_data)):
         if len(d) <= args.context_length + 1:
             raise SystemExit(f"error: {name}.bin has {len(d)} tokens, needs > --context-length {args.context_length}")
-    H_unigram = unigram_entropy(train_data, data_vocab)
+    H_unigram = unigram_entropy(train_data, data_vocab)  # the baseline to beat (a context-free model)
+    H_unigram_val = unigram_entropy(val_data, data_vocab)
     bpt = bytes_per_token(tok, val_data) if tok is not None else None
 
     # --- model: MLM gets one extra embedding row, the [MASK] token, and bidirectional attention
@@ -546,8 +552,9 @@ def train(args):
     random.seed(args.seed)
     raw_model = TransformerLM(cfg).to(device)
     # a dedicated generator for batches (and MLM masks): its state is all a resume needs to replay
-    # the same data order; rank r draws from seed + r so ranks see different batches
-    batch_gen = torch.Generator().manual_seed(args.seed + rank)
+    # the same data order. Every rank draws the same *global* batch and keeps its own slice (see
+    # next_batch), so the data seen per step does not depend on how many ranks share it
+    batch_gen = torch.Generator().manual_seed(args.seed)
 
     # --- resume: read now, load after wrapping (FSDP loads into the sharded parameters)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -573,7 +580,7 @@ def train(args):
         per_rank = ckpt["rng"]["batch_per_rank"]
         set_rng_state({**ckpt["rng"], "batch": per_rank[rank] if len(per_rank) == world else per_rank[0]}, batch_gen)
         if len(per_rank) != world:
-            batch_gen.manual_seed(args.seed + rank + 1000 * start)  # world size changed: fresh stream
+            batch_gen.manual_seed(args.seed + 1000 * start)  # world size changed: fresh (shared) stream
         wall_before = ckpt.get("wall_s", 0.0)
         log(f"resumed from step {start}")
     if args.compile:
@@ -601,12 +608,17 @@ def train(args):
     mask_id = data_vocab  # the extra row
 
     def next_batch(data, gen):
-        """(inputs, targets) on device. CLM: targets = next tokens. MLM: corrupt x, predict originals."""
+        """(inputs, targets) on device. CLM: targets = next tokens. MLM: corrupt x, predict originals.
+        Under torchrun each rank draws the global batch of world x B windows and keeps rows
+        [rank·B, (rank+1)·B): then 2 ranks x accum 2 see exactly the batches of 1 rank x accum 4
+        (what the torchrun test checks), at the price of reading world x more windows per rank."""
+        n, mine = args.batch_size * world, slice(rank * args.batch_size, (rank + 1) * args.batch_size)
         if not mlm:
-            return get_batch(data, args.batch_size, args.context_length, device, gen)
-        x, _ = get_batch(data, args.batch_size, args.context_length, "cpu", gen)
+            x, y = get_batch(data, n, args.context_length, device, gen)
+            return x[mine], y[mine]
+        x, _ = get_batch(data, n, args.context_length, "cpu", gen)
         inp, labels = mlm_corrupt(x, mask_id, data_vocab, generator=gen, mask_prob=args.mask_prob)
-        return inp.to(device), labels.to(device)
+        return inp[mine].to(device), labels[mine].to(device)
 
     def all_mean(t):
         if world > 1:
@@ -659,7 +671,8 @@ def train(args):
     val_loss = None
     for it in range(start, args.max_steps):
         step = it + 1
-        factor = lr_cosine_schedule(it, 1.0, args.min_lr / args.lr, args.warmup_steps, args.max_steps)
+        # step (= it + 1), not it: the first update then already moves (lr > 0) and the last one uses min_lr
+        factor = lr_cosine_schedule(step, 1.0, args.min_lr / args.lr, args.warmup_steps, args.max_steps)
         for opt in optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor
@@ -714,11 +727,16 @@ def train(args):
         val_loss = evaluate()
     wall = wall_before + time.time() - t_start
     tokens = args.max_steps * tokens_per_step
-    log(f"done: val loss {val_loss:.3f} vs unigram entropy {H_unigram:.3f} nats | {args.max_steps} steps, "
+    bpb = val_loss / math.log(2) / bpt if bpt and not mlm else None
+    # The unigram entropy is the loss of the best model that ignores context (it only knows token
+    # frequencies); getting well below it is the evidence that the model uses its context at all.
+    log(f"done: val loss {val_loss:.3f} nats (ppl {math.exp(min(val_loss, 50)):.1f}" + (f", {bpb:.3f} bits/byte" if bpb else "")
+        + f") vs unigram entropy {H_unigram:.3f} (train) / {H_unigram_val:.3f} (val) nats | {args.max_steps} steps, "
         f"{tokens / 1e6:.2f}M tokens in {wall:.0f}s")  # fmt: skip
-    final = dict(final=True, step=args.max_steps, val_loss=val_loss, params=n_params,
-                 non_embedding_params=raw_model.num_params(non_embedding=True), tokens=tokens,
-                 flops=fpt * tokens, unigram_entropy=H_unigram, wall_s=wall)  # fmt: skip
+    final = dict(final=True, step=args.max_steps, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)), val_bpb=bpb,
+                 params=n_params, non_embedding_params=raw_model.num_params(non_embedding=True), tokens=tokens,
+                 flops=fpt * tokens, unigram_entropy=H_unigram, val_unigram_entropy=H_unigram_val, objective=args.objective,
+                 wall_s=wall)  # fmt: skip
     write_metrics(final)
     if world > 1:
         import parallel
@@ -746,8 +764,8 @@ def sample(args):
     ids = tok.encode(args.prompt) or [tok.special_ids.get("<|endoftext|>", 0)]
     idx = torch.tensor([ids], device=device)
     gen = torch.Generator(device).manual_seed(args.seed)
-    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   stop_token=tok.special_ids.get("<|endoftext|>"), generator=gen)  # fmt: skip
+    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                   min_p=args.min_p, stop_token=tok.special_ids.get("<|endoftext|>"), generator=gen)  # fmt: skip
     print(tok.decode(out[0].tolist()))
 
 
