@@ -39,7 +39,7 @@ Run it:
                                       # GPU: the same checks on compiled kernels)
   python kernels.py bench [--quick]   # GPU: TFLOP/s, GB/s, % of peak vs eager, torch.compile,
                                       # SDPA-flash; CPU: says so and times the torch-level parts
-  python -m pytest -q test_all.py -k "rmsnorm or flash or swiglu or chunked"
+  python -m pytest -q test_all.py -k kernels        # the tests (CPU: interpreter, ~40 s)
 Without a GPU we set TRITON_INTERPRET=1 before the @triton.jit decorators run (triton
 reads the variable when it decorates a kernel): the kernels then run in Triton's numpy
 interpreter on CPU tensors (correct, but ~1000x slower than a GPU).

@@ -22,12 +22,13 @@ Papers:
     Huang et al. 2018, "GPipe: Efficient Training of Giant Neural Networks using Pipeline Parallelism" (arXiv:1811.06965)
 
 Run it:
-    python parallel.py demo --world-size 2                    # every variant, CPU, gloo, ~30-60 s on 2 cores
-    torchrun --nproc_per_node=2 train.py --data data/pydocs   # the real path: train.py wraps the
-                                                              # model in BucketedDDP (or --fsdp)
-    PYTHONPATH=. python -m pytest wip/tests/test_parallel.py -q   # equality with one process
+    python parallel.py demo --world-size 2                    # every variant, CPU, gloo, ~1 min on 2 cores
+    python -m pytest -q test_all.py -k test_parallel          # each variant == one process (2 gloo ranks)
+    # the real path: train.py wraps the model in our BucketedDDP (or torch's FSDP2 with --fsdp)
+    torchrun --standalone --nproc_per_node=2 train.py --data data/pydocs      # 2 CPU processes or 2 GPUs
+    torchrun --standalone --nproc_per_node=8 train.py --data data/pydocs --fsdp
     # multi-node: the same command on every node, meeting at one rendezvous endpoint
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST0:29500 train.py ...
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-id=run1 --rdzv-backend=c10d --rdzv-endpoint=HOST0:29500 train.py ...
 
 Backend: gloo on CPU, NCCL on CUDA (chosen by `setup_distributed`). Nothing here assumes a GPU.
 """
@@ -243,13 +244,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults=kwargs)   # calls add_param_group for every group
 
     def add_param_group(self, param_group):
-        # Whole parameters go to ranks (greedy, biggest-first would balance better): simple, and a
-        # parameter's state never straddles two ranks. Caveat: state_dict() holds only this rank's
-        # shard, so a checkpoint needs a gather first (not implemented here).
+        # Whole parameters go to ranks, biggest first, each to the least-loaded rank (greedy
+        # balancing; every rank computes the same assignment): simple, and a parameter's state never
+        # straddles two ranks. Caveat: state_dict() holds only this rank's shard, so a checkpoint
+        # needs a gather first (not implemented here).
         super().add_param_group(param_group)     # self.param_groups keeps *all* params (zero_grad, lr)
         group = self.param_groups[-1]
         mine = []
-        for p in group["params"]:
+        for p in sorted(group["params"], key=lambda p: -p.numel()):      # stable: same order everywhere
             r = min(range(self.world_size), key=lambda k: self._load[k])   # least-loaded rank
             self._owner[p] = r
             self._load[r] += p.numel()
@@ -274,9 +276,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.inner.step()
         # Owner r now has the new values of its parameters; everyone else has stale ones. One
         # broadcast per parameter, all in flight at once (a real ZeRO flattens them per rank).
+        # Frozen parameters never change, so they are never sent.
         works = []
         for group in self.param_groups:
-            for p in group["params"]:
+            for p in (p for p in group["params"] if p.requires_grad):
                 works.append(dist.broadcast(p, src=self._owner[p], async_op=True))
                 self.comm_bytes += _nbytes(p)
         for w in works:
@@ -733,7 +736,8 @@ def _demo_worker(rank, world_size, port, args):
             f = f"{formula / 1e6:10.3f} MB" if formula else f"{'-':>13s}"
             print(f"{name:30s} {ms:8.1f} {comm / 1e6:12.3f} MB {mem / 1e6:12.3f} MB {f}")
         print("comm = payload handed to collectives on rank 0 (a ring all-reduce moves ~2(N-1)/N x it); "
-              "mem = weights + grads + AdamW state (TP/PP rows: weights + grads)")
+              "mem = weights + grads + AdamW state (TP/PP rows: weights + grads); "
+              "CPUs have no fast bf16 matmul, so the bf16 row shows the halved all-gather, not a speed-up")
     cleanup_distributed()
 
 

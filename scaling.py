@@ -86,7 +86,12 @@ def param_counts(vocab_size, d_model, num_layers, num_heads, num_kv_heads=None, 
 
 def forward_flops_per_token(vocab_size, d_model, num_layers, num_heads, context_length,
                             num_kv_heads=None, d_ff=None, causal=True):
-    """Exact matmul FLOPs of one forward pass, per token (norms, softmax, SiLU ignored: O(d))."""
+    """Exact matmul FLOPs of one forward pass, per token (norms, softmax, SiLU ignored: O(d)).
+
+    causal=True counts only the unmasked keys, the work a causal flash kernel does;
+    causal=False counts the full T x T square, which is what a plain masked matmul computes,
+    what torch's FlopCounterMode reports, and what model.flops_per_token (PaLM's 6N + 12LdT)
+    assumes -- test_all.py checks our count against both."""
     kv = num_kv_heads or num_heads
     head_dim = d_model // num_heads
     d_ff = d_ff or default_d_ff(d_model)
@@ -112,13 +117,14 @@ def train_flops_per_token(*args, **kwargs):
 def flops_table(vocab_size=4096, context_length=256):
     """Rows comparing exact training FLOPs/token to 6N (N = non-embedding) and 6N_total."""
     rows = []
-    for d, L in [(32, 2), (64, 2), (128, 4), (256, 4), (512, 8), (768, 12), (2048, 24), (4096, 32)]:
+    for d, L in [(16, 2), (32, 2), (64, 2), (128, 4), (256, 4), (512, 8), (768, 12), (2048, 24), (4096, 32)]:
         H = max(1, d // 64)
         n = param_counts(vocab_size, d, L, H)
         exact = train_flops_per_token(vocab_size, d, L, H, context_length)
+        full = train_flops_per_token(vocab_size, d, L, H, context_length, causal=False)
         rows.append({"d_model": d, "layers": L, "N": n["non_embedding"], "N_total": n["total"],
                      "exact": exact, "exact/6N": exact / (6 * n["non_embedding"]),
-                     "exact/6N_total": exact / (6 * n["total"])})
+                     "full/6N": full / (6 * n["non_embedding"]), "exact/6N_total": exact / (6 * n["total"])})
     return rows
 
 
@@ -711,10 +717,12 @@ if __name__ == "__main__":
         print(f"training FLOPs per token, vocab {args.vocab_size}, context {args.context_length} "
               f"(N = non-embedding params; lm_head counted, token embedding not)")
         print(f"{'d_model':>7} {'layers':>6} {'N':>14} {'N_total':>14} {'exact':>14} "
-              f"{'exact/6N':>9} {'exact/6N_tot':>12}")
+              f"{'exact/6N':>9} {'full/6N':>8} {'exact/6N_tot':>12}")
         for r in flops_table(args.vocab_size, args.context_length):
             print(f"{r['d_model']:>7} {r['layers']:>6} {r['N']:>14,} {r['N_total']:>14,} "
-                  f"{r['exact']:>14,.0f} {r['exact/6N']:>9.3f} {r['exact/6N_total']:>12.3f}")
+                  f"{r['exact']:>14,.0f} {r['exact/6N']:>9.3f} {r['full/6N']:>8.3f} {r['exact/6N_total']:>12.3f}")
+        print("exact = causal attention (unmasked keys only); full = the whole T x T square, "
+              "as model.flops_per_token counts it")
     elif args.cmd == "bytes":
         write_byte_dataset(args.text, args.out)
     elif args.cmd == "sweep":

@@ -29,6 +29,15 @@ Run it (data dir from `python data.py` + `python bpe.py ...`, see README):
     torchrun --nproc_per_node 8 train.py --data data/pydocs ...        # DDP (add --fsdp to shard)
     python train.py --data data/pydocs --resume                        # continue OUT/ckpt.pt
     python train.py --sample --ckpt out/ckpt.pt --prompt "def main("   # sample from a checkpoint
+    python train.py --data data/pydocs --objective mlm                 # bidirectional masked-LM encoder
+
+Outputs in --out-dir: ckpt.pt (atomic; model, optimizer, step, config, args, every RNG state) and
+metrics.jsonl, one JSON object per line:
+    {"step", "loss", "lr", "ms", "tok_per_s", "mfu", "tokens"}            every --log-every steps
+    {"step", "val_loss", "val_ppl", "val_bpb"}                             every --eval-every steps
+    {"final": true, "step", "val_loss", "val_ppl", "val_bpb", "params", "non_embedding_params",
+     "tokens", "flops", "unigram_entropy", "val_unigram_entropy", "objective", "wall_s"}   at the end
+(mfu is null on CPU; val_bpb is null without a tokenizer or for MLM; entropies are in nats/token.)
 """
 
 import argparse
