@@ -506,9 +506,12 @@ def grpo_step(policy, optimizer, prompt_ids, completion_ids, texts, ground_truth
     b = pack_prompt_and_output_ids(prompt_ids, completion_ids, pad_id=0)
     ids, labels, mask = b["input_ids"].to(dev), b["labels"].to(dev), b["response_mask"].to(dev)
     N, mb = len(texts), args.micro_batch_size
+    on_policy = args.epochs_per_rollout == 1
     with torch.no_grad():  # pi_old (the sampler) and the reference, scored once per rollout batch
-        old = torch.cat([get_response_log_probs(policy, ids[i:i + mb], labels[i:i + mb])["log_probs"]
-                         for i in range(0, N, mb)])
+        # On-policy, pi_old is the policy we are about to differentiate, so its log-probs are the
+        # detached forward of the training pass itself (ratio == 1 exactly): one forward saved.
+        old = None if on_policy else torch.cat([get_response_log_probs(policy, ids[i:i + mb], labels[i:i + mb])["log_probs"]
+                                                for i in range(0, N, mb)])
         ref_lp = (torch.cat([get_response_log_probs(ref, ids[i:i + mb], labels[i:i + mb])["log_probs"]
                              for i in range(0, N, mb)]) if ref is not None and args.kl_coef else None)
     accum = math.ceil(N / mb)
@@ -519,7 +522,7 @@ def grpo_step(policy, optimizer, prompt_ids, completion_ids, texts, ground_truth
             out = get_response_log_probs(policy, ids[s], labels[s], return_token_entropy=True)
             loss, m = grpo_microbatch_train_step(
                 out["log_probs"], mask[s], accum, args.loss_type, raw[s, None].to(dev), adv[s, None].to(dev),
-                old[s], args.cliprange, None if ref_lp is None else ref_lp[s], args.kl_coef)
+                out["log_probs"].detach() if on_policy else old[s], args.cliprange, None if ref_lp is None else ref_lp[s], args.kl_coef)
             ent.append(masked_mean(out["token_entropy"], mask[s]).item())
             if "clipped" in m:
                 clip.append(masked_mean(m["clipped"].float(), mask[s]).item())
@@ -583,7 +586,8 @@ def evaluate(model, tok, problems: list, max_new_tokens=None) -> dict:
     results = [(p["level"], reward_fn(t, p["answer"])["answer_reward"] == 1) for p, t in zip(problems, texts)]
     k, n = sum(ok for _, ok in results), len(results)
     lo, hi = wilson_interval(k, n)
-    res = {"acc": k / max(n, 1), "n": n, "ci_lo": lo, "ci_hi": hi, "by_difficulty": {}, "by_difficulty_n": {}}
+    res = {"acc": k / max(n, 1), "n": n, "ci_lo": lo, "ci_hi": hi, "by_difficulty": {}, "by_difficulty_n": {},
+           "correct": [int(ok) for _, ok in results]}  # per problem, same order every stage: paired tests
     for level in sorted({lv for lv, _ in results}, key=str):
         oks = [ok for lv, ok in results if lv == level]
         name = LEVELS.get(level, str(level))
@@ -597,6 +601,19 @@ def eval_problems(args) -> list:
     if args.data_jsonl:
         return [r for r in load_jsonl(args.data_jsonl) if r.get("answer") is not None]
     return sample_problems("test", args.n_eval, args.levels, seed=1234, test_percent=args.test_percent, unique=True)
+
+
+def paired_difference(a: list, b: list, z: float = 1.96) -> dict:
+    """Accuracy gain of stage a over stage b on the *same* problems, with a 95% interval from the
+    per-problem differences d_i = a_i - b_i (mean +/- z * sd / sqrt(n)). Pairing removes the
+    between-problem variance both stages share (easy problems are easy for both), so this
+    interval is much tighter than two overlapping Wilson intervals would suggest."""
+    n = len(a)
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, n - 1))
+    return {"delta": mean, "ci_lo": mean - z * sd / math.sqrt(n), "ci_hi": mean + z * sd / math.sqrt(n),
+            "wins": d.count(1), "losses": d.count(-1), "n": n}
 
 
 def write_eval(path: str, stage: str, res: dict):
@@ -635,10 +652,11 @@ def make_logger(path):
     return log
 
 
-def run_eval_and_record(model, tok, args, stage):
+def run_eval_and_record(model, tok, args, stage, timing=None):
     t0 = time.time()
     res = eval_problems(args)
     r = evaluate(model, tok, res)
+    r.update(timing or {}, eval_s=round(time.time() - t0, 1))
     write_eval(os.path.join(args.out_dir, "eval.json"), stage, r)
     by = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["by_difficulty"].items())
     print(f"eval {stage}: acc {100 * r['acc']:.1f}% [{100 * r['ci_lo']:.1f}, {100 * r['ci_hi']:.1f}] "
@@ -658,14 +676,16 @@ def run_stage(stage, args):
     model, tok = load_policy(args)
     model.train()
     log = make_logger(os.path.join(args.out_dir, f"{stage}_metrics.jsonl"))
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     model, opt = STAGES[stage](model, tok, args, log)
+    # CPU seconds next to wall seconds: on a shared machine the wall clock measures the neighbours
+    timing = {"train_s": round(time.time() - t0, 1), "train_cpu_s": round(time.process_time() - c0, 1)}
     out = args.out or os.path.join(args.out_dir, f"{stage}.pt")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     save_checkpoint(model, opt, args.steps, out, stage=stage, align_args=vars(args))
-    print(f"{stage}: {time.time() - t0:.0f} s, saved {out}", flush=True)
+    print(f"{stage}: {timing['train_s']:.0f} s ({timing['train_cpu_s']:.0f} CPU s), saved {out}", flush=True)
     if not args.no_eval:
-        run_eval_and_record(model, tok, args, stage)
+        run_eval_and_record(model, tok, args, stage, timing)
     return out
 
 

@@ -34,17 +34,29 @@ Papers / references
   arXiv:2107.06499. Pipelines like this one: CCNet (arXiv:1911.00359), RefinedWeb
   (arXiv:2306.01116), Dolma (arXiv:2402.00159), Stanford CS336 assignment 4.
 
-How to run
+How to run (CPU only; no GPU is involved anywhere)
 ----------
     python data.py                                   # default corpus -> data/pydocs/{train,val}.txt
-    python data.py --modules json,textwrap,string,csv --name tiny      # a small subset
+    python data.py --modules json,textwrap,csv --out runs/tiny/data    # a few modules, chosen dir
     python data.py --input CC-MAIN-*.warc.gz --name cc                 # Common Crawl WARC/WET
     python data.py --input pages/ docs.jsonl notes.txt --name mine     # HTML dir, jsonl, txt
     python data.py --url https://example.org/shard.jsonl --name web    # remote file (cached)
     python data.py --tokenizer data/pydocs/tokenizer                   # also write train/val.bin
     python data.py train-classifier --input labeled.jsonl --out quality.pt   # {"text", "label"}
 Each stage has an off switch (`--no-lang`, `--no-pii`, `--no-line-dedup`, `--no-gopher`,
-`--no-quality`, `--no-toxic`, `--no-nsfw`, `--no-dedup`). No GPU is involved anywhere.
+`--no-quality`, `--no-toxic`, `--no-nsfw`, `--no-dedup`).
+
+Output: train.txt / val.txt (each document followed by <|endoftext|>; the split is a hash of the
+document id, so it is stable) and stats.json: docs_in, kept, bytes_in, train/val_docs and _bytes
+(and _tokens), dropped_by_reason {"stage:reason": n}, docs_after_stage {"i_stage": docs left},
+pii {email, phone, ip: n masked}, langs {detected language: n}, minhash_clusters,
+lines_removed_by_line_dedup, dropped_examples {reason: first ids}, seconds_*.
+
+Known limits: per-document stages stream through a process pool, but the corpus-level stages
+(MinHash, line dedup, classifiers) hold the surviving texts in memory. A bare 10-digit number
+that starts with 2-9 is masked as a phone number (2831823829 must be, and 2147483648 looks the
+same), so a few integer constants in the stdlib docs become |||PHONE_NUMBER|||. The default
+classifiers are toys trained on ~70 embedded sentences; see Stage 5.
 """
 import argparse
 import gzip
@@ -293,7 +305,12 @@ def gopher_quality_filter(text):
 # layer on top. Linear models on bags of n-grams train in seconds and are hard to beat for
 # "does this look like X" questions. We train the defaults at build time from the tiny labeled
 # sets below. They are honest toys: they catch navigation/boilerplate and blatant insults or
-# explicit-content spam phrased like the examples, and little else. Bring your own labeled .jsonl
+# explicit-content spam phrased like the examples, and little else. Probed by hand: "you stupid
+# idiot" -> toxic 1.0, but the dog whistle "Go back to where you came from." -> clean; spam without
+# the example words ("Meet lonely wives in your area tonight") -> clean; "lorem ipsum dolor sit
+# amet" -> high quality. They see only word identity, so no paraphrase, no other language (unless
+# a word is shared: "Du bist ein Idiot" -> toxic), no context ("the idiot light" -> clean, luckily).
+# With the 0.9 thresholds they drop ~1 of ~450 stdlib pages. Bring your own labeled .jsonl
 # (`train-classifier`) for real filtering, e.g. Wikipedia-cited pages vs. random Common Crawl.
 
 _QUALITY_HIGH = """The function returns a new list containing the items of the iterable in sorted order.
@@ -504,9 +521,10 @@ def exact_line_dedup_docs(texts, min_docs=2):
 # estimates Jaccard. Comparing all pairs is O(N²); LSH splits the signature into b bands of r rows
 # and only compares documents that agree on an entire band: P(candidate) = 1 - (1 - J^r)^b, an S-curve
 # that is steep around (1/b)^(1/r). Candidates are then verified with the exact Jaccard.
-# Speed comes from never looping in Python per shingle or per hash function: normalization is one
-# bytes.translate, each distinct word is hashed once, and n-grams, signatures and LSH buckets are
-# numpy array operations over whole batches (uint64 arithmetic wraps around mod 2^64, silently).
+# Speed comes from never looping in Python per document, word, shingle or hash function: a batch of
+# documents is normalized by one bytes.translate and one regex, and word hashes, n-grams, signatures
+# and LSH buckets are numpy array operations over the whole batch (uint64 arithmetic wraps around
+# mod 2^64, silently). On the benchmark that is ~8x datasketch's MinHashLSH, same clusters.
 
 _P = np.uint64(0x100000001B3)  # odd multiplier of the polynomial n-gram hash (the FNV-1 prime)
 _COMBINING = regex.compile(r"\p{Mn}")  # every nonspacing mark: accents, but also e.g. the kana dakuten
@@ -526,12 +544,12 @@ def _mix64(h):
 
 
 # normalize_for_dedup on bytes, in C: a 256-byte table lowercases ASCII letters, keeps digits and
-# the UTF-8 bytes of non-ASCII word characters, and maps everything else to a space; split + join
-# then collapse the spaces. Non-ASCII text first loses accents and non-word symbols (a regex, in C).
+# the UTF-8 bytes of non-ASCII word characters, and maps everything else to a space; runs of spaces
+# then collapse. Non-ASCII text first loses accents and non-word symbols (a regex, in C).
 _TABLE = bytes([c | 0x20 if chr(c).isalpha() else c if chr(c).isdigit() else 32 for c in range(128)]
                + list(range(128, 256)))
 _NON_ASCII_SYMBOL = re.compile(r"[^\x00-\x7f\w]")
-_SEP = b"\xff"  # never occurs in UTF-8, so it can mark document boundaries inside a batch
+_SPACES = re.compile(rb" {2,}")
 _MASKS = np.array([(1 << (8 * k)) - 1 for k in range(9)], dtype=np.uint64)  # low k bytes of a word
 
 
@@ -559,8 +577,8 @@ def shingle_hashes_batch(texts, ngrams, batch_docs=2000):
 
 
 def _shingles_of_batch(texts, ngrams):
-    # Normalize the whole batch in one pass, documents joined by _SEP "words".
-    buf = b" ".join(b" \xff ".join(map(_ascii_or_stripped, texts)).translate(_TABLE).split())
+    # Normalize the whole batch in one pass, documents joined by "\xff" words (a byte UTF-8 never uses).
+    buf = _SPACES.sub(b" ", b" \xff ".join(map(_ascii_or_stripped, texts)).translate(_TABLE)).strip(b" ")
     b = np.frombuffer(buf + bytes(40), dtype=np.uint8)  # zero padding: 8-byte loads may run past the end
     starts = np.concatenate([[0], np.flatnonzero(b[:len(buf)] == 32) + 1])  # (W,) first byte of each word
     lengths = np.diff(np.concatenate([starts, [len(buf) + 1]])) - 1  # (W,)
