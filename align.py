@@ -201,7 +201,7 @@ def ensure_chat_tokens(tok, model):
     start at the mean embedding, so they are not wildly off-distribution)."""
     missing = [s for s in CHAT_SPECIALS if s not in tok.special_ids]
     if missing:  # the Tokenizer constructor appends specials absent from the vocab as new ids
-        tok = Tokenizer(tok.vocab, tok.merges, list(tok.special_ids) + missing)
+        tok = Tokenizer(tok.vocab, tok.merges, list(tok.special_ids) + missing, tok.pattern)
     V, old = tok.vocab_size, model.token_embeddings.weight.shape[0]
     if V > old:
         with torch.no_grad():
@@ -664,6 +664,24 @@ def run_eval_and_record(model, tok, args, stage, timing=None):
     return r
 
 
+def summarize(path: str):
+    """The before/after table, and paired gains (same problems) written back as eval.json["paired"]."""
+    ev = json.load(open(path))
+    print(f"{'stage':6} {'acc':>6}  95% CI (Wilson)   n    train s (CPU s)")
+    for st in ("base", "sft", "dpo", "grpo"):
+        if st in ev:
+            r = ev[st]
+            print(f"{st:6} {100 * r['acc']:5.1f}%  [{100 * r['ci_lo']:4.1f}, {100 * r['ci_hi']:4.1f}]   {r['n']:4d} "
+                  f"{r.get('train_s', 0):6.0f} ({r.get('train_cpu_s', 0):.0f})")
+    ev["paired"] = {}
+    for a, b in (("sft", "base"), ("dpo", "sft"), ("grpo", "sft"), ("grpo", "dpo")):
+        if a in ev and b in ev and len(ev[a]["correct"]) == len(ev[b]["correct"]):
+            d = ev["paired"][f"{a}-{b}"] = paired_difference(ev[a]["correct"], ev[b]["correct"])
+            print(f"{a} - {b}: {100 * d['delta']:+.1f} points, paired 95% CI [{100 * d['ci_lo']:+.1f}, "
+                  f"{100 * d['ci_hi']:+.1f}] ({d['wins']} problems gained, {d['losses']} lost)")
+    write_eval(path, "paired", ev["paired"])
+
+
 STAGES = {"sft": run_sft, "dpo": run_dpo, "grpo": run_grpo}
 # Per-stage defaults, tuned so sft+dpo+grpo+4 evals fit in ~8 CPU minutes on a few-M-param model.
 DEFAULTS = {"sft": dict(steps=150, lr=1e-3, batch_size=32),
@@ -763,6 +781,7 @@ def main(argv=None):
             with_defaults(stage)
             args.out = None
             args.ckpt = run_stage(stage, args)
+        summarize(os.path.join(args.out_dir, "eval.json"))
     else:
         with_defaults(args.stage)
         run_stage(args.stage, args)

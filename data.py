@@ -62,6 +62,7 @@ import argparse
 import gzip
 import hashlib
 import html.parser
+import itertools
 import json
 import os
 import re
@@ -1024,13 +1025,16 @@ def build_corpus(items, args):
             ex.append(doc_id)
 
     ids, texts = [], []
-    if args.workers > 1:  # streaming: imap keeps input order and only a window of documents in flight
+    if args.workers > 1:
         import multiprocessing as mp
         pool = mp.get_context("spawn").Pool(args.workers, initializer=_doc_init, initargs=(cfg,))
-        results = pool.imap(process_document, items, chunksize=8)
     else:
         pool, _ = None, _doc_init(cfg)
-        results = map(process_document, items)
+
+    def stream(it, window=512):  # windows of raw documents in input order: memory stays bounded
+        while chunk := list(itertools.islice(it, window)):  # (pool.imap would read all input at once)
+            yield from pool.map(process_document, chunk, chunksize=8) if pool else map(process_document, chunk)
+    results = stream(iter(items))
     t0 = time.time()
     try:
         for doc_id, text, reason, pii, lang, n_bytes in results:
