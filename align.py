@@ -59,10 +59,14 @@ CHAT_SPECIALS = [EOT, USER, ASSISTANT]
 # 1. The task: math problems with exact answers, graded difficulty, a hash-based held-out split.
 #
 # The base model is a few-M-parameter model pretrained for minutes on Python docs, so the ladder
-# starts very low. The response restates the equation before the answer ("3 + 4 = 7. #### 7"):
-# copying the operands next to the answer is easy for attention and makes the answer token a
-# short lookup, which is what a tiny model can learn in CPU minutes. Subtraction is kept
-# non-negative (a >= b) so the lowest levels stay in one small range of numbers.
+# starts very low. The response restates the equation before the answer ("3 + 4 = 7"): copying
+# the operands next to the answer is easy for attention and makes the answer token a short
+# lookup, which is what a tiny model can learn in CPU minutes. The answer appears exactly once,
+# at the end: an earlier draft wrote "3 + 4 = 7. #### 7", and under GRPO the negative advantage
+# of a wrong sample then also punished the *consistent* copy of its wrong answer after "####"
+# and the <|endoftext|> after it; the policy learned to stop stopping (length hit the cap,
+# accuracy fell from 30% to 5% in 20 steps). Subtraction is kept non-negative (a >= b) so the
+# lowest levels stay in one small range of numbers.
 
 LEVELS = {1: "add/sub 1-digit", 2: "mul 1x1", 3: "add/sub 2-digit", 4: "word 1-digit",
           5: "add/sub 3-digit, mul 2x1", 6: "mul 2x2"}
@@ -95,7 +99,7 @@ def make_problem(rng: random.Random, level: int) -> dict:
              "*": f"{who} buys {a} bags with {b} {what} in each. How many {what} is that?"}[op]
     else:
         q = rng.choice(ASK).format(e=f"{a} {op} {b}")
-    return {"prompt": q, "response": f"{a} {op} {b} = {c}. #### {c}", "answer": c, "level": level}
+    return {"prompt": q, "response": f"{a} {op} {b} = {c}", "answer": c, "level": level}
 
 
 def split_of(text: str, test_percent: int = 20) -> str:
@@ -178,11 +182,14 @@ def _to_number(s: str):
     return int(v) if v.denominator == 1 else v
 
 
+_FINAL = re.compile(r"(?:####|=)\s*" + _NUM + r"\s*$")  # the text *ends* in its answer
+
+
 def reward_fn(response: str, ground_truth, format_weight: float = 0.1) -> dict:
     """The verifier's score. answer_reward: the parsed answer equals the gold one; format_reward:
-    the response ends its reasoning with a '#### N' marker (a small shaping bonus that teaches
-    the output format before the answer is right)."""
-    fmt = float(_MARKED[0].search(response) is not None)
+    the response ends in its final answer ('= N' or '#### N' as the last thing), a small shaping
+    bonus for stopping right after the answer instead of rambling on."""
+    fmt = float(_FINAL.search(response) is not None)
     ans = float(ground_truth is not None and parse_answer(response) == ground_truth)
     return {"reward": ans + format_weight * fmt, "format_reward": fmt, "answer_reward": ans}
 
@@ -373,8 +380,7 @@ def sequence_log_probs(model, tok, prompts, responses, device) -> torch.Tensor:
 def perturb(problem: dict, rng: random.Random) -> str:
     """A wrong version of the gold response: the same text with the final number moved by 1-3."""
     wrong = problem["answer"] + rng.choice([-3, -2, -1, 1, 2, 3])
-    return re.sub(rf"{problem['answer']}(\D*)$", lambda m: f"{wrong}{m.group(1)}", problem["response"]) \
-        .replace(f"= {problem['answer']}.", f"= {wrong}.")
+    return re.sub(r"-?\d+(\D*)$", lambda m: f"{wrong}{m.group(1)}", problem["response"])
 
 
 def build_preference_pairs(model, tok, args, log) -> list:

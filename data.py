@@ -550,7 +550,6 @@ def _mix64(h):
 _TABLE = bytes([c | 0x20 if chr(c).isalpha() else c if chr(c).isdigit() else 32 for c in range(128)]
                + list(range(128, 256)))
 _NON_ASCII_SYMBOL = re.compile(r"[^\x00-\x7f\w]")
-_SPACES = re.compile(rb" {2,}")
 _MASKS = np.array([(1 << (8 * k)) - 1 for k in range(9)], dtype=np.uint64)  # low k bytes of a word
 
 
@@ -579,24 +578,31 @@ def shingle_hashes_batch(texts, ngrams, batch_docs=2000):
 
 def _shingles_of_batch(texts, ngrams):
     # Normalize the whole batch in one pass, documents joined by "\xff" words (a byte UTF-8 never uses).
-    buf = _SPACES.sub(b" ", b" \xff ".join(map(_ascii_or_stripped, texts)).translate(_TABLE)).strip(b" ")
-    b = np.frombuffer(buf + bytes(40), dtype=np.uint8)  # zero padding: 8-byte loads may run past the end
-    starts = np.concatenate([[0], np.flatnonzero(b[:len(buf)] == 32) + 1])  # (W,) first byte of each word
-    lengths = np.diff(np.concatenate([starts, [len(buf) + 1]])) - 1  # (W,)
-    # Word hash from the word's bytes read as little-endian 64-bit integers: the first four 8-byte
-    # pieces plus the last one (so words longer than 40 bytes are told apart by their length, head
-    # and tail only: a deliberate shortcut). Every load is per word, not per byte.
-    u64 = np.ndarray((len(b) - 7,), dtype="<u8", buffer=b, strides=(1,))  # unaligned view: u64[i] = bytes i..i+7
-    wh = lengths.astype(np.uint64)
-    for k in range(4):
-        piece = u64[starts + 8 * k] & _MASKS[np.clip(lengths - 8 * k, 0, 8)]
-        wh = _mix64(wh ^ piece)
-    wh = _mix64(wh ^ np.where(lengths > 40, u64[np.maximum(starts + lengths - 8, 0)], np.uint64(0)))
+    b = np.frombuffer(b" \xff ".join(map(_ascii_or_stripped, texts)).translate(_TABLE), dtype=np.uint8)
+    space = b == 32
+    keep = ~space
+    keep[1:] |= ~space[:-1]  # a space survives only right after a non-space: runs collapse to one
+    b = b[keep]
+    n = len(b) - int(len(b) > 0 and b[-1] == 32)  # (and not at the very end)
+    b = np.concatenate([b[:n], np.zeros(40, dtype=np.uint8)])  # padding: 8-byte loads may run past the end
+    starts = np.concatenate([[0], np.flatnonzero(b[:n] == 32) + 1])  # (W,) first byte of each word
+    lengths = np.diff(np.concatenate([starts, [n + 1]])) - 1  # (W,)
+    # Word hash from the word's bytes read as little-endian 64-bit integers, one load per 8-byte
+    # piece (per word, not per byte): mix in the length and the first piece, then the 2nd, 3rd and
+    # 4th pieces only for the words that long, then the last 8 bytes of words over 32 bytes (so
+    # those are told apart by length, head and tail only: a deliberate shortcut).
+    u64 = np.ndarray((len(b) - 7,), dtype="<u8", buffer=b, strides=(1,))  # unaligned: bytes i..i+7
+    wh = _mix64(lengths.astype(np.uint64) ^ (u64[starts] & _MASKS[np.minimum(lengths, 8)]))  # (W,)
+    for k in (1, 2, 3):
+        w = np.flatnonzero(lengths > 8 * k)  # English: ~15% of words are longer than 8 bytes
+        wh[w] = _mix64(wh[w] ^ (u64[starts[w] + 8 * k] & _MASKS[np.minimum(lengths[w] - 8 * k, 8)]))
+    w = np.flatnonzero(lengths > 32)
+    wh[w] = _mix64(wh[w] ^ u64[starts[w] + lengths[w] - 8])
     # Cut the word stream at the separators: document d owns words ws[d] .. ws[d] + nw[d] - 1.
     is_sep = (lengths == 1) & (b[starts] == 0xFF)
     sep_at = np.flatnonzero(is_sep)
-    nw = np.diff(np.concatenate([[-1], sep_at, [len(starts) if len(buf) else 0]])) - 1
-    wh = wh[~is_sep] if len(buf) else np.zeros(0, dtype=np.uint64)
+    nw = np.diff(np.concatenate([[-1], sep_at, [len(starts) if n else 0]])) - 1
+    wh = wh[~is_sep] if n else np.zeros(0, dtype=np.uint64)
     W, ws = len(wh), np.cumsum(nw) - nw
     # n-gram hash = a polynomial in its word hashes, built one word at a time at every position;
     # windows that run into the next document are masked out. A document shorter than n words is a
@@ -655,7 +661,10 @@ def jaccard(x, y):
     """Exact Jaccard of two sorted unique hash arrays."""
     if len(x) == 0 and len(y) == 0:
         return 1.0
-    inter = np.intersect1d(x, y, assume_unique=True).size
+    if len(x) < len(y):
+        x, y = y, x
+    at = np.minimum(np.searchsorted(x, y), len(x) - 1)  # binary-search the smaller set in the larger
+    inter = int(np.count_nonzero(x[at] == y)) if len(x) else 0
     return inter / (len(x) + len(y) - inter)
 
 
@@ -935,32 +944,44 @@ def render_module_html(name):
     return name, page, None
 
 
-def iter_stdlib_docs(modules, workers, timeout=20):
+def render_shard(names):
+    """Render modules one after another in this (fresh) worker: [(name, html | None, reason)]."""
+    return [render_module_html(name) for name in names]
+
+
+def iter_stdlib_docs(modules, workers, timeout=20, shard_size=40):
     """Yield (doc_id, "html", bytes) for each module, in order, then the pydoc_data topics."""
     import multiprocessing as mp
     import pydoc
     from pydoc_data.topics import topics
-    # Spawned (not forked) workers with a fixed PYTHONHASHSEED, so set/dict reprs in the rendered
-    # pages come out in the same order on every run, and TZ=UTC (the time module's page shows it).
+    # A page can depend on what the rendering process imported before (pydoc decides where a class
+    # "lives" from sys.modules), so each fixed shard of modules gets its own fresh process: the
+    # output then depends only on the module list, not on which worker was free. Workers are
+    # spawned with a fixed PYTHONHASHSEED (set/dict reprs in the same order on every run), TZ=UTC
+    # (the time module's page shows it) and no HOME (the site module's shows ~/.local). The pool
+    # respawns workers from the parent's environment, so it stays set until the pool is closed.
     saved = dict(os.environ)
-    os.environ.update({"PYTHONHASHSEED": "0", "TZ": "UTC"})
-    ctx = mp.get_context("spawn")
-    pool = ctx.Pool(workers, initializer=_render_init, initargs=(timeout,), maxtasksperchild=100)
-    os.environ.clear()
-    os.environ.update(saved)
-    pending = [pool.apply_async(render_module_html, (m,)) for m in modules]
-    t0, hung = time.time(), False
+    os.environ.update({"PYTHONHASHSEED": "0", "TZ": "UTC", "HOME": "/nonexistent"})
+    os.environ.pop("PYTHONUSERBASE", None)
+    pool = mp.get_context("spawn").Pool(workers, initializer=_render_init, initargs=(timeout,), maxtasksperchild=1)
+    shards = [modules[i:i + shard_size] for i in range(0, len(modules), shard_size)]
+    pending = [pool.apply_async(render_shard, (shard,)) for shard in shards]
+    t0, hung, done = time.time(), False, 0
     try:
-        for i, (m, res) in enumerate(zip(modules, pending)):
+        for shard, res in zip(shards, pending):
             try:  # backstop for code that SIGALRM cannot interrupt (a blocking C call)
-                name, page, reason = res.get(timeout=timeout * 3)
+                pages = res.get(timeout=timeout * len(shard) + 60)
             except mp.TimeoutError:
-                name, page, reason, hung = m, None, "render_timeout", True
-            _progress(i + 1, len(modules), t0, "render modules")
-            yield (f"module:{name}", "bad", reason) if page is None else (f"module:{name}", "html", page.encode())
+                pages, hung = [(m, None, "render_timeout") for m in shard], True
+            done += len(shard)
+            _progress(done, len(modules), t0, "render modules")
+            for name, page, reason in pages:
+                yield (f"module:{name}", "bad", reason) if page is None else (f"module:{name}", "html", page.encode())
     finally:
         (pool.terminate if hung else pool.close)()
         pool.join()
+        os.environ.clear()
+        os.environ.update(saved)
     for key in sorted(topics):  # the language reference topics ship as plain text: wrap as <pre>
         body = f"<h1>{html.escape(key)}</h1><pre>{html.escape(topics[key])}</pre>"
         yield f"topic:{key}", "html", pydoc.html.page(key, body).encode()

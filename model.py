@@ -446,7 +446,7 @@ def logits_to_probs(logits, temperature: float = 1.0, top_k=None, top_p=None, mi
     if temperature == 0:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:  # None or 0 = off
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = softmax(logits, dim=-1)

@@ -38,7 +38,7 @@ PRESETS = {
         "data": ["--modules", "json,textwrap,string,csv,base64,difflib"],
         "bpe": ["--vocab-size", "512"],
         "train": ["--max-steps", "20", "--d-model", "64", "--num-layers", "2", "--num-heads", "2",
-                  "--context-length", "64", "--batch-size", "8", "--eval-every", "10", "--eval-steps", "2"],
+                  "--context-length", "128", "--batch-size", "8", "--eval-every", "10", "--eval-steps", "2"],
         "align": ["--tiny"],
     },
     "gpu": {
@@ -65,9 +65,9 @@ def stage_plan(out, preset):
         ("bpe", [py, "bpe.py", "train", "--input", os.path.join(d, "train.txt"), "--out", tok,
                  "--special-tokens", *SPECIALS, *p["bpe"]],
          [os.path.join(tok, "vocab.json"), os.path.join(tok, "merges.txt")]),
-        ("encode", [py, "-c", f"import bpe; [bpe.encode_file({tok!r}, {os.path.join(d, s + '.txt')!r}, "
-                              f"{os.path.join(d, s + '.bin')!r}) for s in ('train', 'val')]"],
-         [os.path.join(d, "train.bin"), os.path.join(d, "val.bin")]),
+        *[(f"encode-{s}", [py, "bpe.py", "encode", "--tokenizer", tok, "--input", os.path.join(d, f"{s}.txt"),
+                            "--out", os.path.join(d, f"{s}.bin")], [os.path.join(d, f"{s}.bin")])
+          for s in ("train", "val")],
         ("pretrain", [py, "train.py", "--data", d, "--out-dir", base, *p["train"]],
          [os.path.join(base, "ckpt.pt")]),
         ("align", [py, "align.py", "all", "--ckpt", os.path.join(base, "ckpt.pt"), "--tokenizer", tok,

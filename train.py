@@ -381,10 +381,12 @@ def read_checkpoint(src):
 
 def check_config(saved, current):
     """Refuse to load weights into a model of another shape, naming the first mismatch."""
-    flag = {"causal": "objective"}
-    for key, val in current.items():
+    for key, val in sorted(current.items(), key=lambda kv: kv[0] != "causal"):  # objective first: it also shifts vocab_size
         if key in saved and key != "attn_backend" and saved[key] != val:
-            name = flag.get(key, key).replace("_", "-")
+            if key == "causal":
+                obj = {True: "clm", False: "mlm"}
+                raise SystemExit(f"error: checkpoint was trained with --objective {obj[saved[key]]}, not {obj[val]}")
+            name = key.replace("_", "-")
             raise SystemExit(f"error: checkpoint {key}={saved[key]} but --{name} {val}")
 
 
