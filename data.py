@@ -398,30 +398,32 @@ def _fasttext_model(num_buckets, dim, num_labels):
     return model
 
 
-def _bag(texts, num_buckets):
+def _bag(texts, num_buckets, ids=None):
     import torch
-    ids = [_hashed_features(t, num_buckets) for t in texts]
+    ids = ids or [_hashed_features(t, num_buckets) for t in texts]
     offsets = torch.tensor([0] + [len(x) for x in ids[:-1]]).cumsum(0)
     return torch.tensor([i for x in ids for i in x]), offsets  # flat ids + start offsets
 
 
-def train_classifier(texts, labels, label_names, num_buckets=2**14, dim=16, epochs=60, lr=0.2, seed=0):
+def train_classifier(texts, labels, label_names, num_buckets=2**14, dim=16, epochs=60, lr=0.2, seed=0,
+                     batch_size=1024):
     """Train a fastText-style classifier; returns a plain dict that torch.save can store."""
     import torch
     torch.manual_seed(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: on a busy 2-core box extra threads cost 10x more than they save
     model = _fasttext_model(num_buckets, dim, len(label_names))
-    flat, offsets = _bag(texts, num_buckets)
     y = torch.tensor(labels)
+    feats = [_hashed_features(t, num_buckets) for t in texts]  # hash once, not once per epoch
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     try:
-        for _ in range(epochs):  # full batch: our sets are tiny; for big .jsonl files use minibatches
-            logits = model[1](model[0](flat, offsets))  # (N, num_labels)
-            loss = torch.nn.functional.cross_entropy(logits, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        for _ in range(epochs):  # minibatches (the embedded sets are a single full batch)
+            for idx in torch.randperm(len(texts)).split(batch_size):
+                logits = model[1](model[0](*_bag(None, num_buckets, [feats[i] for i in idx.tolist()])))  # (B, labels)
+                loss = torch.nn.functional.cross_entropy(logits, y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
     finally:
         torch.set_num_threads(threads)
     return {"state_dict": model.state_dict(), "labels": list(label_names), "num_buckets": num_buckets, "dim": dim}
@@ -1030,7 +1032,7 @@ def process_document(item):
     return doc_id, text, None, pii, lang, n_bytes
 
 
-def build_corpus(items, args):
+def build_corpus(items, args, doc_workers=None):
     """Run the whole pipeline on a stream of (doc_id, kind, payload); write files; return stats."""
     t_start = time.time()
     cfg = {"lang": None if args.no_lang else args.lang, "min_lang_confidence": args.min_lang_confidence,
@@ -1046,7 +1048,7 @@ def build_corpus(items, args):
             ex.append(doc_id)
 
     ids, texts = [], []
-    if args.workers > 1:
+    if (doc_workers or args.workers) > 1:
         import multiprocessing as mp
         pool = mp.get_context("spawn").Pool(args.workers, initializer=_doc_init, initargs=(cfg,))
     else:
@@ -1166,7 +1168,7 @@ def train_classifier_main(argv):
     p = argparse.ArgumentParser(prog="data.py train-classifier", description="Train a fastText-style classifier on labeled .jsonl.")
     p.add_argument("--input", required=True, help="jsonl with one {\"text\": ..., \"label\": ...} per line")
     p.add_argument("--out", required=True, help="output .pt file (plain tensors; load with weights_only=True)")
-    p.add_argument("--epochs", type=int, default=60, help="full-batch training epochs")
+    p.add_argument("--epochs", type=int, default=60, help="training epochs (minibatches of 1024 examples)")
     p.add_argument("--dim", type=int, default=16, help="embedding dimension")
     p.add_argument("--num-buckets", type=int, default=2**18, help="hash buckets for word + bigram features")
     a = p.parse_args(argv)
@@ -1244,6 +1246,9 @@ def main(argv=None):
         modules = args.modules.split(",") if args.modules else stdlib_modules(args.max_submodules)
         docs = iter_stdlib_docs(modules, args.workers, args.render_timeout)
         items = docs if not args.no_topics else (d for d in docs if not d[0].startswith("topic:"))
+        # Rendering is the expensive part and already has the workers: processing the pages in
+        # this process is faster than a second pool competing for the same cores.
+        return build_corpus(items, args, doc_workers=1)
     return build_corpus(items, args)
 
 
