@@ -18,22 +18,24 @@ Targets (from the issues; measured numbers live in README.md with the machine th
     parallel  BucketedDDP step time <= 1.05x torch DDP on 2 gloo ranks
     data      MinHash dedup >= 5x datasketch docs/s with the same clusters
 """
+import contextlib
 import glob
 import json
 import os
+import random
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import random
-import data
-import contextlib
-import statistics
+
 import torch
-import socket
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+import data
 
 def add_args_bpe(parser):
     parser.add_argument("--bpe-mb", type=float, default=20, help="size of the large training text, MB")
@@ -276,13 +278,6 @@ def bench_data(args):
     print(f"  same clusters: {same} | speedup {t_ds / t_ours:.1f}x docs/s vs datasketch (goal >= 5x)")
 
 
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser()
-    add_args_data(p)
-    bench_data(p.parse_args())
-
-
 PRESETS = {
     # name: (vocab_size, d_model, num_layers, num_heads, context_length, batch_size)
     "cpu": (4096, 256, 4, 4, 128, 8),
@@ -482,11 +477,24 @@ def bench_parallel(args):
     return {"ours_ms": ms["ours BucketedDDP"], "torch_ms": ms["torch DDP"], "local_ms": t_local, "ratio": ratio}
 
 
+# ---------------------------------------------------------------
+# One entry point: `python bench.py [--only NAME ...]`. Each group adds its own flags (prefixed by its name).
+
+GROUPS = {"bpe": (add_args_bpe, bench_bpe), "data": (add_args_data, bench_data), "model": (add_args_model, bench_model),
+          "kernels": (add_args_kernels, bench_kernels), "parallel": (add_args_parallel, bench_parallel)}
+
 if __name__ == "__main__":
     import argparse
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    p = argparse.ArgumentParser()
-    add_args_parallel(p)
-    bench_parallel(p.parse_args())
+    import platform
+    ap = argparse.ArgumentParser(description="Every benchmark of the repo, as ratios against peers measured in the same run.")
+    ap.add_argument("--only", nargs="+", choices=sorted(GROUPS), help="run only these groups (default: all)")
+    for add_args, _ in GROUPS.values():
+        add_args(ap)
+    args = ap.parse_args()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {gpu} | python {platform.python_version()}, torch {torch.__version__}")
+    for name in args.only or list(GROUPS):
+        print(f"\n=== {name} " + "=" * (60 - len(name)), flush=True)
+        t0 = time.time()
+        GROUPS[name][1](args)
+        print(f"[{name}: {time.time() - t0:.0f} s]", flush=True)
