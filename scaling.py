@@ -20,7 +20,7 @@ This file does the whole loop at toy scale:
      (Huber loss on log L, L-BFGS from a grid of starts), then solve for the optimum in closed form.
   4. A sweep that drives train.py (subprocess) for each (budget, size) and collects results.
 
-Run it on CPU (byte-level pydocs; the sweep below is the one in the README, 16 runs, ~35 min on
+Run it on CPU (byte-level pydocs; the sweep below is the one in the README, 16 runs, ~30 min on
 a 2-core box shared with other jobs). Each budget gets the sizes that bracket its optimum; the
 sweep is resumable, so several invocations fill one results.jsonl:
     python scaling.py flops --vocab-size 256 --context-length 64   # exact FLOPs vs 6ND table
@@ -205,10 +205,10 @@ def isoflop_minimum(N, D, loss, window=2):
 
 
 def approach2(runs, n_boot=200, seed=0, targets=()):
-    """Fit N_opt ~ C^a and D_opt ~ C^b across IsoFLOP budgets, bootstrap CIs.
+    """Fit N_opt ~ C^a, D_opt ~ C^b and L_opt ~ C^g across IsoFLOP budgets, bootstrap CIs.
 
     Returns {"budgets": [...per-budget minima...], "a", "b", "a_ci", "b_ci", "log_k_N", "log_k_D",
-    "predict": {target: {N_opt, N_ci, D_opt, D_ci}}}."""
+    "loss_exponent", "log_k_L", "predict": {target: {N_opt, N_ci, D_opt, D_ci, loss, loss_ci}}}."""
     def fit(r):
         mins = []
         for c in np.unique(r["budget"]):
