@@ -68,8 +68,8 @@ CHAT_SPECIALS = [EOT, USER, ASSISTANT]
 # accuracy fell from 30% to 5% in 20 steps). Subtraction is kept non-negative (a >= b) so the
 # lowest levels stay in one small range of numbers.
 
-LEVELS = {1: "add/sub 1-digit", 2: "mul 1x1", 3: "add/sub 2-digit", 4: "word 1-digit",
-          5: "add/sub 3-digit, mul 2x1", 6: "mul 2x2"}
+LEVELS = {1: "add/sub 1-digit", 2: "mul 1x1", 3: "word mul 1x1", 4: "word 1-digit", 5: "add/sub 2-digit",
+          6: "add/sub 3-digit, mul 2x1", 7: "mul 2x2"}
 NAMES = ["Ann", "Ben", "Cat", "Dan", "Eve", "Sam", "Tom", "Zoe"]
 THINGS = ["apples", "books", "coins", "eggs", "pens", "stamps"]
 ASK = ["What is {e}?", "Compute {e}.", "{e} = ?", "Calculate {e}.", "What do you get for {e}?"]
@@ -78,28 +78,28 @@ ASK = ["What is {e}?", "Compute {e}.", "{e} = ?", "Calculate {e}.", "What do you
 def make_problem(rng: random.Random, level: int) -> dict:
     """One problem: {"prompt", "response", "answer", "level"} at the given difficulty level."""
     n = lambda digits: rng.randint(0, 10 ** digits - 1)  # noqa: E731  uniform, up to `digits` digits
-    if level in (1, 3, 4):
-        d = 2 if level == 3 else 1
+    if level in (1, 4, 5):
+        d = 2 if level == 5 else 1
         a, b, op = n(d), n(d), rng.choice("+-*" if level == 4 else "+-")
-    elif level == 2:
+    elif level in (2, 3):
         a, b, op = n(1), n(1), "*"
-    elif level == 5:
-        a, b, op = (n(3), n(3), rng.choice("+-")) if rng.random() < 0.5 else (n(2), n(1), "*")
     elif level == 6:
+        a, b, op = (n(3), n(3), rng.choice("+-")) if rng.random() < 0.5 else (n(2), n(1), "*")
+    elif level == 7:
         a, b, op = n(2), n(2), "*"
     else:
         raise ValueError(f"unknown level {level}")
     if op == "-" and a < b:
         a, b = b, a
     c = a + b if op == "+" else a - b if op == "-" else a * b
-    if level == 4:  # the same arithmetic, dressed as a one-line story
+    if level in (3, 4):  # the same arithmetic, dressed as a one-line story
         who, what = rng.choice(NAMES), rng.choice(THINGS)
         q = {"+": f"{who} has {a} {what} and gets {b} more. How many {what} does {who} have now?",
              "-": f"{who} has {a} {what} and gives away {b}. How many {what} are left?",
              "*": f"{who} buys {a} bags with {b} {what} in each. How many {what} is that?"}[op]
     else:
         q = rng.choice(ASK).format(e=f"{a} {op} {b}")
-    return {"prompt": q, "response": f"{a} {op} {b} = {c}", "answer": c, "level": level}
+    return {"prompt": q, "response": f"{c}", "answer": c, "level": level}
 
 
 def split_of(text: str, test_percent: int = 20) -> str:
@@ -182,13 +182,13 @@ def _to_number(s: str):
     return int(v) if v.denominator == 1 else v
 
 
-_FINAL = re.compile(r"(?:####|=)\s*" + _NUM + r"\s*$")  # the text *ends* in its answer
+_FINAL = re.compile(r"(?:^|####|=)\s*" + _NUM + r"\s*$")  # a bare number, or text that *ends* in '= N' / '#### N'
 
 
 def reward_fn(response: str, ground_truth, format_weight: float = 0.1) -> dict:
     """The verifier's score. answer_reward: the parsed answer equals the gold one; format_reward:
-    the response ends in its final answer ('= N' or '#### N' as the last thing), a small shaping
-    bonus for stopping right after the answer instead of rambling on."""
+    the response is a bare number or ends in its final answer ('= N' or '#### N' as the last
+    thing), a small shaping bonus for stopping right after the answer instead of rambling on."""
     fmt = float(_FINAL.search(response) is not None)
     ans = float(ground_truth is not None and parse_answer(response) == ground_truth)
     return {"reward": ans + format_weight * fmt, "format_reward": fmt, "answer_reward": ans}
@@ -553,6 +553,10 @@ def run_grpo(model, tok, args, log):
     T = max_response_tokens(tok, probe)
     t_start = time.time()
     for step in range(1, args.steps + 1):
+        # Warmup: a fresh Adam's first updates are ~lr * sign(g) on *every* weight, noise that
+        # knocked a few points off the SFT model before the reward signal could add any.
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, step / max(1, args.steps // 10))
         t0 = time.time()
         batch = (rng.sample(data, min(args.prompts_per_step, len(data))) if data else
                  sample_problems("train", args.prompts_per_step, args.levels, rng.randrange(2**31), args.test_percent))

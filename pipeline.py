@@ -83,9 +83,14 @@ def run_stages(out, preset, fresh, scaling):
     timings = json.load(open(tpath)) if os.path.exists(tpath) and not fresh else {}
     plan = stage_plan(out, preset)
     if scaling:
-        sc = os.path.join(out, "scaling")
-        plan.append(("scaling", [sys.executable, "scaling.py", "sweep", "--data", os.path.join(out, "data"),
-                                 "--out-dir", sc, "--fit"], [os.path.join(sc, "fit.json")]))
+        # Byte-level tokens (vocab 256) so the lm_head does not dominate tiny models, and sizes that bracket
+        # each budget's optimum (see scaling.py's docstring for the measured sweep these follow).
+        sc, bd = os.path.join(out, "scaling"), os.path.join(out, "data-bytes")
+        plan.append(("scaling-bytes", [sys.executable, "scaling.py", "bytes", "--text", os.path.join(out, "data"),
+                                       "--out", bd], [os.path.join(bd, "train.bin")]))
+        plan.append(("scaling", [sys.executable, "scaling.py", "sweep", "--data", bd, "--vocab-size", "256",
+                                 "--out-dir", sc, "--budgets", "3e10", "1e11", "3e11", "--sizes", "12", "16", "24",
+                                 "32", "48", "--fit", "--target", "1e12"], [os.path.join(sc, "fit.json")]))
     for i, (name, cmd, artifacts) in enumerate(plan):
         if not fresh and all(os.path.exists(a) for a in artifacts):
             print(f"[{i + 1}/{len(plan)}] {name}: done already, skipping (--fresh to redo)", flush=True)
@@ -229,7 +234,15 @@ def section_scaling(out):
     if not os.path.exists(path):
         return ""
     fit = json.load(open(path))
-    return "## Scaling-law fit\n\n```\n" + json.dumps(fit, indent=1)[:3000] + "\n```\n"
+    a2, a3 = fit["approach2"], fit["approach3"]
+    rows = [("approach 2: N_opt ~ C^a", f"a = {a2['a']:.3f} [{a2['a_ci'][0]:.3f}, {a2['a_ci'][1]:.3f}]"),
+            ("approach 2: D_opt ~ C^b", f"b = {a2['b']:.3f} [{a2['b_ci'][0]:.3f}, {a2['b_ci'][1]:.3f}]"),
+            ("approach 3: L = E + A/N^alpha + B/D^beta",
+             ", ".join(f"{k} = {a3[k]:.3g}" for k in ("E", "A", "B", "alpha", "beta")))]
+    text = f"## Scaling-law fit\n\n{fit['n_runs']} runs.\n\n" + md_table(["", ""], rows) + "\n"
+    if os.path.exists(os.path.join(out, "scaling", "scaling.png")):
+        text += "\n![scaling](scaling/scaling.png)\n"
+    return text
 
 
 def write_report(out, timings):

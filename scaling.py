@@ -24,7 +24,7 @@ Run it on CPU (byte-level pydocs; the sweep below is the one in the README, 16 r
 a 2-core box shared with other jobs). Each budget gets the sizes that bracket its optimum; the
 sweep is resumable, so several invocations fill one results.jsonl:
     python scaling.py flops --vocab-size 256 --context-length 64   # exact FLOPs vs 6ND table
-    python data.py --out-dir data                                   # -> data/pydocs/{train,val}.txt
+    python data.py                                                  # -> data/pydocs/{train,val}.txt
     python scaling.py bytes --text data/pydocs --out data/pydocs-bytes   # vocab-256 token files
     S="python scaling.py sweep --data data/pydocs-bytes --vocab-size 256 --out-dir runs/scaling"
     $S --budgets 3e10 --sizes 8 12 16 24 32 48
