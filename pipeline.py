@@ -153,7 +153,8 @@ def section_tokenizer(out):
                 "Die Katze schläft auf dem Sofa."]
     rows = []
     for e in examples:
-        pieces = [tok.decode([i]) for i in tok.encode(e)]
+        # Show each token's raw bytes: a token may hold half of a UTF-8 character (shown as \\xNN).
+        pieces = [tok.vocab[i].decode("utf-8", errors="backslashreplace") for i in tok.encode(e)]
         rows.append((f"`{e}`", len(pieces), " · ".join(p.replace("|", "\\|").replace(" ", "␣") for p in pieces)))
     return (f"## Tokenizer\n\nvocab {len(tok)}; on the first {nbytes / 1e3:.0f} kB of val.txt: "
             f"**{nbytes / max(1, len(ids)):.2f} bytes/token**.\n\n"
