@@ -555,7 +555,10 @@ def run_grpo(model, tok, args, log):
     # by step 20) onto the current greedy answers, so greedy accuracy does not move either; with
     # the old "a * b = c. #### c" response format any lr >= 3e-4 made the policy stop emitting
     # <|endoftext|> (see section 1). On a *fixed* set of 8 prompts the same code takes greedy
-    # accuracy on them from 50% to 88% in 20 steps: the learning works, the budget is the limit.
+    # accuracy on them from 50% to 88% in 20 steps: the learning works. What decides it is the
+    # starting point: RL re-weights answers the policy already samples, so from a 79% SFT model
+    # (default: SFT 150 steps) lr 3e-4, T = 1 gained +3.4 points (paired 95% CI +1.1..+5.8) in 100
+    # steps and +9.1 (+6.0..+12.1) in 200 steps on the 408 held-out problems.
     # AdamW with betas (0.9, 0.95): RL gradients are noisy, a shorter second-moment memory adapts
     # faster to their changing scale.
     data = load_jsonl(args.data_jsonl) if args.data_jsonl else None
@@ -712,7 +715,7 @@ STAGES = {"sft": run_sft, "dpo": run_dpo, "grpo": run_grpo}
 # right ones); from the 79% model, where most right answers already have mass, it adds points.
 DEFAULTS = {"sft": dict(steps=150, lr=1e-3, batch_size=32),
             "dpo": dict(steps=30, lr=5e-5, batch_size=16),
-            "grpo": dict(steps=100, lr=3e-4, batch_size=16)}
+            "grpo": dict(steps=200, lr=3e-4, batch_size=16)}
 
 
 def run_stage(stage, args):
@@ -750,7 +753,9 @@ def main(argv=None):
     ap.add_argument("--levels", default="2,3", help="difficulty levels, comma-separated: "
                     + "; ".join(f"{k}={v}" for k, v in LEVELS.items()))
     ap.add_argument("--test-percent", type=int, default=20, help="share of problem texts held out (hash split)")
-    ap.add_argument("--n-eval", type=int, default=600, help="held-out problems to evaluate (split evenly over levels)")
+    ap.add_argument("--n-eval", type=int, default=600,
+                    help="held-out problems to evaluate, split evenly over levels (a level with fewer distinct held-out "
+                         "texts gives all it has: mul 1x1 has 108, so the default levels give n=408)")
     ap.add_argument("--no-eval", action="store_true", help="skip the eval after a training stage")
     # optimization (None = the stage's default from DEFAULTS)
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps")
