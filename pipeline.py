@@ -4,9 +4,9 @@ Each stage is one of the repo's files run as a script, exactly as you would run 
 file only chains them, skips stages whose outputs already exist (so a rerun after a crash picks
 up where it stopped), times them, and writes `report.md` from the artifacts they left behind.
 
-    python pipeline.py                 # embedded corpus, CPU, ~20 min on 2 cores
+    python pipeline.py                 # embedded corpus, CPU: ~7 min on 2 quiet cores -> runs/cpu/report.md
     python pipeline.py --fresh         # redo every stage
-    python pipeline.py --preset gpu    # same pipeline, bigger model/data: ~1 h on one H100
+    python pipeline.py --preset gpu    # same pipeline, 124M-class model, meant for ~1 h on one H100 (untested)
     python pipeline.py --preset tiny   # a smoke test (used by test_all.py), ~1-2 min
     python pipeline.py --scaling       # also run the scaling-law sweep and fit
 
@@ -226,8 +226,14 @@ def section_align(out):
             r = ev[stage]
             rows.append((stage, f"{100 * r['acc']:.1f}%", f"[{100 * r['ci_lo']:.1f}, {100 * r['ci_hi']:.1f}]", r["n"],
                          ", ".join(f"{k}: {100 * v:.0f}%" for k, v in r.get("by_difficulty", {}).items())))
-    return ("## Alignment (held-out math problems, greedy decoding)\n\n"
+    text = ("## Alignment (held-out math problems, greedy decoding)\n\n"
             + md_table(["stage", "accuracy", "95% CI (Wilson)", "n", "by difficulty"], rows) + "\n")
+    # Paired differences on the same problems: tighter than comparing two independent intervals.
+    paired = [(k, f"{100 * v['delta']:+.1f} points", f"[{100 * v['ci_lo']:+.1f}, {100 * v['ci_hi']:+.1f}]",
+               f"{v['wins']} gained, {v['losses']} lost") for k, v in ev.get("paired", {}).items()]
+    if paired:
+        text += "\n" + md_table(["comparison", "difference", "paired 95% CI", "problems"], paired) + "\n"
+    return text
 
 
 def section_scaling(out):
@@ -272,12 +278,13 @@ def write_report(out, timings):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/pipeline", help="where every stage writes (data/, base/, align/, report.md)")
+    ap.add_argument("--out", default=None, help="where every stage writes (data/, base/, align/, report.md); default runs/PRESET")
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="size: cpu (default), tiny (smoke test), gpu")
     ap.add_argument("--fresh", action="store_true", help="redo every stage even if its outputs exist")
     ap.add_argument("--scaling", action="store_true", help="also run the scaling-law sweep and fit (slow)")
     ap.add_argument("--report-only", action="store_true", help="only regenerate report.md from existing artifacts")
     args = ap.parse_args()
+    args.out = args.out or os.path.join("runs", args.preset)
     os.chdir(ROOT)
     t0 = time.time()
     tpath = os.path.join(args.out, "timings.json")
