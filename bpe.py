@@ -41,6 +41,7 @@ CPU only; there is nothing here for a GPU to do.
 """
 
 import argparse
+import gc
 import heapq
 import json
 import multiprocessing as mp
@@ -87,17 +88,40 @@ def ascii_twin(pattern):
 _LINE_CUT = re.compile(r"(?<=[\x21-\x7e])(?=\n)")
 
 
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+def _cut_before(text, lo, i):
+    """The last safe cut in text[lo:i] (a "\n" right after a printable ASCII character), else lo."""
+    while (i := text.rfind("\n", lo + 1, i)) > 0:
+        if "!" <= text[i - 1] <= "~":
+            return i
+    return lo
+
+
 def _findall(pat, pat_ascii, text):
     """Pre-tokenize with the fast ASCII engine wherever the text allows it."""
     if pat_ascii is None:
         return pat.findall(text)
     if text.isascii():
         return pat_ascii.findall(text)
-    # Mixed text is still mostly ASCII line by line (95% on the stdlib docs), so we cut it at
-    # safe line ends and give each line the engine it allows: ~10% faster pre-tokenization.
-    out = []
-    for line in _LINE_CUT.split(text):
-        out += (pat_ascii if line.isascii() else pat).findall(line)
+    # Mixed text is still mostly ASCII (99.7% of the benchmark text), so we hand `regex` only
+    # each run of non-ASCII characters, widened to the nearest safe line cut on either side,
+    # and let `re` take everything in between. findall(text, pos, endpos) reads a span in
+    # place: no slices are copied, and no pre-token crosses a safe cut, so the pieces are the
+    # same as one pass over the whole text.
+    out, pos = [], 0
+    for m in _NON_ASCII.finditer(text):
+        if m.start() < pos:                # inside the span we just gave to `regex`
+            continue
+        lo = _cut_before(text, pos, m.start())
+        cut = _LINE_CUT.search(text, m.end())
+        hi = cut.start() if cut else len(text)
+        if lo > pos:
+            out += pat_ascii.findall(text, pos, lo)
+        out += pat.findall(text, lo, hi)
+        pos = hi
+    out += pat_ascii.findall(text, pos)
     return out
 
 
@@ -541,16 +565,23 @@ class Tokenizer:
             pass
 
     def encode(self, text: str) -> list:
-        out = []
-        if self._splitter is None:
-            self._encode_text(text, out)
+        # A cold cache allocates one small list per new pre-token and no reference cycles, so
+        # Python's cycle collector only burns time here, rescanning the growing cache and the
+        # output list (~15% of a cold encode): we pause it, and restore it however we leave.
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            out = []
+            parts = [text] if self._splitter is None else self._splitter.split(text)
+            for k, part in enumerate(parts):
+                if k % 2:                      # odd slots are the captured special tokens
+                    out.append(self.special_ids[part])
+                elif part:
+                    self._encode_text(part, out)
             return out
-        for k, part in enumerate(self._splitter.split(text)):
-            if k % 2:                      # odd slots are the captured special tokens
-                out.append(self.special_ids[part])
-            elif part:
-                self._encode_text(part, out)
-        return out
+        finally:
+            if gc_was_on:
+                gc.enable()
 
     def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
         """Lazily encode a stream of strings (e.g. a file read line by line).
