@@ -372,12 +372,19 @@ def max_response_tokens(tok, problems) -> int:
 #    The implicit reward of a response is beta * log(pi/ref); the loss is a logistic regression
 #    that the chosen response out-scores the rejected one.
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
+             alpha: float = 0.0, chosen_lengths=1.0):
     """Per-pair loss (B,) and the implicit rewards (B,) of chosen and rejected responses.
-    Inputs are sequence log-probs: sums over response tokens. At policy == reference, loss = log 2."""
+    Inputs are sequence log-probs: sums over response tokens. At policy == reference, loss = log 2
+    (plus alpha * the chosen NLL). alpha > 0 is RPO / DPO+NLL (Pang et al. 2024, arXiv:2404.19733):
+        loss = -log sigmoid(chosen - rejected) + alpha * (-log pi(y_w) / |y_w|)
+    The DPO term only sees the *difference* of the two log-ratios, so it is as happy to push both
+    down (the rejected one faster) as to push the chosen one up, and that is what it does in
+    practice; the per-token NLL of the chosen side is an anchor that holds its likelihood up."""
     chosen = beta * (policy_chosen_logps - ref_chosen_logps)  # (B,)
     rejected = beta * (policy_rejected_logps - ref_rejected_logps)  # (B,)
-    return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
+    nll = -policy_chosen_logps / chosen_lengths  # (B,): mean per-token NLL of the chosen response
+    return -F.logsigmoid(chosen - rejected) + alpha * nll, chosen.detach(), rejected.detach()
 
 
 def sequence_log_probs(model, tok, prompts, responses, device) -> torch.Tensor:
@@ -431,19 +438,26 @@ def run_dpo(model, tok, args, log):
                                               [c for _, c, _ in pairs[i:i + 64]], args.device) for i in range(0, len(pairs), 64)])
         ref_r = torch.cat([sequence_log_probs(ref, tok, [p for p, _, _ in pairs[i:i + 64]],
                                               [r for _, _, r in pairs[i:i + 64]], args.device) for i in range(0, len(pairs), 64)])
+    # |y_w| in tokens (with the <|endoftext|>), for the per-token NLL term; tokenized alone, as in
+    # tokenize_prompt_and_output, so it counts exactly the masked response tokens
+    len_c = torch.tensor([len(tok.encode(c + EOT)) for _, c, _ in pairs], dtype=torch.float, device=args.device)
     for step in range(1, args.steps + 1):
         i = rng.sample(range(len(pairs)), min(args.batch_size, len(pairs)))
         pr = [pairs[j][0] for j in i]
         pc = sequence_log_probs(model, tok, pr, [pairs[j][1] for j in i], args.device)
         pj = sequence_log_probs(model, tok, pr, [pairs[j][2] for j in i], args.device)
-        loss, rc, rr = dpo_loss(pc, pj, ref_c[i], ref_r[i], args.beta)
+        loss, rc, rr = dpo_loss(pc, pj, ref_c[i], ref_r[i], args.beta, args.dpo_nll, len_c[i])
         loss.mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         acc, margin = (rc > rr).float().mean().item(), (rc - rr).mean().item()
+        # log pi - log ref of each side, in nats: a falling chosen log-prob is the failure RPO guards against
+        dc, dr = rc.mean().item() / args.beta, rr.mean().item() / args.beta
         if step % args.log_every == 0 or step == args.steps:
-            log({"step": step, "loss": loss.mean().item(), "reward_acc": acc, "margin": margin},
-                f"dpo step {step}/{args.steps} | loss {loss.mean().item():.4f} | reward acc {acc:.2f} | margin {margin:.3f}")
+            log({"step": step, "loss": loss.mean().item(), "reward_acc": acc, "margin": margin,
+                 "chosen_dlogp": dc, "rejected_dlogp": dr},
+                f"dpo step {step}/{args.steps} | loss {loss.mean().item():.4f} | reward acc {acc:.2f} | margin {margin:.3f} "
+                f"| dlogp chosen {dc:+.2f} rejected {dr:+.2f}")
     return model, opt
 
 
@@ -766,6 +780,8 @@ def main(argv=None):
     # dpo
     ap.add_argument("--beta", type=float, default=0.1, help="DPO beta: strength of the implicit KL to the reference")
     ap.add_argument("--num-pairs", type=int, default=128, help="DPO preference pairs built from the task")
+    ap.add_argument("--dpo-nll", type=float, default=0.0,
+                    help="RPO alpha: weight of the chosen response's per-token NLL added to the DPO loss (0 = plain DPO)")
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="DPO: SFT samples per prompt to find a correct and a wrong answer")
     # grpo
     ap.add_argument("--group-size", type=int, default=8, help="GRPO G: completions per prompt")

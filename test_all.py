@@ -2387,3 +2387,13 @@ def test_pipeline_tiny_end_to_end(tmp_path):
                         capture_output=True, text=True, env=env, timeout=300)
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert r2.stdout.count("skipping") == 6, r2.stdout
+    # The scaling section (pipeline --scaling is a 15-run sweep, too slow here): fit the committed
+    # sweep into the run's scaling/ dir, regenerate the report, and check the section is filled in.
+    r3 = subprocess.run([sys.executable, "scaling.py", "fit", "--runs", "results/scaling_runs.jsonl", "--bootstrap", "10",
+                         "--out-dir", str(out / "scaling")], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert r3.returncode == 0, r3.stderr[-2000:]
+    r4 = subprocess.run([sys.executable, "pipeline.py", "--report-only", "--out", str(out)],
+                        capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert r4.returncode == 0, r4.stderr[-2000:]
+    rep = (out / "report.md").read_text()
+    assert "## Scaling-law fit" in rep and "25 runs" in rep and "a = 0." in rep, rep[-1500:]
