@@ -452,7 +452,7 @@ def run_dpo(model, tok, args, log):
         opt.zero_grad(set_to_none=True)
         acc, margin = (rc > rr).float().mean().item(), (rc - rr).mean().item()
         # log pi - log ref of each side, in nats: a falling chosen log-prob is the failure RPO guards against
-        dc, dr = rc.mean().item() / args.beta, rr.mean().item() / args.beta
+        dc, dr = (pc - ref_c[i]).mean().item(), (pj - ref_r[i]).mean().item()
         if step % args.log_every == 0 or step == args.steps:
             log({"step": step, "loss": loss.mean().item(), "reward_acc": acc, "margin": margin,
                  "chosen_dlogp": dc, "rejected_dlogp": dr},

@@ -1,40 +1,39 @@
 """
-data.py — from raw web pages (or the Python docs you already have) to a clean training corpus.
+data.py: from raw web pages (or the Python docs already on your disk) to a clean training corpus.
 
-What this teaches
------------------
-A language model is mostly its data. Raw crawled text is full of navigation menus, cookie banners,
-other languages, e-mail addresses, spam, near-identical copies of the same page and plain binary
-garbage. This file walks through the classic filtering pipeline, one function per stage, in the
-order the data flows:
+A language model is mostly its data, and raw crawled text is mostly not what you want to train on:
+navigation menus, cookie banners, other languages, e-mail addresses, spam, a thousand copies of the
+same page and plain binary garbage. Every large pretraining set is the output of a filtering
+pipeline like this one. It runs the classic stages, one function each, in the order the data flows:
 
-    source  ->  HTML -> text  ->  language ID  ->  PII masking  ->  MinHash near-dedup
-            ->  exact-line (boilerplate) dedup  ->  Gopher rules  ->  quality / toxic / NSFW
-            ->  train.txt / val.txt (+ train.bin / val.bin with a bpe.py tokenizer)
+    source -> HTML to text -> language ID -> PII masking -> MinHash near-dedup
+           -> exact-line (boilerplate) dedup -> Gopher rules -> quality / toxic / NSFW classifiers
+           -> train.txt / val.txt (+ train.bin / val.bin with a bpe.py tokenizer)
 
-Every input document ends up either kept or dropped *with a reason*: stats.json accounts for all
-of them, so nothing is lost silently.
+Every input document ends up kept or dropped *with a reason* ("stage:why"), and stats.json accounts
+for all of them: a filter that silently eats half the corpus is the usual way this goes wrong.
 
 The default corpus needs no network: `python data.py` renders the documentation of the installed
-Python standard library with pydoc's HTML renderer (plus the `pydoc_data` topics) and pushes those
-HTML pages through exactly the pipeline a Common Crawl page would take. The stdlib docs are real
-English text with real problems: author e-mail addresses, IP addresses in examples, the same
-boilerplate lines ("Methods defined here:") on every page, and near-duplicate pages (the
-`encodings.*` codecs are almost identical).
+standard library with pydoc's HTML renderer (plus the `pydoc_data` topics) and pushes those pages
+through exactly the path a Common Crawl page takes. They are real English with real problems:
+author e-mail addresses, IP addresses in examples, the same boilerplate lines ("Methods defined
+here:") on every page, and near-duplicate pages (the `encodings.*` codecs are almost identical).
 
 Papers / references
 -------------------
 - Gopher quality rules: Rae et al. 2021, "Scaling Language Models: Methods, Analysis & Insights
-  from Training Gopher", arXiv:2112.11446 (Appendix A).
+  from Training Gopher", arXiv:2112.11446, Appendix A.
 - fastText classifiers: Joulin et al. 2016, "Bag of Tricks for Efficient Text Classification",
   arXiv:1607.01759.
-- MinHash: Broder 1997, "On the resemblance and containment of documents"; LSH banding:
-  Leskovec, Rajaraman & Ullman, "Mining of Massive Datasets", ch. 3.
-- Dedup matters: Lee et al. 2021, "Deduplicating Training Data Makes Language Models Better",
-  arXiv:2107.06499. Pipelines like this one: CCNet (arXiv:1911.00359), RefinedWeb
-  (arXiv:2306.01116), Dolma (arXiv:2402.00159), Stanford CS336 assignment 4.
+- MinHash: Broder 1997, "On the resemblance and containment of documents". LSH banding: Leskovec,
+  Rajaraman & Ullman, "Mining of Massive Datasets", ch. 3. Why dedup at all: Lee et al. 2021,
+  "Deduplicating Training Data Makes Language Models Better", arXiv:2107.06499.
+- Whole pipelines of this shape: CCNet (Wenzek et al. 2019, arXiv:1911.00359: fastText LID, line
+  dedup), RefinedWeb (Penedo et al. 2023, arXiv:2306.01116: MinHash on 5-grams), Dolma (Soldaini et
+  al. 2024, arXiv:2402.00159: Gopher rules, PII masks, toxic/NSFW classifiers), FineWeb (Penedo et
+  al. 2024, arXiv:2406.17557), and Stanford CS336 assignment 4, whose stage function names we borrow.
 
-How to run (CPU only; no GPU is involved anywhere)
+How to run (CPU only: no stage needs a GPU)
 ----------
     python data.py                                   # default corpus -> data/pydocs/{train,val}.txt
     python data.py --modules json,textwrap,csv --out runs/tiny/data    # a few modules, chosen dir
@@ -84,48 +83,52 @@ def _progress(done, total, t0, what, every=1.0, _last=[0.0]):
     now = time.time()
     if done != total and now - _last[0] < every:
         return
-    _last[0] = now
+    _last[0] = now  # a mutable default lives across calls: a "last printed" clock without a global
     rate = done / max(now - t0, 1e-9)
     eta = (total - done) / rate if total and rate > 0 else 0.0
     tail = f"/{total} | ETA {eta:5.1f}s" if total else ""
     print(f"\r  {what}: {done}{tail} | {rate:7.1f}/s", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
+def _write_atomic(path, text):
+    """Write to path.tmp, then rename: a killed run leaves the old file or the new one, never half."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 # ---------------------------------------------------------------
 # Stage 1: HTML -> text.
-# A page is a tree of tags; what we want is the prose. We walk it with the stdlib HTMLParser,
-# drop whole subtrees that are never content (script, style, head, nav, ...), turn block-level
-# tags into paragraph breaks and keep <pre> text verbatim. This is a tiny cousin of
-# resiliparse / trafilatura: no boilerplate scoring, just structure.
+# A page is a tree of tags; what we want is the prose. We walk it with the stdlib HTMLParser, drop
+# whole subtrees that are never content (script, style, nav, ...), turn block-level tags into
+# paragraph breaks and keep <pre> text verbatim. A tiny cousin of resiliparse / trafilatura: no
+# boilerplate scoring, just structure (menus and footers that survive are the line-dedup stage's job).
 
 _SKIP_TAGS = {"script", "style", "head", "nav", "noscript", "template", "svg", "iframe", "footer", "aside", "form"}
 _BLOCK_TAGS = {"p", "div", "section", "article", "main", "header", "h1", "h2", "h3", "h4", "h5", "h6",
                "table", "ul", "ol", "dl", "pre", "blockquote", "hr", "figure", "body", "html"}
-_LINE_TAGS = {"br", "li", "tr", "dt", "dd", "caption"}  # each starts a new line, no blank line
-_VOID_TAGS = {"br", "hr", "img", "meta", "link", "input", "wbr", "area", "base", "col", "embed", "source"}
+# What an opening tag leaves in the text: a paragraph break for blocks, a line break for list
+# items and rows, a space between table cells. Closing a block breaks the paragraph again.
+_OPEN_BREAK = {**dict.fromkeys(_BLOCK_TAGS, "\n\n"), **dict.fromkeys(["br", "li", "tr", "dt", "dd", "caption"], "\n"),
+               "td": " ", "th": " "}
 
 
 class _TextExtractor(html.parser.HTMLParser):
     def __init__(self):
-        super().__init__(convert_charrefs=True)
+        super().__init__(convert_charrefs=True)  # "&eacute;" arrives in handle_data as "é"
         self.parts, self.skip_depth, self.pre_depth = [], 0, 0
 
     def handle_starttag(self, tag, attrs):
-        if tag in _SKIP_TAGS and tag not in _VOID_TAGS:
+        if tag in _SKIP_TAGS:  # (none of them is a void tag like <br>, so every one gets closed)
             self.skip_depth += 1
-        elif tag in _BLOCK_TAGS:
-            self.parts.append("\n\n")
-        elif tag in _LINE_TAGS:
-            self.parts.append("\n")
-        elif tag in ("td", "th"):
-            self.parts.append(" ")
         if tag == "pre":
             self.pre_depth += 1
+        self.parts.append(_OPEN_BREAK.get(tag, ""))
 
-    def handle_endtag(self, tag):
-        if tag in _SKIP_TAGS and tag not in _VOID_TAGS:
+    def handle_endtag(self, tag):  # max(0, ...): a stray </nav> would make a depth -1, truthy: all hidden
+        if tag in _SKIP_TAGS:
             self.skip_depth = max(0, self.skip_depth - 1)
-        elif tag in _BLOCK_TAGS:
+        if tag in _BLOCK_TAGS:
             self.parts.append("\n\n")
         if tag == "pre":
             self.pre_depth = max(0, self.pre_depth - 1)
@@ -140,7 +143,11 @@ class _TextExtractor(html.parser.HTMLParser):
 
 
 def _decode_html(html_bytes):
-    """Bytes -> str: BOM first, then <meta charset>, then UTF-8 with replacement characters."""
+    """Bytes -> str. The sniffing order is the HTML5 one, most to least authoritative: a byte-order
+    mark is the encoding itself, so it wins; then a <meta charset> near the top (the spec scans 1024
+    bytes, we allow 4096); then UTF-8, which >98% of the web uses, with replacement characters so a
+    bad byte costs one character, not the page. (The spec puts the HTTP Content-Type charset between
+    BOM and meta; we only ever see the payload.)"""
     for bom, codec in ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")):
         if html_bytes.startswith(bom):
             return html_bytes[len(bom):].decode(codec, errors="replace")
@@ -169,20 +176,22 @@ def extract_text_from_html_bytes(html_bytes):
     try:
         parser.feed(text)
         parser.close()
-    except Exception:  # HTMLParser is forgiving, but be defensive: one bad page must not crash a crawl
+    except Exception:  # HTMLParser is forgiving, but one pathological page must not end a crawl
         return None
     # Leading plain spaces come from collapsed source newlines; leading U+00A0 are real indentation.
     lines = [line.lstrip(" ").rstrip().replace("\xa0", " ") for line in "".join(parser.parts).split("\n")]
-    out = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n")
-    return out
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n")
 
 
 # ---------------------------------------------------------------
 # Stage 2: language identification without a downloaded model.
-# Two cheap signals get you far: the Unicode *script* (Han, Kana, Cyrillic, ...) settles most
-# non-Latin languages outright, and among Latin-script languages the most frequent short words
-# (stopwords) plus a few telltale letters and suffixes are very distinctive. A fastText model
-# (lid.176.bin) is better on short or mixed text; pass it with --fasttext-lid if you have one.
+# We keep one language because a model trained on a mix spends capacity on all of them, and a page
+# in another language is noise to an English model. CCNet runs fastText's lid.176.bin and keeps
+# pages above 0.5 confidence; we copy the threshold but not the model, because two cheap signals get
+# far: the Unicode *script* (Han, Kana, Cyrillic, ...) settles most non-Latin languages outright,
+# and among Latin-script languages the most frequent short words (stopwords) plus a few telltale
+# letters and suffixes are very distinctive. fastText is better on short or mixed text; pass it
+# with --fasttext-lid if you have it.
 
 _SCRIPTS = [("zh", r"[\u4e00-\u9fff\u3400-\u4dbf]"), ("ja", r"[\u3040-\u30ff]"), ("ko", r"[\uac00-\ud7af\u1100-\u11ff]"),
             ("ru", r"[\u0400-\u04ff]"), ("el", r"[\u0370-\u03ff]"), ("ar", r"[\u0600-\u06ff]"),
@@ -230,11 +239,12 @@ def identify_language(text):
     if letters == 0:
         return "unk", 0.0
     if n > latin:  # a non-Latin script dominates: the script *is* the answer
-        if lang == "ru" and re.search(r"[іїєґ]", sample):
+        if lang == "ru" and re.search(r"[іїєґ]", sample):  # letters Ukrainian has and Russian lacks
             lang = "uk"
         return lang, n / letters
-    words = re.findall(r"[^\W\d_]+'?", sample.lower())
-    scores = {lg: sum(w in sw for w in words) + 0.5 * len(re.findall(_MARKERS[lg], sample.lower()))
+    low = sample.lower()
+    words = re.findall(r"[^\W\d_]+'?", low)  # letters only, plus a trailing apostrophe (qu', l')
+    scores = {lg: sum(w in sw for w in words) + 0.5 * len(re.findall(_MARKERS[lg], low))
               for lg, sw in _STOPWORDS.items()}
     best, second = sorted(scores, key=scores.get, reverse=True)[:2]
     if scores[best] == 0:
@@ -246,16 +256,22 @@ def identify_language(text):
 
 
 # ---------------------------------------------------------------
-# Stage 3: PII masking. Regexes, each returning (masked_text, count). A placeholder such as
+# Stage 3: PII masking.
+# A model memorizes rare strings it sees verbatim, and an e-mail address or a phone number is
+# exactly such a string. Dolma replaces them with placeholders instead of dropping the page (the
+# prose around an address is fine). Each mask returns (masked_text, count). A placeholder such as
 # |||EMAIL_ADDRESS||| contains none of the characters the patterns need, so masking twice never
 # counts the same thing twice.
 
+# An address needs a dotted domain ending in 2+ letters, so "user@localhost" and "a @ b" stay.
 _EMAIL_RE = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
 # US numbers: optional +1, area code with or without parentheses, then 3 + 4 digits separated by
 # nothing, '-', '.', or a space. (283)-182-3829 and 2831823829 both match; digits glued to other
 # digits do not (so a long integer is not a phone number). Area codes never start with 0 or 1,
 # which keeps string.digits ('0123456789') and 1234567890 out.
 _PHONE_RE = re.compile(r"(?<![\w.])(?:\+?1[\s.\-]?)?(?:\([2-9]\d\d\)|[2-9]\d\d)[\s.\-]?\d{3}[\s.\-]?\d{4}(?![\w])")
+# An octet is 0-255, spelled out because a regex cannot compare numbers; the lookarounds refuse a
+# fifth group or more digits ("1.2.3.4.5" and "10.0.0.1a" are not addresses).
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IP_RE = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\d)(?!\w)")
 
@@ -273,8 +289,12 @@ def mask_ips(text):
 
 
 # ---------------------------------------------------------------
-# Stage 4: Gopher quality rules (Rae et al. 2021, App. A) — cheap heuristics that remove
-# pages that are not prose: too short/long, word salad, tables of numbers, "read more..." lists.
+# Stage 4: Gopher quality rules (Rae et al. 2021, App. A).
+# Cheap heuristics that remove pages that are not prose, before anything costs a model call: too
+# short to carry meaning or too long to be a page, word salad (mean word length outside 3-10:
+# minified code, URL lists, tokens glued together), "read more..." link lists (over 30% of lines
+# ending in an ellipsis), and tables of numbers or symbols (under 80% of words with a letter). The
+# paper's symbol-to-word, bullet-line and stopword rules are left out; each would be one more `if`.
 
 def gopher_failure(text):
     """The name of the first Gopher rule `text` breaks, or None if it passes."""
@@ -284,34 +304,36 @@ def gopher_failure(text):
         return "too_few_words"
     if n > 100_000:
         return "too_many_words"
-    mean_len = sum(len(w) for w in words) / n
-    if not 3 <= mean_len <= 10:
+    if not 3 <= sum(len(w) for w in words) / n <= 10:
         return "mean_word_length"
     lines = [line for line in text.splitlines() if line.strip()]
     if lines and sum(line.rstrip().endswith(("...", "\u2026")) for line in lines) / len(lines) > 0.3:
         return "ellipsis_lines"
-    if sum(1 for w in words if re.search(r"[^\W\d_]", w)) / n < 0.8:
+    if sum(1 for w in words if re.search(r"[^\W\d_]", w)) / n < 0.8:  # [^\W\d_] = one letter
         return "non_alpha_words"
     return None
 
 
 def gopher_quality_filter(text):
-    """True if `text` passes all four Gopher rules."""
+    """True if `text` passes all four Gopher rules (word count, word length, ellipses, letters)."""
     return gopher_failure(text) is None
 
 
 # ---------------------------------------------------------------
-# Stage 5: fastText-style classifiers (Joulin et al. 2016): hash every word and word bigram into
-# one of `num_buckets` rows of an embedding table, average the rows (EmbeddingBag), one linear
-# layer on top. Linear models on bags of n-grams train in seconds and are hard to beat for
-# "does this look like X" questions. We train the defaults at build time from the tiny labeled
-# sets below. They are honest toys: they catch navigation/boilerplate and blatant insults or
+# Stage 5: fastText-style classifiers (Joulin et al. 2016).
+# Rules catch what is easy to describe; "does this read like a reference page / an insult / porn
+# spam" is easier to show by example. fastText's recipe: hash every word and word bigram into one of
+# `num_buckets` rows of an embedding table (the hashing trick: no vocabulary, fixed memory; bigrams
+# give a little word order), average the rows (EmbeddingBag), one linear layer on top. A linear
+# model on a bag of n-grams trains in seconds and is hard to beat for such questions, which is why
+# Dolma and DCLM still filter with fastText. We train the defaults at build time from the tiny
+# labeled sets below. They are honest toys: they catch navigation/boilerplate and blatant insults or
 # explicit-content spam phrased like the examples, and little else. Probed by hand: "you stupid
 # idiot" -> toxic 1.0, but the dog whistle "Go back to where you came from." -> clean; spam without
 # the example words ("Meet lonely wives in your area tonight") -> clean; "lorem ipsum dolor sit
 # amet" -> high quality. They see only word identity, so no paraphrase, no other language (unless
 # a word is shared: "Du bist ein Idiot" -> toxic), no context ("the idiot light" -> clean, luckily).
-# With the 0.9 thresholds they drop ~1 of ~450 stdlib pages. Bring your own labeled .jsonl
+# With the 0.9 thresholds they drop 1 of ~390 stdlib pages. Bring your own labeled .jsonl
 # (`train-classifier`) for real filtering, e.g. Wikipedia-cited pages vs. random Common Crawl.
 
 _QUALITY_HIGH = """The function returns a new list containing the items of the iterable in sorted order.
@@ -386,7 +408,7 @@ def _hashed_features(text, num_buckets, max_words=2000):
     """Word unigrams + bigrams -> bucket ids (crc32 is stable across runs, unlike hash())."""
     words = re.findall(r"\w+", text.lower())[:max_words]
     grams = words + [a + " " + b for a, b in zip(words, words[1:])]
-    return [zlib.crc32(g.encode()) % num_buckets for g in grams] or [0]
+    return [zlib.crc32(g.encode()) % num_buckets for g in grams] or [0]  # never empty: torch.tensor([]) is float
 
 
 def _fasttext_model(num_buckets, dim, num_labels):
@@ -398,11 +420,12 @@ def _fasttext_model(num_buckets, dim, num_labels):
     return model
 
 
-def _bag(texts, num_buckets, ids=None):
+def _logits(model, feats):
+    """(B, num_labels) logits of B feature lists. EmbeddingBag takes a ragged batch flat: every id
+    end to end, plus the offset where each row starts."""
     import torch
-    ids = ids or [_hashed_features(t, num_buckets) for t in texts]
-    offsets = torch.tensor([0] + [len(x) for x in ids[:-1]]).cumsum(0)
-    return torch.tensor([i for x in ids for i in x]), offsets  # flat ids + start offsets
+    offsets = torch.tensor([0] + [len(x) for x in feats[:-1]]).cumsum(0)
+    return model[1](model[0](torch.tensor([i for x in feats for i in x]), offsets))
 
 
 def train_classifier(texts, labels, label_names, num_buckets=2**14, dim=16, epochs=60, lr=0.2, seed=0,
@@ -419,8 +442,7 @@ def train_classifier(texts, labels, label_names, num_buckets=2**14, dim=16, epoc
     try:
         for _ in range(epochs):  # minibatches (the embedded sets are a single full batch)
             for idx in torch.randperm(len(texts)).split(batch_size):
-                logits = model[1](model[0](*_bag(None, num_buckets, [feats[i] for i in idx.tolist()])))  # (B, labels)
-                loss = torch.nn.functional.cross_entropy(logits, y[idx])
+                loss = torch.nn.functional.cross_entropy(_logits(model, [feats[i] for i in idx.tolist()]), y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -442,9 +464,7 @@ def set_classifier(kind, path=None):
             raise SystemExit(f"error: cannot load classifier {path}: {e}")
     else:
         names, sets = _DEFAULT_SETS[kind]
-        texts = [t for s in sets for t in s]
-        labels = [i for i, s in enumerate(sets) for _ in s]
-        blob = train_classifier(texts, labels, names)
+        blob = train_classifier([t for s in sets for t in s], [i for i, s in enumerate(sets) for _ in s], names)
     model = _fasttext_model(blob["num_buckets"], blob["dim"], len(blob["labels"]))
     model.load_state_dict(blob["state_dict"])
     _CLASSIFIERS[kind] = (model.eval(), blob["labels"], blob["num_buckets"])
@@ -457,7 +477,7 @@ def classify_batch(kind, texts):
         set_classifier(kind)
     model, names, nb = _CLASSIFIERS[kind]
     with torch.no_grad():
-        probs = torch.softmax(model[1](model[0](*_bag(texts, nb))), dim=-1)  # (N, num_labels)
+        probs = torch.softmax(_logits(model, [_hashed_features(t, nb) for t in texts]), dim=-1)  # (N, num_labels)
     p, i = probs.max(dim=-1)
     return [(names[j], round(float(q), 4)) for j, q in zip(i.tolist(), p.tolist())]
 
@@ -475,12 +495,15 @@ def classify_nsfw(text):
 
 
 # ---------------------------------------------------------------
-# Stage 6: exact line dedup. A line that appears in many documents is almost always boilerplate
-# (menus, footers, "Methods defined here:"). Two passes: count a 64-bit hash per line, then keep
-# only lines whose hash occurred once. Memory grows with the number of *distinct* lines' hashes,
-# not with the text.
+# Stage 6: exact line dedup.
+# A line that appears in many documents is almost always boilerplate (menus, footers, cookie
+# notices, pydoc's "Methods defined here:"): removing the line, not the page, keeps the prose
+# around it. CCNet does the same with paragraphs. Two passes: count a hash per line, then keep only
+# the lines whose hash is rare. Memory grows with the number of *distinct* lines, 8 bytes each, not
+# with the text; with 64 bits, n distinct lines collide with probability ~ n^2 / 2^65 (0.03 at a
+# billion lines). The pipeline runs this after MinHash (see build_corpus for why).
 
-def _line_hash(line):
+def _line_hash(line):  # a stable digest, unlike hash(): counts from separate shards or runs could be summed
     return hashlib.blake2b(line.encode("utf-8", "surrogatepass"), digest_size=8).digest()
 
 
@@ -507,7 +530,8 @@ def exact_line_dedup_docs(texts, min_docs=2):
     Counting documents (not occurrences) targets boilerplate, which repeats *across* pages. With
     min_docs=2 a line shared by any two documents goes; on the stdlib docs that also deletes every
     short code line ("{", "return x") and leaves 1.4 MB of 4.6, so the CLI default is 10.
-    Blank lines are paragraph separators, not content: always kept."""
+    Blank lines are paragraph separators, not content: always kept. (Python's hash() is fine here:
+    one process counts and filters.)"""
     df = Counter(h for t in texts for h in {hash(line) for line in t.split("\n") if line.strip()})
     out, removed = [], 0
     for t in texts:
@@ -518,12 +542,30 @@ def exact_line_dedup_docs(texts, min_docs=2):
 
 
 # ---------------------------------------------------------------
-# Stage 7: MinHash + LSH near-duplicate detection (Broder 1997).
-# Jaccard(A, B) = |A ∩ B| / |A ∪ B| over sets of word n-grams ("shingles"). For a random hash h,
-# P[min h(A) == min h(B)] = Jaccard(A, B), so K hashes give a K-dim signature whose agreement rate
-# estimates Jaccard. Comparing all pairs is O(N²); LSH splits the signature into b bands of r rows
-# and only compares documents that agree on an entire band: P(candidate) = 1 - (1 - J^r)^b, an S-curve
-# that is steep around (1/b)^(1/r). Candidates are then verified with the exact Jaccard.
+# Stage 7: MinHash + LSH near-duplicate detection (Broder 1997; MMDS ch. 3).
+# Crawls are full of pages that are the same text with a different header, date or ad, and models
+# trained on repeats memorize them and generalize worse (Lee et al. 2021). Exact hashing misses a
+# one-word edit, so we measure overlap: Jaccard(A, B) = |A ∩ B| / |A ∪ B| over the sets of word
+# 5-grams ("shingles"). For a random hash h, P[min h(A) == min h(B)] = Jaccard(A, B): the minimum of
+# A ∪ B is equally likely to be any element, and both minima agree exactly when it lies in A ∩ B.
+# So K hashes give a K-dim signature whose agreement rate estimates Jaccard, std sqrt(J(1-J)/K).
+#
+# Comparing all pairs is O(N²). LSH cuts the signature into b bands of r rows and only compares
+# documents that agree on an entire band, found by hashing each band to a bucket. A pair at
+# similarity s agrees on one band with probability s^r, so it becomes a candidate with
+#     P(candidate) = 1 - (1 - s^r)^b,
+# an S-curve that rises steeply around s ≈ (1/b)^(1/r). Our default b = 16, r = 8 (K = 128) puts
+# the knee at 0.71, below the 0.8 Jaccard threshold on purpose: P = 0.947 at s = 0.8, 0.9999 at
+# 0.9 and 0.06 at 0.5, so few true duplicates are missed and few dissimilar pairs cost a check.
+# (FineWeb uses 14 bands of 8.) More rows sharpen the curve; more bands move the knee down.
+#
+# A candidate is only a candidate: one band agreeing says little, and even the full signature
+# estimate has std 0.035 at J = 0.8 with K = 128. So we verify every candidate pair with the exact
+# Jaccard of its shingle sets; what merges is then a true edge of the "J >= threshold" graph.
+# Near-duplication is not transitive (A ~ M ~ B with A !~ B), but we want one survivor per group,
+# so we take connected components, with union-find: near-O(1) merges, and the root is always the
+# earliest document, which is the one we keep.
+#
 # Speed comes from never looping in Python per document, word, shingle or hash function: a batch of
 # documents is normalized by one bytes.translate and one regex, and word hashes, n-grams, signatures
 # and LSH buckets are numpy array operations over the whole batch (uint64 arithmetic wraps around
@@ -534,13 +576,16 @@ _COMBINING = regex.compile(r"\p{Mn}")  # every nonspacing mark: accents, but als
 
 
 def normalize_for_dedup(text):
-    """lowercase, NFD, drop accents (combining marks), punctuation -> space, collapse whitespace."""
+    """lowercase, NFD, drop accents (combining marks), punctuation -> space, collapse whitespace.
+    The readable definition; the pipeline runs the same thing on bytes (_normalized_bytes)."""
     text = text.lower() if text.isascii() else _COMBINING.sub("", unicodedata.normalize("NFD", text.lower()))
     return " ".join(re.sub(r"[^\w\s]|_", " ", text).split())
 
 
 def _mix64(h):
-    """splitmix64 finalizer: spreads every input bit over the whole word (the polynomial alone is linear)."""
+    """splitmix64's finalizer (Steele, Lea & Flood 2014; Stafford's "Mix13" constants): every input bit flips each output bit with
+    probability ~1/2. The word and n-gram hashes below are linear (xor, multiply-add), so without
+    this, similar inputs give related outputs and "random" minima stop being random."""
     h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return h ^ (h >> np.uint64(31))
@@ -602,17 +647,18 @@ def _shingles_of_batch(texts, ngrams):
     wh[w] = _mix64(wh[w] ^ u64[starts[w] + lengths[w] - 8])
     # Cut the word stream at the separators: document d owns words ws[d] .. ws[d] + nw[d] - 1.
     is_sep = (lengths == 1) & (b[starts] == 0xFF)
-    sep_at = np.flatnonzero(is_sep)
-    nw = np.diff(np.concatenate([[-1], sep_at, [len(starts) if n else 0]])) - 1
+    nw = np.diff(np.concatenate([[-1], np.flatnonzero(is_sep), [len(starts) if n else 0]])) - 1
     wh = wh[~is_sep] if n else np.zeros(0, dtype=np.uint64)
     W, ws = len(wh), np.cumsum(nw) - nw
-    # n-gram hash = a polynomial in its word hashes, built one word at a time at every position;
-    # windows that run into the next document are masked out. A document shorter than n words is a
-    # single shingle, its whole word sequence: we take that value when the polynomial has j words.
+    # n-gram hash = the polynomial w_0·P^(n-1) + w_1·P^(n-2) + ... + w_(n-1) (mod 2^64) of its word
+    # hashes, grown one word at a time at every position at once (Horner); windows that run into the
+    # next document are masked out. A document shorter than n words is a single shingle, its whole
+    # word sequence: we save that value while the polynomial has exactly as many words.
     h, inside = wh.copy(), np.arange(W) + ngrams - 1 < np.repeat(ws + nw, nw)  # (W,) window fits
-    short = [(ws[nw == j], None) for j in range(1, ngrams)]
+    short = []
     for j in range(1, ngrams):
-        short[j - 1] = (short[j - 1][0], h[short[j - 1][0]])  # h holds j-word polynomials here
+        where = ws[nw == j]
+        short.append((where, h[where]))  # h holds j-word polynomials here
         h[:max(W - j, 0)] = h[:max(W - j, 0)] * _P + wh[j:]
     for where, val in short:
         h[where], inside[where] = val, True
@@ -621,7 +667,8 @@ def _shingles_of_batch(texts, ngrams):
 
 
 def minhash_params(num_hashes, seed=0):
-    """(a, b) for num_hashes affine permutations h(x) = (a·x + b) mod 2^32 of 32-bit words, a odd."""
+    """(a, b) for num_hashes affine permutations h(x) = (a·x + b) mod 2^32 of 32-bit words, a odd
+    (an odd a is invertible mod 2^32, so h is a bijection: no two shingles collide)."""
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 2**32, size=num_hashes, dtype=np.uint32, endpoint=False) | np.uint32(1)
     b = rng.integers(0, 2**32, size=num_hashes, dtype=np.uint32, endpoint=False)
@@ -666,8 +713,8 @@ def jaccard(x, y):
     if len(x) < len(y):
         x, y = y, x
     at = np.minimum(np.searchsorted(x, y), len(x) - 1)  # binary-search the smaller set in the larger
-    inter = int(np.count_nonzero(x[at] == y)) if len(x) else 0
-    return inter / (len(x) + len(y) - inter)
+    inter = int(np.count_nonzero(x[at] == y))
+    return inter / (len(x) + len(y) - inter)  # |A ∩ B| / (|A| + |B| - |A ∩ B|)
 
 
 def minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_threshold=0.8, seed=0):
@@ -686,28 +733,24 @@ def minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_th
             cache[i] = np.unique(shingles[i])
         return cache[i]
 
-    def find(i):  # union-find with path halving
+    def find(i):  # union-find with path halving: every lookup shortens the path it walks
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
 
-    checked = set()
+    checked = set()  # a pair that shares several bands is verified once
     for band in range(num_bands):
         key = np.zeros(len(texts), dtype=np.uint64)
         for c in range(band * r, (band + 1) * r):  # the band's r values -> one 64-bit bucket key
-            key = key * _P + sigs[:, c]
+            key = key * _P + sigs[:, c]  # (a key collision only adds a candidate; the exact check decides)
         order = np.argsort(key, kind="stable")  # equal keys become neighbours, in document order
         ks = key[order]
-        eq = ks[1:] == ks[:-1]  # (N-1,) same bucket as the previous document
-        shared = np.zeros(len(ks), dtype=bool)
-        shared[1:] |= eq
-        shared[:-1] |= eq
-        pos = np.flatnonzero(shared)  # documents in buckets of size >= 2; the rest never go near Python
-        new_bucket = np.flatnonzero(~eq[pos[1:] - 1]) + 1 if len(pos) else []
-        for members in np.split(order[pos], new_bucket):
+        first = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))  # where each bucket starts
+        size = np.diff(np.concatenate([first, [len(ks)]]))
+        for s, m in zip(first[size > 1], size[size > 1]):  # singleton buckets never reach Python
             groups = {}  # cluster root -> members of this bucket in that cluster
-            for j in map(int, members):
+            for j in map(int, order[s:s + m]):
                 rj = find(j)
                 for g in list(groups):  # compare j with the other clusters present in the bucket
                     if g == rj or g not in groups:  # (a merge below may have folded g into rj)
@@ -721,7 +764,7 @@ def minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_th
                             parent[other] = root  # the root is always the earliest document
                             groups[root] = groups.pop(g, []) + groups.pop(rj, [])
                             rj = root
-                            break
+                            break  # one verified edge joins the clusters: the rest of g is moot
                 # m copies of one page cost O(m) per band, not O(m²): one cluster, nothing to compare
                 groups.setdefault(rj, []).append(j)
     groups = {}
@@ -741,35 +784,32 @@ def minhash_dedup(input_files, num_hashes, num_bands, ngrams, jaccard_threshold,
     os.makedirs(output_dir, exist_ok=True)
     for path, text, k in zip(input_files, texts, keep):
         if k:
-            out = os.path.join(output_dir, os.path.basename(path))
-            with open(out + ".tmp", "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(out + ".tmp", out)
+            _write_atomic(os.path.join(output_dir, os.path.basename(path)), text)
 
 
 # ---------------------------------------------------------------
 # Sources. Everything becomes a stream of (doc_id, kind, payload) with kind "html" (bytes),
-# "text" (str) or "bad" (payload = the reason), so broken inputs are counted, never fatal.
+# "text" (str) or "bad" (payload = the reason), so broken inputs are counted, never fatal: a crawl
+# of a billion pages always contains a truncated file, and it must cost one record, not the run.
 
 def iter_warc(path):
-    """Records of a WARC/WET file (.gz or plain). Survives truncation and malformed records."""
+    """Records of a WARC/WET file (.gz or plain). Survives truncation and malformed records.
+
+    A WARC record (ISO 28500) is a "WARC/1.0" line, "Key: value" headers, a blank line, then exactly
+    Content-Length bytes of body. Common Crawl gzips each record separately, so everything before a
+    cut still decompresses. WARC files hold raw HTTP responses; WET files the extracted text."""
     opener = gzip.open if path.endswith(".gz") else open
     n = 0
     try:
         with opener(path, "rb") as f:
-            while True:
-                line = f.readline()
-                if not line:
-                    return
-                if not line.startswith(b"WARC/"):
-                    if line.strip():  # garbage between records: resynchronise on the next "WARC/" line
+            resync = False
+            for line in iter(f.readline, b""):
+                if not line.startswith(b"WARC/"):  # the blank lines between records, or garbage
+                    if line.strip() and not resync:  # report garbage once, then skip to the next "WARC/"
                         yield f"{path}#{n}", "bad", "malformed_warc"
-                        while line and not line.startswith(b"WARC/"):
-                            line = f.readline()
-                        if not line:
-                            return
-                    else:
-                        continue
+                        resync = True
+                    continue
+                resync = False
                 headers = {}
                 for line in iter(f.readline, b""):
                     if not line.strip():
@@ -841,6 +881,8 @@ def download(url, cache_dir):
     have = os.path.getsize(part) if os.path.exists(part) else 0
     req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
+        # Append only if the server answered 206 Partial Content; a 200 (Range ignored, as file://
+        # does) resends the whole file, so the stale part is rewritten from scratch.
         with urllib.request.urlopen(req, timeout=60) as r, open(part, "ab" if have and r.status == 206 else "wb") as f:
             total, done, t0 = int(r.headers.get("Content-Length") or 0), 0, time.time()
             while chunk := r.read(1 << 20):
@@ -855,16 +897,21 @@ def download(url, cache_dir):
 
 # ---------------------------------------------------------------
 # The default corpus: the standard library renders its own documentation.
-# Importing a module can have side effects, so rendering happens in worker processes that we can
-# time-box (SIGALRM inside the task, plus a hard timeout from the parent), with stdout/stderr
-# silenced and a scrubbed environment (pydoc prints module-level data such as os.environ!).
+# We want a corpus that needs no download and comes out byte-identical on every run, so that tests
+# and benchmarks can compare outputs. Importing a module can have side effects, so rendering
+# happens in worker processes that we can time-box (SIGALRM inside the task, plus a hard timeout
+# from the parent), with stdout/stderr silenced and a scrubbed environment (pydoc prints
+# module-level data such as os.environ!). The rest of this section removes, one by one, every way
+# the machine or the run leaks into a page.
 
+# Opens windows, prints on import, or exists only on Windows.
 _SKIP_MODULES = {"antigravity", "this", "tkinter", "turtle", "turtledemo", "idlelib", "pydoc_data",
                  "msilib", "msvcrt", "nt", "winreg", "winsound", "_winapi"}
 
 
 def stdlib_modules(max_submodules=300):
-    """Sorted public stdlib modules plus (bounded) submodules of packages, found without importing."""
+    """Sorted public stdlib modules plus (bounded) submodules of packages, found without importing
+    (an import runs module code; that happens later, in a time-boxed worker)."""
     import importlib.util
     import pkgutil
     names = []
@@ -879,7 +926,9 @@ def stdlib_modules(max_submodules=300):
         if spec is None or not spec.submodule_search_locations:
             continue
         subs, stack = [], [(list(spec.submodule_search_locations), top)]
-        while stack and len(subs) < max_submodules:  # breadth-first over the package directories
+        # Breadth-first over the package directories, capped: the shallow, documented modules come
+        # first, and no one package (encodings has ~120 near-identical codecs) swamps the corpus.
+        while stack and len(subs) < max_submodules:
             paths, prefix = stack.pop(0)
             for info in sorted(pkgutil.iter_modules(paths), key=lambda m: m.name):
                 if info.name.startswith("_") or "test" in info.name or len(subs) >= max_submodules:
@@ -894,10 +943,12 @@ def stdlib_modules(max_submodules=300):
 _VOLATILE_SYS = {"modules", "path", "path_importer_cache", "meta_path", "path_hooks", "argv", "orig_argv",
                  "last_type", "last_value", "last_traceback", "ps1", "ps2", "stdin", "stdout", "stderr",
                  "__stdin__", "__stdout__", "__stderr__"}
-_MACHINE_PATHS = {}
+_MACHINE_PATHS = {}  # this machine's path -> a neutral stand-in, filled in each worker
+_RENDER_TIMEOUT = 20
 
 
 def _render_init(timeout):
+    """Worker setup: note the paths to neutralize, then scrub environment, argv and output."""
     global _RENDER_TIMEOUT
     _RENDER_TIMEOUT = timeout
     _MACHINE_PATHS.update({p: "/usr" for p in {sys.prefix, sys.base_prefix, sys.exec_prefix} if len(p) > 1})
@@ -941,6 +992,7 @@ def render_module_html(name):
     page = re.sub(r"(?:\s|&nbsp;)(?:at(?:\s|&nbsp;)0x[0-9a-fA-F]+|handle(?:\s|&nbsp;)[0-9a-fA-F]{8,})", "", page)
     # Where Python is installed is a fact about this machine, not about the library: write every
     # install prefix as /usr and the working directory as ".", so the corpus is the same everywhere.
+    # Longest first, so that a path is never half-rewritten through a shorter path it starts with.
     for path, neutral in sorted(_MACHINE_PATHS.items(), key=lambda kv: -len(kv[0])):
         page = page.replace(path, neutral)
     return name, page, None
@@ -991,13 +1043,15 @@ def iter_stdlib_docs(modules, workers, timeout=20, shard_size=40):
 
 # ---------------------------------------------------------------
 # The pipeline. Per-document stages (extract, language, PII) run in a process pool over the
-# stream; corpus-level stages (line dedup, which needs global counts, and MinHash) and the cheap
-# batched classifiers run in the parent afterwards. Every document gets exactly one fate.
+# stream; corpus-level stages (MinHash and line dedup, which need every document at once) and the
+# cheap batched classifiers run in the parent afterwards. Every document gets exactly one fate.
 
 _CFG = {}
 # The stages in pipeline order. Every drop reason is "stage:why", so stats.json can say, per
 # stage, how many documents came in, how many it kept and why it dropped the rest.
 STAGES = ["source", "extract", "lang", "pii", "minhash", "line_dedup", "gopher", "quality", "toxic", "nsfw"]
+# The classifier stages: kind -> (the label that gets a document dropped, the name --help uses).
+_FILTERS = {"quality": ("low", "quality"), "toxic": ("toxic", "toxic-speech"), "nsfw": ("nsfw", "NSFW")}
 
 
 def _doc_init(cfg):
@@ -1048,19 +1102,19 @@ def build_corpus(items, args, doc_workers=None):
             ex.append(doc_id)
 
     ids, texts = [], []
+    pool = None
     if (doc_workers or args.workers) > 1:
         import multiprocessing as mp
         pool = mp.get_context("spawn").Pool(args.workers, initializer=_doc_init, initargs=(cfg,))
     else:
-        pool, _ = None, _doc_init(cfg)
+        _doc_init(cfg)
 
     def stream(it, window=512):  # windows of raw documents in input order: memory stays bounded
         while chunk := list(itertools.islice(it, window)):  # (pool.imap would read all input at once)
             yield from pool.map(process_document, chunk, chunksize=8) if pool else map(process_document, chunk)
-    results = stream(iter(items))
     t0 = time.time()
     try:
-        for doc_id, text, reason, pii, lang, n_bytes in results:
+        for doc_id, text, reason, pii, lang, n_bytes in stream(iter(items)):
             stats["docs_in"] += 1
             stats["bytes_in"] += n_bytes
             stats["pii"].update(pii)
@@ -1101,13 +1155,11 @@ def build_corpus(items, args, doc_workers=None):
         keep_only([None if t.strip() else "line_dedup:empty" for t in texts])
     if not args.no_gopher:
         keep_only([f and f"gopher:{f}" for f in map(gopher_failure, texts)])
-    for kind, bad_label, off, path, thr in (("quality", "low", args.no_quality, args.quality_model, args.quality_threshold),
-                                            ("toxic", "toxic", args.no_toxic, args.toxic_model, args.toxic_threshold),
-                                            ("nsfw", "nsfw", args.no_nsfw, args.nsfw_model, args.nsfw_threshold)):
-        if not off and texts:
-            set_classifier(kind, path)
-            preds = classify_batch(kind, texts)
-            keep_only([f"{kind}:{label}" if label == bad_label and score >= thr else None for label, score in preds])
+    for kind, (bad, _) in _FILTERS.items():  # cheapest first: a model only sees what rules kept
+        if not getattr(args, f"no_{kind}") and texts:
+            set_classifier(kind, getattr(args, f"{kind}_model"))
+            preds, thr = classify_batch(kind, texts), getattr(args, f"{kind}_threshold")
+            keep_only([f"{kind}:{label}" if label == bad and p >= thr else None for label, p in preds])
     stats["kept"] = len(texts)
     assert stats["kept"] + sum(drop.values()) == stats["docs_in"], "a document went missing"
     # Per-stage funnel: documents still alive after each stage, in pipeline order.
@@ -1117,7 +1169,8 @@ def build_corpus(items, args, doc_workers=None):
         alive -= sum(n for r, n in drop.items() if r.split(":")[0] == stage)
         stats["docs_after_stage"][f"{i}_{stage}"] = alive
 
-    # Split by a hash of the document id: stable across runs and independent of document order.
+    # Split by a hash of the document id: stable across runs and independent of document order
+    # (a document never moves between train and val when others are added). Never an empty val.
     in_val = [int(hashlib.sha1(d.encode()).hexdigest()[:8], 16) % 10000 < args.val_fraction * 10000 for d in ids]
     if ids and not any(in_val):
         in_val[min(range(len(ids)), key=lambda i: hashlib.sha1(ids[i].encode()).hexdigest())] = True
@@ -1126,9 +1179,7 @@ def build_corpus(items, args, doc_workers=None):
     for split, want in (("train", False), ("val", True)):
         docs = [t for t, v in zip(texts, in_val) if v == want]
         path = os.path.join(out_dir, f"{split}.txt")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write("".join(t + "\n" + EOT for t in docs))  # every document ends with <|endoftext|>
-        os.replace(path + ".tmp", path)
+        _write_atomic(path, "".join(t + "\n" + EOT for t in docs))  # every document ends with <|endoftext|>
         stats[f"{split}_docs"] = len(docs)
         stats[f"{split}_bytes"] = os.path.getsize(path)
     if args.tokenizer:
@@ -1141,9 +1192,7 @@ def build_corpus(items, args, doc_workers=None):
             else:
                 stats[f"{split}_tokens"] = int(bpe.encode_file(args.tokenizer, src, dst, workers=args.workers))
     stats["seconds_total"] = round(time.time() - t_start, 2)
-    with open(os.path.join(out_dir, "stats.json.tmp"), "w") as f:
-        json.dump(stats, f, indent=1, sort_keys=True)
-    os.replace(os.path.join(out_dir, "stats.json.tmp"), os.path.join(out_dir, "stats.json"))
+    _write_atomic(os.path.join(out_dir, "stats.json"), json.dumps(stats, indent=1, sort_keys=True))
     print_stats(stats, out_dir)
     return stats
 
@@ -1180,13 +1229,12 @@ def train_classifier_main(argv):
     names = sorted(set(raw))
     if len(names) < 2:
         raise SystemExit("error: need at least two distinct labels")
-    labels = [names.index(r) for r in raw]
-    blob = train_classifier(texts, labels, names, num_buckets=a.num_buckets, dim=a.dim, epochs=a.epochs)
+    blob = train_classifier(texts, [names.index(r) for r in raw], names, num_buckets=a.num_buckets, dim=a.dim,
+                            epochs=a.epochs)
     import torch
     torch.save(blob, a.out + ".tmp")
     os.replace(a.out + ".tmp", a.out)
-    _CLASSIFIERS["_"] = None
-    set_classifier("_", a.out)
+    set_classifier("_", a.out)  # reload what we wrote: the accuracy is that of the saved file
     acc = sum(lbl == raw[i] for i, (lbl, _) in enumerate(classify_batch("_", texts))) / len(texts)
     print(f"trained on {len(texts)} examples, labels {names}, train accuracy {acc:.3f} -> {a.out}")
 
@@ -1219,15 +1267,10 @@ def main(argv=None):
     p.add_argument("--no-line-dedup", action="store_true", help="skip exact line dedup")
     p.add_argument("--line-dedup-min-docs", type=int, default=10, help="a line in >= this many documents is boilerplate")
     p.add_argument("--no-gopher", action="store_true", help="skip the Gopher quality rules")
-    p.add_argument("--no-quality", action="store_true", help="skip the quality classifier")
-    p.add_argument("--quality-model", default=None, help="quality classifier .pt (default: train the embedded toy)")
-    p.add_argument("--quality-threshold", type=float, default=0.9, help="drop when P(low) >= this")
-    p.add_argument("--no-toxic", action="store_true", help="skip the toxic-speech classifier")
-    p.add_argument("--toxic-model", default=None, help="toxic classifier .pt")
-    p.add_argument("--toxic-threshold", type=float, default=0.9, help="drop when P(toxic) >= this")
-    p.add_argument("--no-nsfw", action="store_true", help="skip the NSFW classifier")
-    p.add_argument("--nsfw-model", default=None, help="NSFW classifier .pt")
-    p.add_argument("--nsfw-threshold", type=float, default=0.9, help="drop when P(nsfw) >= this")
+    for kind, (bad, what) in _FILTERS.items():
+        p.add_argument(f"--no-{kind}", action="store_true", help=f"skip the {what} classifier")
+        p.add_argument(f"--{kind}-model", default=None, help=f"{what} classifier .pt (default: train the embedded toy)")
+        p.add_argument(f"--{kind}-threshold", type=float, default=0.9, help=f"drop when P({bad}) >= this")
     p.add_argument("--no-dedup", action="store_true", help="skip MinHash near-duplicate removal")
     p.add_argument("--num-hashes", type=int, default=128, help="MinHash signature length")
     p.add_argument("--num-bands", type=int, default=16, help="LSH bands (num_hashes must be divisible)")
@@ -1241,15 +1284,13 @@ def main(argv=None):
             raise SystemExit(f"error: input {path} does not exist")
     paths = list(args.input) + [download(u, args.cache_dir) for u in args.url]
     if paths:
-        items = (item for path in paths for item in iter_source(path))
-    else:
-        modules = args.modules.split(",") if args.modules else stdlib_modules(args.max_submodules)
-        docs = iter_stdlib_docs(modules, args.workers, args.render_timeout)
-        items = docs if not args.no_topics else (d for d in docs if not d[0].startswith("topic:"))
-        # Rendering is the expensive part and already has the workers: processing the pages in
-        # this process is faster than a second pool competing for the same cores.
-        return build_corpus(items, args, doc_workers=1)
-    return build_corpus(items, args)
+        return build_corpus((item for path in paths for item in iter_source(path)), args)
+    modules = args.modules.split(",") if args.modules else stdlib_modules(args.max_submodules)
+    docs = iter_stdlib_docs(modules, args.workers, args.render_timeout)
+    items = docs if not args.no_topics else (d for d in docs if not d[0].startswith("topic:"))
+    # Rendering is the expensive part and already has the workers: processing the pages in this
+    # process is faster than a second pool competing for the same cores.
+    return build_corpus(items, args, doc_workers=1)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,15 @@ A ring all-reduce is a reduce-scatter followed by an all-gather, so each rank se
 2·(N-1)/N × the payload. That is why FSDP (all-gather + reduce-scatter) costs about the same bytes
 as DDP (all-reduce) while storing only 1/N of the weights.
 
+Memory per rank (Ψ parameters, N ranks, AdamW in fp32: 4 B weight + 4 B grad + 8 B for the two
+moments = 16 B/param; the ZeRO paper's mixed precision, 2 + 2 + 12, gives the same 16):
+    DDP, BucketedDDP           16Ψ          every rank holds everything
+    ZeRO-1 (ShardedOptimizer)  8Ψ + 8Ψ/N    moments sharded: the 8 B that only the update reads
+    ZeRO-3 (FSDP)              16Ψ/N        weights and grads sharded too, gathered just in time
+Tensor parallelism (Megatron) splits each matrix and pays an all-reduce of the activations per
+block; pipeline parallelism (GPipe) splits the layers and pays an idle "bubble" of (p-1)/(m+p-1)
+for p stages and m micro-batches. `python parallel.py demo` measures all of it.
+
 Papers:
     Li et al. 2020, "PyTorch Distributed: Experiences on Accelerating Data Parallel Training" (arXiv:2006.15704)
     Rajbhandari et al. 2019, "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models" (arXiv:1910.02054)
@@ -83,6 +92,11 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 def _nbytes(t):
     return t.numel() * t.element_size()
+
+
+def _optimizer_state_bytes(opt):
+    # 0-dim tensors such as Adam's step counter are bookkeeping, not the 8 bytes/param
+    return sum(_nbytes(t) for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
 
 
 @torch.no_grad()
@@ -174,12 +188,8 @@ class BucketedDDP(nn.Module):
         # all-reduce and the averaging work in place, and nothing is copied back afterwards.
         self._flat = [torch.empty(sum(p.numel() for p in b), dtype=b[0].dtype, device=b[0].device)
                       for b in self.buckets]                                  # (bucket_numel,)
-        self._view = {}
-        for b, flat in zip(self.buckets, self._flat):
-            offset = 0
-            for p in b:
-                self._view[p] = flat[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
+        self._view = {p: v.view_as(p) for b, flat in zip(self.buckets, self._flat)
+                      for p, v in zip(b, flat.split([p.numel() for p in b]))}
         self._pending = [len(b) for b in self.buckets]   # grads still to arrive per bucket
         self._work = [None] * len(self.buckets)
         for p in params:
@@ -232,6 +242,10 @@ class BucketedDDP(nn.Module):
 # 8 bytes/param, twice the weights themselves. Every rank has the full (all-reduced) gradient
 # anyway, so rank r only *steps* the parameters it owns and then broadcasts them to everyone.
 # AdamW is elementwise, so stepping a subset gives bit-identical results to stepping everything.
+# Memory per rank: 4Ψ weights + 4Ψ grads + 8Ψ/N moments = 8Ψ + 8Ψ/N (vs DDP's 16Ψ). Traffic: we
+# keep DDP's all-reduce and add a broadcast of the weights, ~2x DDP's bytes (the demo's ZeRO-1 row).
+# The paper's version reduce-scatters the grads and all-gathers the new weights instead: the two
+# halves of an all-reduce, so ZeRO-1 costs no more bytes than DDP.
 
 class ShardedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, optimizer_cls, **kwargs):
@@ -257,8 +271,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._load[r] += p.numel()
             if r == self.rank:
                 mine.append(p)
-        sub = {k: v for k, v in group.items() if k != "params"}
-        sub["params"] = mine
+        sub = {**{k: v for k, v in group.items() if k != "params"}, "params": mine}
         if self.inner is None:
             self.inner = self._cls([sub], **self._kwargs)
         else:
@@ -266,10 +279,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        with torch.enable_grad():  # step() runs under no_grad; a closure needs autograd back
+            loss = closure() if closure is not None else None
         # A schedule writes lr into self.param_groups; mirror hyperparameters into the shard.
         for outer, inner in zip(self.param_groups, self.inner.param_groups):
             inner.update({k: v for k, v in outer.items() if k != "params"})
@@ -277,19 +288,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # Owner r now has the new values of its parameters; everyone else has stale ones. One
         # broadcast per parameter, all in flight at once (a real ZeRO flattens them per rank).
         # Frozen parameters never change, so they are never sent.
-        works = []
-        for group in self.param_groups:
-            for p in (p for p in group["params"] if p.requires_grad):
-                works.append(dist.broadcast(p, src=self._owner[p], async_op=True))
-                self.comm_bytes += _nbytes(p)
+        sent = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        works = [dist.broadcast(p, src=self._owner[p], async_op=True) for p in sent]
+        self.comm_bytes += sum(_nbytes(p) for p in sent)
         for w in works:
             w.wait()
         return loss
 
     def state_bytes(self):
         """Bytes of optimizer state held on this rank (the thing ZeRO-1 divides by N)."""
-        # (0-dim tensors such as Adam's step counter are bookkeeping, not the 8 bytes/param)
-        return sum(_nbytes(t) for s in self.inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+        return _optimizer_state_bytes(self.inner)
 
 
 # ---------------------------------------------------------------
@@ -298,11 +306,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
 # shards only, so weights, grads and optimizer state all shrink by N. Just before a module runs we
 # all-gather its full weight (optionally cast to bf16/fp16 first: half the bytes on the wire, and
 # the matmul runs in low precision); autograd then calls our backward, which reduce-scatters the
-# full-size gradient so rank r receives the summed gradient of its own slice. Small 1-D weights
-# (norms) stay replicated and are all-reduced like DDP. A production FSDP also frees the gathered
-# weight after forward and re-gathers it in backward; here autograd keeps it alive until backward
-# ends (the gathered copies are dropped in finish_gradient_synchronization), which keeps the code
-# short; the persistent memory (what the ZeRO formula counts) is sharded all the same.
+# full-size gradient so rank r receives the summed gradient of its own slice. Why reduce-scatter
+# and not all-reduce: rank r's optimizer updates only slice r, so it needs only slice r of the sum,
+# which is exactly the first half of a ring all-reduce. The other half, the all-gather, moves to the
+# next forward and gathers weights instead: per step FSDP hands collectives 2x DDP's payload (the
+# demo's comm column) but each ring op sends (N-1)/N of it, so the bytes on the wire match DDP's.
+# Memory per rank: 16Ψ/N. The RMSNorm gains (1-D, d floats each) stay replicated and are
+# all-reduced like DDP: next to a d×d matrix they are noise, and sharding them would add a gather
+# to every norm call to save almost nothing (the demo's formula adds 16 B each). A production FSDP
+# also frees the gathered weight after forward and re-gathers it in backward; here autograd keeps
+# it alive until backward ends (the copies are dropped in finish_gradient_synchronization), which
+# keeps the code short; the persistent memory (what the ZeRO formula counts) is sharded all the same.
 
 class _GatherWeight(torch.autograd.Function):
     @staticmethod
@@ -391,10 +405,8 @@ class FSDP(nn.Module):
             dist.all_reduce(flat)
             self.comm_bytes += _nbytes(flat)
             flat.div_(self.world_size)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(f.view_as(g))
         for e in self.sharded.values():          # drop the gathered full weights
             for mod in e["users"]:
                 mod.__dict__.pop("weight", None)
@@ -422,6 +434,11 @@ class FSDP(nn.Module):
 #                    partial sum of Y, and one all-reduce adds the partials.
 # Chaining column → row means the intermediate activation never leaves its rank: one all-reduce
 # per MLP and one per attention block in forward (operator g), one each in backward (operator f).
+# The order matters: after the column split rank r holds h_r = act(X W_rᵀ), and the elementwise
+# act (SiLU, the SwiGLU product, attention within a head) needs no other rank's slice; h_r is
+# exactly the split input a row-parallel layer wants. Row first would need the all-reduce *before*
+# the nonlinearity, since silu(a + b) != silu(a) + silu(b). The all-reduces carry (B, T, d)
+# activations every block, so TP lives inside one node, on its fastest links.
 
 class _CopyToTP(torch.autograd.Function):
     """f: identity forward; backward all-reduces, because every rank's branch used the same X."""
@@ -507,6 +524,7 @@ class TPBlock(nn.Module):
         return x + self.ffn(self.ln2(x))
 
 
+# The unsplit math, to check the TP classes against (the demo's "max err").
 def reference_swiglu(x, w1, w2, w3):
     return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
 
@@ -520,8 +538,11 @@ def reference_attention(x, wq, wk, wv, wo, num_heads):
 
 # ---------------------------------------------------------------
 # Pipeline parallelism (GPipe). Give each rank a contiguous run of layers (a "stage"). A naive
-# pipeline leaves all but one stage idle; GPipe cuts the batch into M micro-batches so stage s can
-# work on micro-batch m while stage s+1 works on m-1. Idle "bubble" fraction = (S-1)/(M+S-1).
+# pipeline leaves all but one stage idle; GPipe cuts the batch into m micro-batches so stage s can
+# work on micro-batch i while stage s+1 works on i-1. With p stages a sweep takes m + p - 1 time
+# slots (the last micro-batch starts at slot m and needs p - 1 more), and each stage is busy in m of
+# them: idle "bubble" fraction = (p-1)/(m+p-1), under 20% once m >= 4p. The price: each stage
+# keeps m micro-batches' activations for backward (GPipe recomputes them; we simply keep them).
 # Schedule: all forwards, then all backwards (in reverse); gradients accumulate over micro-batches.
 
 def lm_as_layers(model):
@@ -555,7 +576,7 @@ def gpipe_step(stage, inputs, targets, num_micro, act_shape, act_dtype=torch.flo
             x.requires_grad_(True)                              # we need dL/dx to send back
         y = stage(x)
         if last:
-            logits = y.flatten(0, -2)
+            logits = y.flatten(0, -2)                           # (B/m · T, V)
             # mean over equal micro-batches of their means = the full-batch mean
             losses.append(F.cross_entropy(logits, targets.chunk(num_micro)[m].reshape(-1)) / num_micro)
         else:
@@ -622,9 +643,8 @@ class ToyLM(nn.Module):
 
 
 # ---------------------------------------------------------------
-# The demo: every variant on the same toy LM, N gloo processes, step time, bytes, memory.
-# ZeRO memory per rank with AdamW in fp32 (Ψ = #params, N = ranks; 4 B weights + 4 B grads + 8 B
-# Adam moments):  DDP 16Ψ,  ZeRO-1 8Ψ + 8Ψ/N,  ZeRO-3 16Ψ/N (+16 B per replicated norm weight).
+# The demo: every variant on the same LM, N gloo processes; step time, bytes, memory, and the
+# ZeRO formula (module docstring) next to the measured memory, to see the two agree.
 
 def free_port():
     with socket.socket() as s:
@@ -640,12 +660,11 @@ def init_worker(rank, world_size, port):
 
 
 def state_bytes(model, optimizer):
+    """Measured bytes per rank: weights + grads + optimizer state tensors."""
     # Counts what lives between steps. Activations and the transiently gathered FSDP weights are
     # not included: they depend on batch size, while the ZeRO formula is about model state.
-    """Measured bytes per rank: weights + grads + optimizer state tensors."""
     params = {id(p): p for p in model.parameters()}.values()
-    opt = optimizer.state_bytes() if isinstance(optimizer, ShardedOptimizer) else sum(
-        _nbytes(t) for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+    opt = _optimizer_state_bytes(optimizer.inner if isinstance(optimizer, ShardedOptimizer) else optimizer)
     return sum(_nbytes(p) for p in params) + sum(_nbytes(p.grad) for p in params if p.grad is not None) + opt
 
 
@@ -685,14 +704,15 @@ def _demo_worker(rank, world_size, port, args):
         rows.append((name, ms, comm, state_bytes(wrapped, opt), formula))
 
     m = DDP(_demo_model(args))
-    run("DDP (per-param)", m, torch.optim.AdamW(m.parameters()), 16 * psi)
+    run("DDP (per-param)", m, torch.optim.AdamW(m.parameters()), 16 * psi)      # 4 weight + 4 grad + 8 moments
     m = BucketedDDP(_demo_model(args), bucket_size_mb=args.bucket_size_mb)
     run("BucketedDDP", m, torch.optim.AdamW(m.parameters()), 16 * psi)
     m = BucketedDDP(_demo_model(args), bucket_size_mb=args.bucket_size_mb)
+    # measured is a bit above 8Ψ + 8Ψ/N: whole parameters cannot split the moments into exact Nths
     run("ZeRO-1 (sharded AdamW)", m, ShardedOptimizer(m.parameters(), torch.optim.AdamW), 8 * psi + 8 * psi / N)
     for dt, label in ((None, "fp32"), (torch.bfloat16, "bf16")):
         m = FSDP(_demo_model(args), compute_dtype=dt)
-        repl = sum(p.numel() for p in m.replicated)
+        repl = sum(p.numel() for p in m.replicated)            # the norm gains: 16 B each, on every rank
         run(f"FSDP/ZeRO-3 ({label})", m, torch.optim.AdamW(m.parameters()), 16 * (psi - repl) / N + 16 * repl)
 
     # Tensor parallel: one block (attention + SwiGLU) split over N ranks, checked against the unsplit block.
@@ -720,11 +740,11 @@ def _demo_worker(rank, world_size, port, args):
 
     # Pipeline parallel: the untied LM cut into N stages, GPipe with 4 micro-batches.
     stage = split_stages(lm_as_layers(_demo_model(args, tie=False)), N)[rank]
-    M = 4
+    M = 4                                       # bubble (N-1)/(M+N-1): 20% for 2 stages
     t0 = time.perf_counter()
     for _ in range(args.steps):
         stage.zero_grad()
-        gpipe_step(stage, idx[:, :-1], idx[:, 1:], M, (B * N // M, T, d))
+        gpipe_step(stage, idx[:, :-1], idx[:, 1:], M, (B * N // M, T, d))   # the global batch, (B·N, T)
     ms = (time.perf_counter() - t0) / args.steps * 1e3
     pp_bytes = 2 * B * N * T * d * 4 * (1 if rank in (0, N - 1) else 2)   # activations out + grads back
     rows.append((f"GPipe {N} stages x {M} micro", ms, pp_bytes, sum(2 * _nbytes(p) for p in stage.parameters()), None))
@@ -742,8 +762,7 @@ def _demo_worker(rank, world_size, port, args):
 
 
 def demo(args):
-    port = free_port()
-    mp.spawn(_demo_worker, args=(args.world_size, port, args), nprocs=args.world_size, join=True)
+    mp.spawn(_demo_worker, args=(args.world_size, free_port(), args), nprocs=args.world_size, join=True)
 
 
 if __name__ == "__main__":

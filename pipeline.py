@@ -7,6 +7,7 @@ up where it stopped), times them, and writes `report.md` from the artifacts they
     python pipeline.py                 # embedded corpus, CPU: ~7 min on 2 quiet cores -> runs/cpu/report.md
     python pipeline.py --fresh         # redo every stage
     python pipeline.py --preset gpu    # same pipeline, 124M-class model, meant for ~1 h on one H100 (untested)
+    python pipeline.py --preset gpu --url https://.../TinyStoriesV2-GPT4-train.txt   # real data instead
     python pipeline.py --preset tiny   # a smoke test (used by test_all.py), ~1-2 min
     python pipeline.py --scaling       # also run the scaling-law sweep and fit
 
@@ -45,14 +46,25 @@ PRESETS = {
         "data": [],
         "bpe": ["--vocab-size", "8192"],
         "train": ["--d-model", "768", "--num-layers", "12", "--num-heads", "12",
-                  "--context-length", "1024", "--batch-size", "32", "--max-steps", "5000", "--compile"],
+                  "--context-length", "1024", "--batch-size", "32", "--compile"],
         "align": [],
+        # 5000 steps x 32 x 1024 = 164M tokens, but the embedded corpus has ~1M: 150 passes would
+        # only memorize it. Repeating data costs little up to ~4 epochs (Muennighoff et al. 2023,
+        # arXiv:2305.16264), so we stop there; real data (--input / --url) lifts the cap.
+        "max_steps": 5000, "max_epochs": 4,
     },
 }
 
 
-def stage_plan(out, preset):
-    """The stages in order: (name, command, artifacts that prove it finished)."""
+def capped_steps(train_bin, batch_size, context_length, max_steps, max_epochs):
+    """Optimizer steps = min(max_steps, max_epochs passes over the uint16 token file)."""
+    tokens = os.path.getsize(train_bin) // 2
+    return max(1, min(max_steps, max_epochs * tokens // (batch_size * context_length)))
+
+
+def stage_plan(out, preset, sources=()):
+    """The stages in order: (name, command, artifacts that prove it finished).
+    `sources` are data.py flags for real data (e.g. ["--url", URL]); none = the embedded corpus."""
     py = sys.executable
     p = PRESETS[preset]
     d = os.path.join(out, "data")
@@ -60,7 +72,7 @@ def stage_plan(out, preset):
     base = os.path.join(out, "base")
     al = os.path.join(out, "align")
     return [
-        ("data", [py, "data.py", "--out", d, *p["data"]],
+        ("data", [py, "data.py", "--out", d, *p["data"], *sources],
          [os.path.join(d, "train.txt"), os.path.join(d, "val.txt"), os.path.join(d, "stats.json")]),
         ("bpe", [py, "bpe.py", "train", "--input", os.path.join(d, "train.txt"), "--out", tok,
                  "--special-tokens", *SPECIALS, *p["bpe"]],
@@ -76,12 +88,12 @@ def stage_plan(out, preset):
     ]
 
 
-def run_stages(out, preset, fresh, scaling):
+def run_stages(out, preset, fresh, scaling, sources=()):
     """Run each stage unless its artifacts exist; record wall time per stage in timings.json."""
     os.makedirs(out, exist_ok=True)
     tpath = os.path.join(out, "timings.json")
     timings = json.load(open(tpath)) if os.path.exists(tpath) and not fresh else {}
-    plan = stage_plan(out, preset)
+    plan = stage_plan(out, preset, sources)
     if scaling:
         # Byte-level tokens (vocab 256) so the lm_head does not dominate tiny models, and sizes that bracket
         # each budget's optimum (see scaling.py's docstring for the measured sweep these follow).
@@ -95,6 +107,12 @@ def run_stages(out, preset, fresh, scaling):
         if not fresh and all(os.path.exists(a) for a in artifacts):
             print(f"[{i + 1}/{len(plan)}] {name}: done already, skipping (--fresh to redo)", flush=True)
             continue
+        if name == "pretrain" and "max_steps" in PRESETS[preset]:   # sized now that the tokens exist
+            t = PRESETS[preset]["train"]
+            steps = capped_steps(os.path.join(out, "data", "train.bin"), int(t[t.index("--batch-size") + 1]),
+                                 int(t[t.index("--context-length") + 1]), PRESETS[preset]["max_steps"],
+                                 PRESETS[preset]["max_epochs"])
+            cmd = cmd + ["--max-steps", str(steps)]
         print(f"[{i + 1}/{len(plan)}] {name}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
         rc = subprocess.call(cmd, cwd=ROOT)
@@ -283,7 +301,10 @@ if __name__ == "__main__":
     ap.add_argument("--fresh", action="store_true", help="redo every stage even if its outputs exist")
     ap.add_argument("--scaling", action="store_true", help="also run the scaling-law sweep and fit (slow)")
     ap.add_argument("--report-only", action="store_true", help="only regenerate report.md from existing artifacts")
+    ap.add_argument("--input", nargs="+", default=None, help="real data for data.py: WARC/WET, .jsonl, .html, .txt files or dirs")
+    ap.add_argument("--url", default=None, help="real data for data.py: a remote text/jsonl/warc file (downloaded once)")
     args = ap.parse_args()
+    sources = (["--input", *args.input] if args.input else []) + (["--url", args.url] if args.url else [])
     args.out = args.out or os.path.join("runs", args.preset)
     os.chdir(ROOT)
     t0 = time.time()
@@ -291,5 +312,5 @@ if __name__ == "__main__":
     if args.report_only:
         timings = json.load(open(tpath)) if os.path.exists(tpath) else {}
     else:
-        timings = run_stages(args.out, args.preset, args.fresh, args.scaling)
+        timings = run_stages(args.out, args.preset, args.fresh, args.scaling, sources)
     print(f"report: {write_report(args.out, timings)} ({time.time() - t0:.0f} s)")

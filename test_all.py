@@ -2351,6 +2351,19 @@ def test_grpo_raises_reward_on_toy_task():
 
 
 
+def test_pipeline_gpu_preset_is_sized_to_the_data(tmp_path):
+    import pipeline
+    b = tmp_path / "train.bin"
+    np.zeros(1_000_000, dtype=np.uint16).tofile(b)                     # 1M tokens
+    assert pipeline.capped_steps(str(b), 32, 1024, 5000, 4) == 4 * 1_000_000 // (32 * 1024) == 122
+    np.zeros(200_000_000, dtype=np.uint8).tofile(b)                    # 100M tokens: the step cap wins
+    assert pipeline.capped_steps(str(b), 32, 1024, 5000, 4) == 5000
+    # real-data flags reach data.py, and only data.py
+    plan = pipeline.stage_plan(str(tmp_path), "gpu", ["--url", "http://example.com/x.txt"])
+    assert [c[-2:] for n, c, _ in plan if n == "data"] == [["--url", "http://example.com/x.txt"]]
+    assert all("--url" not in c for n, c, _ in plan if n != "data")
+
+
 def test_pipeline_tiny_end_to_end(tmp_path):
     """data -> bpe -> encode -> pretrain -> SFT/DPO/GRPO -> eval -> report.md, then a rerun that skips every stage."""
     out = tmp_path / "run"

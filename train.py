@@ -7,17 +7,29 @@ work at scale is a small, separate idea, and each one is written here from scrat
 read it, test it against PyTorch's own version, and change it:
 
   1. `cross_entropy`     -- the loss, computed stably with the log-sum-exp trick.
-  2. `AdamW`             -- Adam with decoupled weight decay (Loshchilov & Hutter 2017, arXiv:1711.05101;
-                            Adam: Kingma & Ba 2014, arXiv:1412.6980).
-  3. `Muon`              -- momentum + Newton-Schulz orthogonalization for 2-D hidden weights
+  2. `AdamW`             -- Adam (Kingma & Ba 2014, arXiv:1412.6980) with decoupled weight decay
+                            (Loshchilov & Hutter 2017, arXiv:1711.05101).
+     `Muon`              -- momentum + Newton-Schulz orthogonalization for 2-D hidden weights
                             (Jordan et al. 2024, modded-nanogpt; Liu et al. 2025, arXiv:2502.16982).
-  4. `lr_cosine_schedule`-- linear warmup then cosine decay (Loshchilov & Hutter 2016, arXiv:1608.03983).
-  5. `clip_grad_norm`    -- rescale the whole gradient when its global L2 norm is too large.
-  6. `get_batch`         -- random windows from a flat memmapped token file.
-  7. checkpoints         -- everything needed for a *bitwise* resume: weights, optimizer moments,
+  3. `lr_cosine_schedule`-- linear warmup (Goyal et al. 2017, arXiv:1706.02677), then cosine decay
+                            (Loshchilov & Hutter 2016, arXiv:1608.03983).
+     `clip_grad_norm`    -- rescale the whole gradient when its global L2 norm is too large.
+  4. `get_batch`         -- random windows from a flat memmapped token file.
+  5. checkpoints         -- everything needed for a *bitwise* resume: weights, optimizer moments,
                             step, and every random-number-generator state.
-  8. the loop            -- gradient accumulation, bf16 autocast, eval (loss / perplexity / bits
-                            per byte), samples, JSONL metrics, DDP / FSDP under torchrun.
+  6. the loop            -- gradient accumulation, bf16 autocast, eval (loss / perplexity / bits
+                            per byte), samples, JSONL metrics, DDP / FSDP under torchrun
+                            (PyTorch DDP: Li et al. 2020, arXiv:2006.15704; ZeRO/FSDP: Rajbhandari
+                            et al. 2019, arXiv:1910.02054; the from-scratch versions are in parallel.py).
+
+Three ideas carry the loop. Gradient accumulation: B sequences x --grad-accum micro-steps give
+the gradient of one batch of B x accum, in the memory of B, because backward *adds* into p.grad.
+Under DDP the all-reduce is linear too, so we run it once, on the last micro-step. Mixed
+precision: matmuls in bf16 on CUDA (half the bytes, tensor cores), but the loss and the
+optimizer's master weights and moments stay fp32. Resumability: a run killed at any moment
+continues from its last checkpoint as if it had never stopped (the test checks it bit for bit).
+MFU, the fraction of the chip's peak we use, is (tokens/s x FLOPs/token) / peak FLOP/s with
+FLOPs/token = 6N + 12*L*d*T (Chowdhery et al. 2022, PaLM, arXiv:2204.02311, appendix B).
 
 The objective is causal LM by default; `--objective mlm` trains a bidirectional model with
 BERT-style masking (Devlin et al. 2018, arXiv:1810.04805) instead.
@@ -26,7 +38,7 @@ Run it (data dir from `python data.py` + `python bpe.py ...`, see README):
     python train.py --data data/pydocs                                 # CPU, a few minutes
     python train.py --data data/pydocs --d-model 768 --num-layers 12 --num-heads 12 \\
         --context-length 1024 --batch-size 32 --max-steps 5000 --compile   # one GPU
-    torchrun --nproc_per_node 8 train.py --data data/pydocs ...        # DDP (add --fsdp to shard)
+    torchrun --standalone --nproc_per_node 8 train.py --data data/pydocs ...   # DDP (add --fsdp to shard)
     python train.py --data data/pydocs --resume                        # continue OUT/ckpt.pt
     python train.py --sample --ckpt out/ckpt.pt --prompt "def main("   # sample from a checkpoint
     python train.py --data data/pydocs --objective mlm                 # bidirectional masked-LM encoder
@@ -52,6 +64,8 @@ import time
 
 import numpy as np
 import torch
+
+from model import ModelConfig, TransformerLM, estimate_mfu, flops_per_token, generate, mlm_corrupt
 
 # ---------------------------------------------------------------
 # 1. The loss: cross-entropy with the log-sum-exp trick
@@ -103,19 +117,16 @@ class AdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)  # m: first moment
-                    state["exp_avg_sq"] = torch.zeros_like(p)  # v: second moment
+                g, state = p.grad, self.state[p]
+                if not state:  # torch's key names, so a state_dict reads like torch.optim.AdamW's
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))  # m, v
                 state["step"] += 1
                 t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                p.mul_(1 - lr * wd)
+                p.mul_(1 - lr * wd)  # theta -= lr*wd*theta, before and apart from the Adam step
                 m.lerp_(g, 1 - b1)  # m = b1 m + (1-b1) g
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1-b2) g^2
-                denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
-                p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+                denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)  # sqrt(v_hat) + eps, v_hat = v/(1-b2^t)
+                p.addcdiv_(m, denom, value=-lr / (1 - b1**t))  # theta -= lr * m_hat / denom, m_hat = m/(1-b1^t)
         return loss
 
 
@@ -137,7 +148,7 @@ def newton_schulz(G, steps=5):
     for _ in range(steps):
         A = X @ X.mT  # (m, m)
         B = b * A + c * A @ A
-        X = a * X + B @ X
+        X = a * X + B @ X  # X <- aX + b(XX^T)X + c(XX^T)^2 X
     return X.mT if tall else X
 
 
@@ -150,8 +161,7 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay)
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -167,11 +177,12 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)  # buf = mu buf + (1-mu) g
                 g = p.grad.lerp(buf, mu) if group["nesterov"] else buf  # look ahead along buf
-                u = newton_schulz(g, group["ns_steps"])
-                # scale so the per-element RMS of the update is similar for tall and wide matrices
+                u = newton_schulz(g, group["ns_steps"])  # (out, in), singular values ~1
+                # an orthogonal (out, in) matrix has per-element RMS 1/sqrt(max(out, in)); the
+                # sqrt(out/in) factor gives tall matrices the same per-element step as wide ones
                 scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
+                p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)  # theta -= lr * scale * NS(g)
         return loss
 
 
@@ -180,14 +191,14 @@ def build_optimizers(model, args):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     betas = (args.beta1, args.beta2)
     if args.optimizer == "muon":
+        # an embedding row or an lm_head row is a per-token vector, not a hidden linear map: AdamW
         hidden = [p for n, p in named if p.ndim == 2 and "token_embeddings" not in n and "lm_head" not in n]
         other = [p for n, p in named if not (p.ndim == 2 and "token_embeddings" not in n and "lm_head" not in n)]
         opts = [Muon(hidden, lr=args.muon_lr, momentum=0.95), AdamW(other, lr=args.lr, betas=betas, weight_decay=0.0)]
     else:
         # weight decay on matrices only: shrinking a norm gain towards 0 has no regularizing meaning
-        decay = [p for n, p in named if p.ndim >= 2]
-        no_decay = [p for n, p in named if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": [p for n, p in named if p.ndim >= 2], "weight_decay": args.weight_decay},
+                  {"params": [p for n, p in named if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
         opts = [AdamW(groups, lr=args.lr, betas=betas)]
     for opt in opts:
         for g in opt.param_groups:
@@ -229,7 +240,7 @@ def clip_grad_norm(params, max_norm, eps=1e-6):
     norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
     total = torch.stack(norms).norm()
     coef = (max_norm / (total + eps)).clamp(max=1.0)
-    for g in grads:
+    for g in grads:  # a sharded DTensor grad cannot be multiplied by a plain tensor: give it a float
         g.mul_(coef.to(g.device, g.dtype) if not hasattr(g, "full_tensor") else coef.item())
     return total
 
@@ -250,7 +261,7 @@ def get_batch(data, batch_size, context_length, device, generator=None):
     starts = torch.randint(len(data) - T, (batch_size,), generator=generator).tolist()  # 0..n-T-1
     x = torch.from_numpy(np.stack([data[s : s + T] for s in starts]).astype(np.int64))  # (B, T)
     y = torch.from_numpy(np.stack([data[s + 1 : s + T + 1] for s in starts]).astype(np.int64))  # (B, T)
-    if str(device).startswith("cuda"):
+    if str(device).startswith("cuda"):  # page-locked host memory: the copy runs async to the GPU's work
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
@@ -265,6 +276,7 @@ def load_tokens(path, vocab_size):
 def unigram_entropy(tokens, vocab_size):
     """H = -sum p log p (nats) of the token frequencies: the loss of the best model that ignores
     context. A model that has learned anything must get below it."""
+    # bincount grows past minlength if some id >= vocab_size: that is how a wrong --vocab-size shows
     counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
     if len(counts) > vocab_size:
         raise SystemExit(f"error: data has token id {len(counts) - 1} >= vocab size {vocab_size}")
@@ -275,7 +287,7 @@ def unigram_entropy(tokens, vocab_size):
 def bytes_per_token(tok, tokens):
     """Average UTF-8 bytes per token on a sample, so loss can be reported in bits per byte
     (bpb = loss / ln 2 / bytes_per_token), a number comparable across tokenizers."""
-    ids = np.asarray(tokens[: min(len(tokens), 200_000)]).tolist()
+    ids = np.asarray(tokens[:200_000]).tolist()
     vocab = getattr(tok, "vocab", None)
     if isinstance(vocab, dict):  # exact: sum the byte lengths of the tokens
         return sum(len(vocab[i]) for i in ids) / len(ids)
@@ -286,7 +298,7 @@ def load_tokenizer(tok_dir):
     """bpe.Tokenizer from DIR or None: the tokenizer is optional (only samples and bpb need it)."""
     if not tok_dir or not os.path.isdir(tok_dir):
         return None
-    from bpe import Tokenizer
+    from bpe import Tokenizer  # here, not at the top: bpe is only needed when a tokenizer exists
 
     try:
         return Tokenizer.load(tok_dir)
@@ -297,6 +309,10 @@ def load_tokenizer(tok_dir):
 # ---------------------------------------------------------------
 # 5. Checkpoints: atomic, complete, checked
 # ---------------------------------------------------------------
+# A resumed run must produce the very losses the uninterrupted run would have. That needs more
+# than the weights: AdamW's moments and step counts (the bias correction depends on t), the step
+# (it sets the learning rate), and every RNG state, above all the batch generator's, which *is*
+# the data position: it decides which windows come next. We store no offset into the data file.
 
 
 def unwrap(model):
@@ -311,7 +327,8 @@ def is_fsdp(model):
 
 
 def rng_state(batch_gen):
-    """Every RNG that influences training, as plain types (torch.load(weights_only=True) safe)."""
+    """Every RNG that influences training, as plain types: weights_only=True loading refuses
+    arbitrary pickles (a checkpoint from the internet cannot run code), numpy arrays included."""
     np_state = np.random.get_state()
     return {
         "batch": batch_gen.get_state(),  # the data-loader generator: the one that matters most
@@ -335,17 +352,16 @@ def set_rng_state(state, batch_gen):
 
 def save_checkpoint(model, optimizer, iteration, out, **extra):
     """torch.save a dict of plain types. `out` is a path (written to a temp name then
-    os.replace'd, so a kill mid-write never leaves a half file) or a file object.
+    os.replace'd, so a kill mid-write never leaves a half file where the last good one was) or a file object.
     `optimizer` is one optimizer or a list (Muon + AdamW). Under FSDP every rank must call this
     (gathering the shards is collective); only rank 0 writes."""
     opts = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
         o = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(model, options=o)
         opt_sds = [get_optimizer_state_dict(model, opt, options=o) for opt in opts]
-        if int(os.environ.get("RANK", 0)) != 0:
+        if int(os.environ.get("RANK", 0)) != 0:  # the gather was collective; the write is rank 0's
             return
     else:
         model_sd, opt_sds = unwrap(model).state_dict(), [opt.state_dict() for opt in opts]
@@ -357,12 +373,11 @@ def save_checkpoint(model, optimizer, iteration, out, **extra):
         "config": dataclasses.asdict(raw.cfg) if hasattr(raw, "cfg") else {},
         **extra,
     }
-    if not isinstance(out, (str, os.PathLike)):
+    if isinstance(out, (str, os.PathLike)):
+        torch.save(ckpt, f"{out}.tmp")
+        os.replace(f"{out}.tmp", out)  # atomic on POSIX: readers see the old file or the new one, never half
+    else:
         torch.save(ckpt, out)
-        return
-    tmp = f"{out}.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out)  # atomic on POSIX: readers see the old file or the new one, never half
 
 
 def read_checkpoint(src):
@@ -403,7 +418,6 @@ def load_checkpoint(src, model, optimizer=None):
         raise SystemExit(f"error: checkpoint has {len(opt_sds)} optimizer(s) but --optimizer needs {len(opts)}")
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
         o = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, ckpt["model"], options=o)
         for opt, sd in zip(opts, opt_sds):
@@ -417,8 +431,6 @@ def load_checkpoint(src, model, optimizer=None):
 
 def load_model(ckpt_path, device="cpu"):
     """Build a TransformerLM from a checkpoint's config and load its weights (eval mode)."""
-    from model import ModelConfig, TransformerLM
-
     ckpt = read_checkpoint(ckpt_path)
     model = TransformerLM(ModelConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
@@ -428,6 +440,280 @@ def load_model(ckpt_path, device="cpu"):
 # ---------------------------------------------------------------
 # 6. The training loop
 # ---------------------------------------------------------------
+
+
+def autodetect_device(name=None):
+    mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    return name or ("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+
+
+def truncate_metrics(path, step):
+    """On resume, drop records written after the checkpoint (a killed run may have logged past it)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    keep = [r for r in recs if not r.get("final") and r.get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(path + ".tmp", path)
+
+
+def train(args):
+    t_start = time.time()
+    # --- distributed setup: one process per GPU under torchrun, plain single process otherwise
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import parallel
+        rank, _, world, device = parallel.setup_distributed()
+        if args.fsdp and args.optimizer == "muon":
+            raise SystemExit("error: --optimizer muon needs whole matrices; not supported with --fsdp")
+    else:
+        rank, device = 0, autodetect_device(args.device)
+    master = rank == 0
+    # flush: a log piped to a file (or killed mid-run) must still show every finished step
+    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+
+    # --- data, tokenizer, vocab
+    if not args.data:
+        raise SystemExit("error: --data DIR is required (or --sample --ckpt PATH)")
+    if not os.path.isdir(args.data):
+        raise SystemExit(f"error: data dir {args.data} not found (run data.py and bpe.py encode first)")
+    tok = load_tokenizer(args.tokenizer or os.path.join(args.data, "tokenizer"))
+    if args.vocab_size is None and tok is None:
+        raise SystemExit(f"error: no tokenizer in {args.data}/tokenizer; pass --vocab-size")
+    data_vocab = args.vocab_size or len(tok)
+    train_data = load_tokens(os.path.join(args.data, "train.bin"), data_vocab)
+    val_data = load_tokens(os.path.join(args.data, "val.bin"), data_vocab)
+    for name, d in (("train", train_data), ("val", val_data)):
+        if len(d) <= args.context_length + 1:
+            raise SystemExit(f"error: {name}.bin has {len(d)} tokens, needs > --context-length {args.context_length}")
+    H_unigram = unigram_entropy(train_data, data_vocab)  # the baseline to beat (a context-free model)
+    H_unigram_val = unigram_entropy(val_data, data_vocab)
+    bpt = bytes_per_token(tok, val_data) if tok is not None else None
+
+    # --- model: MLM gets one extra embedding row, the [MASK] token, and bidirectional attention
+    mlm = args.objective == "mlm"
+    try:
+        cfg = ModelConfig(
+            vocab_size=data_vocab + (1 if mlm else 0), context_length=args.context_length, d_model=args.d_model,
+            num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, d_ff=args.d_ff,
+            rope_theta=args.rope_theta, tie_embeddings=args.tie_embeddings, causal=not mlm, attn_backend=args.attn_backend,
+        )  # fmt: skip
+    except ValueError as e:  # e.g. d_model not divisible by num_heads
+        raise SystemExit(f"error: {e}")
+    torch.manual_seed(args.seed)  # same init on every rank
+    np.random.seed(args.seed)  # nothing here draws from numpy or python's RNG; seeded and saved anyway
+    random.seed(args.seed)
+    raw_model = TransformerLM(cfg).to(device)
+    # a dedicated generator for batches (and MLM masks): its state is all a resume needs to replay
+    # the same data order. Every rank draws the same *global* batch and keeps its own slice (see
+    # next_batch), so the data seen per step does not depend on how many ranks share it
+    batch_gen = torch.Generator().manual_seed(args.seed)
+
+    # --- resume: read now, load after wrapping (FSDP loads into the sharded parameters)
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    ckpt = read_checkpoint(ckpt_path if args.resume == "auto" else args.resume) if args.resume else None
+    start, wall_before = 0, 0.0
+
+    # --- wrap: compile, then DDP (bucketed all-reduce) or FSDP (sharded params, grads, moments)
+    model = raw_model
+    if world > 1 and args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in raw_model.layers:
+            fully_shard(block)  # each block gathers its params just in time, frees them after
+        fully_shard(raw_model)  # the root: embeddings, final norm and lm_head
+    # optimizers after sharding: fully_shard swaps the parameters for sharded DTensors
+    optimizers = build_optimizers(raw_model, args)
+    params = [p for p in raw_model.parameters() if p.requires_grad]  # what clip_grad_norm sees
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, raw_model, optimizers)
+        per_rank = ckpt["rng"]["batch_per_rank"]  # every rank's batch-generator state, gathered at save
+        set_rng_state({**ckpt["rng"], "batch": per_rank[rank] if len(per_rank) == world else per_rank[0]}, batch_gen)
+        if len(per_rank) != world:
+            batch_gen.manual_seed(args.seed + 1000 * start)  # world size changed: fresh (shared) stream
+        wall_before = ckpt.get("wall_s", 0.0)
+        log(f"resumed from step {start}")
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1 and not args.fsdp:  # our DDP hooks the parameters, which the compiled module shares
+        model = parallel.BucketedDDP(model, bucket_size_mb=25)
+    if master:
+        if ckpt is not None:
+            truncate_metrics(metrics_path, start)
+        elif os.path.exists(metrics_path):
+            os.remove(metrics_path)
+
+    def write_metrics(rec):
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    # bf16 keeps fp32's exponent range, so unlike fp16 it needs no loss scaling; autocast runs the
+    # matmuls in bf16 and keeps the weights (and so the optimizer's update) in fp32
+    bf16 = str(device).startswith("cuda") and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    mask_id = data_vocab  # the extra row
+
+    def next_batch(data, gen):
+        """(inputs, targets) on device. CLM: targets = next tokens. MLM: corrupt x, predict originals.
+        Under torchrun each rank draws the global batch of world x B windows and keeps rows
+        [rank·B, (rank+1)·B): then 2 ranks x accum 2 see exactly the batches of 1 rank x accum 4
+        (what the torchrun test checks), at the price of reading world x more windows per rank."""
+        n, mine = args.batch_size * world, slice(rank * args.batch_size, (rank + 1) * args.batch_size)
+        if not mlm:
+            x, y = get_batch(data, n, args.context_length, device, gen)  # (world·B, T) each
+            return x[mine], y[mine]  # (B, T)
+        x, _ = get_batch(data, n, args.context_length, "cpu", gen)  # on CPU: the mask draws use the CPU generator
+        inp, labels = mlm_corrupt(x, mask_id, data_vocab, generator=gen, mask_prob=args.mask_prob)
+        return inp[mine].to(device), labels[mine].to(device)
+
+    def all_mean(t):
+        if world > 1:
+            torch.distributed.all_reduce(t)  # SUM works on every backend (gloo has no AVG)
+            t /= world
+        return t
+
+    def ppl_bpb(loss):
+        # ppl = e^loss (capped: a diverged run must log, not overflow); bpb = loss / ln 2 / bytes per token
+        return math.exp(min(loss, 50)), (loss / math.log(2) / bpt if bpt and not mlm else None)
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean val loss over fixed batches (own generator: eval never perturbs training RNG)."""
+        model.eval()
+        gen = torch.Generator().manual_seed(10_000 + rank)  # the same val batches every eval: curves compare
+        total = torch.zeros((), device=device)
+        for _ in range(args.eval_steps):
+            x, y = next_batch(val_data, gen)
+            with autocast:
+                total += cross_entropy(model(x), y).float()
+        model.train()
+        return all_mean(total / args.eval_steps).item()
+
+    def sample_text(n=64):
+        if tok is None or mlm or args.fsdp:  # FSDP: a forward on rank 0 alone would wait forever for the other shards
+            return None
+        eot = getattr(tok, "special_ids", {}).get("<|endoftext|>")
+        prompt = torch.tensor([[eot if eot is not None else int(val_data[0])]], device=device)
+        out = generate(raw_model, prompt, n, temperature=0.8, top_k=50, generator=torch.Generator(device).manual_seed(args.seed))
+        return tok.decode(out[0, 1:].tolist())
+
+    def checkpoint(step):
+        states = [batch_gen.get_state()]
+        if world > 1:  # rank 0 saves every rank's batch stream, so each resumes its own
+            states = [None] * world
+            torch.distributed.all_gather_object(states, batch_gen.get_state())
+        rng = {**rng_state(batch_gen), "batch_per_rank": states}
+        extra = dict(args=vars(args), rng=rng, wall_s=wall_before + time.time() - t_start)
+        if master or is_fsdp(model):
+            save_checkpoint(model if is_fsdp(model) else raw_model, optimizers, step, ckpt_path, **extra)
+        if master and args.keep_ckpts:
+            shutil.copyfile(ckpt_path, os.path.join(args.out_dir, f"ckpt-{step}.pt"))
+
+    # --- bookkeeping for logs
+    tokens_per_step = args.batch_size * args.context_length * args.grad_accum * world
+    n_params, n_non_emb = raw_model.num_params(), raw_model.num_params(non_embedding=True)
+    log(f"model: {n_params / 1e6:.2f}M params ({n_non_emb / 1e6:.2f}M non-embedding) | "
+        f"{tokens_per_step} tokens/step | device {device} x{world} | unigram entropy {H_unigram:.3f} nats")  # fmt: skip
+
+    val_loss = None
+    for step in range(start + 1, args.max_steps + 1):
+        # 1-based step, not the 0-based index: the first update then already moves (lr > 0) and the last one uses min_lr
+        factor = lr_cosine_schedule(step, 1.0, args.min_lr / args.lr, args.warmup_steps, args.max_steps)
+        for opt in optimizers:
+            for g in opt.param_groups:  # one schedule shape, each group from its own peak (AdamW's, Muon's)
+                g["lr"] = g["base_lr"] * factor
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)  # on device: no .item() per micro-step, no GPU stall
+        for micro in range(args.grad_accum):
+            last = micro == args.grad_accum - 1
+            x, y = next_batch(train_data, batch_gen)
+            # Communication is the expensive part of a distributed step, and the all-reduce is linear:
+            # sum_ranks(g_1 + ... + g_k) = sum_ranks(g_1) + ... + sum_ranks(g_k). So non-final
+            # micro-steps accumulate locally (no_sync) and the last one all-reduces (FSDP:
+            # reduce-scatters) the accumulated grads: the same gradient for 1/k of the traffic.
+            if world > 1 and args.fsdp:
+                model.set_requires_gradient_sync(last)
+            sync = model.no_sync() if world > 1 and not args.fsdp and not last else contextlib.nullcontext()
+            with sync:
+                with autocast:  # bf16 matmuls on CUDA; cross_entropy upcasts to fp32 itself
+                    loss = cross_entropy(model(x), y)
+                # the loss is a mean over one micro-batch and .backward() *adds* into p.grad, so
+                # grad = sum_k grad(loss_k / k) = grad(mean of the k losses): B x grad_accum
+                # sequences give exactly the gradient of one big batch (up to float rounding)
+                (loss / args.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        if world > 1 and not args.fsdp:
+            model.finish_gradient_synchronization()  # wait for the last buckets' all-reduce
+        if args.grad_clip > 0:  # after the all-reduce: every rank must clip the same gradient
+            clip_grad_norm(params, args.grad_clip)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)  # None, not zeros: the next backward writes instead of adds
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            loss_val = all_mean(loss_sum / args.grad_accum).item()  # .item() waits for the GPU
+            dt = time.perf_counter() - t0
+            tps = tokens_per_step / dt
+            # mfu = tok/s per GPU x (6N + 12·L·d·T) FLOPs/token / peak FLOP/s; None on CPU (no peak)
+            mfu = estimate_mfu(cfg, tps / world, device=device)
+            lr = args.lr * factor
+            mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+            log(f"step {step}/{args.max_steps} | loss {loss_val:.3f} | lr {lr:.1e} | {dt * 1000:.0f} ms | {tps / 1e3:.1f}k tok/s | mfu {mfu_s}")
+            write_metrics(dict(step=step, loss=loss_val, lr=lr, ms=dt * 1000, tok_per_s=tps, mfu=mfu, tokens=step * tokens_per_step))
+        if step % args.eval_every == 0 or step == args.max_steps:
+            val_loss = evaluate()
+            ppl, bpb = ppl_bpb(val_loss)
+            log(f"eval step {step} | val loss {val_loss:.3f} | ppl {ppl:.1f}" + (f" | bpb {bpb:.3f}" if bpb else ""))
+            write_metrics(dict(step=step, val_loss=val_loss, val_ppl=ppl, val_bpb=bpb))
+        if args.sample_every and step % args.sample_every == 0 and master and (text := sample_text()) is not None:
+            log("sample: " + repr(text[:300]))
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            checkpoint(step)
+
+    if val_loss is None:  # resumed at or past max-steps: nothing ran, still report
+        val_loss = evaluate()
+    wall = wall_before + time.time() - t_start
+    tokens = args.max_steps * tokens_per_step
+    ppl, bpb = ppl_bpb(val_loss)
+    # The unigram entropy is the loss of the best model that ignores context (it only knows token
+    # frequencies); getting well below it is the evidence that the model uses its context at all.
+    log(f"done: val loss {val_loss:.3f} nats (ppl {ppl:.1f}" + (f", {bpb:.3f} bits/byte" if bpb else "")
+        + f") vs unigram entropy {H_unigram:.3f} (train) / {H_unigram_val:.3f} (val) nats | {args.max_steps} steps, "
+        f"{tokens / 1e6:.2f}M tokens in {wall:.0f}s")  # fmt: skip
+    final = dict(final=True, step=args.max_steps, val_loss=val_loss, val_ppl=ppl, val_bpb=bpb,
+                 params=n_params, non_embedding_params=n_non_emb, tokens=tokens,
+                 flops=flops_per_token(cfg) * tokens, unigram_entropy=H_unigram, val_unigram_entropy=H_unigram_val, objective=args.objective,
+                 wall_s=wall)  # fmt: skip
+    write_metrics(final)
+    if world > 1:
+        parallel.cleanup_distributed()
+    return final
+
+
+# ---------------------------------------------------------------
+# 7. Sampling from a checkpoint, and the command line
+# ---------------------------------------------------------------
+
+
+def sample(args):
+    if not args.ckpt:
+        raise SystemExit("error: --sample needs --ckpt PATH")
+    device = autodetect_device(args.device)
+    model, ckpt = load_model(args.ckpt, device)
+    data_dir = ckpt.get("args", {}).get("data") or ""
+    tok = load_tokenizer(args.tokenizer or ckpt.get("args", {}).get("tokenizer") or os.path.join(data_dir, "tokenizer"))
+    if tok is None:
+        raise SystemExit("error: no tokenizer found; pass --tokenizer DIR")
+    ids = tok.encode(args.prompt) or [tok.special_ids.get("<|endoftext|>", 0)]
+    idx = torch.tensor([ids], device=device)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                   min_p=args.min_p, stop_token=tok.special_ids.get("<|endoftext|>"), generator=gen)  # fmt: skip
+    print(tok.decode(out[0].tolist()))
 
 
 def build_parser():
@@ -485,299 +771,6 @@ def build_parser():
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this much mass")
     p.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p times the top probability")
     return p
-
-
-def autodetect_device(name=None):
-    if name:
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def truncate_metrics(path, step):
-    """On resume, drop records written after the checkpoint (a killed run may have logged past it)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    keep = [r for r in recs if not r.get("final") and r.get("step", 0) <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in keep)
-    os.replace(path + ".tmp", path)
-
-
-def train(args):
-    from model import ModelConfig, TransformerLM, estimate_mfu, flops_per_token
-
-    t_start = time.time()
-    # --- distributed setup: one process per GPU under torchrun, plain single process otherwise
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        import parallel
-
-        rank, _, world, device = parallel.setup_distributed()
-        if args.fsdp and args.optimizer == "muon":
-            raise SystemExit("error: --optimizer muon needs whole matrices; not supported with --fsdp")
-    else:
-        rank, device = 0, autodetect_device(args.device)
-    master = rank == 0
-    # flush: a log piped to a file (or killed mid-run) must still show every finished step
-    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    device_type = str(device).split(":")[0]
-
-    # --- data, tokenizer, vocab
-    if not args.data:
-        raise SystemExit("error: --data DIR is required (or --sample --ckpt PATH)")
-    if not os.path.isdir(args.data):
-        raise SystemExit(f"error: data dir {args.data} not found (run data.py and bpe.py encode first)")
-    tok = load_tokenizer(args.tokenizer or os.path.join(args.data, "tokenizer"))
-    if args.vocab_size is None and tok is None:
-        raise SystemExit(f"error: no tokenizer in {args.data}/tokenizer; pass --vocab-size")
-    data_vocab = args.vocab_size or len(tok)
-    train_data = load_tokens(os.path.join(args.data, "train.bin"), data_vocab)
-    val_data = load_tokens(os.path.join(args.data, "val.bin"), data_vocab)
-    for name, d in (("train", train_data), ("val", val_data)):
-        if len(d) <= args.context_length + 1:
-            raise SystemExit(f"error: {name}.bin has {len(d)} tokens, needs > --context-length {args.context_length}")
-    H_unigram = unigram_entropy(train_data, data_vocab)  # the baseline to beat (a context-free model)
-    H_unigram_val = unigram_entropy(val_data, data_vocab)
-    bpt = bytes_per_token(tok, val_data) if tok is not None else None
-
-    # --- model: MLM gets one extra embedding row, the [MASK] token, and bidirectional attention
-    mlm = args.objective == "mlm"
-    if mlm:
-        from model import mlm_corrupt
-    try:
-        cfg = ModelConfig(
-            vocab_size=data_vocab + (1 if mlm else 0), context_length=args.context_length, d_model=args.d_model,
-            num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, d_ff=args.d_ff,
-            rope_theta=args.rope_theta, tie_embeddings=args.tie_embeddings, causal=not mlm, attn_backend=args.attn_backend,
-        )  # fmt: skip
-    except ValueError as e:  # e.g. d_model not divisible by num_heads
-        raise SystemExit(f"error: {e}")
-    torch.manual_seed(args.seed)  # same init on every rank
-    np.random.seed(args.seed)
-    random.seed(args.seed)
-    raw_model = TransformerLM(cfg).to(device)
-    # a dedicated generator for batches (and MLM masks): its state is all a resume needs to replay
-    # the same data order. Every rank draws the same *global* batch and keeps its own slice (see
-    # next_batch), so the data seen per step does not depend on how many ranks share it
-    batch_gen = torch.Generator().manual_seed(args.seed)
-
-    # --- resume: read now, load after wrapping (FSDP loads into the sharded parameters)
-    os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    ckpt, start, wall_before = None, 0, 0.0
-    if args.resume:
-        ckpt = read_checkpoint(ckpt_path if args.resume == "auto" else args.resume)
-
-    # --- wrap: compile, then DDP (bucketed all-reduce) or FSDP (sharded params, grads, moments)
-    model = raw_model
-    if world > 1 and args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in raw_model.layers:
-            fully_shard(block)  # each block gathers its params just in time, frees them after
-        fully_shard(raw_model)
-    # optimizers after sharding: fully_shard swaps the parameters for sharded DTensors
-    optimizers = build_optimizers(raw_model, args)
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, raw_model, optimizers)
-        per_rank = ckpt["rng"]["batch_per_rank"]
-        set_rng_state({**ckpt["rng"], "batch": per_rank[rank] if len(per_rank) == world else per_rank[0]}, batch_gen)
-        if len(per_rank) != world:
-            batch_gen.manual_seed(args.seed + 1000 * start)  # world size changed: fresh (shared) stream
-        wall_before = ckpt.get("wall_s", 0.0)
-        log(f"resumed from step {start}")
-    if args.compile:
-        model = torch.compile(model)
-    if world > 1 and not args.fsdp:
-        import parallel
-
-        model = parallel.BucketedDDP(model, bucket_size_mb=25)
-    if master:
-        if ckpt is not None:
-            truncate_metrics(metrics_path, start)
-        elif os.path.exists(metrics_path):
-            os.remove(metrics_path)
-
-    def write_metrics(rec):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device_type == "cuda" and torch.cuda.is_bf16_supported()
-        else contextlib.nullcontext()
-    )
-    mask_id = data_vocab  # the extra row
-
-    def next_batch(data, gen):
-        """(inputs, targets) on device. CLM: targets = next tokens. MLM: corrupt x, predict originals.
-        Under torchrun each rank draws the global batch of world x B windows and keeps rows
-        [rank·B, (rank+1)·B): then 2 ranks x accum 2 see exactly the batches of 1 rank x accum 4
-        (what the torchrun test checks), at the price of reading world x more windows per rank."""
-        n, mine = args.batch_size * world, slice(rank * args.batch_size, (rank + 1) * args.batch_size)
-        if not mlm:
-            x, y = get_batch(data, n, args.context_length, device, gen)
-            return x[mine], y[mine]
-        x, _ = get_batch(data, n, args.context_length, "cpu", gen)
-        inp, labels = mlm_corrupt(x, mask_id, data_vocab, generator=gen, mask_prob=args.mask_prob)
-        return inp[mine].to(device), labels[mine].to(device)
-
-    def all_mean(t):
-        if world > 1:
-            torch.distributed.all_reduce(t)  # SUM works on every backend (gloo has no AVG)
-            t /= world
-        return t
-
-    @torch.no_grad()
-    def evaluate():
-        """Mean val loss over fixed batches (own generator: eval never perturbs training RNG)."""
-        model.eval()
-        gen = torch.Generator().manual_seed(10_000 + rank)
-        total = torch.zeros((), device=device)
-        for _ in range(args.eval_steps):
-            x, y = next_batch(val_data, gen)
-            with autocast:
-                total += cross_entropy(model(x), y).float()
-        model.train()
-        return all_mean(total / args.eval_steps).item()
-
-    def sample_text(n=64):
-        if tok is None or mlm or args.fsdp:
-            return None
-        from model import generate
-
-        eot = getattr(tok, "special_ids", {}).get("<|endoftext|>")
-        prompt = torch.tensor([[eot if eot is not None else int(val_data[0])]], device=device)
-        out = generate(raw_model, prompt, n, temperature=0.8, top_k=50, generator=torch.Generator(device).manual_seed(args.seed))
-        return tok.decode(out[0, 1:].tolist())
-
-    def checkpoint(step):
-        states = [batch_gen.get_state()]
-        if world > 1:  # rank 0 saves every rank's batch stream, so each resumes its own
-            states = [None] * world
-            torch.distributed.all_gather_object(states, batch_gen.get_state())
-        rng = {**rng_state(batch_gen), "batch_per_rank": states}
-        extra = dict(args=vars(args), rng=rng, wall_s=wall_before + time.time() - t_start)
-        if master or is_fsdp(model):
-            save_checkpoint(model if is_fsdp(model) else raw_model, optimizers, step, ckpt_path, **extra)
-        if master and args.keep_ckpts:
-            shutil.copyfile(ckpt_path, os.path.join(args.out_dir, f"ckpt-{step}.pt"))
-
-    # --- bookkeeping for logs
-    tokens_per_step = args.batch_size * args.context_length * args.grad_accum * world
-    fpt = flops_per_token(cfg)
-    n_params = raw_model.num_params()
-    log(f"model: {n_params / 1e6:.2f}M params ({raw_model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding) | "
-        f"{tokens_per_step} tokens/step | device {device} x{world} | unigram entropy {H_unigram:.3f} nats")  # fmt: skip
-
-    val_loss = None
-    for it in range(start, args.max_steps):
-        step = it + 1
-        # step (= it + 1), not it: the first update then already moves (lr > 0) and the last one uses min_lr
-        factor = lr_cosine_schedule(step, 1.0, args.min_lr / args.lr, args.warmup_steps, args.max_steps)
-        for opt in optimizers:
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * factor
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            last = micro == args.grad_accum - 1
-            x, y = next_batch(train_data, batch_gen)
-            # Communication is the expensive part of a distributed step, and only the *sum* of the
-            # micro-steps' grads matters: non-final micro-steps accumulate locally (no_sync), the
-            # last one triggers the all-reduce (FSDP: the reduce-scatter) of the accumulated grads.
-            if world > 1 and args.fsdp:
-                model.set_requires_gradient_sync(last)
-            sync = model.no_sync() if world > 1 and not args.fsdp and not last else contextlib.nullcontext()
-            with sync:
-                with autocast:  # bf16 matmuls on CUDA; cross_entropy upcasts to fp32 itself
-                    loss = cross_entropy(model(x), y)
-                # .backward() *adds* into p.grad, so dividing by grad_accum makes the sum a mean:
-                # B x grad_accum sequences then give exactly the gradient of one big batch
-                (loss / args.grad_accum).backward()
-            loss_sum += loss.detach().float()
-        if world > 1 and not args.fsdp:
-            model.finish_gradient_synchronization()  # wait for the last buckets' all-reduce
-        if args.grad_clip > 0:  # after the all-reduce: every rank must clip the same gradient
-            clip_grad_norm(params, args.grad_clip)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        if step % args.log_every == 0 or step == args.max_steps:
-            loss_val = all_mean(loss_sum / args.grad_accum).item()  # .item() waits for the GPU
-            dt = time.perf_counter() - t0
-            tps = tokens_per_step / dt
-            mfu = estimate_mfu(cfg, tps / world, device=device)  # per-GPU fraction of peak; None on CPU
-            lr = args.lr * factor
-            mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-            log(f"step {step}/{args.max_steps} | loss {loss_val:.3f} | lr {lr:.1e} | {dt * 1000:.0f} ms | {tps / 1e3:.1f}k tok/s | mfu {mfu_s}")
-            write_metrics(dict(step=step, loss=loss_val, lr=lr, ms=dt * 1000, tok_per_s=tps, mfu=mfu, tokens=step * tokens_per_step))
-        if step % args.eval_every == 0 or step == args.max_steps:
-            val_loss = evaluate()
-            bpb = val_loss / math.log(2) / bpt if bpt and not mlm else None
-            log(f"eval step {step} | val loss {val_loss:.3f} | ppl {math.exp(min(val_loss, 50)):.1f}" + (f" | bpb {bpb:.3f}" if bpb else ""))
-            write_metrics(dict(step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)), val_bpb=bpb))
-        if args.sample_every and step % args.sample_every == 0 and master:
-            text = sample_text()
-            if text is not None:
-                log("sample: " + repr(text[:300]))
-        if step % args.ckpt_every == 0 or step == args.max_steps:
-            checkpoint(step)
-
-    if val_loss is None:  # resumed at or past max-steps: nothing ran, still report
-        val_loss = evaluate()
-    wall = wall_before + time.time() - t_start
-    tokens = args.max_steps * tokens_per_step
-    bpb = val_loss / math.log(2) / bpt if bpt and not mlm else None
-    # The unigram entropy is the loss of the best model that ignores context (it only knows token
-    # frequencies); getting well below it is the evidence that the model uses its context at all.
-    log(f"done: val loss {val_loss:.3f} nats (ppl {math.exp(min(val_loss, 50)):.1f}" + (f", {bpb:.3f} bits/byte" if bpb else "")
-        + f") vs unigram entropy {H_unigram:.3f} (train) / {H_unigram_val:.3f} (val) nats | {args.max_steps} steps, "
-        f"{tokens / 1e6:.2f}M tokens in {wall:.0f}s")  # fmt: skip
-    final = dict(final=True, step=args.max_steps, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)), val_bpb=bpb,
-                 params=n_params, non_embedding_params=raw_model.num_params(non_embedding=True), tokens=tokens,
-                 flops=fpt * tokens, unigram_entropy=H_unigram, val_unigram_entropy=H_unigram_val, objective=args.objective,
-                 wall_s=wall)  # fmt: skip
-    write_metrics(final)
-    if world > 1:
-        import parallel
-
-        parallel.cleanup_distributed()
-    return final
-
-
-# ---------------------------------------------------------------
-# 7. Sampling from a checkpoint
-# ---------------------------------------------------------------
-
-
-def sample(args):
-    from model import generate
-
-    if not args.ckpt:
-        raise SystemExit("error: --sample needs --ckpt PATH")
-    device = autodetect_device(args.device)
-    model, ckpt = load_model(args.ckpt, device)
-    data_dir = ckpt.get("args", {}).get("data") or ""
-    tok = load_tokenizer(args.tokenizer or ckpt.get("args", {}).get("tokenizer") or os.path.join(data_dir, "tokenizer"))
-    if tok is None:
-        raise SystemExit("error: no tokenizer found; pass --tokenizer DIR")
-    ids = tok.encode(args.prompt) or [tok.special_ids.get("<|endoftext|>", 0)]
-    idx = torch.tensor([ids], device=device)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                   min_p=args.min_p, stop_token=tok.special_ids.get("<|endoftext|>"), generator=gen)  # fmt: skip
-    print(tok.decode(out[0].tolist()))
 
 
 def main(argv=None):
