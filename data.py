@@ -11,7 +11,7 @@ pipeline like this one. It runs the classic stages, one function each, in the or
            -> train.txt / val.txt (+ train.bin / val.bin with a bpe.py tokenizer)
 
 Every input document ends up kept or dropped *with a reason* ("stage:why"), and stats.json accounts
-for all of them: a filter that silently eats half the corpus is the usual way this goes wrong.
+for all of them: a filter that silently eats half the corpus is easy to write and hard to notice.
 
 The default corpus needs no network: `python data.py` renders the documentation of the installed
 standard library with pydoc's HTML renderer (plus the `pydoc_data` topics) and pushes those pages
@@ -29,9 +29,10 @@ Papers / references
   Rajaraman & Ullman, "Mining of Massive Datasets", ch. 3. Why dedup at all: Lee et al. 2021,
   "Deduplicating Training Data Makes Language Models Better", arXiv:2107.06499.
 - Whole pipelines of this shape: CCNet (Wenzek et al. 2019, arXiv:1911.00359: fastText LID, line
-  dedup), RefinedWeb (Penedo et al. 2023, arXiv:2306.01116: MinHash on 5-grams), Dolma (Soldaini et
-  al. 2024, arXiv:2402.00159: Gopher rules, PII masks, toxic/NSFW classifiers), FineWeb (Penedo et
-  al. 2024, arXiv:2406.17557), and Stanford CS336 assignment 4, whose stage function names we borrow.
+  dedup), RefinedWeb (Penedo et al. 2023, arXiv:2306.01116: MinHash on 5-grams), Dolma (Soldaini
+  et al. 2024, arXiv:2402.00159: Gopher rules, PII masks, toxic/NSFW classifiers), FineWeb
+  (Penedo et al. 2024, arXiv:2406.17557), and Stanford CS336 assignment 4, whose stage function
+  names we borrow.
 
 How to run (CPU only: no stage needs a GPU)
 ----------
@@ -48,8 +49,9 @@ Each stage has an off switch (`--no-lang`, `--no-pii`, `--no-line-dedup`, `--no-
 Output: train.txt / val.txt (each document followed by <|endoftext|>; the split is a hash of the
 document id, so it is stable) and stats.json: docs_in, kept, bytes_in, train/val_docs and _bytes
 (and _tokens), dropped_by_reason {"stage:reason": n}, docs_after_stage {"i_stage": docs left},
-pii {email, phone, ip: n masked}, langs {detected language: n}, minhash_clusters,
-lines_removed_by_line_dedup, dropped_examples {reason: first ids}, seconds_*.
+pii {email, phone, ip: n masked}, langs {detected language: n}, minhash_clusters (and a few
+minhash_example_clusters), lines_removed_by_line_dedup, dropped_examples {reason: first ids},
+seconds_*.
 
 Known limits: per-document stages stream through a process pool, but the corpus-level stages
 (MinHash, line dedup, classifiers) hold the surviving texts in memory. A bare 10-digit number
@@ -557,7 +559,8 @@ def exact_line_dedup_docs(texts, min_docs=2):
 # an S-curve that rises steeply around s ≈ (1/b)^(1/r). Our default b = 16, r = 8 (K = 128) puts
 # the knee at 0.71, below the 0.8 Jaccard threshold on purpose: P = 0.947 at s = 0.8, 0.9999 at
 # 0.9 and 0.06 at 0.5, so few true duplicates are missed and few dissimilar pairs cost a check.
-# (FineWeb uses 14 bands of 8.) More rows sharpen the curve; more bands move the knee down.
+# (FineWeb uses 14 bands of 8.) More rows per band move the knee up, more bands move it down, and
+# a longer signature (both) makes the step sharper at the price of more hashing.
 #
 # A candidate is only a candidate: one band agreeing says little, and even the full signature
 # estimate has std 0.035 at J = 0.8 with K = 128. So we verify every candidate pair with the exact
@@ -575,17 +578,22 @@ _P = np.uint64(0x100000001B3)  # odd multiplier of the polynomial n-gram hash (t
 _COMBINING = regex.compile(r"\p{Mn}")  # every nonspacing mark: accents, but also e.g. the kana dakuten
 
 
+def _fold(text):
+    """Lowercase, then NFD splits "é" into "e" + U+0301 and we drop the mark: café == cafe."""
+    return text.lower() if text.isascii() else _COMBINING.sub("", unicodedata.normalize("NFD", text.lower()))
+
+
 def normalize_for_dedup(text):
     """lowercase, NFD, drop accents (combining marks), punctuation -> space, collapse whitespace.
-    The readable definition; the pipeline runs the same thing on bytes (_normalized_bytes)."""
-    text = text.lower() if text.isascii() else _COMBINING.sub("", unicodedata.normalize("NFD", text.lower()))
-    return " ".join(re.sub(r"[^\w\s]|_", " ", text).split())
+    The readable definition; the pipeline does the same on bytes, in C (_TABLE below)."""
+    return " ".join(re.sub(r"[^\w\s]|_", " ", _fold(text)).split())
 
 
 def _mix64(h):
-    """splitmix64's finalizer (Steele, Lea & Flood 2014; Stafford's "Mix13" constants): every input bit flips each output bit with
-    probability ~1/2. The word and n-gram hashes below are linear (xor, multiply-add), so without
-    this, similar inputs give related outputs and "random" minima stop being random."""
+    """splitmix64's finalizer (Steele, Lea & Flood 2014; Stafford's "Mix13" constants): every input
+    bit flips each output bit with probability ~1/2. The word and n-gram hashes below are linear
+    (xor, multiply-add), so without this, similar inputs give related outputs and "random" minima
+    stop being random."""
     h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return h ^ (h >> np.uint64(31))
@@ -600,10 +608,8 @@ _NON_ASCII_SYMBOL = re.compile(r"[^\x00-\x7f\w]")
 _MASKS = np.array([(1 << (8 * k)) - 1 for k in range(9)], dtype=np.uint64)  # low k bytes of a word
 
 
-def _ascii_or_stripped(text):
-    if text.isascii():
-        return text.encode()
-    return _NON_ASCII_SYMBOL.sub(" ", _COMBINING.sub("", unicodedata.normalize("NFD", text.lower()))).encode()
+def _ascii_or_stripped(text):  # (ASCII goes straight to the table, which also lowercases)
+    return text.encode() if text.isascii() else _NON_ASCII_SYMBOL.sub(" ", _fold(text)).encode()
 
 
 def _normalized_bytes(text):
@@ -1061,7 +1067,11 @@ def _doc_init(cfg):
 
 
 def process_document(item):
-    """(doc_id, kind, payload) -> (doc_id, text | None, drop_reason | None, pii_counts, lang, n_bytes)."""
+    """(doc_id, kind, payload) -> (doc_id, text | None, drop_reason | None, pii_counts, lang, n_bytes).
+
+    Language ID runs on the extracted text (the tags of any page are English) and before masking
+    (masking a page we then drop is wasted work). Masking runs before dedup, so copies of a page
+    that differ only in an address become exact duplicates."""
     doc_id, kind, payload = item
     if kind == "bad":
         return doc_id, None, f"source:{payload}", {}, None, 0
@@ -1105,6 +1115,7 @@ def build_corpus(items, args, doc_workers=None):
     pool = None
     if (doc_workers or args.workers) > 1:
         import multiprocessing as mp
+        # spawn, not fork: a forked child inherits the parent's threads' locks (torch, if loaded)
         pool = mp.get_context("spawn").Pool(args.workers, initializer=_doc_init, initargs=(cfg,))
     else:
         _doc_init(cfg)
@@ -1155,7 +1166,7 @@ def build_corpus(items, args, doc_workers=None):
         keep_only([None if t.strip() else "line_dedup:empty" for t in texts])
     if not args.no_gopher:
         keep_only([f and f"gopher:{f}" for f in map(gopher_failure, texts)])
-    for kind, (bad, _) in _FILTERS.items():  # cheapest first: a model only sees what rules kept
+    for kind, (bad, _) in _FILTERS.items():  # models go last: they only score what the cheap rules kept
         if not getattr(args, f"no_{kind}") and texts:
             set_classifier(kind, getattr(args, f"{kind}_model"))
             preds, thr = classify_batch(kind, texts), getattr(args, f"{kind}_threshold")
@@ -1186,7 +1197,7 @@ def build_corpus(items, args, doc_workers=None):
         import bpe  # lazy: only needed to write token files
         for split in ("train", "val"):
             src, dst = os.path.join(out_dir, f"{split}.txt"), os.path.join(out_dir, f"{split}.bin")
-            if stats[f"{split}_docs"] == 0:  # nothing to encode: an empty token file
+            if stats[f"{split}_docs"] == 0:  # bpe.encode_file refuses an empty input: write an empty file
                 open(dst, "wb").close()
                 stats[f"{split}_tokens"] = 0
             else:
