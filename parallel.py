@@ -14,14 +14,10 @@ A ring all-reduce is a reduce-scatter followed by an all-gather, so each rank se
 2·(N-1)/N × the payload. That is why FSDP (all-gather + reduce-scatter) costs about the same bytes
 as DDP (all-reduce) while storing only 1/N of the weights.
 
-Memory per rank (Ψ parameters, N ranks, AdamW in fp32: 4 B weight + 4 B grad + 8 B for the two
-moments = 16 B/param; the ZeRO paper's mixed precision, 2 + 2 + 12, gives the same 16):
-    DDP, BucketedDDP           16Ψ          every rank holds everything
-    ZeRO-1 (ShardedOptimizer)  8Ψ + 8Ψ/N    moments sharded: the 8 B that only the update reads
-    ZeRO-3 (FSDP)              16Ψ/N        weights and grads sharded too, gathered just in time
-Tensor parallelism (Megatron) splits each matrix and pays an all-reduce of the activations per
-block; pipeline parallelism (GPipe) splits the layers and pays an idle "bubble" of (p-1)/(m+p-1)
-for p stages and m micro-batches. `python parallel.py demo` measures all of it.
+Memory per rank, Ψ params on N ranks, AdamW in fp32 (4 B weight + 4 B grad + 8 B moments; the ZeRO
+paper's mixed precision, 2 + 2 + 12, also makes 16): DDP 16Ψ, ZeRO-1 8Ψ + 8Ψ/N, ZeRO-3 16Ψ/N.
+Tensor parallelism (Megatron) splits each matrix and pays an activation all-reduce per block;
+pipeline parallelism (GPipe) splits the layers and idles (p-1)/(m+p-1) of the time.
 
 Papers:
     Li et al. 2020, "PyTorch Distributed: Experiences on Accelerating Data Parallel Training" (arXiv:2006.15704)
@@ -68,13 +64,10 @@ def setup_distributed():
             "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
         return 0, 0, 1, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        # One process per GPU; NCCL moves tensors GPU-to-GPU without touching the CPU.
-        device = f"cuda:{local_rank}"
+    cuda = torch.cuda.is_available()
+    device, backend = (f"cuda:{local_rank}", "nccl") if cuda else ("cpu", "gloo")
+    if cuda:  # one process per GPU; NCCL moves tensors GPU-to-GPU without touching the CPU
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = "cpu", "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return rank, local_rank, world_size, device
@@ -102,7 +95,7 @@ def _optimizer_state_bytes(opt):
 @torch.no_grad()
 def _broadcast_from_rank0(module):
     # Every rank must start from the same weights, or the averaged gradient is meaningless.
-    for t in list(module.parameters()) + list(module.buffers()):
+    for t in list(module.parameters()) + list(module.buffers()):   # buffers too: all a forward reads
         dist.broadcast(t, src=0)
 
 
@@ -137,7 +130,8 @@ class DDP(nn.Module):
 
     @contextlib.contextmanager
     def no_sync(self):
-        """Gradient accumulation: let grads pile up locally; the backward after the block syncs."""
+        """Gradient accumulation: let grads pile up locally; the backward after the block syncs.
+        The all-reduce is linear, so one all-reduce of the accumulated sum = the sum of k all-reduces."""
         prev, self._sync = self._sync, False
         try:
             yield
@@ -172,16 +166,14 @@ class BucketedDDP(nn.Module):
         # Like torch's DDP, cap the *first* bucket at 1 MB: its all-reduce then starts a few layers
         # into backward instead of after 25 MB of gradients, which buys overlap on small models.
         limit = min(1.0, bucket_size_mb) * 2**20
-        self.buckets, cur, size = [], [], 0
+        self.buckets, size = [[]], 0
         for p in reversed(params):
-            if cur and size + _nbytes(p) > limit:
-                limit = bucket_size_mb * 2**20
-                self.buckets.append(cur)
-                cur, size = [], 0
-            cur.append(p)
+            if self.buckets[-1] and size + _nbytes(p) > limit:   # full: open the next bucket
+                limit, size = bucket_size_mb * 2**20, 0
+                self.buckets.append([])
+            self.buckets[-1].append(p)
             size += _nbytes(p)
-        if cur:
-            self.buckets.append(cur)
+        self.buckets = [b for b in self.buckets if b]           # no trainable parameters: no buckets
         self._bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
         # One preallocated flat buffer per bucket, and p.grad becomes a *view* into it (torch's
         # gradient_as_bucket_view=True): each gradient is copied once, as it arrives, the
@@ -191,7 +183,7 @@ class BucketedDDP(nn.Module):
         self._view = {p: v.view_as(p) for b, flat in zip(self.buckets, self._flat)
                       for p, v in zip(b, flat.split([p.numel() for p in b]))}
         self._pending = [len(b) for b in self.buckets]   # grads still to arrive per bucket
-        self._work = [None] * len(self.buckets)
+        self._work = [None] * len(self.buckets)          # async handle per bucket, None until launched
         for p in params:
             p.register_post_accumulate_grad_hook(self._hook)
 
@@ -221,10 +213,10 @@ class BucketedDDP(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    no_sync = DDP.no_sync
+    no_sync = DDP.no_sync                  # the same _sync flag: hooks do nothing, grads pile up in the views
 
     def finish_gradient_synchronization(self):
-        if not self._sync:
+        if not self._sync:                 # inside no_sync nothing was launched, nothing to wait for
             return
         for i, bucket in enumerate(self.buckets):
             if self._work[i] is None:      # some parameter got no gradient this step
@@ -242,10 +234,9 @@ class BucketedDDP(nn.Module):
 # 8 bytes/param, twice the weights themselves. Every rank has the full (all-reduced) gradient
 # anyway, so rank r only *steps* the parameters it owns and then broadcasts them to everyone.
 # AdamW is elementwise, so stepping a subset gives bit-identical results to stepping everything.
-# Memory per rank: 4Ψ weights + 4Ψ grads + 8Ψ/N moments = 8Ψ + 8Ψ/N (vs DDP's 16Ψ). Traffic: we
-# keep DDP's all-reduce and add a broadcast of the weights, ~2x DDP's bytes (the demo's ZeRO-1 row).
-# The paper's version reduce-scatters the grads and all-gathers the new weights instead: the two
-# halves of an all-reduce, so ZeRO-1 costs no more bytes than DDP.
+# Memory per rank: 4Ψ weights + 4Ψ grads + 8Ψ/N moments = 8Ψ + 8Ψ/N (vs DDP's 16Ψ). We keep DDP's
+# all-reduce and add a broadcast of the weights, 2x DDP's bytes; the paper reduce-scatters grads and
+# all-gathers new weights, the two halves of one all-reduce, so its ZeRO-1 costs what DDP costs.
 
 class ShardedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, optimizer_cls, **kwargs):
@@ -301,22 +292,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------
-# FSDP = ZeRO stage 3: shard the weights too. Each Linear/Embedding weight is flattened, padded to
-# a multiple of N, and rank r keeps only slice r as an fp32 "master" Parameter: the optimizer sees
-# shards only, so weights, grads and optimizer state all shrink by N. Just before a module runs we
-# all-gather its full weight (optionally cast to bf16/fp16 first: half the bytes on the wire, and
-# the matmul runs in low precision); autograd then calls our backward, which reduce-scatters the
-# full-size gradient so rank r receives the summed gradient of its own slice. Why reduce-scatter
-# and not all-reduce: rank r's optimizer updates only slice r, so it needs only slice r of the sum,
-# which is exactly the first half of a ring all-reduce. The other half, the all-gather, moves to the
-# next forward and gathers weights instead: per step FSDP hands collectives 2x DDP's payload (the
-# demo's comm column) but each ring op sends (N-1)/N of it, so the bytes on the wire match DDP's.
-# Memory per rank: 16Ψ/N. The RMSNorm gains (1-D, d floats each) stay replicated and are
-# all-reduced like DDP: next to a d×d matrix they are noise, and sharding them would add a gather
-# to every norm call to save almost nothing (the demo's formula adds 16 B each). A production FSDP
-# also frees the gathered weight after forward and re-gathers it in backward; here autograd keeps
-# it alive until backward ends (the copies are dropped in finish_gradient_synchronization), which
-# keeps the code short; the persistent memory (what the ZeRO formula counts) is sharded all the same.
+# FSDP = ZeRO stage 3: shard the weights too (16Ψ/N per rank). Each Linear/Embedding weight is
+# flattened, padded to a multiple of N, and rank r keeps only slice r as an fp32 "master" Parameter:
+# the optimizer sees shards only, so weights, grads and optimizer state all shrink by N. Just before
+# a module runs we all-gather its full weight (optionally cast to bf16 first: half the bytes on the
+# wire, and a low-precision matmul); our backward then reduce-scatters the full-size gradient.
+# Why reduce-scatter, not all-reduce: rank r updates only slice r, so it needs only slice r of the
+# sum, the first half of a ring all-reduce; the other half, the all-gather, moves to the next
+# forward and gathers weights instead. So FSDP hands collectives 2x DDP's payload (the demo's comm
+# column) yet, at (N-1)/N per ring op, puts the same bytes on the wire. The RMSNorm gains stay
+# replicated and all-reduced like DDP: d floats next to d×d matrices, not worth a gather per norm
+# call (the demo's formula adds 16 B each). A production FSDP also frees the gathered weight after
+# forward and re-gathers it in backward; here autograd keeps it until backward ends (dropped in
+# finish_gradient_synchronization): shorter code, and the persistent memory is sharded all the same.
 
 class _GatherWeight(torch.autograd.Function):
     @staticmethod
@@ -340,17 +328,12 @@ class _GatherWeight(torch.autograd.Function):
         e["pending"] -= 1
         if e["pending"] > 0:
             return None, None, None, None      # "no gradient from this use"; the last use sends it all
-        shard_numel = -(-ctx.numel // fsdp.world_size)
+        shard_numel = -(-ctx.numel // fsdp.world_size)                          # ceil(numel / N)
         g, e["acc"] = F.pad(e["acc"], (0, shard_numel * fsdp.world_size - ctx.numel)), None  # (N * numel/N,)
         out = torch.empty(shard_numel, dtype=torch.float32, device=g.device)
         _reduce_scatter(out, g)                                                # my slice of the sum
         fsdp.comm_bytes += _nbytes(g)
-        return out.div_(fsdp.world_size), None, None, None
-
-
-def _is_sharded_module(mod):
-    # torch's nn.Linear/nn.Embedding and model.py's from-scratch classes share these names.
-    return type(mod).__name__ in ("Linear", "Embedding") and isinstance(mod._parameters.get("weight"), nn.Parameter)
+        return out.div_(fsdp.world_size), None, None, None                    # sum of means -> global mean
 
 
 class FSDP(nn.Module):
@@ -362,8 +345,8 @@ class FSDP(nn.Module):
         _broadcast_from_rank0(module)
         self.names = {id(p): n for n, p in module.named_parameters()}   # original names, tied once
         self.sharded = {}        # id(full param) -> dict(name, shape, shard, users=[module, ...])
-        for mod in module.modules():
-            if not _is_sharded_module(mod):
+        for mod in module.modules():  # by class name: torch's nn.Linear/Embedding and model.py's own
+            if type(mod).__name__ not in ("Linear", "Embedding") or not isinstance(mod._parameters.get("weight"), nn.Parameter):
                 continue
             p = mod._parameters["weight"]
             if id(p) not in self.sharded:        # first user of a (possibly tied) weight
@@ -375,7 +358,7 @@ class FSDP(nn.Module):
                 self.sharded[id(p)] = dict(name=self.names[id(p)], shape=p.shape, shard=shard, users=[],
                                            pending=0, acc=None)   # backward bookkeeping, see above
             self.sharded[id(p)]["users"].append(mod)
-            del mod._parameters["weight"]
+            del mod._parameters["weight"]        # the full Parameter goes; only the shard persists
             mod.register_forward_pre_hook(self._make_pre_hook(self.sharded[id(p)]))
         shard_ids = {id(e["shard"]) for e in self.sharded.values()}
         self.replicated = [p for p in module.parameters() if id(p) not in shard_ids and p.requires_grad]
@@ -423,7 +406,7 @@ class FSDP(nn.Module):
                 _all_gather(flat, p.detach())
                 full[e["name"]] = flat[:math.prod(e["shape"])].view(e["shape"]).clone()
             else:
-                full[name.removesuffix("_shard")] = p.detach().clone()
+                full[name] = p.detach().clone()      # a replicated parameter: already whole
         return full
 
 
@@ -434,11 +417,10 @@ class FSDP(nn.Module):
 #                    partial sum of Y, and one all-reduce adds the partials.
 # Chaining column → row means the intermediate activation never leaves its rank: one all-reduce
 # per MLP and one per attention block in forward (operator g), one each in backward (operator f).
-# The order matters: after the column split rank r holds h_r = act(X W_rᵀ), and the elementwise
-# act (SiLU, the SwiGLU product, attention within a head) needs no other rank's slice; h_r is
-# exactly the split input a row-parallel layer wants. Row first would need the all-reduce *before*
-# the nonlinearity, since silu(a + b) != silu(a) + silu(b). The all-reduces carry (B, T, d)
-# activations every block, so TP lives inside one node, on its fastest links.
+# The order matters: after the column split rank r holds h_r = act(X W_rᵀ), computable without
+# other ranks (SiLU and the SwiGLU product are elementwise, attention is per head), and h_r is the
+# split input a row-parallel layer wants. Row first would need the all-reduce before the
+# nonlinearity: silu(a + b) != silu(a) + silu(b). (B, T, d) all-reduces every block keep TP in a node.
 
 class _CopyToTP(torch.autograd.Function):
     """f: identity forward; backward all-reduces, because every rank's branch used the same X."""
@@ -448,7 +430,7 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.contiguous()         # collectives need a dense buffer; autograd may hand us a strided view
         dist.all_reduce(grad)
         return grad
 
@@ -547,9 +529,7 @@ def reference_attention(x, wq, wk, wv, wo, num_heads):
 
 def lm_as_layers(model):
     """An LM as a flat list of modules applied in sequence (model.py's TransformerLM or ToyLM)."""
-    if hasattr(model, "as_layers"):
-        return model.as_layers()
-    return [model.token_embeddings, *model.layers, model.ln_final, model.lm_head]
+    return model.as_layers() if hasattr(model, "as_layers") else [model.token_embeddings, *model.layers, model.ln_final, model.lm_head]
 
 
 def split_stages(layers, world_size):
@@ -654,7 +634,7 @@ def free_port():
 
 def init_worker(rank, world_size, port):
     """Process-group init for an mp.spawn worker (torchrun does this through env vars instead)."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")   # N ranks share the cores: one thread each, no oversubscription
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
 
@@ -681,7 +661,7 @@ def _demo_model(args, tie=True, seed=0):
 def _demo_worker(rank, world_size, port, args):
     init_worker(rank, world_size, port)
     V, d, B, T, N = args.vocab_size, args.d_model, args.batch_size, args.context_length, world_size
-    idx = torch.randint(0, V, (B * N, T + 1), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, V, (B * N, T + 1), generator=torch.Generator().manual_seed(1))  # global batch, same on all ranks
     x, y = idx[:, :-1][rank * B:(rank + 1) * B], idx[:, 1:][rank * B:(rank + 1) * B]   # my shard
     psi = sum(p.numel() for p in _demo_model(args).parameters())
     rows = []
@@ -689,13 +669,13 @@ def _demo_worker(rank, world_size, port, args):
     def run(name, wrapped, opt, formula):
         # The same training step for every data-parallel variant: only the wrapper and the
         # optimizer change. Each rank sees its own B sequences of the global batch.
-        dist.barrier()
+        dist.barrier()                           # start every rank's clock together
         for step in range(args.steps + 1):       # step 0 is warm-up, not timed
             if step == 1:
                 t0 = time.perf_counter()
                 wrapped.comm_bytes = opt.comm_bytes = 0
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(wrapped(x).flatten(0, 1).float(), y.reshape(-1))
+            loss = F.cross_entropy(wrapped(x).flatten(0, 1).float(), y.reshape(-1))   # logits (B·T, V)
             loss.backward()
             wrapped.finish_gradient_synchronization()
             opt.step()

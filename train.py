@@ -178,8 +178,8 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - mu)  # buf = mu buf + (1-mu) g
                 g = p.grad.lerp(buf, mu) if group["nesterov"] else buf  # look ahead along buf
                 u = newton_schulz(g, group["ns_steps"])  # (out, in), singular values ~1
-                # an orthogonal (out, in) matrix has per-element RMS 1/sqrt(max(out, in)); the
-                # sqrt(out/in) factor gives tall matrices the same per-element step as wide ones
+                # an orthogonal (out, in) matrix has per-element RMS 1/sqrt(max(out, in)); the factor
+                # sqrt(out/in) on tall ones makes it 1/sqrt(in) for every shape
                 scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)  # theta -= lr * scale * NS(g)
@@ -684,10 +684,9 @@ def train(args):
     log(f"done: val loss {val_loss:.3f} nats (ppl {ppl:.1f}" + (f", {bpb:.3f} bits/byte" if bpb else "")
         + f") vs unigram entropy {H_unigram:.3f} (train) / {H_unigram_val:.3f} (val) nats | {args.max_steps} steps, "
         f"{tokens / 1e6:.2f}M tokens in {wall:.0f}s")  # fmt: skip
-    final = dict(final=True, step=args.max_steps, val_loss=val_loss, val_ppl=ppl, val_bpb=bpb,
-                 params=n_params, non_embedding_params=n_non_emb, tokens=tokens,
-                 flops=flops_per_token(cfg) * tokens, unigram_entropy=H_unigram, val_unigram_entropy=H_unigram_val, objective=args.objective,
-                 wall_s=wall)  # fmt: skip
+    final = dict(final=True, step=args.max_steps, val_loss=val_loss, val_ppl=ppl, val_bpb=bpb, params=n_params,
+                 non_embedding_params=n_non_emb, tokens=tokens, flops=flops_per_token(cfg) * tokens,
+                 unigram_entropy=H_unigram, val_unigram_entropy=H_unigram_val, objective=args.objective, wall_s=wall)  # fmt: skip
     write_metrics(final)
     if world > 1:
         parallel.cleanup_distributed()
