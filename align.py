@@ -14,7 +14,8 @@ task where "better" is not a matter of taste but of arithmetic:
    (`tokenize_prompt_and_output`, `get_response_log_probs`, `masked_normalize`, ...).
 3. DPO (Rafailov et al. 2023, arXiv:2305.18290): learn from preference pairs (a correct answer
    preferred over a wrong one) with a closed-form loss against a frozen reference copy, no
-   reward model, no sampling during training.
+   reward model, no sampling during training; plus the chosen answer's NLL as in RPO (Pang et al.
+   2024, arXiv:2404.19733), without which DPO lowered accuracy here.
 4. GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300): reinforcement learning from the
    verifier. Sample G answers per prompt, score them, use (r - group mean) / group std as the
    advantage (no value network), and take PPO-clipped policy-gradient steps (Schulman et al. 2017,
@@ -36,7 +37,8 @@ prompt/answer (GSM8K-style; SFT, GRPO and eval) lines. On a GPU add `--device cu
 Smoke test (all stages, ~1 min, no accuracy claims): add `--tiny`.
 
 Outputs in OUT_DIR: {sft,dpo,grpo}.pt (train.save_checkpoint format), {stage}_metrics.jsonl (one
-record per logged step; GRPO: reward, answer_reward = accuracy, format_reward, reward_std,
+record per logged step; DPO: loss, reward_acc, margin, chosen_dlogp and rejected_dlogp = mean
+log pi - log ref in nats; GRPO: reward, answer_reward = accuracy, format_reward, reward_std,
 entropy, clip_frac, response_len, loss, ms) and eval.json:
     {stage: {acc, n, ci_lo, ci_hi (Wilson 95%), by_difficulty {level name: acc},
              by_difficulty_n {level name: n}, correct [0/1 per problem, same order every stage],
@@ -69,14 +71,13 @@ CHAT_SPECIALS = [EOT, USER, ASSISTANT]
 # 1. The task: math problems with exact answers, graded difficulty, a hash-based held-out split.
 #
 # The base model is a few-M-parameter model pretrained for minutes on Python docs, so the ladder
-# starts very low. The response restates the equation before the answer ("3 + 4 = 7"): copying
-# the operands next to the answer is easy for attention and makes the answer token a short
-# lookup, which is what a tiny model can learn in CPU minutes. The answer appears exactly once,
-# at the end: an earlier draft wrote "3 + 4 = 7. #### 7", and under GRPO the negative advantage
-# of a wrong sample then also punished the *consistent* copy of its wrong answer after "####"
-# and the <|endoftext|> after it; the policy learned to stop stopping (length hit the cap,
-# accuracy fell from 30% to 5% in 20 steps). Subtraction is kept non-negative (a >= b) so the
-# lowest levels stay in one small range of numbers.
+# starts very low. The response is the bare answer ("7"), followed by <|endoftext|>: one number
+# and a stop is what a tiny model can learn in CPU minutes. The answer appears exactly once: an
+# earlier draft wrote "3 + 4 = 7. #### 7", and under GRPO the negative advantage of a wrong
+# sample then also punished the *consistent* copy of its wrong answer after "####" and the
+# <|endoftext|> after it; the policy learned to stop stopping (length hit the cap, accuracy fell
+# from 30% to 5% in 20 steps). Subtraction is kept non-negative (a >= b) so the lowest levels
+# stay in one small range of numbers.
 
 LEVELS = {1: "add/sub 1-digit", 2: "mul 1x1", 3: "word mul 1x1", 4: "word 1-digit", 5: "add/sub 2-digit",
           6: "add/sub 3-digit, mul 2x1", 7: "mul 2x2"}
@@ -371,6 +372,16 @@ def max_response_tokens(tok, problems) -> int:
 # 7. DPO: -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]).
 #    The implicit reward of a response is beta * log(pi/ref); the loss is a logistic regression
 #    that the chosen response out-scores the rejected one.
+#    Plain DPO *hurt* on this task (SFT 88.7% -> 81.6% greedy; -3 to -9 points over 4 seeds), and
+#    the lost problems say why. Answers are bare numbers, the same few tokens in every problem, so
+#    pushing down "9" as a wrong answer to one problem also pushes it down where it is right (1 * 9 -> "1"),
+#    and pushing down the <|endoftext|> after a wrong answer made some answers stop stopping
+#    ("45" -> "4545"). The rejected log-probs fell by 2-5 nats while the chosen ones stayed flat or
+#    fell, so nothing held the right answers up. Two changes made DPO harmless: the RPO term in
+#    dpo_loss (alpha = 1) and 512 pairs instead of 128 (128 problems over only 100 facts are lumpy:
+#    "18" was the chosen answer 13 times, and anything that moves the model then shifts its prior
+#    over answers toward the frequent ones). Honest caveat: an NLL-only control (--beta 0) scores
+#    the same, so here the anchor removes the harm; the preference term adds nothing we can measure.
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
              alpha: float = 0.0, chosen_lengths=1.0):
@@ -727,6 +738,8 @@ STAGES = {"sft": run_sft, "dpo": run_dpo, "grpo": run_grpo}
 # Measured on levels 2,3 (3.4M params): SFT 60 steps -> 18%, 100 -> 27%, 150 -> 79% held-out.
 # GRPO did *not* help from the weak 18-27% SFT models (it sharpened wrong answers as often as
 # right ones); from the 79% model, where most right answers already have mass, it adds points.
+# DPO from the 88.7% SFT model, paired diff vs SFT over seeds 0-3: plain DPO on 128 pairs -7.1,
+# -9.1, -3.4, -4.2 points; with --dpo-nll 1 --num-pairs 512 (the defaults) -0.5, +0.2, +0.2, +2.2.
 DEFAULTS = {"sft": dict(steps=150, lr=1e-3, batch_size=32),
             "dpo": dict(steps=30, lr=5e-5, batch_size=16),
             "grpo": dict(steps=200, lr=3e-4, batch_size=16)}
@@ -779,9 +792,11 @@ def main(argv=None):
     ap.add_argument("--log-every", type=int, default=10, help="print/log every N steps")
     # dpo
     ap.add_argument("--beta", type=float, default=0.1, help="DPO beta: strength of the implicit KL to the reference")
-    ap.add_argument("--num-pairs", type=int, default=128, help="DPO preference pairs built from the task")
-    ap.add_argument("--dpo-nll", type=float, default=0.0,
-                    help="RPO alpha: weight of the chosen response's per-token NLL added to the DPO loss (0 = plain DPO)")
+    ap.add_argument("--num-pairs", type=int, default=512,
+                    help="DPO preference pairs built from the task (128 were too few: see section 7)")
+    ap.add_argument("--dpo-nll", type=float, default=1.0,
+                    help="RPO alpha: weight of the chosen response's per-token NLL added to the DPO loss "
+                         "(0 = plain DPO; 1 as in Pang et al. 2024)")
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="DPO: SFT samples per prompt to find a correct and a wrong answer")
     # grpo
     ap.add_argument("--group-size", type=int, default=8, help="GRPO G: completions per prompt")

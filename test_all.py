@@ -2223,6 +2223,32 @@ def test_dpo_loss_is_log2_when_policy_equals_reference():
     assert (loss2 < math.log(2)).all()
 
 
+def test_dpo_nll_term_by_hand():
+    # RPO: loss = -log sigmoid(beta * [(pc - rc) - (pr - rr)]) - alpha * pc / |y_w|, written out with math.
+    pc = torch.tensor([-3.0, -1.5], requires_grad=True)
+    pr, rc, rr, n = torch.tensor([-2.0, -4.0]), torch.tensor([-2.5, -1.0]), torch.tensor([-2.2, -3.0]), torch.tensor([3.0, 2.0])
+    beta, alpha = 0.5, 0.7
+    z = [beta * ((pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())) for i in range(2)]
+    want = [math.log(1 + math.exp(-z[i])) - alpha * pc[i].item() / n[i].item() for i in range(2)]
+    loss, c, r = align.dpo_loss(pc, pr, rc, rr, beta, alpha=alpha, chosen_lengths=n)
+    assert loss.tolist() == pytest.approx(want)
+    # the anchor pulls the chosen log-prob up: d loss / d pc = -beta * sigmoid(-z) - alpha / |y_w| < 0
+    g, = torch.autograd.grad(loss.sum(), pc)
+    assert g.tolist() == pytest.approx([-beta / (1 + math.exp(z[i])) - alpha / n[i].item() for i in range(2)])
+    # alpha = 0 is plain DPO, whatever the lengths, and the implicit rewards never see the NLL
+    plain, c0, r0 = align.dpo_loss(pc, pr, rc, rr, beta)
+    torch.testing.assert_close(align.dpo_loss(pc, pr, rc, rr, beta, alpha=0.0, chosen_lengths=n)[0], plain)
+    torch.testing.assert_close(c, c0)
+    torch.testing.assert_close(r, r0)
+    # |y_w| as run_dpo counts it (the response tokenized alone, plus <|endoftext|>) is exactly the
+    # number of response-mask tokens sequence_log_probs sums over
+    tok = _byte_tokenizer()
+    chosen = ["2+2 = 4. #### 4", "9"]
+    b = align.tokenize_prompt_and_output([align.chat_prompt("2+2?"), align.chat_prompt("3*3?")],
+                                         [c + align.EOT for c in chosen], tok)
+    assert b["response_mask"].sum(-1).tolist() == [len(tok.encode(c + align.EOT)) for c in chosen]
+
+
 def test_sft_grad_accumulation_equals_one_big_batch():
     tok = _byte_tokenizer()
     prompts = [align.chat_prompt(f"{a}+{a}?") for a in range(4)]
