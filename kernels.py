@@ -1,23 +1,27 @@
 """
 kernels.py -- writing GPU kernels for a language model: RMSNorm, FlashAttention-2, and friends.
 
-Why kernels at all?  A GPU op costs max(time to do the FLOPs, time to move the bytes).
-An H100 SXM does ~990 dense bf16 TFLOP/s but reads HBM at only ~3.35 TB/s, so an op
-must do ~300 FLOPs per byte it touches before compute, not memory, is the limit (the
-"ridge point" of the roofline model, Williams et al. 2009).  A matmul with big tiles
-clears that bar; RMSNorm (~5 FLOPs per element) and softmax never will.  (An H200 has
-the same compute and 4.8 TB/s.)  Attention sits on both sides: kept on chip it does
-4*T^2*d FLOPs on 8*T*d bytes of q, k, v, o -- T/2 FLOPs per byte, compute-bound once
-T > ~600 -- but written naively it also stores and reloads the (T x T) scores S and
-probabilities P, ~T^2 * 8 bytes per head, and becomes memory-bound.  Memory-bound ops
-are sped up only by touching HBM fewer times:
+Why kernels at all?  The roofline model (Williams et al. 2009): an op takes at least
+max(FLOPs / peak FLOP/s, bytes moved / HBM bandwidth), so what decides which term wins is its
+arithmetic intensity I = FLOPs per byte of HBM traffic.  An H100 SXM does ~990 dense bf16
+TFLOP/s but reads HBM at only ~3 TB/s (3.35 on the spec sheet), a ridge point of
+990e12 / 3e12 ~ 330 FLOP/byte: an op below it is memory-bound and leaves the tensor cores
+idle.  (An H200 has the same compute and 4.8 TB/s, ridge ~200.)
+  * a bf16 (n x n) @ (n x n) matmul does 2n^3 FLOPs on 6n^2 bytes, I = n/3: compute-bound
+    from n ~ 1000 up, which is why big tiles win;
+  * RMSNorm does ~4 FLOPs per element (square, sum, two multiplies) on 4 bytes (read x, write
+    y in bf16): I ~ 1, 300x under the ridge.  No kernel makes it compute-bound; the best one
+    touches each byte once, and its score is % of HBM bandwidth, not TFLOP/s;
+  * attention kept on chip does 4*T^2*d FLOPs on 8*T*d bytes of q, k, v, o: I = T/2,
+    compute-bound once T > ~660.  Written naively it also stores and reloads the (T x T)
+    scores S and probabilities P, ~8*T^2 bytes per head, and becomes memory-bound.
+Memory-bound ops are sped up only by touching HBM fewer times:
   * fusion: one kernel reads x once, does every elementwise step in registers, writes
     y once (eager PyTorch RMSNorm launches ~6 kernels and re-reads x each time);
   * tiling: split a big op into blocks that fit in SRAM/registers and never write the
-    intermediate to HBM.  Attention's (T x T) score matrix is the classic case:
-    FlashAttention streams K/V tiles past a Q tile, keeps a running max and running
-    sum (the "online softmax", Milakov & Gimelshein 2018, arXiv:1805.02867) and never
-    materialises the scores: O(T) memory instead of O(T^2), and far less traffic.
+    intermediate to HBM.  FlashAttention streams K/V tiles past a Q tile, keeps a running max
+    and running sum (the "online softmax", Milakov & Gimelshein 2018, arXiv:1805.02867) and
+    never materialises S or P: O(T) memory instead of O(T^2), and far less traffic.
 
 Contents, in teaching order:
   1. RMSNormTriton        fused forward + backward (dx and dweight) Triton kernels.
@@ -66,13 +70,14 @@ _UPCAST = tl.constexpr(INTERPRET)
 # ---------------------------------------------------------------
 # 1. RMSNorm:  y = x / sqrt(mean(x^2) + eps) * w
 #
-# Forward, one program per row: load the row once, reduce, scale, store.  We also save
-# rstd = 1/sqrt(mean(x^2)+eps) (one float per row) so the backward need not recompute it.
-# Backward, with g = dy * w and r = rstd:
-#     dx = r * g - x * r^3 * mean(g * x)          (derivative of x * r(x))
+# Memory-bound (I ~ 1 FLOP/byte, see the docstring), so the design is to touch HBM as little
+# as possible.  Forward, one program per row: load the row once, reduce, scale, store.  We
+# also save rstd = 1/sqrt(mean(x^2)+eps), 4 bytes per row, so backward skips the reduction.
+# Backward, with g = dy * w and r = rstd (which depends on x: dr/dx_j = -r^3 x_j / D):
+#     dx = r * g - x * r^3 * mean(g * x)
 #     dw = sum over rows of dy * x * r
-# dw is a reduction over all rows.  Instead of atomics we give each program a strided
-# set of rows, accumulate its partial dw in registers, write one (D,) partial, and sum the
+# dw is a reduction over all rows.  Instead of atomics we give each program a contiguous
+# block of rows, accumulate its partial dw in registers, write one (D,) partial, and sum the
 # few partials in torch -- Liger/Unsloth do the same.
 
 
@@ -102,8 +107,8 @@ def _rmsnorm_bwd_kernel(X, W, DY, RSTD, DX, DW_PART, N, D, rows_per_prog,
             x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             r = tl.load(RSTD + row)
-            g = dy * w
-            dx = r * g - x * (r * r * r) * (tl.sum(g * x, axis=0) / D)
+            g = dy * w  # (BLOCK_D,)
+            dx = r * g - x * (r * r * r) * (tl.sum(g * x, axis=0) / D)  # r g - x r^3 mean(g x)
             tl.store(DX + row * D + cols, dx.to(DX.dtype.element_ty), mask=mask)
             dw += dy * x * r
     tl.store(DW_PART + pid * D + cols, dw, mask=mask)
@@ -151,20 +156,25 @@ def rmsnorm_ref(x, weight, eps=1e-5):
 
 
 # ---------------------------------------------------------------
-# 2. FlashAttention-2 in plain PyTorch.
+# 2. FlashAttention-2 in plain PyTorch (Dao 2023; FlashAttention-1: Dao et al. 2022).
 #
-# Standard attention: S = Q K^T / sqrt(d), P = softmax(S), O = P V -- it writes the
-# (T x T) matrices S and P to memory.  FlashAttention splits Q into row tiles Q_i and K, V
-# into column tiles K_j, V_j.  For one Q_i it walks over the K_j keeping, per row,
-#     m  = running max of the scores seen so far,
-#     l  = running sum of exp(S - m),
-#     O~ = running un-normalised output sum exp(S - m) V.
-# When a new tile raises the max from m to m', the old sums are rescaled by exp(m - m').
-# At the end O = O~ / l and the logsumexp L = m + log(l) is the only thing we save.
-# Backward (FA2 Alg. 2) recomputes P = exp(S - L) tile by tile from Q, K and L, using
-#     D_i = rowsum(dO_i * O_i)   (= rowsum(P * dP), so the softmax Jacobian is cheap)
-#     dV += P^T dO,  dP = dO V^T,  dS = P * (dP - D),  dQ += dS K / sqrt(d),  dK += dS^T Q / sqrt(d).
-# Causal masking: key j is visible to query i iff j <= i (top-left aligned, like SDPA).
+# Standard attention S = Q K^T / sqrt(d), P = softmax(S), O = P V writes the (T x T) S and P
+# to HBM.  FlashAttention splits Q into row tiles Q_i and K, V into column tiles K_j, V_j and
+# streams the K_j past one Q_i, keeping per row only a running max m, a running sum l and an
+# un-normalised output O~ -- the online softmax, whose recurrences sit at the lines computing
+# them.  FA2 over FA1: the Q tile is the outer loop (each program owns its output rows, no
+# atomics) and O~ is divided by l once at the end, not at every tile.  Forward saves only
+# L = m + log l, the logsumexp of each row, beyond Q, K, V, O.
+# Backward (FA2 Alg. 2) does not keep P: that (T x T) tensor is the very thing we avoided.
+# It recomputes each tile exactly as P = exp(S - L) -- an extra Q K^T matmul per tile, cheap
+# next to writing P to HBM and reading it back -- and then
+#     dV += P^T dO,   dP = dO V^T,   dS = P * (dP - D),   dQ += dS K / sqrt(d),   dK += dS^T Q / sqrt(d).
+# D comes from the softmax Jacobian, dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik), where
+#     sum_k P_ik dP_ik = sum_k P_ik (dO_i . V_k) = dO_i . (sum_k P_ik V_k) = dO_i . O_i,
+# so D = rowsum(dO * O): one (T,) vector from tensors we already have, no row of P needed.
+# Causal: key j is visible to query i iff j <= i (top-left aligned, like SDPA).  A tile wholly
+# above the diagonal scores -inf everywhere, so P = 0 there and it adds exactly nothing to O,
+# l, dQ, dK or dV: we skip it, which halves the work when Tq = Tk.
 
 
 def attention_ref(q, k, v, is_causal=False):
@@ -198,21 +208,21 @@ class FlashAttentionTorch(torch.autograd.Function):
             m = torch.full(q.shape[:-1], float("-inf"), device=Q.device)  # (..., bq) running max
             l = torch.zeros_like(m)                                        # (..., bq) running sum
             acc = torch.zeros_like(q)                                      # (..., bq, d)
-            k_end = min(Tk, qs + q.shape[-2]) if is_causal else Tk  # tiles past the diagonal are all masked
+            k_end = min(Tk, qs + q.shape[-2]) if is_causal else Tk  # keys past the tile's last row: all masked
             for ks in range(0, k_end, Bk):
                 k, v = K[..., ks:ks + Bk, :].float(), V[..., ks:ks + Bk, :].float()  # (..., bk, d)
                 s = (q @ k.transpose(-2, -1)) * scale  # (..., bq, bk)
                 if is_causal:
                     cols = torch.arange(ks, ks + k.shape[-2], device=Q.device)
                     s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
-                m_new = torch.maximum(m, s.amax(-1))          # (..., bq)
-                p = torch.exp(s - m_new[..., None])           # (..., bq, bk)
-                alpha = torch.exp(m - m_new)                  # rescales the old sums; exp(-inf)=0
-                l = alpha * l + p.sum(-1)
-                acc = alpha[..., None] * acc + p @ v
+                m_new = torch.maximum(m, s.amax(-1))          # (..., bq)      m' = max(m, rowmax(S_ij))
+                p = torch.exp(s - m_new[..., None])           # (..., bq, bk)  P~ = exp(S_ij - m')
+                alpha = torch.exp(m - m_new)                  # (..., bq)      exp(m - m'); exp(-inf) = 0
+                l = alpha * l + p.sum(-1)                     # l'  = exp(m - m') l  + rowsum(P~)
+                acc = alpha[..., None] * acc + p @ v          # O~' = exp(m - m') O~ + P~ V_j
                 m = m_new
-            O[..., qs:qs + Bq, :] = acc / l[..., None]
-            L[..., qs:qs + Bq] = m + torch.log(l)
+            O[..., qs:qs + Bq, :] = acc / l[..., None]        # O = O~ / l, once, after the last tile
+            L[..., qs:qs + Bq] = m + torch.log(l)             # L = m + log l = logsumexp(S_i)
         O = O.to(Q.dtype)
         ctx.save_for_backward(L, Q, K, V, O)
         ctx.is_causal = is_causal
@@ -224,26 +234,26 @@ class FlashAttentionTorch(torch.autograd.Function):
         Tq, Tk, d = Q.shape[-2], K.shape[-2], Q.shape[-1]
         scale = 1.0 / math.sqrt(d)
         Bq, Bk = FlashAttentionTorch.BLOCK_Q, FlashAttentionTorch.BLOCK_K
-        Dr = (dO.float() * O.float()).sum(-1)  # (..., Tq)  D = rowsum(dO * O)
+        Dr = (dO.float() * O.float()).sum(-1)  # (..., Tq)  D = rowsum(dO * O) = rowsum(P * dP)
         dQ = torch.zeros(Q.shape, dtype=torch.float32, device=Q.device)
         dK = torch.zeros(K.shape, dtype=torch.float32, device=Q.device)
         dV = torch.zeros(V.shape, dtype=torch.float32, device=Q.device)
         for ks in range(0, Tk, Bk):  # outer loop over key tiles, as in the FA2 backward
             k, v = K[..., ks:ks + Bk, :].float(), V[..., ks:ks + Bk, :].float()  # (..., bk, d)
             cols = torch.arange(ks, ks + k.shape[-2], device=Q.device)
-            q_start = (ks // Bq) * Bq if ctx.is_causal else 0  # query tiles above the diagonal see none of these keys
+            q_start = (ks // Bq) * Bq if ctx.is_causal else 0  # query tiles wholly above row ks see none
             for qs in range(q_start, Tq, Bq):
                 q, do = Q[..., qs:qs + Bq, :].float(), dO[..., qs:qs + Bq, :].float()  # (..., bq, d)
                 s = (q @ k.transpose(-2, -1)) * scale  # (..., bq, bk)
-                p = torch.exp(s - L[..., qs:qs + Bq, None])  # recomputed probabilities
+                p = torch.exp(s - L[..., qs:qs + Bq, None])  # (..., bq, bk)  P = exp(S - L), the exact softmax
                 if ctx.is_causal:
                     rows = torch.arange(qs, qs + q.shape[-2], device=Q.device)
                     p = p.masked_fill(cols[None, :] > rows[:, None], 0.0)
-                dV[..., ks:ks + Bk, :] += p.transpose(-2, -1) @ do
-                dp = do @ v.transpose(-2, -1)                       # (..., bq, bk)
-                ds = p * (dp - Dr[..., qs:qs + Bq, None]) * scale  # scale folded into dS
-                dQ[..., qs:qs + Bq, :] += ds @ k
-                dK[..., ks:ks + Bk, :] += ds.transpose(-2, -1) @ q
+                dV[..., ks:ks + Bk, :] += p.transpose(-2, -1) @ do  # dV_j += P^T dO_i
+                dp = do @ v.transpose(-2, -1)                       # (..., bq, bk)  dP = dO_i V_j^T
+                ds = p * (dp - Dr[..., qs:qs + Bq, None]) * scale  # dS = P * (dP - D), times 1/sqrt(d)
+                dQ[..., qs:qs + Bq, :] += ds @ k                    # dQ_i += dS K_j
+                dK[..., ks:ks + Bk, :] += ds.transpose(-2, -1) @ q  # dK_j += dS^T Q_i
         return dQ.to(Q.dtype), dK.to(K.dtype), dV.to(V.dtype), None
 
 
@@ -257,9 +267,11 @@ class FlashAttentionTorch(torch.autograd.Function):
 #   backward three kernels: D = rowsum(dO*O); dK/dV (one program per K/V tile, loops over
 #            Q tiles); dQ (one program per Q tile, loops over K/V tiles).  Two loops
 #            instead of one avoid atomic adds on dQ at the cost of recomputing S twice.
-# Tricks: scores are multiplied by softmax_scale * log2(e) so we can use exp2 (one
-# instruction on the GPU); tl.dot takes bf16 inputs and accumulates in fp32; sequence
-# lengths need not be multiples of the tile (loads are masked, padded keys get -inf).
+# Tricks: scores are multiplied by softmax_scale * log2(e), so s = S log2(e) and 2^s = e^S:
+# exp2 is one instruction on the GPU, and m, l, L live in log2 units until the final store;
+# tl.dot takes bf16 inputs and accumulates in fp32; sequence lengths need not be multiples
+# of the tile (loads are masked, padded keys get -inf).  Tile shapes in the comments:
+# BM = BLOCK_M query rows, BN = BLOCK_N keys, BD = BLOCK_D >= d head-dim lanes.
 # Inputs are flattened to (batch*heads, T, d) contiguous, so one pointer stride works
 # for both (B, T, d) and (B, H, T, d) layouts.
 
@@ -271,25 +283,25 @@ def _fa_fwd_inner(acc, l, m, q, K, V, offs_m, offs_d, Tk, qk_scale, lo, hi,
     """Stream K/V tiles [lo, hi) past one Q tile, updating the online-softmax state.
     MASK=False is the fast path for tiles that are entirely visible (no compares)."""
     offs_n = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < d  # compile-time all-true when d is a power of two
+    d_ok = offs_d < d  # (BD,) all-true when d == BLOCK_D
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_mask = ((cols[:, None] < Tk) & d_ok[None, :]) if MASK else d_ok[None, :]
         k = tl.load(K + cols[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0)  # (BN, BD)
-        v = tl.load(V + cols[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + cols[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0)  # (BN, BD)
         if _UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BM, BN), log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BM, BN) s = Q K^T scale log2(e)
         if MASK:
             valid = cols[None, :] < Tk
             if IS_CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None])
             s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))  # key 0 is always visible, so m_new is finite
-        p = tl.exp2(s - m_new[:, None])           # (BM, BN)
-        alpha = tl.exp2(m - m_new)                # rescale factor for the old sums
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # (BM,) m' = max(m, rowmax s); key 0 is visible: finite
+        p = tl.exp2(s - m_new[:, None])           # (BM, BN) P~ = 2^(s - m')
+        alpha = tl.exp2(m - m_new)                # (BM,) 2^(m - m') rescales the old sums
+        l = l * alpha + tl.sum(p, axis=1)         # l' = 2^(m - m') l + rowsum(P~)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)  # O~' = 2^(m-m') O~ + P~ V
         m = m_new
     return acc, l, m
 
@@ -303,11 +315,11 @@ def _fa_fwd_kernel(Q, K, V, O, L, Tq, Tk, T_BUCKET, qk_scale, d: tl.constexpr, P
     offs_m = start_m + tl.arange(0, BLOCK_M)  # query rows of this tile
     offs_d = tl.arange(0, BLOCK_D)
     q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < d)
-    q = tl.load(Q + bh * Tq * d + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(Q + bh * Tq * d + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0)  # (BM, BD)
     if _UPCAST:
         q = q.to(tl.float32)
-    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max (log2 units)
-    l = tl.zeros((BLOCK_M,), dtype=tl.float32)                # running sum
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # (BM,) running max (log2 units)
+    l = tl.zeros((BLOCK_M,), dtype=tl.float32)                # (BM,) running sum
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)     # running O~ (BM, BD)
     # Stage 1: tiles that need no mask -- left of the diagonal when causal, inside Tk otherwise.
     # Stage 2: the diagonal / ragged tail tiles, masked.  Tiles right of the diagonal are skipped.
@@ -322,9 +334,9 @@ def _fa_fwd_kernel(Q, K, V, O, L, Tq, Tk, T_BUCKET, qk_scale, d: tl.constexpr, P
                               False, IS_CAUSAL, BLOCK_N, d, PREC)
     acc, l, m = _fa_fwd_inner(acc, l, m, q, Kb, Vb, offs_m, offs_d, Tk, qk_scale, split, hi,
                               True, IS_CAUSAL, BLOCK_N, d, PREC)
-    acc = acc / l[:, None]
+    acc = acc / l[:, None]  # O = O~ / l
     tl.store(O + bh * Tq * d + offs_m[:, None] * d + offs_d[None, :], acc.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(L + bh * Tq + offs_m, (m + tl.log2(l)) * 0.6931471805599453, mask=offs_m < Tq)  # natural log
+    tl.store(L + bh * Tq + offs_m, (m + tl.log2(l)) * 0.6931471805599453, mask=offs_m < Tq)  # L = (m + log2 l) ln 2
 
 
 @triton.jit
@@ -334,8 +346,8 @@ def _fa_bwd_preprocess(O, DO, Dr, Tq, d: tl.constexpr, BLOCK_M: tl.constexpr, BL
     bh = tl.program_id(1).to(tl.int64)
     mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < d)
     ptrs = bh * Tq * d + offs_m[:, None] * d + offs_d[None, :]
-    o = tl.load(O + ptrs, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + ptrs, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(O + ptrs, mask=mask, other=0.0).to(tl.float32)  # (BM, BD)
+    do = tl.load(DO + ptrs, mask=mask, other=0.0).to(tl.float32)  # (BM, BD)
     tl.store(Dr + bh * Tq + offs_m, tl.sum(o * do, axis=1), mask=offs_m < Tq)  # D = rowsum(dO*O)
 
 
@@ -354,9 +366,9 @@ def _fa_bwd_dkdv_kernel(Q, K, V, DO, L, Dr, DK, DV, Tq, Tk, T_BUCKET, sm_scale, 
     v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
     if _UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    lo = (start_n // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0  # earlier query rows cannot see these keys
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # (BN, BD) fp32 accumulators, written once
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # (BN, BD)
+    lo = (start_n // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0  # Q tiles wholly above row start_n see none of these keys
     for start_m in range(lo, Tq, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < Tq
@@ -365,18 +377,18 @@ def _fa_bwd_dkdv_kernel(Q, K, V, DO, L, Dr, DK, DV, Tq, Tk, T_BUCKET, sm_scale, 
         do = tl.load(DO + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD)
         if _UPCAST:
             q, do = q.to(tl.float32), do.to(tl.float32)
-        lse = tl.load(L + bh * Tq + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        Di = tl.load(Dr + bh * Tq + rows, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (sm_scale * 1.4426950408889634)
+        lse = tl.load(L + bh * Tq + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # (BM,) L, log2 units
+        Di = tl.load(Dr + bh * Tq + rows, mask=row_ok, other=0.0)  # (BM,) D = rowsum(dO * O)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (sm_scale * 1.4426950408889634)  # (BM, BN)
         valid = row_ok[:, None] & (cols[None, :] < Tk)
         if IS_CAUSAL:
             valid = valid & (cols[None, :] <= rows[:, None])
-        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)  # (BM, BN) recomputed softmax
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # (BM, BN)
-        ds = p * (dp - Di[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-    tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)  # (BM, BN) P = exp(S - L), recomputed
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)  # dV += P^T dO
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # (BM, BN) dP = dO V^T
+        ds = p * (dp - Di[:, None])  # (BM, BN) dS = P * (dP - D), the 1/sqrt(d) still to come
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)  # dK += dS^T Q
+    tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)  # the 1/sqrt(d), once
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -393,29 +405,29 @@ def _fa_bwd_dq_kernel(Q, K, V, DO, L, Dr, DQ, Tq, Tk, T_BUCKET, sm_scale, d: tl.
     row_ok = rows < Tq
     q_off = bh * Tq * d + rows[:, None] * d + offs_d[None, :]
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-    do = tl.load(DO + q_off, mask=q_mask, other=0.0)
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)  # (BM, BD) stays in SRAM for the whole loop
+    do = tl.load(DO + q_off, mask=q_mask, other=0.0)  # (BM, BD)
     if _UPCAST:
         q, do = q.to(tl.float32), do.to(tl.float32)
-    lse = tl.load(L + bh * Tq + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    Di = tl.load(Dr + bh * Tq + rows, mask=row_ok, other=0.0)
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    hi = tl.minimum(Tk, start_m + BLOCK_M) if IS_CAUSAL else Tk
+    lse = tl.load(L + bh * Tq + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # (BM,) L, log2 units
+    Di = tl.load(Dr + bh * Tq + rows, mask=row_ok, other=0.0)  # (BM,)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # (BM, BD)
+    hi = tl.minimum(Tk, start_m + BLOCK_M) if IS_CAUSAL else Tk  # keys past this tile's last row: all masked
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_mask = (cols[:, None] < Tk) & d_ok[None, :]
         k = tl.load(K + bh * Tk * d + cols[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + bh * Tk * d + cols[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + bh * Tk * d + cols[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0)  # (BN, BD)
         if _UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (sm_scale * 1.4426950408889634)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * (sm_scale * 1.4426950408889634)  # (BM, BN)
         valid = row_ok[:, None] & (cols[None, :] < Tk)
         if IS_CAUSAL:
             valid = valid & (cols[None, :] <= rows[:, None])
-        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - Di[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)  # (BM, BN) P = exp(S - L)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # (BM, BN) dP = dO V^T
+        ds = p * (dp - Di[:, None])  # dS = P * (dP - D)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)  # dQ += dS K (times 1/sqrt(d) at the store)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -437,14 +449,13 @@ _FA_BWD_CONFIGS = _cfgs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 
 _KEY = ["T_BUCKET", "d", "IS_CAUSAL"]
 
 
-def _prune(configs, nargs, **kwargs):
+def _prune(configs, nargs, **kwargs):  # fp32 or T <= 256: the first config, no search
     return configs if kwargs["PREC"] != "ieee" and nargs["T_BUCKET"] > 256 else configs[:1]
 
 
-def _tuned(kernel, configs):
-    if INTERPRET:
-        return kernel
-    return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+def _tuned(kernel, configs):  # in the interpreter: the bare kernel, launched with _INTERP_TILE
+    return kernel if INTERPRET else triton.autotune(configs=configs, key=_KEY,
+                                                    prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
 _fa_fwd = _tuned(_fa_fwd_kernel, _FA_CONFIGS)
@@ -467,21 +478,17 @@ class FlashAttentionTriton(torch.autograd.Function):
         BH = q3.shape[0]
         o = torch.empty_like(q3)
         L = torch.empty(BH, Tq, device=q.device, dtype=torch.float32)  # (BH, Tq) logsumexp
-        sm_scale = 1.0 / math.sqrt(d)
-        BLOCK_D = max(16, triton.next_power_of_2(d))
         # fp32 inputs: exact "ieee" products (tf32 would cost ~1e-3 relative error);
         # bf16/fp16 inputs always use the tensor cores with fp32 accumulation.
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        kw = dict(IS_CAUSAL=bool(is_causal), BLOCK_D=BLOCK_D, PREC=prec)
-        if INTERPRET:
-            kw.update(_INTERP_TILE)
-            grid = (triton.cdiv(Tq, 16), BH)
-        else:
-            grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), BH)  # noqa: E731
-        tb = triton.next_power_of_2(max(Tq, Tk))
-        _fa_fwd[grid](q3, k3, v3, o, L, Tq, Tk, tb, sm_scale * LOG2E, d=d, **kw)
+        # The constexprs every launch shares (backward reuses them); BLOCK_D: head dim padded to 2^k >= 16.
+        kw = dict(d=d, IS_CAUSAL=bool(is_causal), BLOCK_D=max(16, triton.next_power_of_2(d)), PREC=prec,
+                  **(_INTERP_TILE if INTERPRET else {}))
+        grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), BH)  # noqa: E731  BLOCK_M: autotuned or _INTERP_TILE
+        tb = triton.next_power_of_2(max(Tq, Tk))  # T_BUCKET, the autotuner key
+        _fa_fwd[grid](q3, k3, v3, o, L, Tq, Tk, tb, 1.0 / math.sqrt(d) * LOG2E, **kw)  # qk_scale = log2(e) / sqrt(d)
         ctx.save_for_backward(L.view(*lead, Tq), q3, k3, v3, o)  # L: (batch[, heads], n_queries)
-        ctx.is_causal, ctx.shape, ctx.prec = bool(is_causal), (lead, Tq, Tk, d), prec
+        ctx.shape, ctx.kw, ctx.tb = (lead, Tq, Tk, d), kw, tb
         return o.reshape(q.shape)
 
     @staticmethod
@@ -490,22 +497,15 @@ class FlashAttentionTriton(torch.autograd.Function):
         lead, Tq, Tk, d = ctx.shape
         L = L.view(-1, Tq)  # (BH, Tq)
         BH = q3.shape[0]
-        do3 = do.reshape(BH, Tq, d).contiguous()
-        BLOCK_D = max(16, triton.next_power_of_2(d))
-        Dr = torch.empty_like(L)  # (BH, Tq)
-        _fa_bwd_preprocess[(triton.cdiv(Tq, 64), BH)](o, do3, Dr, Tq, d, BLOCK_M=64, BLOCK_D=BLOCK_D)
+        do3 = do.reshape(BH, Tq, d).contiguous()  # (BH, Tq, d)
+        Dr = torch.empty_like(L)  # (BH, Tq)  D = rowsum(dO * O), 64 rows per program
+        _fa_bwd_preprocess[(triton.cdiv(Tq, 64), BH)](o, do3, Dr, Tq, d, BLOCK_M=64, BLOCK_D=ctx.kw["BLOCK_D"])
         dq, dk, dv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
-        kw = dict(IS_CAUSAL=ctx.is_causal, BLOCK_D=BLOCK_D, PREC=ctx.prec, d=d)
         sm_scale = 1.0 / math.sqrt(d)
-        if INTERPRET:
-            kw.update(_INTERP_TILE)
-            grid_kv, grid_q = (triton.cdiv(Tk, 16), BH), (triton.cdiv(Tq, 16), BH)
-        else:
-            grid_kv = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), BH)  # noqa: E731
-            grid_q = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), BH)  # noqa: E731
-        tb = triton.next_power_of_2(max(Tq, Tk))
-        _fa_dkdv[grid_kv](q3, k3, v3, do3, L, Dr, dk, dv, Tq, Tk, tb, sm_scale, **kw)
-        _fa_dq[grid_q](q3, k3, v3, do3, L, Dr, dq, Tq, Tk, tb, sm_scale, **kw)
+        grid_kv = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), BH)  # noqa: E731  one program per K/V tile
+        grid_q = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), BH)  # noqa: E731   one program per Q tile
+        _fa_dkdv[grid_kv](q3, k3, v3, do3, L, Dr, dk, dv, Tq, Tk, ctx.tb, sm_scale, **ctx.kw)
+        _fa_dq[grid_q](q3, k3, v3, do3, L, Dr, dq, Tq, Tk, ctx.tb, sm_scale, **ctx.kw)
         return (dq.reshape(*lead, Tq, d), dk.reshape(*lead, Tk, d), dv.reshape(*lead, Tk, d), None)
 
 
@@ -523,7 +523,7 @@ def _swiglu_fwd_kernel(A, B, OUT, n, BLOCK: tl.constexpr):
     mask = offs < n
     a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + offs, (a * tl.sigmoid(a) * b).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + offs, (a * tl.sigmoid(a) * b).to(OUT.dtype.element_ty), mask=mask)  # silu(a) b = a sig(a) b
 
 
 @triton.jit
@@ -534,8 +534,8 @@ def _swiglu_bwd_kernel(A, B, DOUT, DA, DB, n, BLOCK: tl.constexpr):
     b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(a)
-    tl.store(DA + offs, (g * b * sig * (1.0 + a * (1.0 - sig))).to(DA.dtype.element_ty), mask=mask)
-    tl.store(DB + offs, (g * a * sig).to(DB.dtype.element_ty), mask=mask)
+    tl.store(DA + offs, (g * b * sig * (1.0 + a * (1.0 - sig))).to(DA.dtype.element_ty), mask=mask)  # d/da
+    tl.store(DB + offs, (g * a * sig).to(DB.dtype.element_ty), mask=mask)  # d/db = dout silu(a)
 
 
 class SwiGLUTriton(torch.autograd.Function):
@@ -547,7 +547,7 @@ class SwiGLUTriton(torch.autograd.Function):
     def forward(ctx, a, b):
         a2, b2 = a.contiguous(), b.contiguous()
         out = torch.empty_like(a2)
-        n = a2.numel()
+        n = a2.numel()  # one flat grid: an elementwise op does not care about the shape
         _swiglu_fwd_kernel[(triton.cdiv(n, SwiGLUTriton.BLOCK),)](a2, b2, out, n, BLOCK=SwiGLUTriton.BLOCK)
         ctx.save_for_backward(a2, b2)
         return out
@@ -586,10 +586,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             hc, tc = h[s:s + chunk_size], targets[s:s + chunk_size]
             logits = (hc @ W.t()).float()                         # (n, V): the only big tensor
             lse = torch.logsumexp(logits, dim=-1)                 # (n,)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()  # CE_i = lse(z_i) - z_i[t_i]
             g = torch.softmax(logits, dim=-1)                     # dloss/dlogits = (p - onehot) / N
             g[torch.arange(len(tc), device=h.device), tc] -= 1.0
-            g = (g / N).to(h.dtype)
+            g = (g / N).to(h.dtype)                               # (n, V) dlogits, in h's dtype for the matmuls
             dh[s:s + chunk_size] = g @ W                          # (n, C)
             dW += (g.t() @ hc).float()                            # (V, C)
         ctx.save_for_backward(dh, dW.to(W.dtype))

@@ -1,24 +1,28 @@
 """Scaling laws: how big a model to train, on how many tokens, for a given compute budget.
 
 The question. You have C floating-point operations to spend. A bigger model (N parameters)
-learns more per token but eats more FLOPs per token, so it sees fewer tokens (D). Which split
-of C into N and D gives the lowest loss? Kaplan et al. (2020, arXiv:2001.08361) found that loss
-is a smooth power law in N, D and C; Hoffmann et al. ("Chinchilla", 2022, arXiv:2203.15556)
-showed that N and D should grow at about the same rate (N_opt ~ C^0.5, ~20 tokens/parameter),
-and that most large models of the time were undertrained. Besiroglu et al. (2024,
-arXiv:2404.10102) refit Chinchilla's approach-3 data and found the published fit inconsistent
-with the other two approaches and its confidence intervals implausibly narrow; their lesson
-(fit carefully, check convergence, bootstrap) is why every number here comes with a CI.
+learns more per token but costs more FLOPs per token, so it sees fewer tokens (D ~= C / 6N).
+Which split of C gives the lowest loss? Kaplan et al. (2020, arXiv:2001.08361) found loss to be
+a smooth power law in N, D and C and concluded N_opt ~ C^0.73: spend compute on the model.
+Hoffmann et al. ("Chinchilla", 2022, arXiv:2203.15556) gave every run a cosine schedule as long
+as the run itself (Kaplan's fixed long schedule penalised the short-data runs) and found
+N_opt ~ C^0.5: N and D grow together, ~20 tokens per parameter, and most large models of the
+time were undertrained. Chinchilla estimates the exponent a (N_opt ~ C^a) three ways:
+  approach 1  fix N, vary D; the lower envelope of the loss curves gives N_opt(C). Not done
+              here: it needs several schedule lengths per size.
+  approach 2  IsoFLOP profiles: at each fixed C train several N, fit loss vs log N with a
+              parabola, take its minimum N_opt(C); then fit log N_opt = a log C + k.
+  approach 3  fit L(N, D) = E + A/N^alpha + B/D^beta to every run, solve for the optimum.
+The paper gets a = 0.50, 0.49, 0.46. Besiroglu et al. (2024, arXiv:2404.10102) refit approach
+3 from the paper's own data and found the published fit inconsistent with the other two and its
+confidence intervals implausibly narrow; their lesson (fit so the optimizer can converge, then
+bootstrap) is why every number here comes with a CI.
 
 This file does the whole loop at toy scale:
-  1. FLOP accounting. Training costs C ~= 6 N D (2 FLOPs per multiply-add, forward = 2ND,
-     backward = 2x forward). We also count the exact FLOPs of our TransformerLM (attention
-     included) and show where 6ND is off for small models.
-  2. Approach 2 (IsoFLOP): for each budget, train several sizes, fit loss vs log N with a
-     parabola, take its minimum N_opt(C); then fit power laws N_opt ~ C^a, D_opt ~ C^b.
-  3. Approach 3 (parametric): fit L(N, D) = E + A/N^alpha + B/D^beta directly to all runs
-     (Huber loss on log L, L-BFGS from a grid of starts), then solve for the optimum in closed form.
-  4. A sweep that drives train.py (subprocess) for each (budget, size) and collects results.
+  1. FLOP accounting: C ~= 6ND, our TransformerLM's exact count, and where 6ND is off.
+  2. Reading runs (our sweep's JSONL, or any published CSV/JSONL table).
+  3, 4. Approach 2 and approach 3, each with bootstrap CIs.
+  5. A sweep that drives train.py (subprocess) for each (budget, size).  6. The fit report.
 
 Run it on CPU (byte-level pydocs; the sweep below is the one in the README, 16 runs, ~30 min on
 a 2-core box shared with other jobs). Each budget gets the sizes that bracket its optimum; the
@@ -55,16 +59,18 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # ---------------------------------------------------------------
 # 1. FLOP accounting
 #
-# A matmul (m, k) @ (k, n) costs 2*m*k*n FLOPs (one multiply + one add per term). Per token, a
-# linear layer with a (k, n) weight therefore costs 2*k*n = 2 * (its parameter count). Summing over
-# all weight matrices gives the famous "forward = 2N FLOPs per token". The backward pass needs two
-# matmuls per forward matmul (gradient w.r.t. the input and w.r.t. the weight), so backward = 2x
-# forward and training = 3 * 2N = 6N per token, C = 6 N D for D tokens.
-#
-# What 6N misses: attention scores. QK^T and AV have no parameters but cost 2*T*d_model each
-# per token and layer (T = tokens attended to). Embedding lookups are free (a gather, not a
-# matmul), so the embedding table is excluded from N -- but the lm_head (d_model x vocab) is a
-# real matmul and stays in. For small models with a big vocabulary, lm_head IS most of N.
+# A matmul (m, k) @ (k, n) costs 2mkn FLOPs (a multiply and an add per term), so per token a
+# weight matrix with P entries costs 2P, and a forward pass costs 2N. The backward does two
+# matmuls per forward one (grad w.r.t. the input, grad w.r.t. the weight): 4N. Training is 6N
+# per token, C = 6ND -- the rule both papers budget with. Where it is off (`flops` prints it):
+#   * Attention scores. QK^T and AV have no parameters, yet each costs 2*T*d per token and layer
+#     (T = keys attended to): 12*L*d*T per training token for the full T x T square (PaLM's
+#     6N + 12LdT), about half that for a causal kernel. Against the body's 6N ~ 72*L*d^2 that
+#     is T/(6d) extra: negligible at d_model 4096, tens of percent for our d_model 16-64 models.
+#   * Embeddings. A token-embedding lookup is a gather, not a matmul, so Kaplan leaves it out of
+#     N; the lm_head (d_model x vocab) is a real matmul and stays in. For small models with a
+#     big vocabulary the lm_head IS most of N, and 6 * N_total (Chinchilla counts every
+#     parameter) overstates the cost ~2x (the exact/6N_tot column).
 
 
 def default_d_ff(d_model):
@@ -76,7 +82,6 @@ def default_d_ff(d_model):
 def param_counts(vocab_size, d_model, num_layers, num_heads, num_kv_heads=None, d_ff=None,
                  tie_embeddings=False):
     """Exact parameter count of our TransformerLM: {"total", "non_embedding"}.
-
     non_embedding = everything except token_embeddings (lm_head stays: it costs FLOPs)."""
     kv = num_kv_heads or num_heads
     head_dim = d_model // num_heads
@@ -103,7 +108,7 @@ def forward_flops_per_token(vocab_size, d_model, num_layers, num_heads, context_
     head_dim = d_model // num_heads
     d_ff = d_ff or default_d_ff(d_model)
     T = context_length
-    # Average number of keys each query sees: causal attention sees 1..T, mean (T+1)/2.
+    # Keys each query sees, on average: causal query t sees t of them, mean (T+1)/2.
     t_att = (T + 1) / 2 if causal else T
     per_layer = (
         2 * d_model * d_model            # q_proj
@@ -117,12 +122,13 @@ def forward_flops_per_token(vocab_size, d_model, num_layers, num_heads, context_
 
 
 def train_flops_per_token(*args, **kwargs):
-    """Forward + backward: backward costs 2x forward, so 3x forward in total."""
+    """Forward + backward = 3x forward (the backward does two matmuls per forward matmul)."""
     return 3 * forward_flops_per_token(*args, **kwargs)
 
 
 def flops_table(vocab_size=4096, context_length=256):
-    """Rows comparing exact training FLOPs/token to 6N (N = non-embedding) and 6N_total."""
+    """Rows comparing exact training FLOPs/token to 6N (N = non-embedding) and 6N_total,
+    from d_model 16 (where attention and lm_head dominate) to 4096 (where 6N is within 1%)."""
     rows = []
     for d, L in [(16, 2), (32, 2), (64, 2), (128, 4), (256, 4), (512, 8), (768, 12), (2048, 24), (4096, 32)]:
         H = max(1, d // 64)
@@ -148,10 +154,7 @@ def load_runs(path):
     if not os.path.exists(path):
         raise SystemExit(f"error: no such file: {path}")
     with open(path) as f:
-        if path.endswith(".csv"):
-            rows = list(csv.DictReader(f))
-        else:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = list(csv.DictReader(f)) if path.endswith(".csv") else [json.loads(l) for l in f if l.strip()]
     out = {k: [] for k in ("N", "D", "C", "loss", "budget")}
     for i, r in enumerate(rows):
         r = {k.strip(): v for k, v in r.items()}
@@ -176,8 +179,10 @@ def _subset(runs, idx):
 #
 # At fixed C, loss vs log N is a valley: too small a model underfits, too big a model sees too few
 # tokens. Near the bottom the valley is close to a parabola in log N, so we fit
-# loss = p0 (log N)^2 + p1 log N + p2 and read off log N_opt = -p1 / (2 p0). Then across budgets,
-# log N_opt = a log C + const is a straight line: the slope a is the scaling exponent.
+#     loss = p0 (log N)^2 + p1 log N + p2,   log N_opt = -p1 / (2 p0)
+# and across budgets log N_opt = a log C + k is a straight line whose slope a is the exponent.
+# Approach 2 assumes no form for L(N, D) -- its strength; its weakness is that each minimum rests
+# on a handful of noisy runs, which is what the bootstrap below measures.
 
 
 def isoflop_minimum(N, D, loss, window=2):
@@ -187,11 +192,12 @@ def isoflop_minimum(N, D, loss, window=2):
     asymmetric (steeper on the small-N side), so a parabola through far-away sizes misplaces
     the bottom -- on our CPU sweep by ~30% in N with all six sizes of a budget."""
     x = np.log(N)
-    ux = np.unique(x)
+    ux = np.unique(x)                                   # distinct sizes (a budget may repeat one)
     j = np.searchsorted(ux, x[np.argmin(loss)])
-    m = np.isin(x, ux[max(0, j - window):j + window + 1])
-    if len(ux[max(0, j - window):j + window + 1]) < 3:
+    near = ux[max(0, j - window):j + window + 1]        # the best size and its neighbours
+    if len(near) < 3:                                   # a parabola needs three distinct sizes
         return None
+    m = np.isin(x, near)
     p = np.polyfit(x[m], loss[m], 2)
     if p[0] <= 0:                       # no valley: the sizes do not bracket the optimum
         return None
@@ -209,7 +215,7 @@ def approach2(runs, n_boot=200, seed=0, targets=()):
 
     Returns {"budgets": [...per-budget minima...], "a", "b", "a_ci", "b_ci", "log_k_N", "log_k_D",
     "loss_exponent", "log_k_L", "predict": {target: {N_opt, N_ci, D_opt, D_ci, loss, loss_ci}}}."""
-    def fit(r):
+    def fit(r):  # -> ((a, kN, b, kD, g, kL), per-budget minima); (None, minima) if < 2 minima
         mins = []
         for c in np.unique(r["budget"]):
             m = r["budget"] == c
@@ -223,17 +229,17 @@ def approach2(runs, n_boot=200, seed=0, targets=()):
         b, kD = np.polyfit(logC, np.log([m[2] for m in mins]), 1)   # log D_opt = b log C + kD
         # The valley floors give a loss forecast too: log L_opt = g log C + kL (a pure power law,
         # no irreducible term -- fine over a decade or two, wrong in the limit; approach 3 has E).
-        L_min = [np.polyval(m[3], math.log(m[1])) for m in mins]
-        g, kL = np.polyfit(logC, np.log(L_min), 1)
+        g, kL = np.polyfit(logC, np.log([np.polyval(m[3], math.log(m[1])) for m in mins]), 1)
         return (a, kN, b, kD, g, kL), mins
 
     params, mins = fit(runs)
     if params is None:
         raise SystemExit("error: approach 2 needs >= 2 budgets whose sizes bracket a loss minimum")
-    # Bootstrap: resample runs with replacement *within each budget* (so every budget keeps its
-    # size), refit the parabolas and the power law, and read CIs off the spread of the refits.
-    # With few runs per budget this is crude, but it is honest about how much a handful of noisy
-    # runs can pin down: a wide CI on `a` is the result, not a bug.
+    # Why bootstrap: a, b come out of a chain of fits (parabola per budget, then a line through
+    # the minima) with no textbook error formula, and there are only ~5 points on the line. So we
+    # resample runs with replacement *within each budget* (every budget keeps its size), refit the
+    # whole chain, and read 95% CIs off the spread of the refits. With few runs per budget this is
+    # crude but honest about how much a handful of noisy runs can pin down: a wide CI is the result.
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(runs["budget"] == c) for c in np.unique(runs["budget"])]
     boots = []
@@ -265,15 +271,16 @@ def approach2(runs, n_boot=200, seed=0, targets=()):
 # E is the irreducible loss (entropy of text), A/N^alpha the penalty for a finite model, B/D^beta
 # for finite data. Following Chinchilla we fit in log space: with A = e^a, B = e^b, E = e^e,
 #     log L = LSE(a - alpha log N, b - beta log D, e)         (LSE = log-sum-exp)
-# which keeps A, B, E positive and the terms on a common scale. The loss is a Huber loss
-# (delta = 1e-3, so nearly L1: robust to a few bad runs) on log L, *summed* over runs. The problem
-# is non-convex with long flat valleys (A and alpha trade off), so we start L-BFGS from many
+# which keeps A, B, E positive and makes residuals relative (a 1% miss costs the same at loss 4
+# as at loss 1). The objective is a Huber loss on the log-loss residuals, *summed* over runs
+# (why summed: see _lbfgs). Huber with delta = 1e-3 is quadratic below a 0.1% miss and linear
+# beyond, so a diverged or mislogged run pulls with bounded force, not squared. The problem is
+# non-convex with long flat valleys (A and alpha trade off), so we start L-BFGS from many
 # points: we score Chinchilla's whole init grid in one vectorized pass and polish the best few.
 
 HUBER_DELTA = 1e-3
-INIT_GRID = {"e": np.arange(-1.0, 1.01, 0.5), "a": np.arange(0.0, 25.1, 5.0),
-             "b": np.arange(0.0, 25.1, 5.0), "alpha": np.arange(0.0, 2.01, 0.5),
-             "beta": np.arange(0.0, 2.01, 0.5)}
+INIT_GRID = {"e": np.arange(-1.0, 1.01, 0.5), "a": np.arange(0.0, 25.1, 5.0), "b": np.arange(0.0, 25.1, 5.0),
+             "alpha": np.arange(0.0, 2.01, 0.5), "beta": np.arange(0.0, 2.01, 0.5)}   # Chinchilla's grid, 4500 starts
 
 
 def huber(r, delta=HUBER_DELTA):
@@ -299,16 +306,15 @@ def _lbfgs(theta0, logN, logD, logL, max_iter=500):
 
     def closure():
         opt.zero_grad()
-        # Summed, not averaged: L-BFGS stops on *absolute* tolerances, and a mean over runs of
-        # residuals ~1e-3 is so small that it would stop long before converging (the pitfall
-        # Besiroglu et al. found in the original fit).
+        # Summed, not averaged: L-BFGS stops on *absolute* tolerances (tolerance_grad/_change),
+        # and with delta = 1e-3 each run adds only ~delta * |r| ~ 1e-5. Dividing that by the
+        # number of runs shrinks objective and gradient toward the tolerances, and L-BFGS stops
+        # long before converging (the pitfall Besiroglu et al. found in the original fit).
         loss = huber(log_loss_pred(theta, logN, logD) - logL).sum()
         loss.backward()
         return loss
     opt.step(closure)
-    with torch.no_grad():
-        final = huber(log_loss_pred(theta, logN, logD) - logL).sum().item()
-    return theta.detach().numpy(), final
+    return theta.detach().numpy(), closure().item()   # the objective at the final theta
 
 
 def fit_parametric(N, D, loss, top_k=8, inits=None):
@@ -336,17 +342,19 @@ def predict_loss(fit, N, D):
 
 
 def compute_optimal(fit, C):
-    """Minimize L(N, C/6N) over N in closed form.
+    """Minimize L(N, C/6N) over N in closed form -> (N_opt, D_opt).
 
-    Setting dL/dN = 0 with D = C/(6N): alpha A / N^alpha = beta B / D^beta, which gives
+    With D = C/(6N), dD/dN = -D/N, so dL/dN = 0 reads alpha A / N^alpha = beta B / D^beta
+    (at the optimum 1% more N buys as much loss as 1% more D). Substituting D = C/(6N):
+        N^(alpha+beta) = (alpha A / (beta B)) (C/6)^beta, i.e.
         G = (alpha A / (beta B))^(1/(alpha+beta)),
-        N_opt = G (C/6)^(beta/(alpha+beta)),   D_opt = G^-1 (C/6)^(alpha/(alpha+beta)).
+        N_opt = G (C/6)^(beta/(alpha+beta)),   D_opt = C/(6 N_opt) = G^-1 (C/6)^(alpha/(alpha+beta)).
     So N_opt ~ C^a with a = beta/(alpha+beta), the same exponent approach 2 measures.
     (This uses C = 6ND; with exact FLOPs per token slightly above 6N the true optimum is a few
     percent smaller -- well inside the CI of any fit we can afford.)"""
     A, B, al, be = fit["A"], fit["B"], fit["alpha"], fit["beta"]
-    G = (al * A / (be * B)) ** (1 / (al + be))
-    return G * (C / 6) ** (be / (al + be)), (C / 6) ** (al / (al + be)) / G
+    G = (al * A / (be * B)) ** (1 / (al + be))                               # G = (aA/bB)^(1/(a+b))
+    return G * (C / 6) ** (be / (al + be)), (C / 6) ** (al / (al + be)) / G  # N_opt, D_opt
 
 
 def approach3(runs, n_boot=100, seed=0, targets=()):
@@ -355,6 +363,10 @@ def approach3(runs, n_boot=100, seed=0, targets=()):
     Unlike approach 2, this uses every run (not just those near a minimum) and gives a loss
     prediction for any (N, D), which is what we check against a held-out training run."""
     fit = fit_parametric(runs["N"], runs["D"], runs["loss"])
+    # Why bootstrap: five parameters from ~25 runs on a flat, non-convex surface, where the
+    # curvature at the optimum is a poor guide to how far the fit could move (Chinchilla's own
+    # intervals proved implausibly narrow). Resampling runs and refitting gives a CI on every
+    # derived quantity (N_opt at each target) directly, with no error propagation.
     rng = np.random.default_rng(seed)
     keys = ["E", "A", "B", "alpha", "beta"]
     samples = {k: [] for k in keys + [f"N_opt@{C:g}" for C in targets] + [f"D_opt@{C:g}" for C in targets]}
@@ -433,10 +445,8 @@ def write_byte_dataset(text_dir, out_dir):
 
 def read_final(metrics_path):
     """The {"final": true, ...} line of a train.py metrics.jsonl, or None if the run did not finish."""
-    if not os.path.exists(metrics_path):
-        return None
     final = None
-    for line in open(metrics_path):
+    for line in open(metrics_path) if os.path.exists(metrics_path) else []:
         try:
             rec = json.loads(line)
         except ValueError:
@@ -446,12 +456,11 @@ def read_final(metrics_path):
     return final
 
 
-def write_jsonl(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+def write_atomic(path, text):
+    """Write PATH.tmp, then rename it: a killed sweep never leaves a half-written results file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def sweep(args):
@@ -487,14 +496,13 @@ def sweep(args):
             spent_C += C
             cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", args.data,
                    "--out-dir", run_dir, "--d-model", str(d), "--num-layers", str(args.num_layers),
-                   "--num-heads", str(cfg["num_heads"]), "--d-ff", str(cfg["d_ff"]), "--context-length", str(args.context_length),
-                   "--batch-size", str(args.batch_size), "--max-steps", str(steps),
-                   "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
+                   "--num-heads", str(cfg["num_heads"]), "--d-ff", str(cfg["d_ff"]),
+                   "--context-length", str(args.context_length), "--batch-size", str(args.batch_size),
+                   "--max-steps", str(steps), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
                    "--warmup-steps", str(max(1, steps // 20)), "--eval-every", str(steps),
                    "--eval-steps", str(args.eval_steps), "--log-every", str(max(1, steps // 5)),
-                   "--sample-every", "0", "--ckpt-every", str(steps), "--seed", str(args.seed),
-                   "--device", args.device] + (["--vocab-size", str(V)] if args.vocab_size else [])
-            cmd += args.train_args.split() if args.train_args else []
+                   "--sample-every", "0", "--ckpt-every", str(steps), "--seed", str(args.seed), "--device", args.device]
+            cmd += (["--vocab-size", str(V)] if args.vocab_size else []) + args.train_args.split()
             os.makedirs(run_dir, exist_ok=True)
             print(f"[{i + 1}/{len(plan)}] {name}: N={n['non_embedding']:,} steps={steps} "
                   f"D={steps * tokens_per_step:,}", flush=True)
@@ -517,7 +525,7 @@ def sweep(args):
         if final.get("params") not in (None, n["total"]):
             print(f"  warning: train.py reports {final['params']:,} params, we count {n['total']:,}")
         results.append(row)
-        write_jsonl(results_path, results)
+        write_atomic(results_path, "".join(json.dumps(r) + "\n" for r in results))
         el = time.time() - t0
         left = sum(c for c, dd in plan[i + 1:] if f"C{c:.1e}_d{dd}_L{args.num_layers}" not in done)
         rate = spent_C / el if spent_C else float("nan")
@@ -594,10 +602,7 @@ def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0, min_budget=
     resid = np.log(predict_loss(a3, runs["N"], runs["D"])) - np.log(runs["loss"])
     print(f"  fit residual (log loss): rms {np.sqrt(np.mean(resid ** 2)):.4f}, max {np.abs(resid).max():.4f}")
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, "fit.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    os.replace(tmp, os.path.join(out_dir, "fit.json"))
+    write_atomic(os.path.join(out_dir, "fit.json"), json.dumps(report, indent=1, default=float))
     plot(runs, a2, a3, targets, out_dir)
     return report
 
@@ -637,21 +642,18 @@ def plot(runs, a2, a3, targets, out_dir):
         print("\nmatplotlib not installed; IsoFLOP table instead:")
         for c in budgets:
             m = runs["budget"] == c
-            print(f"  C={c:.2e}: " + "  ".join(f"N={n:.3g}:{l:.3f}" for n, l in
-                                             sorted(zip(runs["N"][m], runs["loss"][m]))))
+            pts = sorted(zip(runs["N"][m], runs["loss"][m]))
+            print(f"  C={c:.2e}: " + "  ".join(f"N={n:.3g}:{l:.3f}" for n, l in pts))
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(budgets)))
     for c, col in zip(budgets, colors):
         m = runs["budget"] == c
         ax1.scatter(runs["N"][m], runs["loss"][m], color=col, label=f"C={c:.1e}")
-        if a2 is not None:
-            for b in a2["budgets"]:
-                if b["C"] == c:
-                    x = np.linspace(*np.log(b["N_range"]), 50)   # the sizes the parabola saw
-                    ax1.plot(np.exp(x), np.polyval(b["parabola"], x), color=col)
-                    ax1.plot(b["N_opt"], np.polyval(b["parabola"], np.log(b["N_opt"])), "*",
-                             color=col, ms=14, mec="k")
+        for b in [b for b in a2["budgets"] if b["C"] == c] if a2 is not None else []:
+            x = np.linspace(*np.log(b["N_range"]), 50)   # only the sizes the parabola saw
+            ax1.plot(np.exp(x), np.polyval(b["parabola"], x), color=col)
+            ax1.plot(b["N_opt"], np.polyval(b["parabola"], np.log(b["N_opt"])), "*", color=col, ms=14, mec="k")
     ax1.set(xscale="log", xlabel="N (non-embedding params)", ylabel="val loss", title="IsoFLOP profiles")
     ax1.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # no overlapping labels
     ax1.legend(fontsize=8)
@@ -659,10 +661,8 @@ def plot(runs, a2, a3, targets, out_dir):
     if a2 is not None:
         ax2.scatter([b["C"] for b in a2["budgets"]], [b["N_opt"] for b in a2["budgets"]],
                     color="C0", label="IsoFLOP minima")
-        ax2.plot(Cs, np.exp(a2["a"] * np.log(Cs) + a2["log_k_N"]), "C0",
-                 label=f"approach 2: a={a2['a']:.2f}")
-    ax2.plot(Cs, [compute_optimal(a3, C)[0] for C in Cs], "C1--",
-             label=f"approach 3: a={a3['a']:.2f}")
+        ax2.plot(Cs, np.exp(a2["a"] * np.log(Cs) + a2["log_k_N"]), "C0", label=f"approach 2: a={a2['a']:.2f}")
+    ax2.plot(Cs, [compute_optimal(a3, C)[0] for C in Cs], "C1--", label=f"approach 3: a={a3['a']:.2f}")
     for C in targets:
         ax2.axvline(C, color="gray", lw=0.8, ls=":")
     ax2.set(xscale="log", yscale="log", xlabel="C (FLOPs)", ylabel="N_opt", title="compute-optimal N")
@@ -680,14 +680,15 @@ def plot(runs, a2, a3, targets, out_dir):
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    # flops: the exact-vs-6N table of section 1
     p = sub.add_parser("flops", help="exact training FLOPs per token vs 6N")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size")
     p.add_argument("--context-length", type=int, default=256, help="tokens per sequence")
-
+    # bytes: a vocab-256 dataset, so tiny models are mostly Transformer body, not lm_head
     p = sub.add_parser("bytes", help="byte-level train.bin/val.bin from a corpus dir (vocab 256)")
     p.add_argument("--text", default="data/pydocs", help="dir with train.txt and val.txt")
     p.add_argument("--out", default="data/pydocs-bytes", help="output dir for train.bin, val.bin")
-
+    # sweep: one train.py run per (budget, size), resumable
     p = sub.add_parser("sweep", help="train each (budget, size) with train.py")
     # what to sweep
     p.add_argument("--data", default="data/pydocs", help="dir with train.bin, val.bin, tokenizer/")
@@ -711,7 +712,7 @@ def build_parser():
     p.add_argument("--train-args", default="", help="extra flags passed to train.py verbatim")
     p.add_argument("--fit", action="store_true", help="fit the results afterwards (writes fit.json)")
     p.add_argument("--target", type=float, nargs="*", default=None, help="budgets to extrapolate to")
-
+    # fit: approaches 2 and 3 on any results table
     p = sub.add_parser("fit", help="fit approaches 2 and 3 to a results file (CSV or JSONL)")
     p.add_argument("--runs", required=True, help="results.jsonl from sweep, or CSV/JSONL: N, D|C, loss")
     p.add_argument("--target", type=float, nargs="+", default=None, help="budgets to extrapolate to")
@@ -742,7 +743,6 @@ if __name__ == "__main__":
         if args.fit:
             fit_report(path, args.target or [10 * max(args.budgets)], args.out_dir)
     else:
-        runs_path = args.runs
-        targets = args.target or [10 * float(load_runs(runs_path)["C"].max())]
-        fit_report(runs_path, targets, args.out_dir, n_boot=args.bootstrap, seed=args.seed,
+        targets = args.target or [10 * float(load_runs(args.runs)["C"].max())]
+        fit_report(args.runs, targets, args.out_dir, n_boot=args.bootstrap, seed=args.seed,
                    min_budget=args.min_budget)
