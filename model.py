@@ -619,13 +619,17 @@ def export_hf(ckpt_path: str, out_dir: str):
     """Read a train.py checkpoint, write a directory LlamaForCausalLM.from_pretrained loads."""
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"error: checkpoint not found: {ckpt_path}")
+    try:  # weights_only: a checkpoint is data, never code to unpickle
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:80]
+        raise SystemExit(f"error: cannot read checkpoint {ckpt_path} (corrupt or truncated?): {type(e).__name__}: {first}")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise SystemExit(f"error: {ckpt_path} is not a train.py checkpoint (needs 'model' and 'config')")
     try:
         from transformers import LlamaForCausalLM
     except ImportError:
         raise SystemExit("error: export-hf needs `pip install transformers`")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise SystemExit(f"error: {ckpt_path} is not a train.py checkpoint (needs 'model' and 'config')")
     model = TransformerLM(ModelConfig(**ckpt["config"]))
     # torch.compile'd models save keys prefixed with "_orig_mod."; strip it.
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})

@@ -1272,6 +1272,10 @@ def test_checkpoint_file_object_roundtrip_and_errors(tmp_path):
         TR.load_checkpoint(path, m2)
     with pytest.raises(SystemExit, match="not found"):
         TR.load_checkpoint(str(tmp_path / "nope.pt"), m2)
+    # model.py's exporter reads checkpoints on its own (it imports nothing from train.py): same one-line error
+    with pytest.raises(SystemExit, match=r"^error: cannot read checkpoint .*corrupt") as e:
+        M.export_hf(path, str(tmp_path / "hf"))
+    assert "\n" not in str(e.value)
 
 
 def _write_data(d, n=6000, V=61):
