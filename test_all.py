@@ -1278,6 +1278,13 @@ def test_checkpoint_file_object_roundtrip_and_errors(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_train_rejects_non_positive_sizes(capsys):
+    for flag in ("--batch-size", "--context-length", "--grad-accum", "--max-steps"):
+        with pytest.raises(SystemExit) as e:
+            TR.build_parser().parse_args(["--data", "x", flag, "0"])
+        assert e.value.code == 2 and "must be a positive integer, got 0" in capsys.readouterr().err, flag
+
+
 def _write_data(d, n=6000, V=61):
     rng = np.random.default_rng(0)
     # a learnable stream: a noisy cycle of period 5, so loss falls well below log V

@@ -715,6 +715,14 @@ def sample(args):
     print(tok.decode(out[0].tolist()))
 
 
+def _positive(text):
+    """argparse type for sizes and counts: a clear error for 0 or negatives instead of a traceback."""
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Train a Transformer LM from scratch (see the module docstring).")
     # data and output
@@ -723,21 +731,21 @@ def build_parser():
     p.add_argument("--vocab-size", type=int, default=None, help="vocab size (default: from DIR/tokenizer; required without one)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: DIR/tokenizer)")
     # model
-    p.add_argument("--d-model", type=int, default=192, help="residual stream width")
-    p.add_argument("--num-layers", type=int, default=4, help="Transformer blocks")
-    p.add_argument("--num-heads", type=int, default=4, help="attention heads")
+    p.add_argument("--d-model", type=_positive, default=192, help="residual stream width")
+    p.add_argument("--num-layers", type=_positive, default=4, help="Transformer blocks")
+    p.add_argument("--num-heads", type=_positive, default=4, help="attention heads")
     p.add_argument("--num-kv-heads", type=int, default=None, help="KV heads for GQA (default: --num-heads)")
     p.add_argument("--d-ff", type=int, default=None, help="SwiGLU hidden size (default ~8/3 d_model)")
-    p.add_argument("--context-length", type=int, default=128, help="tokens per training window")
+    p.add_argument("--context-length", type=_positive, default=128, help="tokens per training window")
     p.add_argument("--rope-theta", type=float, default=10000.0, help="RoPE base")
     p.add_argument("--tie-embeddings", action="store_true", help="share token_embeddings and lm_head")
     p.add_argument("--attn-backend", default="sdpa", choices=["scratch", "sdpa", "triton"], help="attention: from-scratch math, torch SDPA, or kernels.py Triton")
     p.add_argument("--objective", default="clm", choices=["clm", "mlm"], help="causal LM or masked LM (bidirectional)")
     p.add_argument("--mask-prob", type=float, default=0.15, help="MLM: fraction of positions to predict")
     # optimization
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-step (per rank)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--batch-size", type=_positive, default=16, help="sequences per micro-step (per rank)")
+    p.add_argument("--grad-accum", type=_positive, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--max-steps", type=_positive, default=300, help="optimizer steps")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon = Muon for hidden matrices + AdamW for the rest")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     p.add_argument("--muon-lr", type=float, default=0.02, help="peak Muon learning rate")
@@ -748,11 +756,11 @@ def build_parser():
     p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = off)")
     # evaluation, logging, checkpoints
-    p.add_argument("--eval-every", type=int, default=100, help="eval on val every N steps (and at the end)")
-    p.add_argument("--eval-steps", type=int, default=10, help="val batches per eval")
-    p.add_argument("--log-every", type=int, default=1, help="print/log train loss every N steps")
+    p.add_argument("--eval-every", type=_positive, default=100, help="eval on val every N steps (and at the end)")
+    p.add_argument("--eval-steps", type=_positive, default=10, help="val batches per eval")
+    p.add_argument("--log-every", type=_positive, default=1, help="print/log train loss every N steps")
     p.add_argument("--sample-every", type=int, default=100, help="print a sample every N steps (0 = off; needs a tokenizer)")
-    p.add_argument("--ckpt-every", type=int, default=100, help="write OUT/ckpt.pt every N steps (and at the end)")
+    p.add_argument("--ckpt-every", type=_positive, default=100, help="write OUT/ckpt.pt every N steps (and at the end)")
     p.add_argument("--keep-ckpts", action="store_true", help="also keep OUT/ckpt-STEP.pt for every checkpoint")
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="resume from OUT/ckpt.pt (or a given path)")
     # system
