@@ -25,6 +25,8 @@ not a matter of taste but of arithmetic, so an exact verifier stands in for the 
    arXiv:2503.20783).
 5. Evaluation: greedy accuracy on the held-out split, per difficulty, with a 95% Wilson (1927)
    interval per stage and a paired interval per gain, to tell real improvement from noise.
+Two asides: LoRA adapters for SFT/DPO (Hu et al. 2021, arXiv:2106.09685), and the Bradley-Terry
+(1952) reward model that InstructGPT trains and DPO does without (`rm`, not part of `all`).
 
 Run it (CPU, a few minutes; `python pipeline.py` runs exactly this after pretraining):
     python align.py all --ckpt runs/cpu/base/ckpt.pt --tokenizer runs/cpu/data/tokenizer --out-dir runs/cpu/align
@@ -34,6 +36,8 @@ or stage by stage (the tokenizer is found through the checkpoint; outputs go to 
     python align.py dpo  --ckpt runs/align/sft.pt --beta 0.1      # -> runs/align/dpo.pt
     python align.py grpo --ckpt runs/align/dpo.pt --group-size 8  # -> runs/align/grpo.pt
     python align.py eval --ckpt runs/align/grpo.pt
+    python align.py sft  --ckpt runs/cpu/base/ckpt.pt --lora-rank 8  # LoRA; the saved sft.pt is merged
+    python align.py rm   --ckpt runs/align/sft.pt                 # -> runs/align/rm.pt, rm_metrics.jsonl
 One GPU: the same commands (cuda is autodetected; `--device cuda` forces it). There is no torchrun
 mode: each stage is one process. Smoke test (all stages, ~20 s on CPU, no accuracy claims): `--tiny`.
 Your own data: `--data-jsonl FILE` with prompt/response (SFT), prompt/chosen/rejected (DPO) or
@@ -61,6 +65,7 @@ import time
 from fractions import Fraction
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from bpe import Tokenizer
@@ -306,7 +311,7 @@ def sft_microbatch_train_step(policy_log_probs, response_mask, gradient_accumula
 def run_sft(model, tok, args, log):
     # Fresh problems every step from the train split (the generator is unlimited, so there are no
     # epochs and no overfitting to a fixed set of texts).
-    opt = AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)  # LoRA: adapters only
     data = load_jsonl(args.data_jsonl) if args.data_jsonl else None
     rng, t_start = random.Random(args.seed), time.time()
     for step in range(1, args.steps + 1):
@@ -335,7 +340,55 @@ def run_sft(model, tok, args, log):
 
 
 # ---------------------------------------------------------------
-# 6. Sampling from the policy (model.generate: KV cache) and scoring with the verifier.
+# 6. LoRA (Hu et al. 2021, arXiv:2106.09685). The change fine-tuning makes to a weight has low
+#    intrinsic rank, so we freeze W (out, in) and learn W' = W + (alpha / r) B A, A (r, in), B (out, r):
+#    r (in + out) trainable numbers instead of in * out, and Adam state for those only. B = 0 at
+#    the start, so the adapted model *is* the base model at step 0. After training B A folds into W
+#    and the checkpoint is a plain TransformerLM again: every other command loads it unchanged.
+#    Measured (SFT, 150 steps, 3.3M model): rank 8 reaches 15.9% held-out (full SFT 88.7%); lr 3e-3
+#    24%, + lm_head 34%, rank 64 50%. Writing a multiplication table into a model that knew none is
+#    not the small change of a big model's behaviour the low-rank hypothesis is about.
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")  # not embeddings, not lm_head
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) (x A^T) B^T around a frozen model.Linear (weight (out, in), y = x W^T)."""
+
+    def __init__(self, base, rank: int, alpha: float):
+        super().__init__()
+        w = base.weight.requires_grad_(False)  # (out, in)
+        self.base, self.scale = base, alpha / rank
+        self.A = nn.Parameter(torch.randn(rank, w.shape[1], device=w.device, dtype=w.dtype) / math.sqrt(w.shape[1]))  # N(0, 1/in)
+        self.B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
+
+    def forward(self, x):
+        return self.base(x) + self.scale * (x @ self.A.t()) @ self.B.t()  # (..., in) -> (..., r) -> (..., out)
+
+
+def add_lora(model, rank: int, alpha: float, targets=LORA_TARGETS):
+    """In place: freeze every weight, then wrap each Linear named in targets in a LoRALinear."""
+    model.requires_grad_(False)
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if name in targets:
+                setattr(mod, name, LoRALinear(child, rank, alpha))
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """In place: W += (alpha / r) B A, plain Linears back, all unfrozen: same function, plain keys."""
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, LoRALinear):
+                child.base.weight += child.scale * child.B @ child.A  # (out, r) @ (r, in) -> (out, in)
+                setattr(mod, name, child.base)
+    return model.requires_grad_(True)
+
+
+# ---------------------------------------------------------------
+# 7. Sampling from the policy (model.generate: KV cache) and scoring with the verifier.
 
 @torch.no_grad()
 def sample_responses(model, tok, prompts: list, n: int, temperature: float, max_new_tokens: int, generator=None):
@@ -368,7 +421,7 @@ def max_response_tokens(tok, problems) -> int:
 
 
 # ---------------------------------------------------------------
-# 7. DPO. The RLHF objective max_pi E[r] - beta KL(pi || ref) is maximized by
+# 8. DPO. The RLHF objective max_pi E[r] - beta KL(pi || ref) is maximized by
 #    pi*(y|x) = ref(y|x) exp(r(x,y) / beta) / Z(x), so r = beta log(pi*/ref) + beta log Z(x): the
 #    policy is its own reward model. In the Bradley-Terry preference model p(y_w > y_l) =
 #    sigmoid(r_w - r_l) the intractable beta log Z(x) is the same for both answers and cancels:
@@ -412,17 +465,18 @@ def perturb(problem: dict, rng: random.Random) -> str:
     return re.sub(r"-?\d+(\D*)$", lambda m: f"{wrong}{m.group(1)}", problem["response"])
 
 
-def build_preference_pairs(model, tok, args, log) -> list:
+def build_preference_pairs(model, tok, args, log, split=None) -> list:
     """(prompt, chosen, rejected) from the task: sample k answers from the SFT model; chosen = a
-    correct sample (else the gold response), rejected = a wrong sample (else a perturbed gold)."""
+    correct sample (else the gold response), rejected = a wrong sample (else a perturbed gold).
+    split: pairs from that split's problems only (the reward model's held-out set); None = DPO's."""
     if args.data_jsonl:
-        rows = load_jsonl(args.data_jsonl)
+        rows = [r for r in load_jsonl(args.data_jsonl) if split in (None, split_of(r["prompt"], args.test_percent))]
         bad = [r for r in rows if "chosen" not in r or "rejected" not in r]
         if bad:
             raise SystemExit(f"error: DPO data needs prompt/chosen/rejected on every line ({len(bad)} lack them)")
         return [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
     rng, gen = random.Random(args.seed), torch.Generator(args.device).manual_seed(args.seed)
-    problems = sample_problems("train", args.num_pairs, args.levels, args.seed + 1, args.test_percent)
+    problems = sample_problems(split or "train", args.num_pairs, args.levels, args.seed + 1, args.test_percent)
     T = max_response_tokens(tok, problems)
     pairs, sampled, t0, k = [], 0, time.time(), args.samples_per_prompt
     _, _, texts = sample_responses(model, tok, [p["prompt"] for p in problems], k, 1.0, T, gen)
@@ -432,16 +486,17 @@ def build_preference_pairs(model, tok, args, log) -> list:
         sampled += bool(good) and bool(bad)  # pairs made only of the model's own samples
         pairs.append((p["prompt"], good[0] if good else p["response"], bad[0] if bad else perturb(p, rng)))
     log({"pairs": len(pairs), "both_sampled": sampled, "s": time.time() - t0},
-        f"dpo: {len(pairs)} pairs ({sampled} with both sides sampled) in {time.time() - t0:.0f} s")
+        f"{len(pairs)} preference pairs ({sampled} with both sides sampled) in {time.time() - t0:.0f} s")
     return pairs
 
 
 def run_dpo(model, tok, args, log):
     # The reference is the policy's own starting point (the SFT model); beta sets how far the
-    # policy may move from it (the optimum above is pi ~ ref * exp(r / beta)).
+    # policy may move from it (the optimum above is pi ~ ref * exp(r / beta)). Under --lora-rank
+    # the copy carries the adapters at B = 0, so it computes exactly the model before them.
     pairs = build_preference_pairs(model, tok, args, log)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     rng = random.Random(args.seed)
 
     def logps(m, rows, side):  # log m(y | x) of the chosen (side 1) or rejected (side 2) answers, (B,)
@@ -471,7 +526,71 @@ def run_dpo(model, tok, args, log):
 
 
 # ---------------------------------------------------------------
-# 8. GRPO. The policy gradient E[grad log pi(y|x) r] is unbiased but noisy. Subtracting a
+# 9. The reward model DPO does without (InstructGPT's step 2, Ouyang et al. 2022, arXiv:2203.02155).
+#    Bradley & Terry (1952): p(y_w beats y_l) = sigmoid(r_w - r_l), so maximum likelihood on pairs is
+#    loss = -log sigmoid(r(x, y_w) - r(x, y_l)), DPO's loss with r a network instead of beta log pi/ref:
+#    the body plus a scalar head on the last hidden state at the response's last token (causal: that
+#    vector has read prompt and answer). RLHF would run PPO against r; we only ask how well it ranks.
+#    Measured from the 88.7% SFT model (40 steps, 512 pairs): 72.7% [68.6, 76.3] of held-out pairs
+#    ranked right (lr 3e-4: 69.9%, 1e-3: 73.8%): a learned reward is a noisy stand-in for a verifier.
+
+def final_hidden(model, idx):
+    """TransformerLM.forward without the lm_head: last-layer features (B, T, C)."""
+    x = model.token_embeddings(idx)  # (B, T, C)
+    for layer in model.layers:
+        x = layer(x)
+    return model.ln_final(x)
+
+
+class RewardModel(nn.Module):
+    """r(x, y) = h_last . w, w = 0 at init (loss log 2). No bias: only r_w - r_l matters."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body, self.head = body, nn.Parameter(torch.zeros(body.cfg.d_model, device=body.lm_head.weight.device))
+
+    def forward(self, tok, prompts, responses):  # -> (B,)
+        b = tokenize_prompt_and_output([chat_prompt(p) for p in prompts], [r + EOT for r in responses], tok)
+        mask = b["response_mask"].to(self.head.device)  # (B, T): label j = token j+1
+        h = final_hidden(self.body, b["input_ids"].to(self.head.device))  # (B, T, C)
+        # the last masked label is <|endoftext|>; its input position holds the response's last token
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # (B,)
+        return h[torch.arange(len(h)), last] @ self.head
+
+
+def bradley_terry_loss(r_chosen, r_rejected):
+    """-log sigmoid(r_w - r_l) per pair, (B,): log 2 at equal rewards."""
+    return -F.logsigmoid(r_chosen - r_rejected)
+
+
+def run_rm(model, tok, args, log):
+    """Fit on train-split pairs, rank held-out pairs, save body (a TransformerLM) + ckpt["reward_head"]."""
+    train, test = (build_preference_pairs(model, tok, args, log, split) for split in ("train", "test"))
+    rm = RewardModel(model)
+    opt = AdamW(rm.parameters(), lr=args.lr, weight_decay=0.0)
+    rng, score = random.Random(args.seed), lambda rows, side: rm(tok, [r[0] for r in rows], [r[side] for r in rows])  # (B,)
+    for step in range(1, args.steps + 1):
+        rows = rng.sample(train, min(args.batch_size, len(train)))
+        rc, rr = score(rows, 1), score(rows, 2)
+        loss = bradley_terry_loss(rc, rr).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % args.log_every == 0 or step == args.steps:
+            acc = (rc > rr).float().mean().item()
+            log({"step": step, "loss": loss.item(), "pair_acc": acc},
+                f"rm step {step}/{args.steps} | loss {loss.item():.4f} | pair acc {acc:.2f}")
+    with torch.no_grad():  # a tie counts as wrong
+        k = sum((score(test[i:i + 64], 1) > score(test[i:i + 64], 2)).sum().item() for i in range(0, len(test), 64))
+    out, (lo, hi) = args.out or os.path.join(args.out_dir, "rm.pt"), wilson_interval(k, len(test))
+    save_checkpoint(model, opt, args.steps, out, stage="rm", reward_head=rm.head.detach().cpu(), align_args=vars(args))
+    log({"heldout_pair_acc": k / len(test), "n": len(test), "ci_lo": lo, "ci_hi": hi}, f"rm: held-out pair accuracy "
+        f"{100 * k / len(test):.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] on {len(test)} pairs, saved {out}")
+    return rm
+
+
+# ---------------------------------------------------------------
+# 10. GRPO. The policy gradient E[grad log pi(y|x) r] is unbiased but noisy. Subtracting a
 #    baseline b(x) that does not depend on y keeps it unbiased (E_y[grad log pi(y|x)] = 0) and cuts
 #    its variance when b(x) tracks the expected reward of x. PPO learns b(x) with a value network as
 #    big as the policy; GRPO samples G answers to the same prompt and uses their mean reward, a
@@ -620,7 +739,7 @@ def run_grpo(model, tok, args, log):
 
 
 # ---------------------------------------------------------------
-# 9. Evaluation: greedy accuracy on the held-out split with a Wilson 95% interval.
+# 11. Evaluation: greedy accuracy on the held-out split with a Wilson 95% interval.
 
 def wilson_interval(k: int, n: int, z: float = 1.96):
     """Wilson (1927) score interval for a binomial proportion: every p with |k/n - p| <=
@@ -686,7 +805,7 @@ def write_eval(path: str, stage: str, res: dict):
 
 
 # ---------------------------------------------------------------
-# 10. CLI: load, run a stage, save (train.save_checkpoint format), evaluate.
+# 12. CLI: load, run a stage, save (train.save_checkpoint format), evaluate.
 
 def load_policy(args):
     if not os.path.exists(args.ckpt):
@@ -747,7 +866,8 @@ STAGES = {"sft": run_sft, "dpo": run_dpo, "grpo": run_grpo}
 # DPO on 128 pairs -7.1, -9.1, -3.4, -4.2 points; --dpo-nll 1 --num-pairs 512 -0.5, +0.2, +0.2, +2.2.
 DEFAULTS = {"sft": dict(steps=150, lr=1e-3, batch_size=32),
             "dpo": dict(steps=30, lr=5e-5, batch_size=16),
-            "grpo": dict(steps=200, lr=3e-4, batch_size=16)}
+            "grpo": dict(steps=200, lr=3e-4, batch_size=16),
+            "rm": dict(steps=40, lr=1e-4, batch_size=16)}
 
 
 def run_stage(stage, args):
@@ -755,8 +875,15 @@ def run_stage(stage, args):
     model, tok = load_policy(args)
     model.train()
     log = make_logger(os.path.join(args.out_dir, f"{stage}_metrics.jsonl"))
+    lora, n_all = args.lora_rank > 0 and stage in ("sft", "dpo"), model.num_params()
+    if lora:  # the stage's optimizer then sees the adapters only (it takes the requires_grad ones)
+        n = sum(p.numel() for p in add_lora(model, args.lora_rank, args.lora_alpha).parameters() if p.requires_grad)
+        log({"lora_rank": args.lora_rank, "trainable_params": n, "params": n_all},
+            f"lora: rank {args.lora_rank}, alpha {args.lora_alpha:g}: {n:,} trainable of {n_all:,} params ({100 * n / n_all:.1f}%)")
     t0, c0 = time.time(), time.process_time()
     model, opt = STAGES[stage](model, tok, args, log)
+    if lora:  # save an ordinary TransformerLM checkpoint; the adapters' Adam moments died with them
+        opt = AdamW(merge_lora(model).parameters(), lr=args.lr)
     # CPU seconds next to wall seconds: on a shared machine the wall clock measures the neighbours
     timing = {"train_s": round(time.time() - t0, 1), "train_cpu_s": round(time.process_time() - c0, 1)}
     out = args.out or os.path.join(args.out_dir, f"{stage}.pt")
@@ -770,8 +897,8 @@ def run_stage(stage, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("stage", choices=["sft", "dpo", "grpo", "eval", "all"],
-                    help="which stage to run; 'all' = eval base, sft, dpo, grpo (each evaluated)")
+    ap.add_argument("stage", choices=["sft", "dpo", "grpo", "eval", "all", "rm"],
+                    help="which stage to run; 'all' = eval base, sft, dpo, grpo (each evaluated); 'rm' = reward model (section 9)")
     # io
     ap.add_argument("--ckpt", required=True, help="input checkpoint (train.save_checkpoint format)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the checkpoint's, else <ckpt args.data>/tokenizer)")
@@ -797,10 +924,13 @@ def main(argv=None):
     # dpo
     ap.add_argument("--beta", type=float, default=0.1, help="DPO beta: strength of the implicit KL to the reference")
     ap.add_argument("--num-pairs", type=int, default=512,
-                    help="DPO preference pairs built from the task (128 were too few: see section 7)")
+                    help="DPO preference pairs built from the task (128 were too few: see section 8)")
     ap.add_argument("--dpo-nll", type=float, default=1.0, help="RPO alpha: weight of the chosen response's per-token NLL "
                     "added to the DPO loss (0 = plain DPO; 1 as in Pang et al. 2024)")
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="DPO: SFT samples per prompt to find a correct and a wrong answer")
+    # lora (sft, dpo)
+    ap.add_argument("--lora-rank", type=int, default=0, help="sft/dpo: train rank-r LoRA adapters, merged before saving (0 = full fine-tuning)")
+    ap.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha: the update is scaled by alpha / rank")
     # grpo
     ap.add_argument("--group-size", type=int, default=8, help="GRPO G: completions per prompt")
     ap.add_argument("--prompts-per-step", type=int, default=16, help="GRPO prompts per rollout batch")
@@ -844,6 +974,11 @@ def main(argv=None):
             with_defaults(stage)
             args.ckpt = run_stage(stage, args)
         summarize(os.path.join(args.out_dir, "eval.json"))
+    elif args.stage == "rm":  # a lesson, not a pipeline stage: `all` never runs it
+        with_defaults("rm")
+        torch.manual_seed(args.seed)
+        model, tok = load_policy(args)
+        run_rm(model, tok, args, make_logger(os.path.join(args.out_dir, "rm_metrics.jsonl")))
     elif args.stage != "eval":
         with_defaults(args.stage)
         run_stage(args.stage, args)

@@ -2383,6 +2383,94 @@ def test_grpo_raises_reward_on_toy_task():
     assert sum(rewards[:3]) / 3 < 0.3 and sum(rewards[-3:]) / 3 > 0.6, rewards
 
 
+def _tiny_align_ckpt(tmp_path):
+    # A tiny base checkpoint and a byte tokenizer on disk: what align.py's CLI stages load.
+    tok = _byte_tokenizer()
+    tok.save(str(tmp_path / "tok"))
+    model = _tiny_lm(tok.vocab_size)
+    TR.save_checkpoint(model, torch.optim.AdamW(model.parameters()), 0, str(tmp_path / "base.pt"))
+    return model, str(tmp_path / "base.pt"), str(tmp_path / "tok")
+
+
+def test_lora_starts_equal_trains_adapters_only_and_merges():
+    tok = _byte_tokenizer()
+    base = _tiny_lm(tok.vocab_size)
+    model = align.add_lora(copy.deepcopy(base), rank=4, alpha=8.0)
+    idx = torch.randint(0, tok.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(idx), base(idx))  # B = 0: exactly the base model, bit for bit
+    loras = [m for m in model.modules() if isinstance(m, align.LoRALinear)]
+    assert len(loras) == 7 and all(torch.equal(m.B, torch.zeros_like(m.B)) for m in loras)  # q k v o w1 w2 w3
+    assert all(n.endswith((".A", ".B")) for n, p in model.named_parameters() if p.requires_grad)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    for _ in range(3):  # B moves at step 1; A (zero gradient while B = 0) from step 2
+        F.cross_entropy(model(idx[:, :-1]).transpose(1, 2), idx[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad()
+    for k, v in model.state_dict().items():  # the adapters moved, every base weight is bit-identical
+        assert torch.equal(v, before[k]) != k.endswith((".A", ".B")), k
+    with torch.no_grad():
+        adapted = model(idx)
+        merged = align.merge_lora(model)
+        torch.testing.assert_close(merged(idx), adapted, rtol=1e-5, atol=1e-5)  # W + (alpha/r) B A: same function
+        assert not torch.allclose(adapted, base(idx), atol=1e-3)
+        assert merged.state_dict().keys() == base.state_dict().keys()  # an ordinary TransformerLM again
+        plain = _tiny_lm(tok.vocab_size, seed=1)
+        plain.load_state_dict(merged.state_dict())  # strict
+        torch.testing.assert_close(plain(idx), adapted, rtol=1e-5, atol=1e-5)
+    assert all(p.requires_grad for p in merged.parameters())
+
+
+def test_lora_sft_cli_saves_a_plain_merged_checkpoint(tmp_path):
+    base, ckpt, tdir = _tiny_align_ckpt(tmp_path)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+1?", "response": str(a + 1)}) + "\n" for a in range(20)))
+    align.main(["sft", "--ckpt", ckpt, "--tokenizer", tdir, "--out-dir", str(tmp_path / "out"), "--data-jsonl", str(data),
+                "--lora-rank", "2", "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--no-eval", "--device", "cpu"])
+    model, _ = TR.load_model(str(tmp_path / "out" / "sft.pt"))  # loads as a plain TransformerLM
+    cfg, sd, sd0 = model.cfg, model.state_dict(), base.state_dict()
+    for k in sd:  # only the adapted matrices changed; embeddings, norms and lm_head did not
+        assert torch.equal(sd[k], sd0[k]) != (k.split(".")[-2] in align.LORA_TARGETS), k
+    rec = json.loads((tmp_path / "out" / "sft_metrics.jsonl").read_text().splitlines()[0])
+    per_layer = 4 * 2 * (cfg.d_model + cfg.d_model) + 3 * 2 * (cfg.d_model + cfg.d_ff)  # r (in + out) per matrix
+    assert rec["trainable_params"] == cfg.num_layers * per_layer
+
+
+def test_bradley_terry_loss_log2_and_gradient_sign():
+    rc, rr = torch.tensor([0.3, -1.0, 2.0], requires_grad=True), torch.tensor([0.3, -1.0, 2.0], requires_grad=True)
+    loss = align.bradley_terry_loss(rc, rr)
+    torch.testing.assert_close(loss, torch.full((3,), math.log(2)))  # equal rewards: p = 1/2
+    loss.sum().backward()
+    # d loss / d r_w = -sigmoid(r_l - r_w) = -1/2: gradient descent raises r(chosen), lowers r(rejected)
+    assert rc.grad.tolist() == pytest.approx([-0.5] * 3) and rr.grad.tolist() == pytest.approx([0.5] * 3)
+    # the reward is h . w at the response's last token, whatever else is in the batch (padding)
+    tok = _byte_tokenizer()
+    rm = align.RewardModel(_tiny_lm(tok.vocab_size))
+    assert rm(tok, ["a", "bc"], ["1", "22"]).tolist() == [0.0, 0.0]  # zero head: loss log 2 at init
+    with torch.no_grad():
+        rm.head.normal_()
+        ids = torch.tensor([tok.encode(align.chat_prompt("a") + "1")])
+        want = align.final_hidden(rm.body, ids)[0, -1] @ rm.head
+        torch.testing.assert_close(rm(tok, ["a", "bc"], ["1", "22222"])[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_reward_model_learns_an_obvious_preference(tmp_path):
+    # chosen and rejected differ only in the last token (":)" vs ":("); 30 steps of the real `rm`
+    # stage must rank held-out pairs (a hash split of the prompts) almost always right.
+    _, ckpt, tdir = _tiny_align_ckpt(tmp_path)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?", "chosen": f"{a + b} :)",
+                                        "rejected": f"{a + b} :("}) + "\n" for a in range(15) for b in range(15)))
+    out = tmp_path / "rm"
+    align.main(["rm", "--ckpt", ckpt, "--tokenizer", tdir, "--out-dir", str(out), "--data-jsonl", str(data),
+                "--steps", "30", "--lr", "1e-3", "--device", "cpu"])
+    last = json.loads((out / "rm_metrics.jsonl").read_text().splitlines()[-1])
+    assert last["n"] > 20 and last["heldout_pair_acc"] > 0.9, last
+    body, ck = TR.load_model(str(out / "rm.pt"))  # the body is a plain TransformerLM checkpoint
+    assert ck["stage"] == "rm" and ck["reward_head"].shape == (body.cfg.d_model,)
+
+
 # ---------------------------------------------------------------
 # pipeline.py: the whole chain at a tiny size, every artifact checked
 
