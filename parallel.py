@@ -75,6 +75,7 @@ def setup_distributed():
 
 def cleanup_distributed():
     if dist.is_initialized():
+        dist.barrier()  # no rank tears down its sockets while another still talks to it
         dist.destroy_process_group()
 
 
