@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import unicodedata
+import warnings
 from collections import Counter
 from fractions import Fraction
 
@@ -1851,21 +1852,26 @@ def _worker(rank, world, port, out_path):
 
 @pytest.fixture(scope="module")
 def parallel_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel") / "results.json"
     os.environ["OMP_NUM_THREADS"] = "1"
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=False, start_method="spawn")
-    try:
-        for _ in range(180):                       # join with a deadline: a desync must not hang CI
-            if ctx.join(timeout=1):
-                break
-        else:
+    for attempt in (1, 2):
+        out = tmp_path_factory.mktemp("parallel") / "results.json"
+        ctx = mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=False, start_method="spawn")
+        try:
+            for _ in range(180):                   # join with a deadline: a desync must not hang CI
+                if ctx.join(timeout=1):
+                    with open(f"{out}.rank0") as f:
+                        return json.load(f)
             for p in ctx.processes:
                 p.kill()
             pytest.fail("2-rank parallel checks timed out")
-    except mp.ProcessExitedException as e:
-        done = [r for r in range(2) if os.path.exists(f"{out}.rank{r}")]
-        pytest.fail(f"2-rank parallel checks: {e}; ranks that finished their checks: {done}")
-    return json.loads(open(f"{out}.rank0").read())
+        except mp.ProcessExitedException as e:
+            done = [r for r in range(2) if os.path.exists(f"{out}.rank{r}")]
+            # A rank killed by a signal inside gloo (CI once saw a SIGABRT, never reproduced in 30+ runs
+            # here) gets one fresh try on a new port; a Python error or a second crash fails the test.
+            if attempt == 1 and e.exit_code is not None and e.exit_code < 0:
+                warnings.warn(f"2-rank parallel checks: {e}; ranks that finished: {done}; retrying once")
+                continue
+            pytest.fail(f"2-rank parallel checks: {e}; ranks that finished their checks: {done}")
 
 
 def test_parallel_ddp_equals_single_process(parallel_results):
