@@ -342,6 +342,11 @@ class TransformerLM(nn.Module):
             self.token_embeddings.weight = self.lm_head.weight
 
     def forward(self, idx, kv_cache: KVCache | None = None):
+        return self.lm_head(self.hidden(idx, kv_cache))  # (B, T, V)
+
+    def hidden(self, idx, kv_cache: KVCache | None = None):
+        """The last layer's normalized features (B, T, C), i.e. everything but the lm_head (a
+        reward model or classifier puts its own head here)."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.cfg.context_length:
@@ -351,7 +356,7 @@ class TransformerLM(nn.Module):
             x = layer(x, start, kv_cache.layers[i] if kv_cache is not None else None)
         if kv_cache is not None:
             kv_cache.pos = start + T
-        return self.lm_head(self.ln_final(x))  # (B, T, V)
+        return self.ln_final(x)  # (B, T, C)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (a tied matrix counts once). non_embedding=True drops the input

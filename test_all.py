@@ -2457,7 +2457,7 @@ def test_bradley_terry_loss_log2_and_gradient_sign():
     with torch.no_grad():
         rm.head.normal_()
         ids = torch.tensor([tok.encode(align.chat_prompt("a") + "1")])
-        want = align.final_hidden(rm.body, ids)[0, -1] @ rm.head
+        want = rm.body.hidden(ids)[0, -1] @ rm.head
         torch.testing.assert_close(rm(tok, ["a", "bc"], ["1", "22222"])[0], want, rtol=1e-5, atol=1e-5)
 
 
