@@ -69,8 +69,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bpe import Tokenizer
-from model import generate
-from train import AdamW, load_model, save_checkpoint
+from model import generate, load_model, pick_device
+from train import AdamW, save_checkpoint
 
 USER, ASSISTANT, EOT = "<|user|>", "<|assistant|>", "<|endoftext|>"
 CHAT_SPECIALS = [EOT, USER, ASSISTANT]
@@ -939,8 +939,7 @@ def main(argv=None):
                     "number, or text ending in '= N' / '#### N'); among all-wrong samples it is the only signal, and it pushes junk down")
     ap.add_argument("--tiny", action="store_true", help="smoke-test sizes (pipeline --preset tiny)")
     args = ap.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else
-                                  "mps" if torch.backends.mps.is_available() else "cpu")
+    args.device = pick_device(args.device)
     try:
         args.levels = [int(x) for x in args.levels.split(",")]
         assert all(x in LEVELS for x in args.levels)

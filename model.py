@@ -67,8 +67,8 @@ ATTN_BACKENDS = ("scratch", "sdpa", "triton")  # from-scratch math | F.scaled_do
 @dataclass
 class ModelConfig:
     vocab_size: int = 4096
-    context_length: int = 256
-    d_model: int = 256
+    context_length: int = 128
+    d_model: int = 192
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int | None = None  # None = num_heads (plain multi-head attention)
@@ -395,19 +395,23 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     return 6 * count_params(cfg, non_embedding=True) + 12 * cfg.num_layers * cfg.d_model * T
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendor datasheets; "h100" matches SXM parts.
-PEAK_FLOPS = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "l40s": 362e12, "4090": 165e12, "a10": 125e12, "l4": 121e12}
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendor datasheets, keyed by the exact name
+# torch.cuda.get_device_name() reports. PCIe, SXM and NVL parts of one chip differ (clock, power),
+# so we match exactly instead of by substring ("l40" must not match "l4").
+PEAK_FLOPS = {
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,  # SXM | PCIe | NVL
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA L40S": 362e12, "NVIDIA GeForce RTX 4090": 165e12, "NVIDIA A10": 125e12, "NVIDIA L4": 121e12,
+}
 
 
 def device_peak_flops(device=None) -> float | None:
-    """Look up the bf16 peak of a CUDA device by name; None on CPU or an unknown GPU."""
+    """The bf16 peak of a CUDA device, looked up by its exact name; None on CPU or an unknown GPU."""
     if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
         return None
-    name = torch.cuda.get_device_name(device).lower()
-    for key, peak in PEAK_FLOPS.items():
-        if key in name:
-            return peak
-    return None
+    return PEAK_FLOPS.get(torch.cuda.get_device_name(device))
 
 
 def estimate_mfu(cfg: ModelConfig, tokens_per_s: float, peak_flops: float | None = None, seq_len: int | None = None, device=None) -> float | None:
@@ -576,6 +580,50 @@ def speculative_generate(target, draft, idx, max_new_tokens: int, k: int = 4, te
 
 
 # ---------------------------------------------------------------
+# Devices and checkpoints: the one home of both (train.py, align.py, pipeline.py import them)
+# ---------------------------------------------------------------
+
+
+def pick_device(name=None) -> str:
+    """cuda -> mps -> cpu when `name` is None; otherwise `name`, if this machine has it.
+    Asking for a device that is not there is a one-line error, not torch's 20-line traceback."""
+    mps = torch.backends.mps.is_available()
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise SystemExit(f"error: unknown device {name!r} (use cpu, cuda, cuda:N or mps)")
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not mps):
+        raise SystemExit(f"error: --device {name}: this machine has no {kind} device (try --device cpu)")
+    return name
+
+
+def read_checkpoint(src) -> dict:
+    """torch.load(weights_only=True) -- a checkpoint is data, never code to unpickle -- with a
+    one-line error for a missing, corrupt or truncated file. `src` is a path or a file object."""
+    if isinstance(src, (str, os.PathLike)) and not os.path.exists(src):
+        raise SystemExit(f"error: checkpoint {src} not found")
+    try:
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [""])[0][:80]
+        raise SystemExit(f"error: cannot read checkpoint {src} (corrupt or truncated?): {type(e).__name__}: {msg}")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise SystemExit(f"error: {src} is not a train.py checkpoint (needs 'model' and 'config')")
+    return ckpt
+
+
+def load_model(src, device="cpu"):
+    """Build a TransformerLM from a checkpoint's config and load its weights. Returns (model in
+    eval mode, the checkpoint dict). torch.compile'd models save keys prefixed "_orig_mod.": stripped."""
+    ckpt = read_checkpoint(src)
+    model = TransformerLM(ModelConfig(**ckpt["config"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    return model.to(device).eval(), ckpt
+
+
+# ---------------------------------------------------------------
 # Export to Hugging Face Llama
 # ---------------------------------------------------------------
 
@@ -622,22 +670,11 @@ def to_hf_llama(model):
 
 def export_hf(ckpt_path: str, out_dir: str):
     """Read a train.py checkpoint, write a directory LlamaForCausalLM.from_pretrained loads."""
-    if not os.path.isfile(ckpt_path):
-        raise SystemExit(f"error: checkpoint not found: {ckpt_path}")
-    try:  # weights_only: a checkpoint is data, never code to unpickle
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:80]
-        raise SystemExit(f"error: cannot read checkpoint {ckpt_path} (corrupt or truncated?): {type(e).__name__}: {first}")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise SystemExit(f"error: {ckpt_path} is not a train.py checkpoint (needs 'model' and 'config')")
     try:
         from transformers import LlamaForCausalLM
     except ImportError:
         raise SystemExit("error: export-hf needs `pip install transformers`")
-    model = TransformerLM(ModelConfig(**ckpt["config"]))
-    # torch.compile'd models save keys prefixed with "_orig_mod."; strip it.
-    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    model, _ = load_model(ckpt_path)
     hf_cfg, sd = to_hf_llama(model)
     hf_model = LlamaForCausalLM(hf_cfg)
     hf_model.load_state_dict(sd)
@@ -663,7 +700,8 @@ def _info(args):
     print(asdict(cfg))
     print(f"params {count_params(cfg):,} | non-embedding {count_params(cfg, non_embedding=True):,}")
     print(f"train FLOPs/token {fpt:.3e} (6N = {6 * count_params(cfg, True):.3e}, attention = {fpt - 6 * count_params(cfg, True):.3e})")
-    for name, peak in (("H100 bf16", PEAK_FLOPS["h100"]), ("A100 bf16", PEAK_FLOPS["a100"])):
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"):
+        peak = PEAK_FLOPS[name]
         print(f"tokens/s at 50% MFU on {name}: {0.5 * peak / fpt:,.0f}")
 
 
@@ -671,11 +709,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Transformer LM building blocks: model info and export to Hugging Face.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("info", help="print parameter count and training FLOPs per token for a config")
-    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size")
-    p.add_argument("--context-length", type=int, default=256, help="sequence length T")
-    p.add_argument("--d-model", type=int, default=256, help="residual stream width")
-    p.add_argument("--num-layers", type=int, default=4, help="number of Transformer blocks")
-    p.add_argument("--num-heads", type=int, default=4, help="attention (query) heads")
+    d = ModelConfig()  # the defaults are the CPU default run's model (python train.py)
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="vocabulary size")
+    p.add_argument("--context-length", type=int, default=d.context_length, help="sequence length T")
+    p.add_argument("--d-model", type=int, default=d.d_model, help="residual stream width")
+    p.add_argument("--num-layers", type=int, default=d.num_layers, help="number of Transformer blocks")
+    p.add_argument("--num-heads", type=int, default=d.num_heads, help="attention (query) heads")
     p.add_argument("--num-kv-heads", type=int, default=None, help="key/value heads for GQA (default: num-heads)")
     p.add_argument("--d-ff", type=int, default=None, help="SwiGLU hidden size (default: multiple of 64 near 8/3·d_model)")
     p.add_argument("--tie-embeddings", action="store_true", help="share the input embedding and lm_head matrix")

@@ -50,358 +50,18 @@ import scaling
 import train as TR
 from model import ModelConfig, TransformerLM
 
-# ---------------------------------------------------------------
-# bpe.py: byte-level BPE tokenizer
-# Trusted references: a naive BPE trainer written inline (recount every pair after every merge),
-# tiktoken (same ranks -> must give the same ids), round-trip invariants, GPT-2's byte table.
 
 
-SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
-MIXED = ("Hello, world! It's 2024-05-17; we'll pay $3.14 for 1,000,000 items.\n"
-         "    def f(x):\n        return x  # indented code\n\n\n"
-         "Größenordnung, l'élève français. Привет, мир! 日本語のテキスト。 مرحبا بالعالم\n"
-         "emoji: 🙂🎉 👩‍💻   trailing spaces   \n\t\ttabs\r\nwindows line\n")
+torch.set_num_threads(1)
+ROOT = os.path.dirname(os.path.abspath(M.__file__))
 
 
-def _corpus():
-    """~60 KB of English from the stdlib docs plus mixed scripts, code and numbers, cut into
-    documents by special tokens."""
-    import pydoc_data.topics as t
-    docs = [t.topics[k] for k in sorted(t.topics)[:40]]
-    docs = [d for d in docs] + [MIXED * 3] * 5
-    return "<|endoftext|>".join(docs)
+def tiny_cfg(**kw):
+    base = dict(vocab_size=61, context_length=32, d_model=32, num_layers=2, num_heads=4, d_ff=48)
+    base.update(kw)
+    return M.ModelConfig(**base)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bpe")
-    path = d / "corpus.txt"
-    path.write_text(_corpus(), encoding="utf-8")
-    vocab, merges = bpe.train_bpe(str(path), 700, SPECIALS)
-    return str(path), vocab, merges, bpe.Tokenizer(vocab, merges, SPECIALS)
-
-
-# --- a naive trainer: the definition, recounted from scratch after every merge ---
-
-def _naive_words(text, specials, pattern):
-    pieces = regex.split("|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)), text) \
-        if specials else [text]
-    words = Counter()
-    for piece in pieces:
-        for w in regex.findall(pattern, piece):
-            words[tuple(bytes([x]) for x in w.encode("utf-8"))] += 1
-    return words
-
-
-def _naive_merge(w, pair):
-    out, i = [], 0
-    while i < len(w):
-        if i + 1 < len(w) and (w[i], w[i + 1]) == pair:
-            out.append(w[i] + w[i + 1])
-            i += 2
-        else:
-            out.append(w[i])
-            i += 1
-    return tuple(out)
-
-
-def naive_train(text, vocab_size, specials, pattern=bpe.GPT2_PATTERN, score="count"):
-    words = _naive_words(text, specials, pattern)
-    merges = []
-    for _ in range(vocab_size - 256 - len(specials)):
-        pairs, syms = Counter(), Counter()
-        for w, c in words.items():
-            for s in w:
-                syms[s] += c
-            for p in zip(w, w[1:]):
-                pairs[p] += c
-        if not pairs:
-            break
-        if score == "count":
-            best = max(pairs, key=lambda p: (pairs[p], p))
-        else:  # WordPiece / PMI: count(ab) / (count(a) count(b)), ties -> greatest bytes
-            best = max(pairs, key=lambda p: (pairs[p] / (syms[p[0]] * syms[p[1]]), p))
-        merges.append(best)
-        new = Counter()
-        for w, c in words.items():
-            new[_naive_merge(w, best)] += c
-        words = new
-    return merges
-
-
-def _tie_corpus(seed):
-    """Small alphabet, short words, repeats: many pairs share the top count, so ties decide."""
-    r = random.Random(seed)
-    words = ["".join(r.choice("abcab") for _ in range(r.randint(1, 6))) for _ in range(300)]
-    text = " ".join(words) + " aaaa aaa abab ba ba ab ab éé ü 日本"
-    return text.replace("cab", "cab<|endoftext|>", 3)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_train_bpe_matches_naive_reference(tmp_path, seed):
-    text = _tie_corpus(seed)
-    p = tmp_path / "c.txt"
-    p.write_text(text, encoding="utf-8")
-    vocab, merges = bpe.train_bpe(str(p), 256 + 1 + 120, ["<|endoftext|>"])
-    ref = naive_train(text, 256 + 1 + 120, ["<|endoftext|>"])
-    assert merges == ref
-    # vocab: bytes, then the special, then one entry per merge in order
-    assert [vocab[i] for i in range(256)] == [bytes([i]) for i in range(256)]
-    assert vocab[256] == b"<|endoftext|>"
-    assert [vocab[257 + k] for k in range(len(merges))] == [a + b for a, b in merges]
-    # "<|", "|>" and "endoftext" occur only inside the special: cut out first, so never learned
-    assert not any(x in a + b for a, b in merges for x in (b"<|", b"|>", b"endoftext", b"<", b">"))
-
-
-def test_train_bpe_matches_naive_on_real_text(tmp_path):
-    text = _corpus()[:20000]
-    p = tmp_path / "c.txt"
-    p.write_text(text, encoding="utf-8")
-    _, merges = bpe.train_bpe(str(p), 256 + 3 + 150, SPECIALS)
-    assert merges == naive_train(text, 256 + 3 + 150, SPECIALS)
-
-
-def test_train_stops_when_no_pairs_left(tmp_path):
-    p = tmp_path / "c.txt"
-    p.write_text("ab ab", encoding="utf-8")
-    vocab, merges = bpe.train_bpe(str(p), 1000, [])
-    assert merges == naive_train("ab ab", 1000, []) and len(vocab) == 256 + len(merges)
-
-
-def test_parallel_chunked_counts_equal_single_process(tmp_path):
-    # Chunks cut at special tokens or "x\n" line ends must not change a single pre-token.
-    text = (_corpus()[:30000] + "\n\n\n   \n" + MIXED) * 2 + "no newline at the end"
-    p = tmp_path / "c.txt"
-    p.write_text(text, encoding="utf-8")
-    ref = Counter(w.encode() for piece in regex.split(r"<\|endoftext\|>|<\|user\|>|<\|assistant\|>", text)
-                  for w in regex.findall(bpe.GPT2_PATTERN, piece))
-    bounds = bpe._chunk_boundaries(str(p), 12, SPECIALS, scan=512)
-    assert len(bounds) > 8 and bounds == sorted(set(bounds))
-    assert bpe.count_words(str(p), SPECIALS, workers=2, chunk_bytes=4096) == ref
-    # without specials, cuts fall on line ends only
-    assert bpe.count_words(str(p), [], workers=1, chunk_bytes=4096) == \
-        Counter(w.encode() for w in regex.findall(bpe.GPT2_PATTERN, text))
-
-
-def test_ascii_twin_regex_agrees_with_unicode_regex():
-    r = random.Random(0)
-    alphabet = [chr(i) for i in range(128)] + list("   \n\n'sdmtlvre")
-    for pattern in (bpe.GPT2_PATTERN, bpe.SPLIT_DIGITS_PATTERN):
-        full, fast = regex.compile(pattern), bpe.ascii_twin(pattern)
-        for _ in range(1000):
-            s = "".join(r.choice(alphabet) for _ in range(r.randint(0, 30)))
-            assert fast.findall(s) == full.findall(s), repr(s)
-        mixed = "".join(r.choice(alphabet + ["é", "日", "\u00a0", "\u2028", "٣"]) for _ in range(5000))
-        assert bpe._findall(full, fast, mixed) == full.findall(mixed)  # dense non-ASCII
-        for _ in range(300):      # sparse non-ASCII runs, also at the very start and end
-            s = "".join(r.choice(alphabet) if r.random() > 0.02 else r.choice("é日\u00a0\u2028٣")
-                        for _ in range(r.randint(0, 400)))
-            assert bpe._findall(full, fast, s) == full.findall(s), repr(s)
-    with pytest.raises(ValueError, match="pattern"):
-        bpe.Tokenizer({i: bytes([i]) for i in range(256)}, [], pattern=r"\w+")
-
-
-def test_pmi_matches_naive_reference(tmp_path):
-    text = _tie_corpus(3) + " " + _corpus()[:3000]
-    p = tmp_path / "c.txt"
-    p.write_text(text, encoding="utf-8")
-    _, merges = bpe.train_bpe(str(p), 256 + 1 + 60, ["<|endoftext|>"], merge_score="pmi")
-    assert merges == naive_train(text, 256 + 1 + 60, ["<|endoftext|>"], score="pmi")
-    _, by_count = bpe.train_bpe(str(p), 256 + 1 + 60, ["<|endoftext|>"])
-    assert merges != by_count  # the option does change what is learned
-
-
-def test_split_digits(tmp_path):
-    text = "in 2024 we sold 1234567 units for 99.99 dollars, 2024 again 2024 2024\n" * 50
-    p = tmp_path / "c.txt"
-    p.write_text(text, encoding="utf-8")
-    _, plain = bpe.train_bpe(str(p), 300, [])
-    vocab, merges = bpe.train_bpe(str(p), 300, [], split_digits=True)
-    assert merges == naive_train(text, 300, [], pattern=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-    digit = lambda t: any(48 <= x <= 57 for x in t)
-    assert any(digit(a + b) for a, b in plain)                    # default: numbers get merged
-    assert not any(digit(a + b) for a, b in merges)               # split: a digit never merges
-    tok = bpe.Tokenizer(vocab, merges, pattern=bpe.SPLIT_DIGITS_PATTERN)
-    assert len(tok.encode("1234567")) == 7
-    tok.save(tmp_path / "tok")                                    # the pattern survives save/load
-    assert bpe.Tokenizer.load(str(tmp_path / "tok")).encode(text) == tok.encode(text)
-
-
-def test_merge_score_and_vocab_size_validation(tmp_path):
-    p = tmp_path / "c.txt"
-    p.write_text("hello", encoding="utf-8")
-    with pytest.raises(ValueError, match="merge_score"):
-        bpe.train_bpe(str(p), 300, [], merge_score="nope")
-    with pytest.raises(ValueError, match="vocab_size"):
-        bpe.train_bpe(str(p), 257, ["<|a|>", "<|b|>"])
-
-
-# --- Tokenizer ---
-
-def test_round_trips(trained):
-    _, _, _, tok = trained
-    plain = bpe.Tokenizer(trained[1], trained[2])
-    r = random.Random(0)
-    texts = ["", "hello world", "🙂🎉👩‍💻", "Größe Привет 日本語 مرحبا ok", MIXED, _corpus()[:5000],
-             "<|endoftext|>x<|user|><|assistant|>", "\x00\x01\x7f\r\n"]
-    texts += [bytes(r.randrange(256) for _ in range(200)).decode("utf-8", errors="replace") for _ in range(20)]
-    for t in texts:
-        for k in (tok, plain):
-            ids = k.encode(t)
-            assert k.decode(ids) == t
-            assert all(0 <= i < len(k) for i in ids)
-    assert tok.encode("") == [] and tok.decode([]) == ""
-
-
-def test_decode_invalid_utf8_gives_replacement_not_error(trained):
-    tok = trained[3]
-    ids = tok.encode("é")                       # 2 bytes; decode a lone first byte
-    assert tok.decode([tok.byte_to_id[b"\xc3"]]) == "\ufffd"
-    assert tok.decode([tok.byte_to_id[b"\xff"], *ids]) == "\ufffdé"
-    assert tok.decode(np.array(ids, dtype=np.uint16)) == "é"
-    for bad in ([len(tok)], [-1], [0, 10 ** 9]):
-        with pytest.raises(ValueError, match="out of range"):
-            tok.decode(bad)
-
-
-def test_matches_tiktoken(trained):
-    tiktoken = pytest.importorskip("tiktoken")
-    path, vocab, merges, tok = trained
-    sp = {s: tok.special_ids[s] for s in SPECIALS}
-    enc = tiktoken.Encoding("ours", pat_str=bpe.GPT2_PATTERN, special_tokens=sp,
-                            mergeable_ranks={b: i for i, b in vocab.items() if i not in sp.values()})
-    r = random.Random(1)
-    text = open(path, encoding="utf-8").read() + MIXED + "<|user|>hi<|assistant|>yo<|endoftext|><|endoftext|>"
-    text += "".join(chr(r.choice([r.randrange(32, 127), r.randrange(160, 0x3000), 10, 32])) for _ in range(3000))
-    assert tok.encode(text) == enc.encode(text, allowed_special="all")
-    plain = bpe.Tokenizer(vocab, merges)          # no specials: "<|endoftext|>" is ordinary text
-    assert plain.encode(text) == enc.encode_ordinary(text)
-    assert tok.special_ids["<|endoftext|>"] not in plain.encode("<|endoftext|>")
-
-
-def test_special_tokens_longest_match_and_appended(trained):
-    _, vocab, merges, _ = trained
-    eot = "<|endoftext|>"
-    tok = bpe.Tokenizer(vocab, merges, [eot, eot + eot, "<|new|>"])
-    ids = tok.encode(f"a{eot}{eot}b{eot}c<|new|>")
-    assert ids[1] == tok.special_ids[eot + eot] and ids.count(tok.special_ids[eot]) == 1
-    # specials missing from the vocab are appended, in order
-    assert [tok.special_ids[eot + eot], tok.special_ids["<|new|>"]] == [len(vocab), len(vocab) + 1]
-    assert tok.decode(ids) == f"a{eot}{eot}b{eot}c<|new|>"
-
-
-def test_encode_iterable_equals_encode(trained, tmp_path):
-    path, vocab, merges, tok = trained
-    text = open(path, encoding="utf-8").read()[:30000] + "\n\n\n  \n" + MIXED + "end<|user|>\n<|assistant|>"
-    p = tmp_path / "t.txt"
-    p.write_text(text, encoding="utf-8")
-    with open(p, encoding="utf-8", newline="") as f:
-        it = tok.encode_iterable(f)
-        assert not isinstance(it, list)
-        assert list(it) == tok.encode(text)
-    chunks = [text[i:i + 7] for i in range(0, len(text), 7)]      # arbitrary cuts, mid-word too
-    assert list(tok.encode_iterable(chunks)) == tok.encode(text)
-    odd = bpe.Tokenizer(vocab, merges, ["x\n<|sep|>"])             # a special spanning a newline
-    assert list(odd.encode_iterable(["ab x\n", "<|sep|>cd\n"])) == odd.encode("ab x\n<|sep|>cd\n")
-
-
-def test_save_from_files_identical(trained, tmp_path):
-    path, vocab, merges, tok = trained
-    tok.save(tmp_path / "tok")
-    names = sorted(os.listdir(tmp_path / "tok"))
-    assert names == ["merges.txt", "special_tokens.json", "vocab.json"]
-    raw = json.load(open(tmp_path / "tok" / "vocab.json", encoding="utf-8"))
-    assert raw["Ġthe"] == tok.byte_to_id[b" the"] and raw["<|endoftext|>"] == tok.special_ids["<|endoftext|>"]
-    lines = open(tmp_path / "tok" / "merges.txt", encoding="utf-8").read().splitlines()
-    assert lines[0].startswith("#version") and len(lines) == len(merges) + 1
-    back = bpe.Tokenizer.from_files(str(tmp_path / "tok" / "vocab.json"), str(tmp_path / "tok" / "merges.txt"),
-                                    SPECIALS)
-    text = open(path, encoding="utf-8").read()[:20000] + MIXED
-    assert back.vocab == tok.vocab and back.merges == tok.merges
-    assert back.encode(text) == tok.encode(text)
-    assert bpe.Tokenizer.load(str(tmp_path / "tok")).encode(text) == tok.encode(text)
-
-
-def test_bytes_to_unicode_is_gpt2_table():
-    t = bpe.bytes_to_unicode()
-    assert len(set(t.values())) == 256
-    assert t[ord(" ")] == "Ġ" and t[ord("\n")] == "Ċ" and t[ord("A")] == "A" and t[0] == "Ā"
-    assert all(ch.isprintable() and not ch.isspace() for ch in t.values())
-
-
-def test_encode_file_memmap(trained, tmp_path):
-    path, _, _, tok = trained
-    tok.save(tmp_path / "tok")
-    n = bpe.encode_file(str(tmp_path / "tok"), path, str(tmp_path / "a.bin"), workers=2, chunk_bytes=8192,
-                        verbose=False)
-    arr = np.memmap(tmp_path / "a.bin", dtype=np.uint16, mode="r")
-    assert n == len(arr) and arr.tolist() == tok.encode(open(path, encoding="utf-8", newline="").read())
-    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
-
-
-def test_encode_file_uint32_for_big_vocab(tmp_path):
-    vocab = {i: bytes([i]) for i in range(256)}
-    vocab[70000] = b"<|big|>"                       # ids above 65535 need uint32
-    tok = bpe.Tokenizer(vocab, [], ["<|big|>"])
-    tok.save(tmp_path / "tok")
-    (tmp_path / "t.txt").write_text("hi<|big|>", encoding="utf-8")
-    bpe.encode_file(str(tmp_path / "tok"), str(tmp_path / "t.txt"), str(tmp_path / "t.bin"), verbose=False)
-    assert np.fromfile(tmp_path / "t.bin", dtype=np.uint32).tolist() == [104, 105, 70000]
-    assert bpe.token_dtype(65536) == np.uint16 and bpe.token_dtype(65537) == np.uint32
-
-
-# --- CLI ---
-
-def test_cli_train_encode_stats(tmp_path, capsys):
-    p = tmp_path / "c.txt"
-    p.write_text(_corpus()[:20000], encoding="utf-8")
-    bpe.main(["train", "--input", str(p), "--vocab-size", "400", "--out", str(tmp_path / "tok"),
-              "--special-tokens", *SPECIALS])
-    out = capsys.readouterr()
-    assert "bytes/token" in out.out and "merges" in out.err
-    bpe.main(["encode", "--tokenizer", str(tmp_path / "tok"), "--input", str(p), "--out", str(tmp_path / "c.bin")])
-    tok = bpe.Tokenizer.load(str(tmp_path / "tok"))
-    assert np.fromfile(tmp_path / "c.bin", dtype=np.uint16).tolist() == tok.encode(p.read_text(encoding="utf-8"))
-    bpe.main(["stats", "--tokenizer", str(tmp_path / "tok"), "--input", str(p)])
-    out = capsys.readouterr().out
-    assert "tokens/word" in out and "numbers" in out and "non-English" in out
-
-
-def _cli(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "bpe.py", *args], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.abspath(bpe.__file__)))
-
-
-def test_cli_bad_input(tmp_path):
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "ok.txt").write_text("hello hello world\n")
-    (tmp_path / "junk").mkdir()
-    (tmp_path / "junk" / "vocab.json").write_text("{not json")
-    (tmp_path / "junk" / "merges.txt").write_text("")
-    (tmp_path / "keep.bin").write_bytes(b"old")
-    cases = [
-        (["train", "--input", str(tmp_path / "missing.txt"), "--vocab-size", "300", "--out", str(tmp_path / "t1")],
-         "not found", tmp_path / "t1"),
-        (["train", "--input", str(tmp_path / "empty.txt"), "--vocab-size", "300", "--out", str(tmp_path / "t2")],
-         "empty", tmp_path / "t2"),
-        (["train", "--input", str(tmp_path / "ok.txt"), "--vocab-size", "200", "--out", str(tmp_path / "t3")],
-         "vocab_size", tmp_path / "t3"),
-        (["encode", "--tokenizer", str(tmp_path / "nodir"), "--input", str(tmp_path / "ok.txt"),
-          "--out", str(tmp_path / "o.bin")], "not found", tmp_path / "o.bin"),
-        (["encode", "--tokenizer", str(tmp_path / "junk"), "--input", str(tmp_path / "ok.txt"),
-          "--out", str(tmp_path / "keep.bin")], "JSON", None),
-        (["stats", "--tokenizer", str(tmp_path / "junk"), "--input", str(tmp_path / "ok.txt")], "JSON", None),
-    ]
-    for args, needle, must_not_exist in cases:
-        r = _cli(*args)
-        assert r.returncode != 0, args
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, (args, r.stderr)
-        if must_not_exist is not None:
-            assert not must_not_exist.exists()
-    assert (tmp_path / "keep.bin").read_bytes() == b"old"          # a failed run clobbers nothing
-    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
 # ---------------------------------------------------------------
@@ -893,22 +553,367 @@ def test_token_files_with_byte_level_tokenizer(tmp_path):
         assert len(ids) == s[f"{split}_tokens"] == len(text) - 12 * n_docs and (ids == 256).sum() == n_docs
 
 
+# ---------------------------------------------------------------
+# bpe.py: byte-level BPE tokenizer
+# Trusted references: a naive BPE trainer written inline (recount every pair after every merge),
+# tiktoken (same ranks -> must give the same ids), round-trip invariants, GPT-2's byte table.
+
+
+SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
+MIXED = ("Hello, world! It's 2024-05-17; we'll pay $3.14 for 1,000,000 items.\n"
+         "    def f(x):\n        return x  # indented code\n\n\n"
+         "Größenordnung, l'élève français. Привет, мир! 日本語のテキスト。 مرحبا بالعالم\n"
+         "emoji: 🙂🎉 👩‍💻   trailing spaces   \n\t\ttabs\r\nwindows line\n")
+
+
+def _corpus():
+    """~60 KB of English from the stdlib docs plus mixed scripts, code and numbers, cut into
+    documents by special tokens."""
+    import pydoc_data.topics as t
+    docs = [t.topics[k] for k in sorted(t.topics)[:40]]
+    docs = [d for d in docs] + [MIXED * 3] * 5
+    return "<|endoftext|>".join(docs)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bpe")
+    path = d / "corpus.txt"
+    path.write_text(_corpus(), encoding="utf-8")
+    vocab, merges = bpe.train_bpe(str(path), 700, SPECIALS)
+    return str(path), vocab, merges, bpe.Tokenizer(vocab, merges, SPECIALS)
+
+
+# --- a naive trainer: the definition, recounted from scratch after every merge ---
+
+def _naive_words(text, specials, pattern):
+    pieces = regex.split("|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)), text) \
+        if specials else [text]
+    words = Counter()
+    for piece in pieces:
+        for w in regex.findall(pattern, piece):
+            words[tuple(bytes([x]) for x in w.encode("utf-8"))] += 1
+    return words
+
+
+def _naive_merge(w, pair):
+    out, i = [], 0
+    while i < len(w):
+        if i + 1 < len(w) and (w[i], w[i + 1]) == pair:
+            out.append(w[i] + w[i + 1])
+            i += 2
+        else:
+            out.append(w[i])
+            i += 1
+    return tuple(out)
+
+
+def naive_train(text, vocab_size, specials, pattern=bpe.GPT2_PATTERN, score="count"):
+    words = _naive_words(text, specials, pattern)
+    merges = []
+    for _ in range(vocab_size - 256 - len(specials)):
+        pairs, syms = Counter(), Counter()
+        for w, c in words.items():
+            for s in w:
+                syms[s] += c
+            for p in zip(w, w[1:]):
+                pairs[p] += c
+        if not pairs:
+            break
+        if score == "count":
+            best = max(pairs, key=lambda p: (pairs[p], p))
+        else:  # WordPiece / PMI: count(ab) / (count(a) count(b)), ties -> greatest bytes
+            best = max(pairs, key=lambda p: (pairs[p] / (syms[p[0]] * syms[p[1]]), p))
+        merges.append(best)
+        new = Counter()
+        for w, c in words.items():
+            new[_naive_merge(w, best)] += c
+        words = new
+    return merges
+
+
+def _tie_corpus(seed):
+    """Small alphabet, short words, repeats: many pairs share the top count, so ties decide."""
+    r = random.Random(seed)
+    words = ["".join(r.choice("abcab") for _ in range(r.randint(1, 6))) for _ in range(300)]
+    text = " ".join(words) + " aaaa aaa abab ba ba ab ab éé ü 日本"
+    return text.replace("cab", "cab<|endoftext|>", 3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_train_bpe_matches_naive_reference(tmp_path, seed):
+    text = _tie_corpus(seed)
+    p = tmp_path / "c.txt"
+    p.write_text(text, encoding="utf-8")
+    vocab, merges = bpe.train_bpe(str(p), 256 + 1 + 120, ["<|endoftext|>"])
+    ref = naive_train(text, 256 + 1 + 120, ["<|endoftext|>"])
+    assert merges == ref
+    # vocab: bytes, then the special, then one entry per merge in order
+    assert [vocab[i] for i in range(256)] == [bytes([i]) for i in range(256)]
+    assert vocab[256] == b"<|endoftext|>"
+    assert [vocab[257 + k] for k in range(len(merges))] == [a + b for a, b in merges]
+    # "<|", "|>" and "endoftext" occur only inside the special: cut out first, so never learned
+    assert not any(x in a + b for a, b in merges for x in (b"<|", b"|>", b"endoftext", b"<", b">"))
+
+
+def test_train_bpe_matches_naive_on_real_text(tmp_path):
+    text = _corpus()[:20000]
+    p = tmp_path / "c.txt"
+    p.write_text(text, encoding="utf-8")
+    _, merges = bpe.train_bpe(str(p), 256 + 3 + 150, SPECIALS)
+    assert merges == naive_train(text, 256 + 3 + 150, SPECIALS)
+
+
+def test_train_stops_when_no_pairs_left(tmp_path):
+    p = tmp_path / "c.txt"
+    p.write_text("ab ab", encoding="utf-8")
+    vocab, merges = bpe.train_bpe(str(p), 1000, [])
+    assert merges == naive_train("ab ab", 1000, []) and len(vocab) == 256 + len(merges)
+
+
+def test_parallel_chunked_counts_equal_single_process(tmp_path):
+    # Chunks cut at special tokens or "x\n" line ends must not change a single pre-token.
+    text = (_corpus()[:30000] + "\n\n\n   \n" + MIXED) * 2 + "no newline at the end"
+    p = tmp_path / "c.txt"
+    p.write_text(text, encoding="utf-8")
+    ref = Counter(w.encode() for piece in regex.split(r"<\|endoftext\|>|<\|user\|>|<\|assistant\|>", text)
+                  for w in regex.findall(bpe.GPT2_PATTERN, piece))
+    bounds = bpe._chunk_boundaries(str(p), 12, SPECIALS, scan=512)
+    assert len(bounds) > 8 and bounds == sorted(set(bounds))
+    assert bpe.count_words(str(p), SPECIALS, workers=2, chunk_bytes=4096) == ref
+    # without specials, cuts fall on line ends only
+    assert bpe.count_words(str(p), [], workers=1, chunk_bytes=4096) == \
+        Counter(w.encode() for w in regex.findall(bpe.GPT2_PATTERN, text))
+
+
+def test_ascii_twin_regex_agrees_with_unicode_regex():
+    r = random.Random(0)
+    alphabet = [chr(i) for i in range(128)] + list("   \n\n'sdmtlvre")
+    for pattern in (bpe.GPT2_PATTERN, bpe.SPLIT_DIGITS_PATTERN):
+        full, fast = regex.compile(pattern), bpe.ascii_twin(pattern)
+        for _ in range(1000):
+            s = "".join(r.choice(alphabet) for _ in range(r.randint(0, 30)))
+            assert fast.findall(s) == full.findall(s), repr(s)
+        mixed = "".join(r.choice(alphabet + ["é", "日", "\u00a0", "\u2028", "٣"]) for _ in range(5000))
+        assert bpe._findall(full, fast, mixed) == full.findall(mixed)  # dense non-ASCII
+        for _ in range(300):      # sparse non-ASCII runs, also at the very start and end
+            s = "".join(r.choice(alphabet) if r.random() > 0.02 else r.choice("é日\u00a0\u2028٣")
+                        for _ in range(r.randint(0, 400)))
+            assert bpe._findall(full, fast, s) == full.findall(s), repr(s)
+    with pytest.raises(ValueError, match="pattern"):
+        bpe.Tokenizer({i: bytes([i]) for i in range(256)}, [], pattern=r"\w+")
+
+
+def test_pmi_matches_naive_reference(tmp_path):
+    text = _tie_corpus(3) + " " + _corpus()[:3000]
+    p = tmp_path / "c.txt"
+    p.write_text(text, encoding="utf-8")
+    _, merges = bpe.train_bpe(str(p), 256 + 1 + 60, ["<|endoftext|>"], merge_score="pmi")
+    assert merges == naive_train(text, 256 + 1 + 60, ["<|endoftext|>"], score="pmi")
+    _, by_count = bpe.train_bpe(str(p), 256 + 1 + 60, ["<|endoftext|>"])
+    assert merges != by_count  # the option does change what is learned
+
+
+def test_split_digits(tmp_path):
+    text = "in 2024 we sold 1234567 units for 99.99 dollars, 2024 again 2024 2024\n" * 50
+    p = tmp_path / "c.txt"
+    p.write_text(text, encoding="utf-8")
+    _, plain = bpe.train_bpe(str(p), 300, [])
+    vocab, merges = bpe.train_bpe(str(p), 300, [], split_digits=True)
+    assert merges == naive_train(text, 300, [], pattern=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    digit = lambda t: any(48 <= x <= 57 for x in t)
+    assert any(digit(a + b) for a, b in plain)                    # default: numbers get merged
+    assert not any(digit(a + b) for a, b in merges)               # split: a digit never merges
+    tok = bpe.Tokenizer(vocab, merges, pattern=bpe.SPLIT_DIGITS_PATTERN)
+    assert len(tok.encode("1234567")) == 7
+    tok.save(tmp_path / "tok")                                    # the pattern survives save/load
+    assert bpe.Tokenizer.load(str(tmp_path / "tok")).encode(text) == tok.encode(text)
+
+
+def test_merge_score_and_vocab_size_validation(tmp_path):
+    p = tmp_path / "c.txt"
+    p.write_text("hello", encoding="utf-8")
+    with pytest.raises(ValueError, match="merge_score"):
+        bpe.train_bpe(str(p), 300, [], merge_score="nope")
+    with pytest.raises(ValueError, match="vocab_size"):
+        bpe.train_bpe(str(p), 257, ["<|a|>", "<|b|>"])
+
+
+# --- Tokenizer ---
+
+def test_round_trips(trained):
+    _, _, _, tok = trained
+    plain = bpe.Tokenizer(trained[1], trained[2])
+    r = random.Random(0)
+    texts = ["", "hello world", "🙂🎉👩‍💻", "Größe Привет 日本語 مرحبا ok", MIXED, _corpus()[:5000],
+             "<|endoftext|>x<|user|><|assistant|>", "\x00\x01\x7f\r\n"]
+    texts += [bytes(r.randrange(256) for _ in range(200)).decode("utf-8", errors="replace") for _ in range(20)]
+    for t in texts:
+        for k in (tok, plain):
+            ids = k.encode(t)
+            assert k.decode(ids) == t
+            assert all(0 <= i < len(k) for i in ids)
+    assert tok.encode("") == [] and tok.decode([]) == ""
+
+
+def test_decode_invalid_utf8_gives_replacement_not_error(trained):
+    tok = trained[3]
+    ids = tok.encode("é")                       # 2 bytes; decode a lone first byte
+    assert tok.decode([tok.byte_to_id[b"\xc3"]]) == "\ufffd"
+    assert tok.decode([tok.byte_to_id[b"\xff"], *ids]) == "\ufffdé"
+    assert tok.decode(np.array(ids, dtype=np.uint16)) == "é"
+    for bad in ([len(tok)], [-1], [0, 10 ** 9]):
+        with pytest.raises(ValueError, match="out of range"):
+            tok.decode(bad)
+
+
+def test_matches_tiktoken(trained):
+    tiktoken = pytest.importorskip("tiktoken")
+    path, vocab, merges, tok = trained
+    sp = {s: tok.special_ids[s] for s in SPECIALS}
+    enc = tiktoken.Encoding("ours", pat_str=bpe.GPT2_PATTERN, special_tokens=sp,
+                            mergeable_ranks={b: i for i, b in vocab.items() if i not in sp.values()})
+    r = random.Random(1)
+    text = open(path, encoding="utf-8").read() + MIXED + "<|user|>hi<|assistant|>yo<|endoftext|><|endoftext|>"
+    text += "".join(chr(r.choice([r.randrange(32, 127), r.randrange(160, 0x3000), 10, 32])) for _ in range(3000))
+    assert tok.encode(text) == enc.encode(text, allowed_special="all")
+    plain = bpe.Tokenizer(vocab, merges)          # no specials: "<|endoftext|>" is ordinary text
+    assert plain.encode(text) == enc.encode_ordinary(text)
+    assert tok.special_ids["<|endoftext|>"] not in plain.encode("<|endoftext|>")
+
+
+def test_special_tokens_longest_match_and_appended(trained):
+    _, vocab, merges, _ = trained
+    eot = "<|endoftext|>"
+    tok = bpe.Tokenizer(vocab, merges, [eot, eot + eot, "<|new|>"])
+    ids = tok.encode(f"a{eot}{eot}b{eot}c<|new|>")
+    assert ids[1] == tok.special_ids[eot + eot] and ids.count(tok.special_ids[eot]) == 1
+    # specials missing from the vocab are appended, in order
+    assert [tok.special_ids[eot + eot], tok.special_ids["<|new|>"]] == [len(vocab), len(vocab) + 1]
+    assert tok.decode(ids) == f"a{eot}{eot}b{eot}c<|new|>"
+
+
+def test_encode_iterable_equals_encode(trained, tmp_path):
+    path, vocab, merges, tok = trained
+    text = open(path, encoding="utf-8").read()[:30000] + "\n\n\n  \n" + MIXED + "end<|user|>\n<|assistant|>"
+    p = tmp_path / "t.txt"
+    p.write_text(text, encoding="utf-8")
+    with open(p, encoding="utf-8", newline="") as f:
+        it = tok.encode_iterable(f)
+        assert not isinstance(it, list)
+        assert list(it) == tok.encode(text)
+    chunks = [text[i:i + 7] for i in range(0, len(text), 7)]      # arbitrary cuts, mid-word too
+    assert list(tok.encode_iterable(chunks)) == tok.encode(text)
+    odd = bpe.Tokenizer(vocab, merges, ["x\n<|sep|>"])             # a special spanning a newline
+    assert list(odd.encode_iterable(["ab x\n", "<|sep|>cd\n"])) == odd.encode("ab x\n<|sep|>cd\n")
+
+
+def test_save_from_files_identical(trained, tmp_path):
+    path, vocab, merges, tok = trained
+    tok.save(tmp_path / "tok")
+    names = sorted(os.listdir(tmp_path / "tok"))
+    assert names == ["merges.txt", "special_tokens.json", "vocab.json"]
+    raw = json.load(open(tmp_path / "tok" / "vocab.json", encoding="utf-8"))
+    assert raw["Ġthe"] == tok.byte_to_id[b" the"] and raw["<|endoftext|>"] == tok.special_ids["<|endoftext|>"]
+    lines = open(tmp_path / "tok" / "merges.txt", encoding="utf-8").read().splitlines()
+    assert lines[0].startswith("#version") and len(lines) == len(merges) + 1
+    back = bpe.Tokenizer.from_files(str(tmp_path / "tok" / "vocab.json"), str(tmp_path / "tok" / "merges.txt"),
+                                    SPECIALS)
+    text = open(path, encoding="utf-8").read()[:20000] + MIXED
+    assert back.vocab == tok.vocab and back.merges == tok.merges
+    assert back.encode(text) == tok.encode(text)
+    assert bpe.Tokenizer.load(str(tmp_path / "tok")).encode(text) == tok.encode(text)
+
+
+def test_bytes_to_unicode_is_gpt2_table():
+    t = bpe.bytes_to_unicode()
+    assert len(set(t.values())) == 256
+    assert t[ord(" ")] == "Ġ" and t[ord("\n")] == "Ċ" and t[ord("A")] == "A" and t[0] == "Ā"
+    assert all(ch.isprintable() and not ch.isspace() for ch in t.values())
+
+
+def test_encode_file_memmap(trained, tmp_path):
+    path, _, _, tok = trained
+    tok.save(tmp_path / "tok")
+    n = bpe.encode_file(str(tmp_path / "tok"), path, str(tmp_path / "a.bin"), workers=2, chunk_bytes=8192,
+                        verbose=False)
+    arr = np.memmap(tmp_path / "a.bin", dtype=np.uint16, mode="r")
+    assert n == len(arr) and arr.tolist() == tok.encode(open(path, encoding="utf-8", newline="").read())
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_encode_file_uint32_for_big_vocab(tmp_path):
+    vocab = {i: bytes([i]) for i in range(256)}
+    vocab[70000] = b"<|big|>"                       # ids above 65535 need uint32
+    tok = bpe.Tokenizer(vocab, [], ["<|big|>"])
+    tok.save(tmp_path / "tok")
+    (tmp_path / "t.txt").write_text("hi<|big|>", encoding="utf-8")
+    bpe.encode_file(str(tmp_path / "tok"), str(tmp_path / "t.txt"), str(tmp_path / "t.bin"), verbose=False)
+    assert np.fromfile(tmp_path / "t.bin", dtype=np.uint32).tolist() == [104, 105, 70000]
+    assert bpe.token_dtype(65536) == np.uint16 and bpe.token_dtype(65537) == np.uint32
+
+
+# --- CLI ---
+
+def test_cli_train_encode_stats(tmp_path, capsys):
+    p = tmp_path / "c.txt"
+    p.write_text(_corpus()[:20000], encoding="utf-8")
+    bpe.main(["train", "--input", str(p), "--vocab-size", "400", "--out", str(tmp_path / "tok"),
+              "--special-tokens", *SPECIALS])
+    out = capsys.readouterr()
+    assert "bytes/token" in out.out and "merges" in out.err
+    bpe.main(["encode", "--tokenizer", str(tmp_path / "tok"), "--input", str(p), "--out", str(tmp_path / "c.bin")])
+    tok = bpe.Tokenizer.load(str(tmp_path / "tok"))
+    assert np.fromfile(tmp_path / "c.bin", dtype=np.uint16).tolist() == tok.encode(p.read_text(encoding="utf-8"))
+    bpe.main(["stats", "--tokenizer", str(tmp_path / "tok"), "--input", str(p)])
+    out = capsys.readouterr().out
+    assert "tokens/word" in out and "numbers" in out and "non-English" in out
+
+
+def _cli(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "bpe.py", *args], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.abspath(bpe.__file__)))
+
+
+def test_cli_bad_input(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "ok.txt").write_text("hello hello world\n")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "vocab.json").write_text("{not json")
+    (tmp_path / "junk" / "merges.txt").write_text("")
+    (tmp_path / "keep.bin").write_bytes(b"old")
+    cases = [
+        (["train", "--input", str(tmp_path / "missing.txt"), "--vocab-size", "300", "--out", str(tmp_path / "t1")],
+         "not found", tmp_path / "t1"),
+        (["train", "--input", str(tmp_path / "empty.txt"), "--vocab-size", "300", "--out", str(tmp_path / "t2")],
+         "empty", tmp_path / "t2"),
+        (["train", "--input", str(tmp_path / "ok.txt"), "--vocab-size", "200", "--out", str(tmp_path / "t3")],
+         "vocab_size", tmp_path / "t3"),
+        (["encode", "--tokenizer", str(tmp_path / "nodir"), "--input", str(tmp_path / "ok.txt"),
+          "--out", str(tmp_path / "o.bin")], "not found", tmp_path / "o.bin"),
+        (["encode", "--tokenizer", str(tmp_path / "junk"), "--input", str(tmp_path / "ok.txt"),
+          "--out", str(tmp_path / "keep.bin")], "JSON", None),
+        (["stats", "--tokenizer", str(tmp_path / "junk"), "--input", str(tmp_path / "ok.txt")], "JSON", None),
+    ]
+    for args, needle, must_not_exist in cases:
+        r = _cli(*args)
+        assert r.returncode != 0, args
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, (args, r.stderr)
+        if must_not_exist is not None:
+            assert not must_not_exist.exists()
+    assert (tmp_path / "keep.bin").read_bytes() == b"old"          # a failed run clobbers nothing
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+
 # ===============================================================
 # model.py + train.py: the Transformer's blocks against torch's own ops, sampling (KV cache,
 # speculative decoding), the masked-LM objective, the optimizer/schedule/clip/batch pieces of the
 # training loop, checkpoints (file objects, errors, SIGKILL + resume == uninterrupted, bitwise)
 # and the export to Hugging Face Llama (identical logits).
 # ===============================================================
-
-
-torch.set_num_threads(1)
-ROOT = os.path.dirname(os.path.abspath(M.__file__))
-
-
-def tiny_cfg(**kw):
-    base = dict(vocab_size=61, context_length=32, d_model=32, num_layers=2, num_heads=4, d_ff=48)
-    base.update(kw)
-    return M.ModelConfig(**base)
 
 
 # ---------------------------------------------------------------
@@ -1352,7 +1357,7 @@ def test_train_loop_variants_learn(tmp_path, steps, extra):
     assert len(losses) == steps and np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
     final = recs[-1]
     assert final["final"] and final["val_loss"] < final["unigram_entropy"] - 0.3  # uses context, not just frequencies
-    m, ck = TR.load_model(os.path.join(out, "ckpt.pt"))
+    m, ck = M.load_model(os.path.join(out, "ckpt.pt"))
     assert m.cfg.causal == ("mlm" not in extra) and ck["iteration"] == steps
 
 
@@ -2434,7 +2439,7 @@ def test_lora_sft_cli_saves_a_plain_merged_checkpoint(tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"{a}+1?", "response": str(a + 1)}) + "\n" for a in range(20)))
     align.main(["sft", "--ckpt", ckpt, "--tokenizer", tdir, "--out-dir", str(tmp_path / "out"), "--data-jsonl", str(data),
                 "--lora-rank", "2", "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--no-eval", "--device", "cpu"])
-    model, _ = TR.load_model(str(tmp_path / "out" / "sft.pt"))  # loads as a plain TransformerLM
+    model, _ = M.load_model(str(tmp_path / "out" / "sft.pt"))  # loads as a plain TransformerLM
     cfg, sd, sd0 = model.cfg, model.state_dict(), base.state_dict()
     for k in sd:  # only the adapted matrices changed; embeddings, norms and lm_head did not
         assert torch.equal(sd[k], sd0[k]) != (k.split(".")[-2] in align.LORA_TARGETS), k
@@ -2473,7 +2478,7 @@ def test_reward_model_learns_an_obvious_preference(tmp_path):
                 "--steps", "30", "--lr", "1e-3", "--device", "cpu"])
     last = json.loads((out / "rm_metrics.jsonl").read_text().splitlines()[-1])
     assert last["n"] > 20 and last["heldout_pair_acc"] > 0.9, last
-    body, ck = TR.load_model(str(out / "rm.pt"))  # the body is a plain TransformerLM checkpoint
+    body, ck = M.load_model(str(out / "rm.pt"))  # the body is a plain TransformerLM checkpoint
     assert ck["stage"] == "rm" and ck["reward_head"].shape == (body.cfg.d_model,)
 
 

@@ -65,7 +65,8 @@ import time
 import numpy as np
 import torch
 
-from model import ModelConfig, TransformerLM, estimate_mfu, flops_per_token, generate, mlm_corrupt
+from model import (ModelConfig, TransformerLM, estimate_mfu, flops_per_token, generate, load_model, mlm_corrupt, pick_device,
+                   read_checkpoint)
 
 # ---------------------------------------------------------------
 # 1. The loss: cross-entropy with the log-sum-exp trick
@@ -380,20 +381,6 @@ def save_checkpoint(model, optimizer, iteration, out, **extra):
         torch.save(ckpt, out)
 
 
-def read_checkpoint(src):
-    """torch.load(weights_only=True) with a one-line error for missing/corrupt/truncated files."""
-    if isinstance(src, (str, os.PathLike)) and not os.path.exists(src):
-        raise SystemExit(f"error: checkpoint {src} not found")
-    try:
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = (str(e).strip().splitlines() or [""])[0][:80]
-        raise SystemExit(f"error: cannot read checkpoint {src} (corrupt or truncated?): {type(e).__name__}: {msg}")
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise SystemExit(f"error: {src} is not a train.py checkpoint")
-    return ckpt
-
-
 def check_config(saved, current):
     """Refuse to load weights into a model of another shape, naming the first mismatch."""
     for key, val in sorted(current.items(), key=lambda kv: kv[0] != "causal"):  # objective first: it also shifts vocab_size
@@ -429,22 +416,9 @@ def load_checkpoint(src, model, optimizer=None):
     return int(ckpt["iteration"])
 
 
-def load_model(ckpt_path, device="cpu"):
-    """Build a TransformerLM from a checkpoint's config and load its weights (eval mode)."""
-    ckpt = read_checkpoint(ckpt_path)
-    model = TransformerLM(ModelConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
-
-
 # ---------------------------------------------------------------
 # 6. The training loop
 # ---------------------------------------------------------------
-
-
-def autodetect_device(name=None):
-    mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    return name or ("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
 
 
 def truncate_metrics(path, step):
@@ -469,7 +443,7 @@ def train(args):
         if args.fsdp and args.optimizer == "muon":
             raise SystemExit("error: --optimizer muon needs whole matrices; not supported with --fsdp")
     else:
-        rank, device = 0, autodetect_device(args.device)
+        rank, device = 0, pick_device(args.device)
     master = rank == 0
     # flush: a log piped to a file (or killed mid-run) must still show every finished step
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
@@ -701,7 +675,7 @@ def train(args):
 def sample(args):
     if not args.ckpt:
         raise SystemExit("error: --sample needs --ckpt PATH")
-    device = autodetect_device(args.device)
+    device = pick_device(args.device)
     model, ckpt = load_model(args.ckpt, device)
     data_dir = ckpt.get("args", {}).get("data") or ""
     tok = load_tokenizer(args.tokenizer or ckpt.get("args", {}).get("tokenizer") or os.path.join(data_dir, "tokenizer"))
