@@ -62,67 +62,133 @@ def capped_steps(train_bin, batch_size, context_length, max_steps, max_epochs):
     return max(1, min(max_steps, max_epochs * tokens // (batch_size * context_length)))
 
 
-def stage_plan(out, preset, sources=()):
-    """The stages in order: (name, command, artifacts that prove it finished).
+def stage_plan(out, preset, sources=(), scaling=False):
+    """The stages in order: (name, command, inputs, artifacts that prove it finished).
     `sources` are data.py flags for real data (e.g. ["--url", URL]); none = the embedded corpus."""
     py = sys.executable
     p = PRESETS[preset]
     d = os.path.join(out, "data")
     tok = os.path.join(d, "tokenizer")
+    tok_files = [os.path.join(tok, f) for f in ("vocab.json", "merges.txt", "special_tokens.json")]
     base = os.path.join(out, "base")
     al = os.path.join(out, "align")
-    return [
-        ("data", [py, "data.py", "--out", d, *p["data"], *sources],
+    local = [x for x in sources[1:] if sources and sources[0] == "--input"]  # real data files: inputs too
+    plan = [
+        ("data", [py, "data.py", "--out", d, *p["data"], *sources], local,
          [os.path.join(d, "train.txt"), os.path.join(d, "val.txt"), os.path.join(d, "stats.json")]),
         ("bpe", [py, "bpe.py", "train", "--input", os.path.join(d, "train.txt"), "--out", tok,
-                 "--special-tokens", *SPECIALS, *p["bpe"]],
-         [os.path.join(tok, "vocab.json"), os.path.join(tok, "merges.txt")]),
+                 "--special-tokens", *SPECIALS, *p["bpe"]], [os.path.join(d, "train.txt")], tok_files),
         *[(f"encode-{s}", [py, "bpe.py", "encode", "--tokenizer", tok, "--input", os.path.join(d, f"{s}.txt"),
-                            "--out", os.path.join(d, f"{s}.bin")], [os.path.join(d, f"{s}.bin")])
-          for s in ("train", "val")],
+                           "--out", os.path.join(d, f"{s}.bin")], [*tok_files, os.path.join(d, f"{s}.txt")],
+           [os.path.join(d, f"{s}.bin")]) for s in ("train", "val")],
         ("pretrain", [py, "train.py", "--data", d, "--out-dir", base, *p["train"]],
-         [os.path.join(base, "ckpt.pt")]),
+         [*tok_files, os.path.join(d, "train.bin"), os.path.join(d, "val.bin")], [os.path.join(base, "ckpt.pt")]),
         ("align", [py, "align.py", "all", "--ckpt", os.path.join(base, "ckpt.pt"), "--tokenizer", tok,
-                   "--out-dir", al, *p["align"]],
+                   "--out-dir", al, *p["align"]], [os.path.join(base, "ckpt.pt"), *tok_files],
          [os.path.join(al, "eval.json")]),
     ]
-
-
-def run_stages(out, preset, fresh, scaling, sources=()):
-    """Run each stage unless its artifacts exist; record wall time per stage in timings.json."""
-    os.makedirs(out, exist_ok=True)
-    tpath = os.path.join(out, "timings.json")
-    timings = json.load(open(tpath)) if os.path.exists(tpath) and not fresh else {}
-    plan = stage_plan(out, preset, sources)
     if scaling:
         # Byte-level tokens (vocab 256) so the lm_head does not dominate tiny models, and sizes that bracket
         # each budget's optimum (see scaling.py's docstring for the measured sweep these follow).
         sc, bd = os.path.join(out, "scaling"), os.path.join(out, "data-bytes")
-        plan.append(("scaling-bytes", [sys.executable, "scaling.py", "bytes", "--text", os.path.join(out, "data"),
-                                       "--out", bd], [os.path.join(bd, "train.bin")]))
-        plan.append(("scaling", [sys.executable, "scaling.py", "sweep", "--data", bd, "--vocab-size", "256",
-                                 "--out-dir", sc, "--budgets", "3e10", "1e11", "3e11", "--sizes", "12", "16", "24",
-                                 "32", "48", "--fit", "--target", "1e12"], [os.path.join(sc, "fit.json")]))
-    for i, (name, cmd, artifacts) in enumerate(plan):
-        if not fresh and all(os.path.exists(a) for a in artifacts):
+        plan.append(("scaling-bytes", [py, "scaling.py", "bytes", "--text", d, "--out", bd],
+                     [os.path.join(d, "train.txt"), os.path.join(d, "val.txt")],
+                     [os.path.join(bd, "train.bin"), os.path.join(bd, "val.bin")]))
+        plan.append(("scaling", [py, "scaling.py", "sweep", "--data", bd, "--vocab-size", "256", "--out-dir", sc,
+                                 "--budgets", "3e10", "1e11", "3e11", "--sizes", "12", "16", "24", "32", "48", "--fit",
+                                 "--target", "1e12"], [os.path.join(bd, "train.bin"), os.path.join(bd, "val.bin")],
+                     [os.path.join(sc, "fit.json")]))
+    return plan
+
+
+# ---------------------------------------------------------------
+# Done-markers. A stage counts as finished only when its marker -- written as its very last act --
+# holds the same command line and the same input fingerprints as now. So a killed stage, a stage run
+# with other flags or data, or a stage whose inputs an upstream rerun replaced, runs again, and once
+# one stage runs, every stage after it runs too (its inputs are new).
+
+def fingerprint(paths):
+    """(size, mtime) of every input file: cheap on a 20 GB train.bin, and any rewrite changes it."""
+    fp = {}
+    for p in paths:
+        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs) if os.path.isdir(p) else [p]
+        for f in files:
+            st = os.stat(f) if os.path.exists(f) else None
+            fp[f] = [st.st_size, st.st_mtime_ns] if st else None
+    return fp
+
+
+def stage_record(cmd, inputs):
+    return {"cmd": cmd[1:], "inputs": fingerprint(inputs)}  # cmd[0] is the interpreter: not part of the recipe
+
+
+def read_marker(out, name):
+    try:
+        with open(os.path.join(out, ".done", f"{name}.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # missing or half-written: not done
+        return None
+
+
+def write_marker(out, name, record):
+    path = os.path.join(out, ".done", f"{name}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def is_done(out, name, record, artifacts):
+    return all(os.path.exists(a) for a in artifacts) and read_marker(out, name) == record
+
+
+def pretrain_cmd(out, preset, cmd):
+    """The gpu preset caps steps at max_epochs of the data: known only once train.bin exists."""
+    p = PRESETS[preset]
+    if "max_steps" not in p:
+        return cmd
+    t = p["train"]
+    steps = capped_steps(os.path.join(out, "data", "train.bin"), int(t[t.index("--batch-size") + 1]),
+                         int(t[t.index("--context-length") + 1]), p["max_steps"], p["max_epochs"])
+    return cmd + ["--max-steps", str(steps)]
+
+
+def run_stage(out, name, cmd, record, artifacts, fresh=False):
+    """Run one stage; resume pretraining that was killed with this very recipe; mark it done last."""
+    if name == "pretrain" and not fresh and read_marker(out, "pretrain.started") == record and os.path.exists(artifacts[0]):
+        cmd = cmd + ["--resume"]  # the periodic ckpt.pt of the same run: pick up where it stopped
+    write_marker(out, f"{name}.started", record)
+    rc = subprocess.call(cmd, cwd=ROOT)
+    if rc != 0:
+        raise SystemExit(f"error: stage '{name}' failed with exit code {rc}; fix it and rerun (finished stages are kept)")
+    missing = [a for a in artifacts if not os.path.exists(a)]
+    if missing:
+        raise SystemExit(f"error: stage '{name}' finished but did not write {missing[0]}")
+    write_marker(out, name, record)  # the last act: a stage killed before this line is not done
+
+
+def run_stages(out, preset, fresh, scaling, sources=()):
+    """Run each stage that is not done (see the done-markers above); wall time per stage -> timings.json."""
+    os.makedirs(out, exist_ok=True)
+    tpath = os.path.join(out, "timings.json")
+    timings = json.load(open(tpath)) if os.path.exists(tpath) and not fresh else {}
+    plan = stage_plan(out, preset, sources, scaling)
+    rerun = fresh  # once one stage runs, every later one runs too
+    for i, (name, cmd, inputs, artifacts) in enumerate(plan):
+        cmd = pretrain_cmd(out, preset, cmd) if name == "pretrain" else cmd
+        record = stage_record(cmd, inputs)
+        if not rerun and is_done(out, name, record, artifacts):
             print(f"[{i + 1}/{len(plan)}] {name}: done already, skipping (--fresh to redo)", flush=True)
             continue
-        if name == "pretrain" and "max_steps" in PRESETS[preset]:   # sized now that the tokens exist
-            t = PRESETS[preset]["train"]
-            steps = capped_steps(os.path.join(out, "data", "train.bin"), int(t[t.index("--batch-size") + 1]),
-                                 int(t[t.index("--context-length") + 1]), PRESETS[preset]["max_steps"],
-                                 PRESETS[preset]["max_epochs"])
-            cmd = cmd + ["--max-steps", str(steps)]
+        rerun = True
         print(f"[{i + 1}/{len(plan)}] {name}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
-        rc = subprocess.call(cmd, cwd=ROOT)
-        if rc != 0:
-            raise SystemExit(f"error: stage '{name}' failed with exit code {rc}; fix it and rerun (finished stages are kept)")
-        missing = [a for a in artifacts if not os.path.exists(a)]
-        if missing:
-            raise SystemExit(f"error: stage '{name}' finished but did not write {missing[0]}")
+        run_stage(out, name, cmd, record, artifacts, fresh)
         timings[name] = round(time.time() - t0, 1)
-        json.dump(timings, open(tpath + ".tmp", "w"), indent=1)
+        with open(tpath + ".tmp", "w") as f:
+            json.dump(timings, f, indent=1)
         os.replace(tpath + ".tmp", tpath)
         print(f"[{i + 1}/{len(plan)}] {name}: {timings[name]:.0f} s", flush=True)
     return timings
