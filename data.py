@@ -47,19 +47,17 @@ Each stage has an off switch (`--no-lang`, `--no-pii`, `--no-line-dedup`, `--no-
 `--no-quality`, `--no-toxic`, `--no-nsfw`, `--no-dedup`).
 
 Output: train.txt / val.txt (each document followed by <|endoftext|>; the split is a hash of the
-document id, so it is stable) and stats.json: docs_in, kept, bytes_in, train/val_docs and _bytes
-(and _tokens), dropped_by_reason {"stage:reason": n}, docs_after_stage {"i_stage": docs left},
-pii {email, phone, ip: n masked}, langs {detected language: n}, minhash_clusters (and a few
-minhash_example_clusters), lines_removed_by_line_dedup, dropped_examples {reason: first ids},
-seconds_*.
+document id, so it is stable) and stats.json: what came in, what each stage dropped and why
+(dropped_by_reason, docs_after_stage, a few dropped_examples), PII counts, languages, MinHash
+clusters, sizes and timings.
 
-Known limits: per-document stages stream through a process pool, but the corpus-level stages
-(MinHash, line dedup, classifiers) hold the surviving texts in memory. A bare 10-digit number
-that starts with 2-9 is masked as a phone number (2831823829 must be, and 2147483648 looks the
-same), so a few integer constants in the stdlib docs become |||PHONE_NUMBER|||. The default
-classifiers are toys trained on ~70 embedded sentences; see Stage 5.
+Known limits: the corpus-level stages (MinHash, line dedup, classifiers) hold the surviving texts
+in memory. A bare 10-digit number that starts with 2-9 is masked as a phone number, so a few
+integer constants in the stdlib docs become |||PHONE_NUMBER|||. The default classifiers are toys
+trained on ~70 embedded sentences; see Stage 5.
 """
 import argparse
+import contextlib
 import gzip
 import hashlib
 import html.parser
@@ -77,25 +75,19 @@ from collections import Counter
 import numpy as np
 import regex
 
+from bpe import _progress  # bpe.py is the home of the MB/s + ETA progress line
+
 EOT = "<|endoftext|>"
 
 
-def _progress(done, total, t0, what, every=1.0, _last=[0.0]):
-    """One status line with rate and ETA, at most once per `every` seconds (to stderr)."""
-    now = time.time()
-    if done != total and now - _last[0] < every:
-        return
-    _last[0] = now  # a mutable default lives across calls: a "last printed" clock without a global
-    rate = done / max(now - t0, 1e-9)
-    eta = (total - done) / rate if total and rate > 0 else 0.0
-    tail = f"/{total} | ETA {eta:5.1f}s" if total else ""
-    print(f"\r  {what}: {done}{tail} | {rate:7.1f}/s", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-
-def _write_atomic(path, text):
-    """Write to path.tmp, then rename: a killed run leaves the old file or the new one, never half."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """Write path.tmp, fsync, rename: a killed run leaves the old file or the new one, never half
+    (fsync first, or after a power cut the new name can point at blocks that never reached disk)."""
+    with open(path + ".tmp", mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
@@ -229,7 +221,7 @@ def load_fasttext_lid(path):
 def identify_language(text):
     """-> (lang_code, confidence in [0, 1]). 'unk' when there is nothing to go on."""
     if _FASTTEXT_LID is not None:
-        labels, scores = _FASTTEXT_LID.predict(text.replace("\n", " ")[:10000])
+        labels, scores = _FASTTEXT_LID.predict(text.replace("\n", " ")[:10000])  # fastText wants one line
         return labels[0].replace("__label__", ""), float(scores[0])
     sample = text[:20000]
     latin = len(re.findall(r"[A-Za-z\u00c0-\u024f]", sample))
@@ -329,82 +321,10 @@ def gopher_quality_filter(text):
 # give a little word order), average the rows (EmbeddingBag), one linear layer on top. A linear
 # model on a bag of n-grams trains in seconds and is hard to beat for such questions, which is why
 # Dolma and DCLM still filter with fastText. We train the defaults at build time from the tiny
-# labeled sets below. They are honest toys: they catch navigation/boilerplate and blatant insults or
-# explicit-content spam phrased like the examples, and little else. Probed by hand: "you stupid
-# idiot" -> toxic 1.0, but the dog whistle "Go back to where you came from." -> clean; spam without
-# the example words ("Meet lonely wives in your area tonight") -> clean; "lorem ipsum dolor sit
-# amet" -> high quality. They see only word identity, so no paraphrase, no other language (unless
-# a word is shared: "Du bist ein Idiot" -> toxic), no context ("the idiot light" -> clean, luckily).
-# With the 0.9 thresholds they drop 1 of ~390 stdlib pages. Bring your own labeled .jsonl
+# labeled sets in fixtures/classifier_seeds.txt. They are honest toys: they catch navigation/boilerplate and blatant
+# insults or explicit-content spam phrased like the examples, and little else (they see only word
+# identity: no paraphrase, no context; the README lists probes). Bring your own labeled .jsonl
 # (`train-classifier`) for real filtering, e.g. Wikipedia-cited pages vs. random Common Crawl.
-
-_QUALITY_HIGH = """The function returns a new list containing the items of the iterable in sorted order.
-Photosynthesis converts light energy into chemical energy stored in glucose molecules.
-The committee published its findings after reviewing evidence from several independent studies.
-A hash table maps keys to values by computing an index into an array of buckets.
-In 1905 Einstein published four papers that changed our understanding of space, time and matter.
-The algorithm runs in linear time because each element is visited at most twice.
-Rivers carry sediment downstream and deposit it where the current slows near the coast.
-This module provides classes for reading and writing compressed files in a streaming fashion.
-The author argues that economic growth depends on institutions as much as on natural resources.
-If the argument is omitted, the default encoding of the current locale is used instead.
-Cells divide through mitosis, producing two daughter cells with identical sets of chromosomes.
-The parser raises an exception when the input does not conform to the expected grammar.
-Historians disagree about the causes of the war, but most emphasize the alliance system.
-Use a context manager so that the file is closed even when an error occurs inside the block.
-The theorem states that every continuous function on a closed interval attains a maximum.
-Each thread has its own stack, while all threads of a process share the same heap memory.
-The museum's collection includes paintings, manuscripts and instruments from the medieval period.
-Return the number of seconds elapsed since the epoch as a floating point number.
-Vaccines train the immune system to recognize a pathogen without causing the disease itself.
-The class keeps a reference to its parent so that events can propagate up the tree.""".split("\n")
-_QUALITY_LOW = """Home | About us | Contact | Privacy policy | Terms of use | Sitemap
-Click here to subscribe to our newsletter and get 10% off your first order!!!
-Copyright 2023 All rights reserved. Powered by WordPress. Theme by Example.
-Login Register Forgot password? Cart (0) Checkout Wishlist My account
-We use cookies to improve your experience. Accept all cookies Reject Settings
-Share on Facebook Tweet Pin it Email Print Share this article
-Previous post Next post Related posts Leave a comment Cancel reply
-buy cheap best price free shipping discount deal sale offer buy now limited time
-Skip to main content Menu Search Close Toggle navigation Back to top
-Posted by admin in Uncategorized | 0 comments | Read more
-Page 1 2 3 4 5 Next Last Showing 1-20 of 340 results Sort by
-Sign up for free! Download the app now! Follow us on Instagram and TikTok
-404 Not Found The page you requested could not be found. Return to homepage
-Tags: news, best, top, free, online, cheap, 2023, trending, viral, click
-Advertisement Sponsored content You may also like Recommended for you
-Username Password Remember me Log in Create account Lost your password?
-click here click here click here for more info visit our website now
-Categories Archives Recent posts Recent comments Meta RSS feed Blogroll
-Hot deals today only, hurry up, stock is limited, order now and save big
-Accept Decline Manage preferences Necessary cookies Analytics cookies Marketing""".split("\n")
-_TOXIC = """You are an idiot and nobody wants you here.
-Shut up, you stupid fool, everyone hates you.
-What a worthless moron, go away and never come back.
-You are pathetic trash and your work is garbage.
-I hate you and people like you, you disgusting loser.
-Only a complete imbecile would write something this dumb.
-Get lost, nobody cares about your pathetic opinion, idiot.
-You are a brainless clown and a waste of space.
-People like you are vermin and should be thrown out.
-Stupid, ugly and useless, that is what you are.""".split("\n")
-_NSFW = """Explicit adult content, nude photos and sexual videos, 18+ only.
-Hot singles want sex tonight, click for explicit nude pictures.
-Watch uncensored porn videos and naked webcam shows now.
-Adults only: erotic sexual material with graphic nudity.
-XXX explicit sex scenes, free adult videos, nude models.
-Sexy naked girls and boys in explicit adult photo galleries.
-Erotic escorts and sexual services available, explicit photos inside.
-Uncensored nude content for adults, sexual acts shown explicitly.""".split("\n")
-_CLEAN = _QUALITY_HIGH + """Thank you for your help, I really appreciate the detailed answer.
-The weather was lovely today, so we walked along the river after lunch.
-Please send me the report by Friday so I can review it before the meeting.
-Our team meets every Monday to plan the work for the week.
-She planted tomatoes and basil in the garden this spring.""".split("\n")
-_DEFAULT_SETS = {"quality": (["low", "high"], [_QUALITY_LOW, _QUALITY_HIGH]),
-                 "toxic": (["clean", "toxic"], [_CLEAN, _TOXIC]),
-                 "nsfw": (["clean", "nsfw"], [_CLEAN, _NSFW])}
-
 
 def _hashed_features(text, num_buckets, max_words=2000):
     """Word unigrams + bigrams -> bucket ids (crc32 is stable across runs, unlike hash())."""
@@ -454,10 +374,26 @@ def train_classifier(texts, labels, label_names, num_buckets=2**14, dim=16, epoc
 
 
 _CLASSIFIERS = {}  # kind -> (model, labels, num_buckets); trained/loaded once per process
+SEEDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "classifier_seeds.txt")
+
+
+def default_training_sets(kind, path=SEEDS):
+    """-> (label names, one list of texts per label) for the default `kind` classifier, from SEEDS."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = [line.rstrip("\n").split("\t", 1) for line in f if line.strip() and not line.startswith("#")]
+    except OSError as e:
+        raise SystemExit(f"error: the default classifiers train on {path} ({e}); pass --{kind}-model or --no-{kind}")
+    by = {}
+    for label, text in rows:
+        by.setdefault(label, []).append(text)
+    if kind == "quality":
+        return ["low", "high"], [by["low"], by["high"]]
+    return ["clean", kind], [by["high"] + by["clean"], by[kind]]  # clean: the prose above plus everyday chat
 
 
 def set_classifier(kind, path=None):
-    """Load `path` (a train-classifier output) for `kind`, or train the embedded default."""
+    """Load `path` (a train-classifier output) for `kind`, or train the default on SEEDS."""
     import torch
     if path:
         try:
@@ -465,7 +401,7 @@ def set_classifier(kind, path=None):
         except (OSError, RuntimeError) as e:
             raise SystemExit(f"error: cannot load classifier {path}: {e}")
     else:
-        names, sets = _DEFAULT_SETS[kind]
+        names, sets = default_training_sets(kind)
         blob = train_classifier([t for s in sets for t in s], [i for i, s in enumerate(sets) for _ in s], names)
     model = _fasttext_model(blob["num_buckets"], blob["dim"], len(blob["labels"]))
     model.load_state_dict(blob["state_dict"])
@@ -500,38 +436,17 @@ def classify_nsfw(text):
 # Stage 6: exact line dedup.
 # A line that appears in many documents is almost always boilerplate (menus, footers, cookie
 # notices, pydoc's "Methods defined here:"): removing the line, not the page, keeps the prose
-# around it. CCNet does the same with paragraphs. Two passes: count a hash per line, then keep only
-# the lines whose hash is rare. Memory grows with the number of *distinct* lines, 8 bytes each, not
-# with the text; with 64 bits, n distinct lines collide with probability ~ n^2 / 2^65 (0.03 at a
-# billion lines). The pipeline runs this after MinHash (see build_corpus for why).
-
-def _line_hash(line):  # a stable digest, unlike hash(): counts from separate shards or runs could be summed
-    return hashlib.blake2b(line.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-
-
-def exact_line_dedup(input_files, output_dir, keep_blank=False):
-    """Remove every line occurring more than once across all inputs (all copies); one output per input."""
-    counts = Counter()
-    for path in input_files:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            counts.update(_line_hash(line.rstrip("\n")) for line in f)
-    os.makedirs(output_dir, exist_ok=True)
-    for path in input_files:
-        out = os.path.join(output_dir, os.path.basename(path))
-        with open(path, encoding="utf-8", errors="replace") as f, open(out + ".tmp", "w", encoding="utf-8") as g:
-            for line in f:
-                key = line.rstrip("\n")
-                if counts[_line_hash(key)] == 1 or (keep_blank and not key.strip()):
-                    g.write(line)
-        os.replace(out + ".tmp", out)
-
+# around it. CCNet does the same with paragraphs. Two passes: count the documents each line occurs
+# in, then keep only the rare lines. Memory grows with the number of *distinct* lines, not with the
+# text (at scale one keeps an 8-byte digest per line: n lines collide with probability ~ n²/2^65).
+# The pipeline runs this after MinHash (see corpus_stages for why).
 
 def exact_line_dedup_docs(texts, min_docs=2):
-    """In-memory variant for the pipeline: drop every line found in >= min_docs documents.
+    """Drop every line found in >= min_docs documents (all its copies); -> (texts, lines removed).
 
     Counting documents (not occurrences) targets boilerplate, which repeats *across* pages. With
     min_docs=2 a line shared by any two documents goes; on the stdlib docs that also deletes every
-    short code line ("{", "return x") and leaves 1.4 MB of 4.6, so the CLI default is 10.
+    short code line ("{", "return x"), so the CLI default is 10.
     Blank lines are paragraph separators, not content: always kept. (Python's hash() is fine here:
     one process counts and filters.)"""
     df = Counter(h for t in texts for h in {hash(line) for line in t.split("\n") if line.strip()})
@@ -567,12 +482,8 @@ def exact_line_dedup_docs(texts, min_docs=2):
 # Jaccard of its shingle sets; what merges is then a true edge of the "J >= threshold" graph.
 # Near-duplication is not transitive (A ~ M ~ B with A !~ B), but we want one survivor per group,
 # so we take connected components, with union-find: near-O(1) merges, and the root is always the
-# earliest document, which is the one we keep.
-#
-# Speed comes from never looping in Python per document, word, shingle or hash function: a batch of
-# documents is normalized by one bytes.translate and one regex, and word hashes, n-grams, signatures
-# and LSH buckets are numpy array operations over the whole batch (uint64 arithmetic wraps around
-# mod 2^64, silently). On the benchmark that is ~8x datasketch's MinHashLSH, same clusters.
+# earliest document, which is the one we keep. (The shingles are hashed to 64 bits, in numpy, by
+# shingle_hashes_batch under "Making it fast"; `shingles` is the readable definition.)
 
 _P = np.uint64(0x100000001B3)  # odd multiplier of the polynomial n-gram hash (the FNV-1 prime)
 _COMBINING = regex.compile(r"\p{Mn}")  # every nonspacing mark: accents, but also e.g. the kana dakuten
@@ -588,6 +499,325 @@ def normalize_for_dedup(text):
     The readable definition; the pipeline does the same on bytes, in C (_TABLE below)."""
     return " ".join(re.sub(r"[^\w\s]|_", " ", _fold(text)).split())
 
+
+def shingles(text, ngrams=5):
+    """The set of word n-grams of normalize_for_dedup(text); a document shorter than n words is one
+    shingle, its whole word sequence (so two short copies still match), and an empty one has none."""
+    w = normalize_for_dedup(text).split()
+    return {" ".join(w[i:i + ngrams]) for i in range(max(1, len(w) - ngrams + 1))} if w else set()
+
+
+def minhash_params(num_hashes, seed=0):
+    """(a, b) for num_hashes affine permutations h(x) = (a·x + b) mod 2^32 of 32-bit words, a odd
+    (an odd a is invertible mod 2^32, so h is a bijection: no two shingles collide)."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2**32, size=num_hashes, dtype=np.uint32, endpoint=False) | np.uint32(1)
+    b = rng.integers(0, 2**32, size=num_hashes, dtype=np.uint32, endpoint=False)
+    return a, b
+
+
+def minhash_signatures(shingle_list, a, b, chunk=4096):
+    """list of (S_i,) uint64 shingle hashes -> (N, K) uint32 signatures, min_x h_k(x).
+
+    Why such a cheap hash family is enough: the inputs are already uniformly mixed 64-bit shingle
+    hashes, so each h_k is just a fresh random relabelling, and any bijection keeps
+    P[argmin over A ∪ B lies in A ∩ B] = Jaccard(A, B). We use the top 32 bits of x and 32-bit
+    arithmetic (half the memory traffic of 64-bit); the estimate's spread stays the binomial
+    sqrt(J(1-J)/K). (The textbook family is (a·x + b) mod (2^61 - 1); it needs 128-bit products.)
+    All documents' shingles are laid end to end and cut into (K, chunk) tiles that stay in cache;
+    np.minimum.reduceat takes the per-document minima inside a tile, and a document split across
+    two tiles gets the min of both halves."""
+    K, N = len(a), len(shingle_list)
+    sigs = np.full((N, K), 2**32 - 1, dtype=np.uint32)  # empty document: all max
+    lens = np.array([len(s) for s in shingle_list], dtype=np.int64)
+    if lens.sum() == 0:
+        return sigs
+    xs = (np.concatenate(shingle_list) >> np.uint64(32)).astype(np.uint32)  # (S_total,)
+    doc = np.repeat(np.arange(N), lens)  # (S_total,) which document each shingle belongs to
+    buf = np.empty((K, chunk), dtype=np.uint32)
+    for start in range(0, len(xs), chunk):
+        x, d = xs[start:start + chunk], doc[start:start + chunk]
+        h = buf[:, :len(x)]
+        np.multiply(a[:, None], x[None, :], out=h)  # (K, chunk), wraps mod 2^32
+        h += b[:, None]
+        seg = np.flatnonzero(np.concatenate([[True], d[1:] != d[:-1]]))  # first shingle of each doc
+        ids = d[seg]  # distinct within a tile, so plain fancy indexing is safe
+        sigs[ids] = np.minimum(sigs[ids], np.minimum.reduceat(h, seg, axis=1).T)
+    return sigs
+
+
+def jaccard(x, y):
+    """Exact Jaccard of two sorted unique hash arrays."""
+    if len(x) == 0 and len(y) == 0:
+        return 1.0
+    if len(x) < len(y):
+        x, y = y, x
+    at = np.minimum(np.searchsorted(x, y), len(x) - 1)  # binary-search the smaller set in the larger
+    inter = int(np.count_nonzero(x[at] == y))
+    return inter / (len(x) + len(y) - inter)  # |A ∩ B| / (|A| + |B| - |A ∩ B|)
+
+
+def _find(parent, i):
+    """Union-find root of i, with path halving: every lookup shortens the path it walks."""
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def _unique(hashes, cache, i):
+    """Sorted unique shingles of document i, computed only for documents that become candidates."""
+    if i not in cache:
+        cache[i] = np.unique(hashes[i])
+    return cache[i]
+
+
+def minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_threshold=0.8, seed=0):
+    """-> (keep: list[bool], clusters: list[list[int]] with >1 member). First document of a cluster is kept."""
+    if num_hashes % num_bands:
+        raise SystemExit(f"error: num_hashes {num_hashes} is not divisible by num_bands {num_bands}")
+    a, b = minhash_params(num_hashes, seed)
+    hashes = shingle_hashes_batch(texts, ngrams)
+    sigs = minhash_signatures(hashes, a, b).astype(np.uint64)  # (N, K)
+    r, parent, cache = num_hashes // num_bands, list(range(len(texts))), {}
+    checked = set()  # a pair that shares several bands is verified once
+    for band in range(num_bands):
+        key = np.zeros(len(texts), dtype=np.uint64)
+        for c in range(band * r, (band + 1) * r):  # the band's r values -> one 64-bit bucket key
+            key = key * _P + sigs[:, c]  # (a key collision only adds a candidate; the exact check decides)
+        order = np.argsort(key, kind="stable")  # equal keys become neighbours, in document order
+        ks = key[order]
+        first = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))  # where each bucket starts
+        size = np.diff(np.concatenate([first, [len(ks)]]))
+        for s, m in zip(first[size > 1], size[size > 1]):  # singleton buckets never reach Python
+            groups = {}  # cluster root -> members of this bucket in that cluster
+            for j in map(int, order[s:s + m]):
+                rj = _find(parent, j)
+                for g in list(groups):  # compare j with the other clusters present in the bucket
+                    if g == rj or g not in groups:  # (a merge below may have folded g into rj)
+                        continue
+                    for i in groups[g]:
+                        if (i, j) in checked:
+                            continue
+                        checked.add((i, j))
+                        if jaccard(_unique(hashes, cache, i), _unique(hashes, cache, j)) >= jaccard_threshold:
+                            root, other = min(g, rj), max(g, rj)
+                            parent[other] = root  # the root is always the earliest document
+                            groups[root] = groups.pop(g, []) + groups.pop(rj, [])
+                            rj = root
+                            break  # one verified edge joins the clusters: the rest of g is moot
+                # m copies of one page cost O(m) per band, not O(m²): one cluster, nothing to compare
+                groups.setdefault(rj, []).append(j)
+    groups = {}
+    for i in range(len(texts)):
+        groups.setdefault(_find(parent, i), []).append(i)
+    return [_find(parent, i) == i for i in range(len(texts))], [g for g in groups.values() if len(g) > 1]
+
+# ---------------------------------------------------------------
+# The pipeline. Per-document stages (extract, language, PII) run in a process pool over the
+# stream; corpus-level stages (MinHash and line dedup, which need every document at once) and the
+# cheap batched classifiers run in the parent afterwards. Every document gets exactly one fate.
+
+_CFG = {}  # the per-document stages' settings, in each worker (set by _doc_init)
+# The stages in pipeline order. Every drop reason is "stage:why", so stats.json can say, per
+# stage, how many documents came in, how many it kept and why it dropped the rest.
+STAGES = ["source", "extract", "lang", "pii", "minhash", "line_dedup", "gopher", "quality", "toxic", "nsfw"]
+
+
+def _doc_init(cfg):
+    _CFG.update(cfg)
+    if cfg.get("fasttext_lid"):
+        load_fasttext_lid(cfg["fasttext_lid"])
+
+
+def process_document(item):
+    """(doc_id, kind, payload) -> (doc_id, text | None, drop_reason | None, pii_counts, lang, n_bytes).
+
+    Language ID runs on the extracted text (the tags of any page are English) and before masking
+    (masking a page we then drop is wasted work). Masking runs before dedup, so copies of a page
+    that differ only in an address become exact duplicates."""
+    doc_id, kind, payload = item
+    if kind == "bad":
+        return doc_id, None, f"source:{payload}", {}, None, 0
+    n_bytes = len(payload) if kind == "html" else len(payload.encode("utf-8", "replace"))
+    text = extract_text_from_html_bytes(payload) if kind == "html" else (None if _looks_binary(payload) else payload)
+    if text is None:
+        return doc_id, None, "extract:undecodable", {}, None, n_bytes
+    text = text.strip()
+    if not text:
+        return doc_id, None, "extract:empty", {}, None, n_bytes
+    lang = None
+    if _CFG.get("lang"):
+        lang, conf = identify_language(text)
+        if lang != _CFG["lang"]:
+            return doc_id, None, "lang:unknown" if lang == "unk" else "lang:other_language", {}, lang, n_bytes
+        if conf < _CFG["min_lang_confidence"]:
+            return doc_id, None, "lang:low_confidence", {}, lang, n_bytes
+    pii = {}
+    if _CFG.get("pii"):
+        for key, fn in (("email", mask_emails), ("phone", mask_phone_numbers), ("ip", mask_ips)):
+            text, pii[key] = fn(text)
+    return doc_id, text, None, pii, lang, n_bytes
+
+
+def _drop(stats, reason, doc_id, k=5):
+    """Count a dropped document, and remember the first k ids per reason for inspection."""
+    stats["dropped_by_reason"][reason] += 1
+    examples = stats["dropped_examples"].setdefault(reason, [])
+    if len(examples) < k:
+        examples.append(doc_id)
+
+
+def _keep_only(stats, ids, texts, reasons):
+    """One drop reason (or None = keep) per surviving document -> the survivors (ids, texts)."""
+    for d, r in zip(ids, reasons):
+        if r:
+            _drop(stats, r, d)
+    return [d for d, r in zip(ids, reasons) if not r], [t for t, r in zip(texts, reasons) if not r]
+
+
+def document_stages(items, args, workers, stats):
+    """Stages 1-3 (extract, language, PII) over the stream, in a pool of `workers` processes if > 1."""
+    cfg = {"lang": None if args.no_lang else args.lang, "min_lang_confidence": args.min_lang_confidence,
+           "pii": not args.no_pii, "fasttext_lid": args.fasttext_lid}
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+        # spawn, not fork: a forked child inherits the parent's threads' locks (torch, if loaded)
+        pool = mp.get_context("spawn").Pool(workers, initializer=_doc_init, initargs=(cfg,))
+    else:
+        _doc_init(cfg)
+    ids, texts, items, t0 = [], [], iter(items), time.time()
+    try:
+        # Windows of raw documents in input order: memory stays bounded (pool.imap would read all input at once).
+        while chunk := list(itertools.islice(items, 512)):
+            for doc_id, text, reason, pii, lang, n_bytes in (pool.map(process_document, chunk, chunksize=8)
+                                                            if pool else map(process_document, chunk)):
+                stats["docs_in"] += 1
+                stats["bytes_in"] += n_bytes
+                stats["pii"].update(pii)
+                if lang:
+                    stats["langs"][lang] += 1
+                if reason:
+                    _drop(stats, reason, doc_id)
+                else:
+                    ids.append(doc_id)
+                    texts.append(text)
+            if args.input or args.url:  # (the default corpus shows its own render progress)
+                print(f"\r  extract+lang+pii: {stats['docs_in']} docs | {stats['docs_in'] / (time.time() - t0):.0f}/s",
+                      end="", file=sys.stderr, flush=True)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    stats["seconds_extract"] = round(time.time() - t0, 2)
+    return ids, texts
+
+
+def corpus_stages(ids, texts, args, stats):
+    """Stages that need every document at once, then the classifiers: -> the survivors (ids, texts)."""
+    # Near-duplicates first: line dedup would otherwise strip the shared lines of near-identical
+    # pages (the encodings.* codecs) and leave husks that Gopher drops for the wrong reason.
+    if not args.no_dedup and texts:
+        t1 = time.time()
+        keep, clusters = minhash_dedup_docs(texts, args.num_hashes, args.num_bands, args.ngrams, args.jaccard_threshold)
+        stats["minhash_clusters"] = len(clusters)
+        stats["minhash_example_clusters"] = [[ids[i] for i in c[:4]] for c in clusters[:5]]
+        stats["seconds_minhash"] = round(time.time() - t1, 2)
+        ids, texts = _keep_only(stats, ids, texts, [None if k else "minhash:near_duplicate" for k in keep])
+    if not args.no_line_dedup:
+        texts, stats["lines_removed_by_line_dedup"] = exact_line_dedup_docs(texts, args.line_dedup_min_docs)
+        ids, texts = _keep_only(stats, ids, texts, [None if t.strip() else "line_dedup:empty" for t in texts])
+    if not args.no_gopher:
+        ids, texts = _keep_only(stats, ids, texts, [f and f"gopher:{f}" for f in map(gopher_failure, texts)])
+    # The models go last: they only score what the cheap rules kept. (kind, label that drops, flags)
+    for kind, bad, off, path, thr in (("quality", "low", args.no_quality, args.quality_model, args.quality_threshold),
+                                      ("toxic", "toxic", args.no_toxic, args.toxic_model, args.toxic_threshold),
+                                      ("nsfw", "nsfw", args.no_nsfw, args.nsfw_model, args.nsfw_threshold)):
+        if not off and texts:
+            set_classifier(kind, path)
+            preds = classify_batch(kind, texts)
+            ids, texts = _keep_only(stats, ids, texts, [f"{kind}:{lbl}" if lbl == bad and p >= thr else None
+                                                        for lbl, p in preds])
+    return ids, texts
+
+
+def split_train_val(ids, val_fraction):
+    """-> in_val per document, by a hash of its id: stable across runs and independent of document
+    order (a document never moves between train and val when others are added). Never an empty val."""
+    in_val = [int(hashlib.sha1(d.encode()).hexdigest()[:8], 16) % 10000 < val_fraction * 10000 for d in ids]
+    if ids and not any(in_val):
+        in_val[min(range(len(ids)), key=lambda i: hashlib.sha1(ids[i].encode()).hexdigest())] = True
+    return in_val
+
+
+def write_splits(out_dir, texts, in_val, tokenizer, workers, stats):
+    """train.txt / val.txt (every document ends with <|endoftext|>), and token files with a tokenizer."""
+    os.makedirs(out_dir, exist_ok=True)
+    for split, want in (("train", False), ("val", True)):
+        docs = [t for t, v in zip(texts, in_val) if v == want]
+        path = os.path.join(out_dir, f"{split}.txt")
+        with atomic_write(path) as f:
+            f.write("".join(t + "\n" + EOT for t in docs))
+        stats[f"{split}_docs"] = len(docs)
+        stats[f"{split}_bytes"] = os.path.getsize(path)
+    if tokenizer:
+        import bpe  # lazy: only needed to write token files
+        for split in ("train", "val"):
+            src, dst = os.path.join(out_dir, f"{split}.txt"), os.path.join(out_dir, f"{split}.bin")
+            if stats[f"{split}_docs"] == 0:  # bpe.encode_file refuses an empty input: write an empty file
+                with atomic_write(dst, "wb"):
+                    pass
+                stats[f"{split}_tokens"] = 0
+            else:
+                stats[f"{split}_tokens"] = int(bpe.encode_file(tokenizer, src, dst, workers=workers))
+
+
+def build_corpus(items, args, doc_workers=None):
+    """Run the whole pipeline on a stream of (doc_id, kind, payload); write files; return stats."""
+    t_start = time.time()
+    stats = {"docs_in": 0, "kept": 0, "dropped_by_reason": Counter(), "bytes_in": 0, "pii": Counter(),
+             "langs": Counter(), "dropped_examples": {}}
+    ids, texts = document_stages(items, args, doc_workers or args.workers, stats)  # extract, language, PII
+    ids, texts = corpus_stages(ids, texts, args, stats)  # MinHash, line dedup, Gopher, classifiers
+    stats["kept"] = len(texts)
+    drop = stats["dropped_by_reason"]
+    assert stats["kept"] + sum(drop.values()) == stats["docs_in"], "a document went missing"
+    alive, stats["docs_after_stage"] = stats["docs_in"], {}  # the funnel: documents left after each stage
+    for i, stage in enumerate(STAGES):
+        alive -= sum(n for r, n in drop.items() if r.split(":")[0] == stage)
+        stats["docs_after_stage"][f"{i}_{stage}"] = alive
+    out_dir = args.out or os.path.join("data", args.name)
+    write_splits(out_dir, texts, split_train_val(ids, args.val_fraction), args.tokenizer, args.workers, stats)
+    stats["seconds_total"] = round(time.time() - t_start, 2)
+    with atomic_write(os.path.join(out_dir, "stats.json")) as f:
+        f.write(json.dumps(stats, indent=1, sort_keys=True))
+    print_corpus_stats(stats, out_dir)
+    return stats
+
+
+def print_corpus_stats(stats, out_dir):
+    """The funnel as a table: documents left after each stage, and why the rest were dropped."""
+    print(f"\n{'stage':<14}{'docs left':>10}   dropped (reason: docs)")
+    print(f"{'input':<14}{stats['docs_in']:>10}")
+    for key, alive in stats["docs_after_stage"].items():
+        stage = key.split("_", 1)[1]
+        why = ", ".join(f"{r.split(':', 1)[1]}: {n}" for r, n in sorted(stats["dropped_by_reason"].items())
+                        if r.split(":")[0] == stage)
+        print(f"{stage:<14}{alive:>10}   {why}")
+    print(f"PII masked: {dict(stats['pii'])}; lines removed by line dedup: {stats.get('lines_removed_by_line_dedup', 0)}")
+    print(f"train: {stats['train_docs']} docs, {stats['train_bytes'] / 1e6:.2f} MB | val: {stats['val_docs']} docs, "
+          f"{stats['val_bytes'] / 1e6:.2f} MB | {stats['bytes_in'] / 1e6:.1f} MB in | {stats['seconds_total']:.1f} s -> {out_dir}")
+
+
+# ---------------------------------------------------------------
+# Making it fast: the shingle hashes.
+# The MinHash stage above needs every document's shingles as 64-bit hashes. Hashing strings one
+# shingle at a time in Python is what makes naive dedup slow, so here we never loop in Python per
+# document, word, shingle or hash function: a batch of documents is normalized by one
+# bytes.translate and one regex, and word hashes and n-grams are numpy array operations over the
+# whole batch (uint64 arithmetic wraps around mod 2^64, silently). The README has the benchmark
+# against datasketch (`python bench.py data`); the tests check these hashes against `shingles`.
 
 def _mix64(h):
     """splitmix64's finalizer (Steele, Lea & Flood 2014; Stafford's "Mix13" constants): every input
@@ -672,129 +902,103 @@ def _shingles_of_batch(texts, ngrams):
     return np.split(_mix64(h[inside]), np.cumsum(counts)[:-1])
 
 
-def minhash_params(num_hashes, seed=0):
-    """(a, b) for num_hashes affine permutations h(x) = (a·x + b) mod 2^32 of 32-bit words, a odd
-    (an odd a is invertible mod 2^32, so h is a bijection: no two shingles collide)."""
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, 2**32, size=num_hashes, dtype=np.uint32, endpoint=False) | np.uint32(1)
-    b = rng.integers(0, 2**32, size=num_hashes, dtype=np.uint32, endpoint=False)
-    return a, b
+
+# ---------------------------------------------------------------
+# CLI
+
+def train_classifier_main(argv):
+    p = argparse.ArgumentParser(prog="data.py train-classifier", description="Train a fastText-style classifier on labeled .jsonl.")
+    p.add_argument("--input", required=True, help="jsonl with one {\"text\": ..., \"label\": ...} per line")
+    p.add_argument("--out", required=True, help="output .pt file (plain tensors; load with weights_only=True)")
+    p.add_argument("--epochs", type=int, default=60, help="training epochs (minibatches of 1024 examples)")
+    p.add_argument("--dim", type=int, default=16, help="embedding dimension")
+    p.add_argument("--num-buckets", type=int, default=2**18, help="hash buckets for word + bigram features")
+    a = p.parse_args(argv)
+    try:
+        rows = [json.loads(line) for line in open(a.input, encoding="utf-8") if line.strip()]
+        texts, raw = [str(r["text"]) for r in rows], [str(r["label"]) for r in rows]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: cannot read labeled examples from {a.input}: {e}")
+    names = sorted(set(raw))
+    if len(names) < 2:
+        raise SystemExit("error: need at least two distinct labels")
+    blob = train_classifier(texts, [names.index(r) for r in raw], names, num_buckets=a.num_buckets, dim=a.dim,
+                            epochs=a.epochs)
+    import torch
+    with atomic_write(a.out, "wb") as f:
+        torch.save(blob, f)
+    set_classifier("_", a.out)  # reload what we wrote: the accuracy is that of the saved file
+    acc = sum(lbl == raw[i] for i, (lbl, _) in enumerate(classify_batch("_", texts))) / len(texts)
+    print(f"trained on {len(texts)} examples, labels {names}, train accuracy {acc:.3f} -> {a.out}")
 
 
-def minhash_signatures(shingle_list, a, b, chunk=4096):
-    """list of (S_i,) uint64 shingle hashes -> (N, K) uint32 signatures, min_x h_k(x).
-
-    Why such a cheap hash family is enough: the inputs are already uniformly mixed 64-bit shingle
-    hashes, so each h_k is just a fresh random relabelling, and any bijection keeps
-    P[argmin over A ∪ B lies in A ∩ B] = Jaccard(A, B). We use the top 32 bits of x and 32-bit
-    arithmetic (half the memory traffic of 64-bit, 2.5x faster here); measured on 300 pairs at
-    J ~ 0.87 the estimate's bias is 0.004 and its spread 0.028, the binomial sqrt(J(1-J)/K).
-    (The textbook family is (a·x + b) mod (2^61 - 1); it needs 128-bit products.)
-    All documents' shingles are laid end to end and cut into (K, chunk) tiles that stay in cache;
-    np.minimum.reduceat takes the per-document minima inside a tile, and a document split across
-    two tiles gets the min of both halves."""
-    K, N = len(a), len(shingle_list)
-    sigs = np.full((N, K), 2**32 - 1, dtype=np.uint32)  # empty document: all max
-    lens = np.array([len(s) for s in shingle_list], dtype=np.int64)
-    if lens.sum() == 0:
-        return sigs
-    xs = (np.concatenate(shingle_list) >> np.uint64(32)).astype(np.uint32)  # (S_total,)
-    doc = np.repeat(np.arange(N), lens)  # (S_total,) which document each shingle belongs to
-    buf = np.empty((K, chunk), dtype=np.uint32)
-    for start in range(0, len(xs), chunk):
-        x, d = xs[start:start + chunk], doc[start:start + chunk]
-        h = buf[:, :len(x)]
-        np.multiply(a[:, None], x[None, :], out=h)  # (K, chunk), wraps mod 2^32
-        h += b[:, None]
-        seg = np.flatnonzero(np.concatenate([[True], d[1:] != d[:-1]]))  # first shingle of each doc
-        ids = d[seg]  # distinct within a tile, so plain fancy indexing is safe
-        sigs[ids] = np.minimum(sigs[ids], np.minimum.reduceat(h, seg, axis=1).T)
-    return sigs
-
-
-def jaccard(x, y):
-    """Exact Jaccard of two sorted unique hash arrays."""
-    if len(x) == 0 and len(y) == 0:
-        return 1.0
-    if len(x) < len(y):
-        x, y = y, x
-    at = np.minimum(np.searchsorted(x, y), len(x) - 1)  # binary-search the smaller set in the larger
-    inter = int(np.count_nonzero(x[at] == y))
-    return inter / (len(x) + len(y) - inter)  # |A ∩ B| / (|A| + |B| - |A ∩ B|)
-
-
-def minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_threshold=0.8, seed=0):
-    """-> (keep: list[bool], clusters: list[list[int]] with >1 member). First document of a cluster is kept."""
-    if num_hashes % num_bands:
-        raise SystemExit(f"error: num_hashes {num_hashes} is not divisible by num_bands {num_bands}")
-    a, b = minhash_params(num_hashes, seed)
-    shingles = shingle_hashes_batch(texts, ngrams)
-    sigs = minhash_signatures(shingles, a, b).astype(np.uint64)  # (N, K)
-    r = num_hashes // num_bands
-    parent = list(range(len(texts)))
-    cache = {}
-
-    def uniq(i):  # sorted unique shingles, computed only for documents that become candidates
-        if i not in cache:
-            cache[i] = np.unique(shingles[i])
-        return cache[i]
-
-    def find(i):  # union-find with path halving: every lookup shortens the path it walks
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    checked = set()  # a pair that shares several bands is verified once
-    for band in range(num_bands):
-        key = np.zeros(len(texts), dtype=np.uint64)
-        for c in range(band * r, (band + 1) * r):  # the band's r values -> one 64-bit bucket key
-            key = key * _P + sigs[:, c]  # (a key collision only adds a candidate; the exact check decides)
-        order = np.argsort(key, kind="stable")  # equal keys become neighbours, in document order
-        ks = key[order]
-        first = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))  # where each bucket starts
-        size = np.diff(np.concatenate([first, [len(ks)]]))
-        for s, m in zip(first[size > 1], size[size > 1]):  # singleton buckets never reach Python
-            groups = {}  # cluster root -> members of this bucket in that cluster
-            for j in map(int, order[s:s + m]):
-                rj = find(j)
-                for g in list(groups):  # compare j with the other clusters present in the bucket
-                    if g == rj or g not in groups:  # (a merge below may have folded g into rj)
-                        continue
-                    for i in groups[g]:
-                        if (i, j) in checked:
-                            continue
-                        checked.add((i, j))
-                        if jaccard(uniq(i), uniq(j)) >= jaccard_threshold:
-                            root, other = min(g, rj), max(g, rj)
-                            parent[other] = root  # the root is always the earliest document
-                            groups[root] = groups.pop(g, []) + groups.pop(rj, [])
-                            rj = root
-                            break  # one verified edge joins the clusters: the rest of g is moot
-                # m copies of one page cost O(m) per band, not O(m²): one cluster, nothing to compare
-                groups.setdefault(rj, []).append(j)
-    groups = {}
-    for i in range(len(texts)):
-        groups.setdefault(find(i), []).append(i)
-    keep = [find(i) == i for i in range(len(texts))]
-    return keep, [g for g in groups.values() if len(g) > 1]
+def build_parser():
+    p = argparse.ArgumentParser(description="Build a filtered, deduplicated text corpus (default: the stdlib docs).")
+    # sources
+    p.add_argument("--input", nargs="+", default=[], help="WARC/WET (.warc.gz), .jsonl with 'text', .html, .txt files or dirs")
+    p.add_argument("--url", action="append", default=[], help="remote text/jsonl/warc file (downloaded once, resumable)")
+    p.add_argument("--modules", default=None, help="comma-separated stdlib modules for the default corpus (default: all)")
+    p.add_argument("--max-submodules", type=int, default=300, help="submodules rendered per stdlib package")
+    p.add_argument("--no-topics", action="store_true", help="default corpus: skip the pydoc_data topics")
+    p.add_argument("--render-timeout", type=int, default=20, help="seconds allowed to import+render one module")
+    # output
+    p.add_argument("--name", default="pydocs", help="corpus name: writes data/NAME/{train,val}.txt, stats.json")
+    p.add_argument("--out", default=None, help="output directory (default: data/NAME)")
+    p.add_argument("--cache-dir", default=os.path.join("data", "cache"), help="where --url downloads are kept")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents (by id hash) in val.txt")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
+    p.add_argument("--tokenizer", default=None, help="bpe.py tokenizer dir: also write train.bin / val.bin")
+    # stages 2-4: language, PII, line dedup, Gopher
+    p.add_argument("--no-lang", action="store_true", help="skip language identification")
+    p.add_argument("--lang", default="en", help="language to keep")
+    p.add_argument("--min-lang-confidence", type=float, default=0.5, help="drop documents below this LID confidence")
+    p.add_argument("--fasttext-lid", default=None, help="path to a fastText LID model (needs the fasttext package)")
+    p.add_argument("--no-pii", action="store_true", help="skip e-mail / phone / IP masking")
+    p.add_argument("--no-line-dedup", action="store_true", help="skip exact line dedup")
+    p.add_argument("--line-dedup-min-docs", type=int, default=10, help="a line in >= this many documents is boilerplate")
+    p.add_argument("--no-gopher", action="store_true", help="skip the Gopher quality rules")
+    # stage 5: classifiers
+    p.add_argument("--no-quality", action="store_true", help="skip the quality classifier")
+    p.add_argument("--quality-model", default=None, help="quality classifier .pt (default: train the embedded toy)")
+    p.add_argument("--quality-threshold", type=float, default=0.9, help="drop when P(low) >= this")
+    p.add_argument("--no-toxic", action="store_true", help="skip the toxic-speech classifier")
+    p.add_argument("--toxic-model", default=None, help="toxic-speech classifier .pt (default: train the embedded toy)")
+    p.add_argument("--toxic-threshold", type=float, default=0.9, help="drop when P(toxic) >= this")
+    p.add_argument("--no-nsfw", action="store_true", help="skip the NSFW classifier")
+    p.add_argument("--nsfw-model", default=None, help="NSFW classifier .pt (default: train the embedded toy)")
+    p.add_argument("--nsfw-threshold", type=float, default=0.9, help="drop when P(nsfw) >= this")
+    # stage 7: MinHash
+    p.add_argument("--no-dedup", action="store_true", help="skip MinHash near-duplicate removal")
+    p.add_argument("--num-hashes", type=int, default=128, help="MinHash signature length")
+    p.add_argument("--num-bands", type=int, default=16, help="LSH bands (num_hashes must be divisible)")
+    p.add_argument("--ngrams", type=int, default=5, help="word n-gram size of the shingles")
+    p.add_argument("--jaccard-threshold", type=float, default=0.8, help="near-duplicate if Jaccard >= this")
+    return p
 
 
-def minhash_dedup(input_files, num_hashes, num_bands, ngrams, jaccard_threshold, output_dir):
-    """File variant: each input file is one document; keep one per near-duplicate cluster."""
-    texts = []
-    for path in input_files:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            texts.append(f.read())
-    keep, _ = minhash_dedup_docs(texts, num_hashes, num_bands, ngrams, jaccard_threshold)
-    os.makedirs(output_dir, exist_ok=True)
-    for path, text, k in zip(input_files, texts, keep):
-        if k:
-            _write_atomic(os.path.join(output_dir, os.path.basename(path)), text)
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-classifier"]:
+        return train_classifier_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    args.workers = max(1, args.workers)
+    for path in args.input:
+        if not os.path.exists(path):
+            raise SystemExit(f"error: input {path} does not exist")
+    paths = list(args.input) + [download(u, args.cache_dir) for u in args.url]
+    if paths:
+        return build_corpus((item for path in paths for item in iter_source(path)), args)
+    modules = args.modules.split(",") if args.modules else stdlib_modules(args.max_submodules)
+    docs = iter_stdlib_docs(modules, args.workers, args.render_timeout)
+    items = docs if not args.no_topics else (d for d in docs if not d[0].startswith("topic:"))
+    # Rendering is the expensive part and already has the workers: processing the pages in this
+    # process is faster than a second pool competing for the same cores.
+    return build_corpus(items, args, doc_workers=1)
+
 
 
 # ---------------------------------------------------------------
-# Sources. Everything becomes a stream of (doc_id, kind, payload) with kind "html" (bytes),
+# Appendix A: sources. Everything becomes a stream of (doc_id, kind, payload) with kind "html" (bytes),
 # "text" (str) or "bad" (payload = the reason), so broken inputs are counted, never fatal: a crawl
 # of a billion pages always contains a truncated file, and it must cost one record, not the run.
 
@@ -894,7 +1098,10 @@ def download(url, cache_dir):
             while chunk := r.read(1 << 20):
                 f.write(chunk)
                 done += len(chunk)
-                _progress(done >> 20, total >> 20, t0, f"download {base} (MB)")
+                if total:
+                    _progress(f"download {base}", done, total, t0)
+            f.flush()
+            os.fsync(f.fileno())  # as in atomic_write (which cannot keep a .part to resume from)
     except OSError as e:
         raise SystemExit(f"error: download of {url} failed ({e}); rerun to resume")
     os.replace(part, path)
@@ -902,7 +1109,7 @@ def download(url, cache_dir):
 
 
 # ---------------------------------------------------------------
-# The default corpus: the standard library renders its own documentation.
+# Appendix B: the default corpus. The standard library renders its own documentation.
 # We want a corpus that needs no download and comes out byte-identical on every run, so that tests
 # and benchmarks can compare outputs. Importing a module can have side effects, so rendering
 # happens in worker processes that we can time-box (SIGALRM inside the task, plus a hard timeout
@@ -1034,7 +1241,8 @@ def iter_stdlib_docs(modules, workers, timeout=20, shard_size=40):
             except mp.TimeoutError:
                 pages, hung = [(m, None, "render_timeout") for m in shard], True
             done += len(shard)
-            _progress(done, len(modules), t0, "render modules")
+            print(f"\r  render modules: {done}/{len(modules)} | {time.time() - t0:.0f} s",
+                  end="\n" if done == len(modules) else "", file=sys.stderr, flush=True)
             for name, page, reason in pages:
                 yield (f"module:{name}", "bad", reason) if page is None else (f"module:{name}", "html", page.encode())
     finally:
@@ -1045,263 +1253,6 @@ def iter_stdlib_docs(modules, workers, timeout=20, shard_size=40):
     for key in sorted(topics):  # the language reference topics ship as plain text: wrap as <pre>
         body = f"<h1>{html.escape(key)}</h1><pre>{html.escape(topics[key])}</pre>"
         yield f"topic:{key}", "html", pydoc.html.page(key, body).encode()
-
-
-# ---------------------------------------------------------------
-# The pipeline. Per-document stages (extract, language, PII) run in a process pool over the
-# stream; corpus-level stages (MinHash and line dedup, which need every document at once) and the
-# cheap batched classifiers run in the parent afterwards. Every document gets exactly one fate.
-
-_CFG = {}
-# The stages in pipeline order. Every drop reason is "stage:why", so stats.json can say, per
-# stage, how many documents came in, how many it kept and why it dropped the rest.
-STAGES = ["source", "extract", "lang", "pii", "minhash", "line_dedup", "gopher", "quality", "toxic", "nsfw"]
-# The classifier stages: kind -> (the label that gets a document dropped, the name --help uses).
-_FILTERS = {"quality": ("low", "quality"), "toxic": ("toxic", "toxic-speech"), "nsfw": ("nsfw", "NSFW")}
-
-
-def _doc_init(cfg):
-    _CFG.update(cfg)
-    if cfg.get("fasttext_lid"):
-        load_fasttext_lid(cfg["fasttext_lid"])
-
-
-def process_document(item):
-    """(doc_id, kind, payload) -> (doc_id, text | None, drop_reason | None, pii_counts, lang, n_bytes).
-
-    Language ID runs on the extracted text (the tags of any page are English) and before masking
-    (masking a page we then drop is wasted work). Masking runs before dedup, so copies of a page
-    that differ only in an address become exact duplicates."""
-    doc_id, kind, payload = item
-    if kind == "bad":
-        return doc_id, None, f"source:{payload}", {}, None, 0
-    n_bytes = len(payload) if kind == "html" else len(payload.encode("utf-8", "replace"))
-    text = extract_text_from_html_bytes(payload) if kind == "html" else (None if _looks_binary(payload) else payload)
-    if text is None:
-        return doc_id, None, "extract:undecodable", {}, None, n_bytes
-    text = text.strip()
-    if not text:
-        return doc_id, None, "extract:empty", {}, None, n_bytes
-    lang = None
-    if _CFG.get("lang"):
-        lang, conf = identify_language(text)
-        if lang != _CFG["lang"]:
-            return doc_id, None, "lang:unknown" if lang == "unk" else "lang:other_language", {}, lang, n_bytes
-        if conf < _CFG["min_lang_confidence"]:
-            return doc_id, None, "lang:low_confidence", {}, lang, n_bytes
-    pii = {}
-    if _CFG.get("pii"):
-        for key, fn in (("email", mask_emails), ("phone", mask_phone_numbers), ("ip", mask_ips)):
-            text, pii[key] = fn(text)
-    return doc_id, text, None, pii, lang, n_bytes
-
-
-def build_corpus(items, args, doc_workers=None):
-    """Run the whole pipeline on a stream of (doc_id, kind, payload); write files; return stats."""
-    t_start = time.time()
-    cfg = {"lang": None if args.no_lang else args.lang, "min_lang_confidence": args.min_lang_confidence,
-           "pii": not args.no_pii, "fasttext_lid": args.fasttext_lid}
-    stats = {"docs_in": 0, "kept": 0, "dropped_by_reason": Counter(), "bytes_in": 0, "pii": Counter(),
-             "langs": Counter(), "dropped_examples": {}}
-    drop = stats["dropped_by_reason"]
-
-    def dropped(reason, doc_id, k=5):  # count it, and remember a few ids per reason for inspection
-        drop[reason] += 1
-        ex = stats["dropped_examples"].setdefault(reason, [])
-        if len(ex) < k:
-            ex.append(doc_id)
-
-    ids, texts = [], []
-    pool = None
-    if (doc_workers or args.workers) > 1:
-        import multiprocessing as mp
-        # spawn, not fork: a forked child inherits the parent's threads' locks (torch, if loaded)
-        pool = mp.get_context("spawn").Pool(args.workers, initializer=_doc_init, initargs=(cfg,))
-    else:
-        _doc_init(cfg)
-
-    def stream(it, window=512):  # windows of raw documents in input order: memory stays bounded
-        while chunk := list(itertools.islice(it, window)):  # (pool.imap would read all input at once)
-            yield from pool.map(process_document, chunk, chunksize=8) if pool else map(process_document, chunk)
-    t0 = time.time()
-    try:
-        for doc_id, text, reason, pii, lang, n_bytes in stream(iter(items)):
-            stats["docs_in"] += 1
-            stats["bytes_in"] += n_bytes
-            stats["pii"].update(pii)
-            if lang:
-                stats["langs"][lang] += 1
-            if reason:
-                dropped(reason, doc_id)
-            else:
-                ids.append(doc_id)
-                texts.append(text)
-            if args.input or args.url:  # (the default corpus shows its own render progress)
-                _progress(stats["docs_in"], 0, t0, "extract+lang+pii docs", every=2.0)
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
-    stats["seconds_extract"] = round(time.time() - t0, 2)
-
-    def keep_only(reasons):  # one drop reason (or None = keep) per surviving document
-        nonlocal ids, texts
-        for d, r in zip(ids, reasons):
-            if r:
-                dropped(r, d)
-        ids = [d for d, r in zip(ids, reasons) if not r]
-        texts = [t for t, r in zip(texts, reasons) if not r]
-
-    # Near-duplicates first: line dedup would otherwise strip the shared lines of near-identical
-    # pages (the encodings.* codecs) and leave husks that Gopher drops for the wrong reason.
-    if not args.no_dedup and texts:
-        t1 = time.time()
-        keep, clusters = minhash_dedup_docs(texts, args.num_hashes, args.num_bands, args.ngrams, args.jaccard_threshold)
-        stats["minhash_clusters"] = len(clusters)
-        stats["minhash_example_clusters"] = [[ids[i] for i in c[:4]] for c in clusters[:5]]
-        stats["seconds_minhash"] = round(time.time() - t1, 2)
-        keep_only([None if k else "minhash:near_duplicate" for k in keep])
-    if not args.no_line_dedup:
-        texts, stats["lines_removed_by_line_dedup"] = exact_line_dedup_docs(texts, args.line_dedup_min_docs)
-        keep_only([None if t.strip() else "line_dedup:empty" for t in texts])
-    if not args.no_gopher:
-        keep_only([f and f"gopher:{f}" for f in map(gopher_failure, texts)])
-    for kind, (bad, _) in _FILTERS.items():  # models go last: they only score what the cheap rules kept
-        if not getattr(args, f"no_{kind}") and texts:
-            set_classifier(kind, getattr(args, f"{kind}_model"))
-            preds, thr = classify_batch(kind, texts), getattr(args, f"{kind}_threshold")
-            keep_only([f"{kind}:{label}" if label == bad and p >= thr else None for label, p in preds])
-    stats["kept"] = len(texts)
-    assert stats["kept"] + sum(drop.values()) == stats["docs_in"], "a document went missing"
-    # Per-stage funnel: documents still alive after each stage, in pipeline order.
-    alive = stats["docs_in"]
-    stats["docs_after_stage"] = {}
-    for i, stage in enumerate(STAGES):
-        alive -= sum(n for r, n in drop.items() if r.split(":")[0] == stage)
-        stats["docs_after_stage"][f"{i}_{stage}"] = alive
-
-    # Split by a hash of the document id: stable across runs and independent of document order
-    # (a document never moves between train and val when others are added). Never an empty val.
-    in_val = [int(hashlib.sha1(d.encode()).hexdigest()[:8], 16) % 10000 < args.val_fraction * 10000 for d in ids]
-    if ids and not any(in_val):
-        in_val[min(range(len(ids)), key=lambda i: hashlib.sha1(ids[i].encode()).hexdigest())] = True
-    out_dir = args.out or os.path.join("data", args.name)
-    os.makedirs(out_dir, exist_ok=True)
-    for split, want in (("train", False), ("val", True)):
-        docs = [t for t, v in zip(texts, in_val) if v == want]
-        path = os.path.join(out_dir, f"{split}.txt")
-        _write_atomic(path, "".join(t + "\n" + EOT for t in docs))  # every document ends with <|endoftext|>
-        stats[f"{split}_docs"] = len(docs)
-        stats[f"{split}_bytes"] = os.path.getsize(path)
-    if args.tokenizer:
-        import bpe  # lazy: only needed to write token files
-        for split in ("train", "val"):
-            src, dst = os.path.join(out_dir, f"{split}.txt"), os.path.join(out_dir, f"{split}.bin")
-            if stats[f"{split}_docs"] == 0:  # bpe.encode_file refuses an empty input: write an empty file
-                open(dst, "wb").close()
-                stats[f"{split}_tokens"] = 0
-            else:
-                stats[f"{split}_tokens"] = int(bpe.encode_file(args.tokenizer, src, dst, workers=args.workers))
-    stats["seconds_total"] = round(time.time() - t_start, 2)
-    _write_atomic(os.path.join(out_dir, "stats.json"), json.dumps(stats, indent=1, sort_keys=True))
-    print_stats(stats, out_dir)
-    return stats
-
-
-def print_stats(stats, out_dir):
-    print(f"\n{'stage':<14}{'docs left':>10}   dropped (reason: docs)")
-    print(f"{'input':<14}{stats['docs_in']:>10}")
-    for key, alive in stats["docs_after_stage"].items():
-        stage = key.split("_", 1)[1]
-        why = ", ".join(f"{r.split(':', 1)[1]}: {n}" for r, n in sorted(stats["dropped_by_reason"].items())
-                        if r.split(":")[0] == stage)
-        print(f"{stage:<14}{alive:>10}   {why}")
-    print(f"PII masked: {dict(stats['pii'])}; lines removed by line dedup: {stats.get('lines_removed_by_line_dedup', 0)}")
-    print(f"train: {stats['train_docs']} docs, {stats['train_bytes'] / 1e6:.2f} MB | val: {stats['val_docs']} docs, "
-          f"{stats['val_bytes'] / 1e6:.2f} MB | {stats['bytes_in'] / 1e6:.1f} MB in | {stats['seconds_total']:.1f} s -> {out_dir}")
-
-
-# ---------------------------------------------------------------
-# CLI
-
-def train_classifier_main(argv):
-    p = argparse.ArgumentParser(prog="data.py train-classifier", description="Train a fastText-style classifier on labeled .jsonl.")
-    p.add_argument("--input", required=True, help="jsonl with one {\"text\": ..., \"label\": ...} per line")
-    p.add_argument("--out", required=True, help="output .pt file (plain tensors; load with weights_only=True)")
-    p.add_argument("--epochs", type=int, default=60, help="training epochs (minibatches of 1024 examples)")
-    p.add_argument("--dim", type=int, default=16, help="embedding dimension")
-    p.add_argument("--num-buckets", type=int, default=2**18, help="hash buckets for word + bigram features")
-    a = p.parse_args(argv)
-    try:
-        rows = [json.loads(line) for line in open(a.input, encoding="utf-8") if line.strip()]
-        texts, raw = [str(r["text"]) for r in rows], [str(r["label"]) for r in rows]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: cannot read labeled examples from {a.input}: {e}")
-    names = sorted(set(raw))
-    if len(names) < 2:
-        raise SystemExit("error: need at least two distinct labels")
-    blob = train_classifier(texts, [names.index(r) for r in raw], names, num_buckets=a.num_buckets, dim=a.dim,
-                            epochs=a.epochs)
-    import torch
-    torch.save(blob, a.out + ".tmp")
-    os.replace(a.out + ".tmp", a.out)
-    set_classifier("_", a.out)  # reload what we wrote: the accuracy is that of the saved file
-    acc = sum(lbl == raw[i] for i, (lbl, _) in enumerate(classify_batch("_", texts))) / len(texts)
-    print(f"trained on {len(texts)} examples, labels {names}, train accuracy {acc:.3f} -> {a.out}")
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train-classifier"]:
-        return train_classifier_main(argv[1:])
-    p = argparse.ArgumentParser(description="Build a filtered, deduplicated text corpus (default: the stdlib docs).")
-    # sources
-    p.add_argument("--input", nargs="+", default=[], help="WARC/WET (.warc.gz), .jsonl with 'text', .html, .txt files or dirs")
-    p.add_argument("--url", action="append", default=[], help="remote text/jsonl/warc file (downloaded once, resumable)")
-    p.add_argument("--modules", default=None, help="comma-separated stdlib modules for the default corpus (default: all)")
-    p.add_argument("--max-submodules", type=int, default=300, help="submodules rendered per stdlib package")
-    p.add_argument("--no-topics", action="store_true", help="default corpus: skip the pydoc_data topics")
-    p.add_argument("--render-timeout", type=int, default=20, help="seconds allowed to import+render one module")
-    # output
-    p.add_argument("--name", default="pydocs", help="corpus name: writes data/NAME/{train,val}.txt, stats.json")
-    p.add_argument("--out", default=None, help="output directory (default: data/NAME)")
-    p.add_argument("--cache-dir", default=os.path.join("data", "cache"), help="where --url downloads are kept")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents (by id hash) in val.txt")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
-    p.add_argument("--tokenizer", default=None, help="bpe.py tokenizer dir: also write train.bin / val.bin")
-    # stages
-    p.add_argument("--no-lang", action="store_true", help="skip language identification")
-    p.add_argument("--lang", default="en", help="language to keep")
-    p.add_argument("--min-lang-confidence", type=float, default=0.5, help="drop documents below this LID confidence")
-    p.add_argument("--fasttext-lid", default=None, help="path to a fastText LID model (needs the fasttext package)")
-    p.add_argument("--no-pii", action="store_true", help="skip e-mail / phone / IP masking")
-    p.add_argument("--no-line-dedup", action="store_true", help="skip exact line dedup")
-    p.add_argument("--line-dedup-min-docs", type=int, default=10, help="a line in >= this many documents is boilerplate")
-    p.add_argument("--no-gopher", action="store_true", help="skip the Gopher quality rules")
-    for kind, (bad, what) in _FILTERS.items():
-        p.add_argument(f"--no-{kind}", action="store_true", help=f"skip the {what} classifier")
-        p.add_argument(f"--{kind}-model", default=None, help=f"{what} classifier .pt (default: train the embedded toy)")
-        p.add_argument(f"--{kind}-threshold", type=float, default=0.9, help=f"drop when P({bad}) >= this")
-    p.add_argument("--no-dedup", action="store_true", help="skip MinHash near-duplicate removal")
-    p.add_argument("--num-hashes", type=int, default=128, help="MinHash signature length")
-    p.add_argument("--num-bands", type=int, default=16, help="LSH bands (num_hashes must be divisible)")
-    p.add_argument("--ngrams", type=int, default=5, help="word n-gram size of the shingles")
-    p.add_argument("--jaccard-threshold", type=float, default=0.8, help="near-duplicate if Jaccard >= this")
-    args = p.parse_args(argv)
-    args.workers = max(1, args.workers)
-
-    for path in args.input:
-        if not os.path.exists(path):
-            raise SystemExit(f"error: input {path} does not exist")
-    paths = list(args.input) + [download(u, args.cache_dir) for u in args.url]
-    if paths:
-        return build_corpus((item for path in paths for item in iter_source(path)), args)
-    modules = args.modules.split(",") if args.modules else stdlib_modules(args.max_submodules)
-    docs = iter_stdlib_docs(modules, args.workers, args.render_timeout)
-    items = docs if not args.no_topics else (d for d in docs if not d[0].startswith("topic:"))
-    # Rendering is the expensive part and already has the workers: processing the pages in this
-    # process is faster than a second pool competing for the same cores.
-    return build_corpus(items, args, doc_workers=1)
 
 
 if __name__ == "__main__":
