@@ -27,8 +27,8 @@ Papers:
     Huang et al. 2018, "GPipe: Efficient Training of Giant Neural Networks using Pipeline Parallelism" (arXiv:1811.06965)
 
 Run it:
-    python parallel.py demo --world-size 2                    # every variant, CPU, gloo, ~1 min on 2 cores
-    python -m pytest -q test_all.py -k test_parallel          # each variant == one process (2 gloo ranks)
+    python parallel.py demo --world-size 2                    # every variant on model.py's TransformerLM, gloo, ~1 min on 2 CPU cores
+    python -m pytest -q test_all.py -k parallel               # each variant == one process (2 gloo ranks)
     # the real path: train.py wraps the model in our BucketedDDP (or torch's FSDP2 with --fsdp)
     torchrun --standalone --nproc_per_node=2 train.py --data data/pydocs      # 2 CPU processes or 2 GPUs
     torchrun --standalone --nproc_per_node=8 train.py --data data/pydocs --fsdp
@@ -40,6 +40,7 @@ Backend: gloo on CPU, NCCL on CUDA (chosen by `setup_distributed`). Nothing here
 import argparse
 import contextlib
 import copy
+import functools
 import math
 import os
 import socket
@@ -51,6 +52,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+import model as M
+
 
 # ---------------------------------------------------------------
 # Process-group setup. torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT;
@@ -60,9 +63,7 @@ def setup_distributed():
     """Join the process group if launched by torchrun. Returns (rank, local_rank, world_size, device)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        device = "cuda" if torch.cuda.is_available() else (
-            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
-        return 0, 0, 1, device
+        return 0, 0, 1, M.pick_device()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     device, backend = (f"cuda:{local_rank}", "nccl") if cuda else ("cpu", "gloo")
@@ -77,6 +78,20 @@ def cleanup_distributed():
     if dist.is_initialized():
         dist.barrier()  # no rank tears down its sockets while another still talks to it
         dist.destroy_process_group()
+
+
+def free_port():
+    """A TCP port nobody listens on now, for a rendezvous on 127.0.0.1 (the demo, the tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_worker(rank, world_size, port):
+    """Process-group init for an mp.spawn worker (torchrun does this through env vars instead)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")   # N ranks share the cores: one thread each, no oversubscription
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
 
 
 # torch 2.13 renamed the tensor-in/tensor-out collectives; fall back to the old names elsewhere.
@@ -98,6 +113,65 @@ def _broadcast_from_rank0(module):
     # Every rank must start from the same weights, or the averaged gradient is meaningless.
     for t in list(module.parameters()) + list(module.buffers()):   # buffers too: all a forward reads
         dist.broadcast(t, src=0)
+
+
+# ---------------------------------------------------------------
+# FSDP2 for train.py. `train.py --fsdp` shards with torch's own FSDP2 (`fully_shard`, the
+# production twin of the FSDP class below): every parameter becomes a DTensor holding 1/N of
+# the rows. Three places in a training loop must then know about shards, and they live here so
+# train.py reads as the plain loop: wrapping, checkpoints (gather the full tensors to save,
+# scatter them back to load) and the global gradient norm. Plus the one gather DDP needs too.
+
+def fsdp_wrap(model):
+    """Shard a TransformerLM in place: each block gathers its params just in time and frees them
+    after (one block's full weights in memory at a time); the root holds embeddings, final norm, lm_head."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def is_fsdp(model):
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def fsdp_state_dicts(model, optimizers):
+    """(model state dict, [optimizer state dicts]) with full, unsharded tensors on the CPU: the
+    checkpoint one process would write. Collective: every rank calls it, rank 0 saves."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=o), [get_optimizer_state_dict(model, opt, options=o) for opt in optimizers]
+
+
+def fsdp_load_state_dicts(model, optimizers, model_sd, opt_sds):
+    """The inverse: every rank keeps its own shard of the full state dicts."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    o = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=o)
+    for opt, sd in zip(optimizers, opt_sds):
+        set_optimizer_state_dict(model, opt, sd, options=o)
+
+
+@torch.no_grad()
+def fsdp_clip_grad_norm(params, max_norm, eps=1e-6):
+    """train.clip_grad_norm on sharded grads: ||g||^2 is the sum over ranks of each shard's ||g_r||^2."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.stack([g.detach().float().norm().full_tensor() for g in grads]).norm()  # full_tensor: the all-reduce
+    coef = (max_norm / (total + eps)).clamp(max=1.0).item()  # a plain float: a DTensor grad cannot be scaled by a tensor
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
+def gather_object(obj):
+    """[rank 0's obj, rank 1's obj, ...] on every rank ([obj] without a process group): train.py saves
+    every rank's batch-generator state this way."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # ---------------------------------------------------------------
@@ -360,23 +434,20 @@ class FSDP(nn.Module):
                                            pending=0, acc=None)   # backward bookkeeping, see above
             self.sharded[id(p)]["users"].append(mod)
             del mod._parameters["weight"]        # the full Parameter goes; only the shard persists
-            mod.register_forward_pre_hook(self._make_pre_hook(self.sharded[id(p)]))
+            mod.register_forward_pre_hook(functools.partial(self._pre_hook, self.sharded[id(p)]))
         shard_ids = {id(e["shard"]) for e in self.sharded.values()}
         self.replicated = [p for p in module.parameters() if id(p) not in shard_ids and p.requires_grad]
 
-    def _make_pre_hook(self, entry):
+    def _pre_hook(self, entry, mod, args):
         # Runs right before the Linear/Embedding's own forward: put a *plain tensor* attribute
         # `weight` (the gathered, autograd-tracked full matrix) where the Parameter used to be, so
         # the module's unchanged forward (x @ self.weight.t(), self.weight[ids]) just works. A tied
         # weight has two users; each gathers it, and _GatherWeight.backward sums both before sending.
-        def pre_hook(mod, args):
-            if torch.is_grad_enabled() and entry["shard"].requires_grad:
-                entry["pending"] += 1            # one more backward use to wait for
-            mod.weight = _GatherWeight.apply(entry["shard"], entry, self.compute_dtype, self)
-            if self.compute_dtype is not None:   # feed the low-precision matmul low-precision inputs
-                return tuple(a.to(self.compute_dtype) if torch.is_tensor(a) and a.is_floating_point() else a
-                             for a in args)
-        return pre_hook
+        if torch.is_grad_enabled() and entry["shard"].requires_grad:
+            entry["pending"] += 1                # one more backward use to wait for
+        mod.weight = _GatherWeight.apply(entry["shard"], entry, self.compute_dtype, self)
+        if self.compute_dtype is not None:       # feed the low-precision matmul low-precision inputs
+            return tuple(a.to(self.compute_dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -507,18 +578,6 @@ class TPBlock(nn.Module):
         return x + self.ffn(self.ln2(x))
 
 
-# The unsplit math, to check the TP classes against (the demo's "max err").
-def reference_swiglu(x, w1, w2, w3):
-    return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
-
-
-def reference_attention(x, wq, wk, wv, wo, num_heads):
-    B, T, d = x.shape
-    q, k, v = ((x @ w.T).view(B, T, num_heads, -1).transpose(1, 2) for w in (wq, wk, wv))
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return y.transpose(1, 2).reshape(B, T, d) @ wo.T
-
-
 # ---------------------------------------------------------------
 # Pipeline parallelism (GPipe). Give each rank a contiguous run of layers (a "stage"). A naive
 # pipeline leaves all but one stage idle; GPipe cuts the batch into m micro-batches so stage s can
@@ -529,8 +588,8 @@ def reference_attention(x, wq, wk, wv, wo, num_heads):
 # Schedule: all forwards, then all backwards (in reverse); gradients accumulate over micro-batches.
 
 def lm_as_layers(model):
-    """An LM as a flat list of modules applied in sequence (model.py's TransformerLM or ToyLM)."""
-    return model.as_layers() if hasattr(model, "as_layers") else [model.token_embeddings, *model.layers, model.ln_final, model.lm_head]
+    """model.py's TransformerLM as a flat list of modules applied in sequence (its forward, unrolled)."""
+    return [model.token_embeddings, *model.layers, model.ln_final, model.lm_head]
 
 
 def split_stages(layers, world_size):
@@ -577,68 +636,10 @@ def gpipe_step(stage, inputs, targets, num_micro, act_shape, act_dtype=torch.flo
 
 
 # ---------------------------------------------------------------
-# A toy LM with every awkward case: a tied embedding/head, a frozen layer, replicated RMSNorm
-# weights. Tests and the demo use it so they do not depend on model.py.
-
-class RMSNorm(nn.Module):
-    def __init__(self, d, eps=1e-5):
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
-
-    def forward(self, x):
-        # Upcast to fp32 for the mean of squares (bf16 would lose the small terms), cast back.
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
-
-
-class ToyBlock(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.ln = RMSNorm(d)
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
-
-    def forward(self, x):
-        return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
-
-
-class ToyLM(nn.Module):
-    def __init__(self, vocab_size=64, d_model=32, num_layers=2, tie=True, freeze=True):
-        super().__init__()
-        self.token_embeddings = nn.Embedding(vocab_size, d_model)
-        self.frozen = nn.Linear(d_model, d_model, bias=False)
-        self.frozen.weight.requires_grad_(not freeze)
-        self.layers = nn.ModuleList(ToyBlock(d_model) for _ in range(num_layers))
-        self.ln_final = RMSNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        if tie:
-            self.lm_head.weight = self.token_embeddings.weight   # one Parameter, two users
-
-    def as_layers(self):
-        return [self.token_embeddings, self.frozen, *self.layers, self.ln_final, self.lm_head]
-
-    def forward(self, idx):                                   # (B, T) -> (B, T, V)
-        x = idx
-        for layer in self.as_layers():
-            x = layer(x)
-        return x
-
-
-# ---------------------------------------------------------------
-# The demo: every variant on the same LM, N gloo processes; step time, bytes, memory, and the
-# ZeRO formula (module docstring) next to the measured memory, to see the two agree.
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_worker(rank, world_size, port):
-    """Process-group init for an mp.spawn worker (torchrun does this through env vars instead)."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")   # N ranks share the cores: one thread each, no oversubscription
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-
+# The demo: every variant on the same model.py TransformerLM, N gloo processes on one machine.
+# Each part returns rows of step time, bytes handed to collectives and measured memory per rank,
+# and the data-parallel rows carry the ZeRO formula (module docstring) next to the measurement.
+# Measured tables: the README.
 
 def state_bytes(model, optimizer):
     """Measured bytes per rank: weights + grads + optimizer state tensors."""
@@ -649,29 +650,35 @@ def state_bytes(model, optimizer):
     return sum(_nbytes(p) for p in params) + sum(_nbytes(p.grad) for p in params if p.grad is not None) + opt
 
 
-def _demo_model(args, tie=True, seed=0):
-    torch.manual_seed(seed)
-    if args.model == "transformer":
-        from model import ModelConfig, TransformerLM   # the real thing, if model.py is there
-        return TransformerLM(ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length,
-                                         d_model=args.d_model, num_layers=args.num_layers, num_heads=4,
-                                         tie_embeddings=tie))
-    return ToyLM(args.vocab_size, args.d_model, args.num_layers, tie=tie, freeze=False)
+def demo_model(args, tie=True):
+    """The demo's TransformerLM; seeded, so every call (and every rank) builds the same weights."""
+    torch.manual_seed(0)
+    return M.TransformerLM(M.ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
+                                         num_layers=args.num_layers, num_heads=args.num_heads, tie_embeddings=tie))
 
 
-def _demo_worker(rank, world_size, port, args):
-    init_worker(rank, world_size, port)
-    V, d, B, T, N = args.vocab_size, args.d_model, args.batch_size, args.context_length, world_size
-    idx = torch.randint(0, V, (B * N, T + 1), generator=torch.Generator().manual_seed(1))  # global batch, same on all ranks
-    x, y = idx[:, :-1][rank * B:(rank + 1) * B], idx[:, 1:][rank * B:(rank + 1) * B]   # my shard
-    psi = sum(p.numel() for p in _demo_model(args).parameters())
+def demo_data_parallel(args, x, y):
+    """Split the batch: DDP, bucketed DDP, ZeRO-1 and FSDP in fp32 and bf16, one row each. The same
+    training step for every variant, only the wrapper and the optimizer change; each rank trains on
+    its own B sequences (x, y). Step 0 is warm-up, not timed."""
+    params = list(demo_model(args).parameters())
+    psi, repl, N = sum(p.numel() for p in params), sum(p.numel() for p in params if p.dim() == 1), dist.get_world_size()
+    bucketed, adamw = functools.partial(BucketedDDP, bucket_size_mb=args.bucket_size_mb), torch.optim.AdamW
+    variants = [("DDP (per-param)", DDP, adamw, 16 * psi),                  # 4 weight + 4 grad + 8 moments
+                ("BucketedDDP", bucketed, adamw, 16 * psi),
+                # measured is a bit above 8Ψ + 8Ψ/N: whole parameters cannot split the moments into exact Nths
+                ("ZeRO-1 (sharded AdamW)", bucketed, functools.partial(ShardedOptimizer, optimizer_cls=adamw),
+                 8 * psi + 8 * psi / N),
+                # FSDP replicates the norm gains (the 1-D params): 16 B each, on every rank
+                ("FSDP/ZeRO-3 (fp32)", FSDP, adamw, 16 * (psi - repl) / N + 16 * repl),
+                ("FSDP/ZeRO-3 (bf16)", functools.partial(FSDP, compute_dtype=torch.bfloat16), adamw,
+                 16 * (psi - repl) / N + 16 * repl)]
     rows = []
-
-    def run(name, wrapped, opt, formula):
-        # The same training step for every data-parallel variant: only the wrapper and the
-        # optimizer change. Each rank sees its own B sequences of the global batch.
+    for name, wrap, make_opt, formula in variants:
+        wrapped = wrap(demo_model(args))
+        opt = make_opt(wrapped.parameters())
         dist.barrier()                           # start every rank's clock together
-        for step in range(args.steps + 1):       # step 0 is warm-up, not timed
+        for step in range(args.steps + 1):
             if step == 1:
                 t0 = time.perf_counter()
                 wrapped.comm_bytes = opt.comm_bytes = 0
@@ -681,90 +688,88 @@ def _demo_worker(rank, world_size, port, args):
             wrapped.finish_gradient_synchronization()
             opt.step()
         ms = (time.perf_counter() - t0) / args.steps * 1e3
-        comm = (wrapped.comm_bytes + opt.comm_bytes) / args.steps
-        rows.append((name, ms, comm, state_bytes(wrapped, opt), formula))
+        rows.append((name, ms, (wrapped.comm_bytes + opt.comm_bytes) / args.steps, state_bytes(wrapped, opt), formula))
+    return rows
 
-    m = DDP(_demo_model(args))
-    run("DDP (per-param)", m, torch.optim.AdamW(m.parameters()), 16 * psi)      # 4 weight + 4 grad + 8 moments
-    m = BucketedDDP(_demo_model(args), bucket_size_mb=args.bucket_size_mb)
-    run("BucketedDDP", m, torch.optim.AdamW(m.parameters()), 16 * psi)
-    m = BucketedDDP(_demo_model(args), bucket_size_mb=args.bucket_size_mb)
-    # measured is a bit above 8Ψ + 8Ψ/N: whole parameters cannot split the moments into exact Nths
-    run("ZeRO-1 (sharded AdamW)", m, ShardedOptimizer(m.parameters(), torch.optim.AdamW), 8 * psi + 8 * psi / N)
-    for dt, label in ((None, "fp32"), (torch.bfloat16, "bf16")):
-        m = FSDP(_demo_model(args), compute_dtype=dt)
-        repl = sum(p.numel() for p in m.replicated)            # the norm gains: 16 B each, on every rank
-        run(f"FSDP/ZeRO-3 ({label})", m, torch.optim.AdamW(m.parameters()), 16 * (psi - repl) / N + 16 * repl)
 
-    # Tensor parallel: one block (attention + SwiGLU) split over N ranks, checked against the unsplit block.
-    g = torch.Generator().manual_seed(2)
-    xin = torch.randn(B, T, d, generator=g)
-    if args.model == "transformer":
-        block = _demo_model(args).layers[0]
-        tp = TPBlock(block, rank, N)
-        ref = block(xin)
-    else:
-        H, dff = 4, 4 * d
-        W = {k: torch.randn(s, generator=g) / s[1] ** 0.5 for k, s in
-             dict(wq=(d, d), wk=(d, d), wv=(d, d), wo=(d, d), w1=(dff, d), w2=(d, dff), w3=(dff, d)).items()}
-        tp = nn.Sequential(TPAttention(W["wq"], W["wk"], W["wv"], W["wo"], H, rank, N),
-                           TPSwiGLU(W["w1"], W["w2"], W["w3"], rank, N))
-        ref = reference_swiglu(reference_attention(xin, W["wq"], W["wk"], W["wv"], W["wo"], H), W["w1"], W["w2"], W["w3"])
+def demo_tensor_parallel(args):
+    """Split the matrices: one TransformerBlock over N ranks, checked against the unsplit block."""
+    rank, N = dist.get_rank(), dist.get_world_size()
+    xin = torch.randn(args.batch_size, args.context_length, args.d_model, generator=torch.Generator().manual_seed(2))  # (B, T, d)
+    block = demo_model(args).layers[0]
+    tp, ref = TPBlock(block, rank, N), block(xin)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         out = tp(xin)
         out.square().mean().backward()
     ms = (time.perf_counter() - t0) / args.steps * 1e3
-    tp_err = (out - ref).abs().max().item()
-    tp_bytes = 4 * _nbytes(xin)        # fwd: 2 all-reduces of (B,T,d); bwd: 2 more
-    rows.append((f"TP block (max err {tp_err:.0e})", ms, tp_bytes, sum(2 * _nbytes(p) for p in tp.parameters()), None))
+    err = (out - ref).abs().max().item()
+    comm = 4 * _nbytes(xin)                      # forward: 2 all-reduces of (B, T, d); backward: 2 more
+    return [(f"TP block (max err {err:.0e})", ms, comm, sum(2 * _nbytes(p) for p in tp.parameters()), None)]
 
-    # Pipeline parallel: the untied LM cut into N stages, GPipe with 4 micro-batches.
-    stage = split_stages(lm_as_layers(_demo_model(args, tie=False)), N)[rank]
-    M = 4                                       # bubble (N-1)/(M+N-1): 20% for 2 stages
+
+def demo_pipeline(args, idx, num_micro=4):
+    """Split the layers: the untied LM cut into N stages, GPipe over the global batch idx (B·N, T+1)."""
+    rank, N = dist.get_rank(), dist.get_world_size()
+    B, T, d = args.batch_size, args.context_length, args.d_model
+    stage = split_stages(lm_as_layers(demo_model(args, tie=False)), N)[rank]
     t0 = time.perf_counter()
     for _ in range(args.steps):
         stage.zero_grad()
-        gpipe_step(stage, idx[:, :-1], idx[:, 1:], M, (B * N // M, T, d))   # the global batch, (B·N, T)
+        gpipe_step(stage, idx[:, :-1], idx[:, 1:], num_micro, (B * N // num_micro, T, d))
     ms = (time.perf_counter() - t0) / args.steps * 1e3
-    pp_bytes = 2 * B * N * T * d * 4 * (1 if rank in (0, N - 1) else 2)   # activations out + grads back
-    rows.append((f"GPipe {N} stages x {M} micro", ms, pp_bytes, sum(2 * _nbytes(p) for p in stage.parameters()), None))
+    comm = 2 * B * N * T * d * 4 * (1 if rank in (0, N - 1) else 2)   # activations out + grads back
+    return [(f"GPipe {N} stages x {num_micro} micro", ms, comm, sum(2 * _nbytes(p) for p in stage.parameters()), None)]
 
+
+def print_report(args, rows):
+    psi = sum(p.numel() for p in demo_model(args).parameters())
+    print(f"transformer LM: {psi:,} params, V={args.vocab_size} d={args.d_model} layers={args.num_layers}; "
+          f"{dist.get_world_size()} ranks x batch {args.batch_size} x T {args.context_length}")
+    print(f"{'variant':30s} {'ms/step':>8s} {'comm/rank/step':>15s} {'mem/rank meas.':>15s} {'ZeRO formula':>13s}")
+    for name, ms, comm, mem, formula in rows:
+        f = f"{formula / 1e6:10.3f} MB" if formula else f"{'-':>13s}"
+        print(f"{name:30s} {ms:8.1f} {comm / 1e6:12.3f} MB {mem / 1e6:12.3f} MB {f}")
+    print("comm = payload handed to collectives on rank 0 (a ring all-reduce moves ~2(N-1)/N x it); "
+          "mem = weights + grads + AdamW state (TP/PP rows: weights + grads); "
+          "CPUs have no fast bf16 matmul, so the bf16 row shows the halved all-gather, not a speed-up")
+
+
+def demo_worker(rank, world_size, port, args):
+    """One rank of the demo; it reads as the outline (CS336 lecture_08's main)."""
+    init_worker(rank, world_size, port)
+    B, T = args.batch_size, args.context_length
+    idx = torch.randint(0, args.vocab_size, (B * world_size, T + 1), generator=torch.Generator().manual_seed(1))  # global batch
+    x, y = idx[:, :-1][rank * B:(rank + 1) * B], idx[:, 1:][rank * B:(rank + 1) * B]   # my shard, (B, T) each
+    rows = demo_data_parallel(args, x, y)        # DDP, bucketed DDP, ZeRO-1, FSDP: split the batch
+    rows += demo_tensor_parallel(args)           # Megatron: split each block's matrices
+    rows += demo_pipeline(args, idx)             # GPipe: split the layers
     if rank == 0:
-        print(f"{args.model} LM: {psi:,} params, V={V} d={d} layers={args.num_layers}; {N} ranks x batch {B} x T {T}")
-        print(f"{'variant':30s} {'ms/step':>8s} {'comm/rank/step':>15s} {'mem/rank meas.':>15s} {'ZeRO formula':>13s}")
-        for name, ms, comm, mem, formula in rows:
-            f = f"{formula / 1e6:10.3f} MB" if formula else f"{'-':>13s}"
-            print(f"{name:30s} {ms:8.1f} {comm / 1e6:12.3f} MB {mem / 1e6:12.3f} MB {f}")
-        print("comm = payload handed to collectives on rank 0 (a ring all-reduce moves ~2(N-1)/N x it); "
-              "mem = weights + grads + AdamW state (TP/PP rows: weights + grads); "
-              "CPUs have no fast bf16 matmul, so the bf16 row shows the halved all-gather, not a speed-up")
+        print_report(args, rows)
     cleanup_distributed()
 
 
-def demo(args):
-    mp.spawn(_demo_worker, args=(args.world_size, free_port(), args), nprocs=args.world_size, join=True)
-
+# ---------------------------------------------------------------
+# CLI
 
 if __name__ == "__main__":
+    cfg = M.ModelConfig()                        # the model-shape defaults are the CPU default run's
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("demo", help="run every variant on CPU with gloo and print step time, bytes, memory")
     p.add_argument("--world-size", type=int, default=2, help="number of processes (ranks)")
     # model / data
-    p.add_argument("--model", default="transformer" if os.path.exists(os.path.join(os.path.dirname(__file__), "model.py"))
-                   else "toy", choices=["transformer", "toy"], help="model.py's TransformerLM or the toy LM here")
-    p.add_argument("--vocab-size", type=int, default=512, help="toy LM vocabulary size")
-    p.add_argument("--d-model", type=int, default=128, help="toy LM width")
-    p.add_argument("--num-layers", type=int, default=4, help="toy LM blocks")
+    p.add_argument("--vocab-size", type=int, default=cfg.vocab_size, help="vocabulary size (random tokens)")
+    p.add_argument("--d-model", type=int, default=cfg.d_model, help="model width")
+    p.add_argument("--num-layers", type=int, default=cfg.num_layers, help="transformer blocks")
+    p.add_argument("--num-heads", type=int, default=cfg.num_heads, help="attention heads (TP splits them over ranks)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per rank")
-    p.add_argument("--context-length", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--context-length", type=int, default=cfg.context_length, help="tokens per sequence")
     # run
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up)")
     p.add_argument("--bucket-size-mb", type=float, default=1.0, help="BucketedDDP bucket size")
     args = parser.parse_args()
-    if args.world_size < 2:
-        raise SystemExit("error: --world-size must be >= 2")
-    if 4 % args.world_size:
-        raise SystemExit("error: the TP demo splits 4 heads; use --world-size 2 or 4")
-    demo(args)
+    if args.world_size < 2 or args.num_heads % args.world_size or args.batch_size * args.world_size % 4:
+        raise SystemExit("error: need --world-size >= 2 dividing --num-heads (TP splits the heads) and "
+                         "--batch-size x --world-size a multiple of 4 (GPipe's micro-batches)")
+    mp.spawn(demo_worker, args=(args.world_size, free_port(), args), nprocs=args.world_size, join=True)
