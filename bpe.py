@@ -427,7 +427,7 @@ class Tokenizer:
         equal `encode` of the whole text while memory stays bounded by one paragraph. A special
         token containing a newline could span such a cut, so in that (odd) case we buffer everything.
         """
-        safe = not any("\n" in s for s in self.special_tokens)
+        safe = _line_cuts_ok(self.special_tokens)
         buf = ""
         for chunk in iterable:
             lo = max(len(buf) - 1, 0)  # older text held no safe cut: search only the new part
@@ -601,7 +601,6 @@ def _findall(pat, pat_ascii, text):
 # "\n","\n","\n","x". Both cuts sit at ASCII bytes, so cutting raw bytes never splits a character.
 
 _LINE_CUT = re.compile(r"(?<=[\x21-\x7e])(?=\n)")         # zero-width: m.start() is the "\n"
-_LINE_CUT_BYTES = re.compile(_LINE_CUT.pattern.encode())  # the same rule on raw file bytes
 
 
 def _cut_before(text, lo, i):
@@ -618,36 +617,59 @@ def _cut_before(text, lo, i):
 # and memory holds one chunk per worker, never the whole file.
 
 def _chunk_boundaries(path, n_chunks, special_tokens, scan=1 << 20):
-    """Byte offsets [0, ..., size] cutting the file into ~n_chunks safe pieces.
-
-    From each evenly spaced guess we read forward to the next special token (a document
-    boundary); if none shows up within `scan` bytes we settle for the next safe line end."""
-    size = os.path.getsize(path)
-    specials = [s.encode("utf-8") for s in special_tokens or []]
-    keep = max(map(len, specials), default=1)  # overlap between blocks, so no match straddles two
-    line_cuts = not any(b"\n" in s for s in specials)  # a special spanning "x\n" would be cut in two
-    bounds = [0]
+    """Byte offsets [0, ..., size] cutting the file into ~n_chunks safe pieces, one cut after
+    each of n_chunks - 1 evenly spaced guesses."""
+    size, bounds = os.path.getsize(path), [0]
     with open(path, "rb") as f:
         for i in range(1, n_chunks):
-            guess = max(size * i // n_chunks, bounds[-1])  # the last cut may lie past this guess
-            f.seek(guess)
-            tail, cut = b"", size
-            while block := f.read(min(1 << 16, scan)):
-                buf = tail + block
-                base = f.tell() - len(buf)  # buf starts at file offset `base`
-                hits = [j for j in (buf.find(s) for s in specials) if j >= 0]
-                if hits:
-                    cut = base + min(hits)
-                    break
-                if f.tell() - guess >= scan and line_cuts and (m := _LINE_CUT_BYTES.search(buf)):
-                    cut = base + m.start()
-                    break
-                tail = buf[-keep:]
-            if cut > bounds[-1]:  # two guesses can find the same cut
-                bounds.append(cut)
-    if bounds[-1] != size:
-        bounds.append(size)
-    return bounds
+            cut = _next_cut(f, max(size * i // n_chunks, bounds[-1] + 1), special_tokens, scan, size)
+            if cut >= size:  # no cut after this guess, so none after the later ones either
+                break
+            bounds.append(cut)
+    return bounds + [size]
+
+
+def _next_cut(f, start, special_tokens, scan, size):
+    """File offset of the first safe cut at or after byte `start`, else `size`. We read windows of
+    `scan` bytes and take the first special token (a document boundary) in one, else its first
+    line cut. The bytes are decoded with surrogateescape: any byte sequence decodes, and encoding
+    a prefix back gives its exact length in bytes, so a cut found in the text maps to a file offset."""
+    longest = max(map(len, special_tokens), default=0)
+    back, line_cuts, scan = 4 * longest + 4, _line_cuts_ok(special_tokens), max(scan, 8 * longest + 64)
+    while start < size:
+        base = max(start - back, 0)  # we also read some bytes before start: a special may straddle it
+        f.seek(base)
+        raw = f.read(start - base + scan)
+        while start - base < len(raw) and 0x80 <= raw[start - base] < 0xC0:
+            start += 1  # a UTF-8 continuation byte: start at the next character instead
+        text, lo = raw.decode("utf-8", "surrogateescape"), len(raw[:start - base].decode("utf-8", "surrogateescape"))
+        eof = base + len(raw) >= size
+        hi = len(text) if eof else len(text) - longest - 1  # a special from hi on may run past the window
+        i = _special_cut(text, special_tokens, lo, hi)
+        if i is None and line_cuts and (m := _LINE_CUT.search(text, lo)):
+            i = m.start()
+        if i is not None or eof:
+            return size if i is None else base + len(text[:i].encode("utf-8", "surrogateescape"))
+        start = base + len(text[:hi].encode("utf-8", "surrogateescape"))
+    return size
+
+
+def _special_cut(text, special_tokens, lo, hi):
+    """The first i in [lo, hi) where a special token starts and no occurrence of any special
+    straddles i (starts before it, ends after it), else None. Then one pass over the whole text
+    reaches i with no match open and matches a special there, as it does at the start of text[i:].
+    A cut just before "<|a|>" inside "<|a|><|a|>" (both special) would instead split a token in two."""
+    while hits := [j for j in (text.find(s, lo, hi + len(s) - 1) for s in special_tokens) if j >= 0]:
+        i = min(hits)
+        if not any(0 <= text.find(t, max(i - len(t) + 1, 0), i + len(t) - 1) < i for t in special_tokens):
+            return i
+        lo = i + 1
+    return None
+
+
+def _line_cuts_ok(special_tokens):
+    """Line cuts are safe unless a special token could straddle one (it holds a newline)."""
+    return not any("\n" in s for s in special_tokens)
 
 
 def _read_text(path, start, end):
