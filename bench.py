@@ -7,8 +7,10 @@ printed as ours / peer with the peer's version, never as an absolute threshold. 
 with the `pip install` line that brings it.
 
     python bench.py                      # everything that can run here (CPU: minutes)
-    python bench.py --only bpe           # one group: bpe | model | kernels | parallel | data
-    python bench.py --only model --device cuda --preset 124m    # the GPU targets, on a GPU
+    python bench.py --only bpe           # one group: bpe | data | model | kernels | parallel
+    python bench.py --only model --model-device cuda --model-preset 124m    # the GPU targets, on a GPU
+    python bench.py --only kernels       # GPU: Triton kernels vs SDPA-flash / torch.compile, % of peak
+    bash gpu_check.sh                    # one H100/H200: compiled kernel tests + every GPU number, one file
 
 Targets (from the issues; measured numbers live in README.md with the machine they came from):
     bpe       train 133 KB / vocab 500 < 0.4 s; >=100 MB / vocab 10k <= 2x HF tokenizers, RSS <= 2 GB;
@@ -18,12 +20,17 @@ Targets (from the issues; measured numbers live in README.md with the machine th
     parallel  BucketedDDP step time <= 1.05x torch DDP on 2 gloo ranks
     data      MinHash dedup >= 5x datasketch docs/s with the same clusters
 """
+import argparse
 import contextlib
+import functools
 import glob
+import importlib
+import inspect
 import json
+import math
 import os
+import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +42,25 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import bpe
 import data
+import kernels  # sets TRITON_INTERPRET=1 itself when there is no GPU
+import model as M
+import parallel
+
+triton = kernels.triton  # imported by kernels.py after it has chosen compiled or interpreted
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def _optional(module, missing_line):
+    """A peer library, or None after printing the line that says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        print(missing_line)
+        return None
+
 
 # ---------------------------------------------------------------
 # bpe.py benchmarks: training time vs HF `tokenizers`, encode MB/s vs tiktoken (same vocab, same text).
@@ -43,7 +68,6 @@ import data
 # peak RSS <= 2 GB; encode one thread >= 1.0x tiktoken.
 #   python bench.py --only bpe                       # 20 MB train text (a few minutes on 2 cores)
 #   python bench.py --only bpe --bpe-mb 100          # the size the issue asks for
-
 
 
 def add_args_bpe(parser):
@@ -85,20 +109,31 @@ def _write_text(path, n_bytes):
     return path
 
 
-_OURS = """
-import json, resource, sys, time
+# Peak RSS of the training process itself.  Not getrusage's ru_maxrss: Linux carries the
+# parent's high-water mark across fork + exec, so the child would report this process's ~300 MB
+# of torch and triton as its own.  VmHWM belongs to the child's fresh address space.
+_PEAK_KB = """
+import resource
+def peak_kb():
+    try:
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    except OSError:  # no /proc (macOS): the rusage number, with the caveat above
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""
+
+_OURS = _PEAK_KB + """
+import json, sys, time
 sys.path.insert(0, {repo!r})
 import bpe
 t = time.time()
 vocab, merges = bpe.train_bpe({path!r}, {vocab}, ["<|endoftext|>"])
 dt = time.time() - t
 bpe.Tokenizer(vocab, merges, ["<|endoftext|>"]).save({out!r})
-print(json.dumps(dict(s=dt, rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                      rss_child=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)))
+print(json.dumps(dict(s=dt, rss=peak_kb(), rss_child=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)))
 """
 
-_HF = """
-import json, resource, time
+_HF = _PEAK_KB + """
+import json, time
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 tk = Tokenizer(models.BPE())
 tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -106,7 +141,7 @@ tr = trainers.BpeTrainer(vocab_size={vocab}, special_tokens=["<|endoftext|>"], s
                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
 t = time.time()
 tk.train([{path!r}], tr)
-print(json.dumps(dict(s=time.time() - t, rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rss_child=0)))
+print(json.dumps(dict(s=time.time() - t, rss=peak_kb(), rss_child=0)))
 """
 
 
@@ -119,32 +154,11 @@ def _run(script):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def bench_bpe(args):
-    repo = os.path.dirname(os.path.abspath(__file__))
-    if os.path.basename(repo) == ".parts":
-        repo = os.path.dirname(repo)
-    sys.path.insert(0, repo)
-    import bpe
-    try:
-        import tokenizers
-    except ImportError:
-        tokenizers = None
-        print("bpe: HF tokenizers skipped: pip install tokenizers")
-    try:
-        import tiktoken
-    except ImportError:
-        tiktoken = None
-        print("bpe: tiktoken skipped: pip install tiktoken")
-    mb = getattr(args, "bpe_mb", 20)
-    vocab_size = getattr(args, "bpe_vocab", 10000)
-    enc_mb = getattr(args, "bpe_encode_mb", 10)
-    work = getattr(args, "bpe_workdir", None) or tempfile.mkdtemp(prefix="bench_bpe_")
-    os.makedirs(work, exist_ok=True)
-
-    # --- 1. small train: 133 KB, vocab 500 (goal < 0.4 s; CS336 reference 0.38 s) ---
+def _bpe_train_small(work, tokenizers):
+    """133 KB, vocab 500 (goal < 0.4 s; CS336 reference 0.38 s)."""
+    import pydoc_data.topics as t
     small = os.path.join(work, "small_133k.txt")
     with open(small, "w", encoding="utf-8") as f:
-        import pydoc_data.topics as t
         text = "<|endoftext|>".join(t.topics[k] for k in sorted(t.topics))
         f.write(text.encode("utf-8")[:133_000].decode("utf-8", "ignore"))
     times = []
@@ -158,10 +172,10 @@ def bench_bpe(args):
         line += f" | HF tokenizers {tokenizers.__version__}: {hf['s']:.3f} s | ours/HF {min(times) / hf['s']:.2f}x"
     print(line, flush=True)
 
-    # --- 2. large train: --bpe-mb MB, vocab --bpe-vocab, both in fresh processes ---
-    big = _write_text(os.path.join(work, f"big_{mb:g}mb.txt"), int(mb * 1e6))
-    tok_dir = os.path.join(work, "tok")
-    ours = _run(_OURS.format(repo=repo, path=big, vocab=vocab_size, out=tok_dir))
+
+def _bpe_train_big(big, mb, vocab_size, tok_dir, tokenizers):
+    """--bpe-mb MB, vocab --bpe-vocab, ours and HF's each in a fresh process (peak RSS is its own)."""
+    ours = _run(_OURS.format(repo=REPO, path=big, vocab=vocab_size, out=tok_dir))
     line = (f"bpe train {mb:g} MB vocab {vocab_size}: {ours['s']:.1f} s, peak RSS {ours['rss'] / 1024:.0f} MB "
             f"(largest worker {ours['rss_child'] / 1024:.0f} MB; goal <= 2 GB)")
     if tokenizers is not None:
@@ -170,30 +184,35 @@ def bench_bpe(args):
                  f" | ours/HF wall {ours['s'] / hf['s']:.2f}x (goal <= 2x)")
     print(line, flush=True)
 
-    # --- 3. encode, one thread, same vocab and text, vs tiktoken built from our ranks ---
+
+def _mb_per_s(fn, text, n_mb):
+    """(fn(text), MB/s of that one call)."""
+    t0 = time.perf_counter()
+    out = fn(text)
+    return out, n_mb / (time.perf_counter() - t0)
+
+
+def _tiktoken_twin(tiktoken, tok):
+    """A tiktoken Encoding with our pattern, ranks and special ids: the same tokenizer, in Rust."""
+    sp = {s: tok.special_ids[s] for s in tok.special_tokens}
+    return tiktoken.Encoding("ours", pat_str=tok.pattern, special_tokens=sp,
+                             mergeable_ranks={b: i for i, b in tok.vocab.items() if i not in sp.values()})
+
+
+def _bpe_encode(big, enc_mb, tok_dir, tiktoken):
+    """Encode, one thread, same vocab and text, vs tiktoken built from our ranks."""
     with open(big, encoding="utf-8", newline="") as f:
         text = f.read(int(enc_mb * 1e6))
     n = len(text.encode("utf-8")) / 1e6
-    enc = None
-    if tiktoken is not None:
-        tok = bpe.Tokenizer.load(tok_dir)
-        sp = {s: tok.special_ids[s] for s in tok.special_tokens}
-        enc = tiktoken.Encoding("ours", pat_str=tok.pattern, special_tokens=sp,
-                                mergeable_ranks={b: i for i, b in tok.vocab.items() if i not in sp.values()})
-
-    def mb_per_s(fn):
-        t0 = time.perf_counter()
-        out = fn(text)
-        return out, n / (time.perf_counter() - t0)
-
+    enc = _tiktoken_twin(tiktoken, bpe.Tokenizer.load(tok_dir)) if tiktoken is not None else None
     cold = warm = tk = 0.0  # MB/s, best of 2 interleaved runs (the machine is noisy)
     for _ in range(2):
         tok = bpe.Tokenizer.load(tok_dir)  # fresh, so the pre-token cache starts empty
-        ids, r = mb_per_s(tok.encode)
+        ids, r = _mb_per_s(tok.encode, text, n)
         cold = max(cold, r)
-        warm = max(warm, mb_per_s(tok.encode)[1])
+        warm = max(warm, _mb_per_s(tok.encode, text, n)[1])
         if enc is not None:
-            ref, r = mb_per_s(lambda s: enc.encode(s, allowed_special="all"))
+            ref, r = _mb_per_s(functools.partial(enc.encode, allowed_special="all"), text, n)
             tk = max(tk, r)
     line = f"bpe encode {n:.1f} MB, 1 thread: {cold:.1f} MB/s cold cache, {warm:.1f} MB/s warm"
     if enc is not None:
@@ -202,12 +221,23 @@ def bench_bpe(args):
     print(line, flush=True)
 
 
+def bench_bpe(args):
+    tokenizers = _optional("tokenizers", "bpe: HF tokenizers skipped: pip install tokenizers")
+    tiktoken = _optional("tiktoken", "bpe: tiktoken skipped: pip install tiktoken")
+    work = args.bpe_workdir or tempfile.mkdtemp(prefix="bench_bpe_")
+    os.makedirs(work, exist_ok=True)
+    _bpe_train_small(work, tokenizers)
+    big = _write_text(os.path.join(work, f"big_{args.bpe_mb:g}mb.txt"), int(args.bpe_mb * 1e6))
+    tok_dir = os.path.join(work, "tok")
+    _bpe_train_big(big, args.bpe_mb, args.bpe_vocab, tok_dir, tokenizers)
+    _bpe_encode(big, args.bpe_encode_mb, tok_dir, tiktoken)
+
+
 # ---------------------------------------------------------------
 # data.py benchmark: MinHash + LSH near-duplicate detection vs datasketch (MinHashLSH).
 # Same documents, same normalization and word 5-gram shingles, same 128 permutations in 16 bands
 # of 8 rows, same exact-Jaccard verification and union-find on the candidates: the clusters must
 # be identical, and we report documents per second from raw text to clusters for both.
-
 
 
 def add_args_data(parser):
@@ -232,9 +262,17 @@ def _bench_corpus(n_docs, n_words, seed=0):
     return docs
 
 
+def _find(parent, i):
+    """Union-find root of i, halving the path as it goes."""
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
 def _datasketch_clusters(texts, num_hashes, num_bands, ngrams, threshold):
     """The same algorithm built from datasketch's MinHash.bulk + MinHashLSH (its fastest paths)."""
-    from datasketch import MinHash, MinHashLSH
+    from datasketch import MinHash, MinHashLSH  # an optional peer: bench_data checks it is installed
     shingles = []
     for t in texts:
         w = data.normalize_for_dedup(t).split()
@@ -244,22 +282,16 @@ def _datasketch_clusters(texts, num_hashes, num_bands, ngrams, threshold):
     for i, m in enumerate(sigs):
         lsh.insert(i, m)
     parent = list(range(len(texts)))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
     for i, m in enumerate(sigs):
         for j in lsh.query(m):
-            if j > i and find(i) != find(j):
+            if j > i and _find(parent, i) != _find(parent, j):
                 a, b = shingles[i], shingles[j]
                 if len(a & b) / len(a | b) >= threshold:
-                    ri, rj = find(i), find(j)
+                    ri, rj = _find(parent, i), _find(parent, j)
                     parent[max(ri, rj)] = min(ri, rj)
     groups = {}
     for i in range(len(texts)):
-        groups.setdefault(find(i), []).append(i)
+        groups.setdefault(_find(parent, i), []).append(i)
     return [g for g in groups.values() if len(g) > 1]
 
 
@@ -274,7 +306,7 @@ def _best_of(repeats, fn, *args):
 
 
 def bench_data(args):
-    n_docs, n_words = getattr(args, "dedup_docs", 3000), getattr(args, "dedup_words", 300)
+    n_docs, n_words = args.dedup_docs, args.dedup_words
     K, bands, n, thr = 128, 16, 5, 0.8
     texts = _bench_corpus(n_docs, n_words)
     print(f"MinHash dedup: {n_docs} docs x {n_words} words, {K} hashes, {bands} bands, {n}-grams, "
@@ -283,10 +315,8 @@ def bench_data(args):
     ours = ours[1]
     print(f"  data.py      {t_ours:7.2f} s  {n_docs / t_ours:9.0f} docs/s  {len(ours)} clusters, "
           f"{sum(len(c) - 1 for c in ours)} docs removed")
-    try:
-        import datasketch
-    except ImportError:
-        print("  datasketch   skipped: pip install datasketch")
+    datasketch = _optional("datasketch", "  datasketch   skipped: pip install datasketch")
+    if datasketch is None:
         return
     t_ds, theirs = _best_of(2, _datasketch_clusters, texts, K, bands, n, thr)
     same = sorted(map(sorted, ours)) == sorted(map(sorted, theirs))
@@ -325,7 +355,7 @@ def _sync(device):
 
 
 def _time_fwd_bwd(fn, params, x, steps, device, autocast):
-    """Median-free single round: ms per fwd+bwd (grads zeroed between steps, not timed)."""
+    """One round: ms per fwd+bwd (grads zeroed between steps, not timed)."""
     for p in params:
         p.grad = None
     with autocast:
@@ -345,52 +375,49 @@ def _time_fwd_bwd(fn, params, x, steps, device, autocast):
     return 1000 * t / steps
 
 
-def bench_model(args):
-    import model as M
+def _hf_twin(ours, x, device):
+    """LlamaForCausalLM with our weights (model.to_hf_llama), after checking it gives our logits."""
+    from transformers import LlamaForCausalLM  # bench_model checks transformers is installed
+    hf_cfg, sd = M.to_hf_llama(ours)
+    hf_cfg._attn_implementation = "sdpa"
+    hf = LlamaForCausalLM(hf_cfg)
+    hf.load_state_dict(sd)
+    hf = hf.to(device)
+    with torch.no_grad():
+        a, b = ours(x[:2, :64]).float(), hf(x[:2, :64]).logits.float()
+    print(f"  logits after weight mapping: max |ours - HF| = {(a - b).abs().max().item():.2e} (fp32 eager)")
+    return hf
 
-    device = getattr(args, "model_device", None) or getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+
+def _hf_logits(hf, x):
+    return hf(x).logits
+
+
+def bench_model(args):
+    device = args.model_device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("model: skipped: --model-device cuda but no GPU is visible")
         return
     gpu = device.startswith("cuda")
-    preset = getattr(args, "model_preset", None) or ("124m" if gpu else "cpu")
+    preset = args.model_preset or ("124m" if gpu else "cpu")
     V, d, L, H, T, B = PRESETS[preset]
-    steps, rounds = getattr(args, "model_steps", 5), getattr(args, "model_rounds", 3)
     torch.manual_seed(0)
     cfg = M.ModelConfig(vocab_size=V, context_length=T, d_model=d, num_layers=L, num_heads=H, attn_backend="sdpa")
     ours = M.TransformerLM(cfg).to(device)
     x = torch.randint(0, V, (B, T), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
-    fn = ours
-    if gpu and not getattr(args, "model_no_compile", False):
-        fn = torch.compile(ours)
+    fn = torch.compile(ours) if gpu and not args.model_no_compile else ours
     print(f"model bench: preset {preset} (V={V}, d={d}, L={L}, H={H}, T={T}, B={B}) on {device}"
           f"{' bf16 + compile' if gpu else ' fp32, ' + str(torch.get_num_threads()) + ' threads'} | "
           f"{ours.num_params() / 1e6:.1f}M params | {M.flops_per_token(cfg) / 1e6:.0f} MFLOP/token (fwd+bwd)")
-
-    try:
-        import transformers
-        from transformers import LlamaForCausalLM
-    except ImportError:
-        transformers = None
-        print("  HF peer skipped: pip install transformers")
-    hf = None
-    if transformers is not None:
-        hf_cfg, sd = M.to_hf_llama(ours)
-        hf_cfg._attn_implementation = "sdpa"
-        hf = LlamaForCausalLM(hf_cfg)
-        hf.load_state_dict(sd)
-        hf = hf.to(device)
-        with torch.no_grad():
-            a, b = ours(x[:2, :64]).float(), hf(x[:2, :64]).logits.float()
-        print(f"  logits after weight mapping: max |ours - HF| = {(a - b).abs().max().item():.2e} (fp32 eager)")
-        hf_fn = lambda t: hf(t).logits  # noqa: E731
-
+    transformers = _optional("transformers", "  HF peer skipped: pip install transformers")
+    hf = _hf_twin(ours, x, device) if transformers is not None else None
     res = {"ours": [], "hf": []}
-    for _ in range(rounds):  # interleave, so load changes on a shared machine hit both alike
-        res["ours"].append(_time_fwd_bwd(fn, list(ours.parameters()), x, steps, device, autocast))
+    for _ in range(args.model_rounds):  # interleave, so load changes on a shared machine hit both alike
+        res["ours"].append(_time_fwd_bwd(fn, list(ours.parameters()), x, args.model_steps, device, autocast))
         if hf is not None:
-            res["hf"].append(_time_fwd_bwd(hf_fn, list(hf.parameters()), x, steps, device, autocast))
+            res["hf"].append(_time_fwd_bwd(functools.partial(_hf_logits, hf), list(hf.parameters()), x,
+                                           args.model_steps, device, autocast))
     ms = statistics.median(res["ours"])
     tps = B * T / ms * 1000
     mfu = M.estimate_mfu(cfg, tps, device=device)
@@ -405,38 +432,212 @@ def bench_model(args):
 
 
 # ---------------------------------------------------------------
-# kernels.py: Triton RMSNorm and FlashAttention-2 vs torch eager, torch.compile and SDPA-flash.
+# kernels.py benchmarks: Triton RMSNorm and FlashAttention-2 vs torch eager, torch.compile and SDPA-flash.
 # On a GPU: TFLOP/s, GB/s and % of peak (goals: FA2 fwd >= 0.9x SDPA-flash and fwd+bwd >= 0.7x at
 # causal d=64 T=4096 bf16; RMSNorm fwd+bwd >= 1.0x torch.compile and >= 70% of HBM bandwidth).
+# We report useful work: attention FLOPs 4*B*H*T^2*d (halved if causal) and 2.5x that for the
+# backward; RMSNorm bytes that must cross HBM.  Ratios are peer time / our time (> 1: we are faster).
 # On a CPU the Triton timings are meaningless (interpreter), so only the PyTorch-level tiled
 # attention and chunked cross-entropy are timed, against SDPA / naive / full-logits peers.
+#   python bench.py --only kernels               # GPU: full size (B4 H16 T4096 d64); CPU: quick shapes
+#   python bench.py --only kernels --kernels-tiny   # the GPU benchmark code at toy sizes (runs on a CPU too)
 
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# HBM bytes/s by exact device name (the names of model.PEAK_FLOPS, which has the bf16 FLOP/s)
+HBM_BYTES_PER_S = {
+    "NVIDIA H200": 4.8e12, "NVIDIA H200 NVL": 4.8e12, "NVIDIA GH200 480GB": 4.0e12,
+    "NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA H100 PCIe": 2.0e12, "NVIDIA H100 NVL": 3.9e12,
+    "NVIDIA A100-SXM4-80GB": 2.039e12, "NVIDIA A100-SXM4-40GB": 1.555e12,
+    "NVIDIA A100 80GB PCIe": 1.935e12, "NVIDIA A100-PCIE-40GB": 1.555e12,
+    "NVIDIA L40S": 0.864e12, "NVIDIA GeForce RTX 4090": 1.008e12, "NVIDIA A10": 0.6e12, "NVIDIA L4": 0.3e12,
+}
 
 
 def add_args_kernels(parser):
     parser.add_argument("--kernels-full", action="store_true",
                         help="kernels: full-size shapes (GPU: T=4096 B=4 H=16; CPU: T=1024) instead of quick ones")
+    parser.add_argument("--kernels-tiny", action="store_true",
+                        help="kernels: run the GPU benchmarks (Triton vs SDPA-flash, torch.compile, eager) at toy "
+                             "sizes on whatever device is here (CPU: Triton's interpreter): a smoke test, not a number")
+
+
+def _time_ms(fn, iters=10):
+    """Median milliseconds per call: triton's do_bench on a GPU, wall clock on a CPU."""
+    for _ in range(3):  # warm-up outside the timer: torch.compile and autotuning happen here,
+        fn()            # else do_bench would size its repeat count from a 30-second first call
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2] * 1e3
+
+
+def _row(name, ours, peer, peer_name, goal="", note="", unit="ms"):
+    return {"name": name, "ours": round(ours, 4), "peer": round(peer, 4), "peer_name": peer_name,
+            "peer_version": torch.__version__, "ratio": round(peer / ours, 3), "unit": unit,
+            "goal": goal, "note": note}
+
+
+def _pct(x, peak):
+    return f" ({100 * x / peak:.0f}% of peak)" if peak else ""
+
+
+def _fwd_bwd(f, inputs, dy):
+    """One forward and backward of f(*inputs) with upstream gradient dy (what the bench times)."""
+    return torch.autograd.grad(f(*inputs), inputs, dy)
+
+
+def attention_eager(q, k, v, is_causal=False):
+    """Textbook attention in the input dtype: the eager and torch.compile peer in the bench."""
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, T) -- the big one
+    if is_causal:
+        T = s.shape[-1]
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+def sdpa_flash(q, k, v, is_causal):
+    """torch's FlashAttention kernel (SDPA pinned to its flash backend): the peer to beat."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
+
+def bench_rmsnorm(N, D, device, bw_peak):
+    """RMSNorm fwd+bwd, bf16. Bytes that must cross HBM: forward reads x, writes y; backward reads
+    x and dy, writes dx -> 5 * numel * 2 bytes (w, rstd and the dw partials are noise)."""
+    x = torch.randn(N, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    nbytes = 5 * x.numel() * x.element_size()
+    impls = {"triton": kernels.RMSNormTriton.apply, "torch.compile": torch.compile(kernels.rmsnorm_ref),
+             "eager": kernels.rmsnorm_ref}
+    t = {name: _time_ms(functools.partial(_fwd_bwd, f, (x, w), dy)) for name, f in impls.items()}
+    gbs = {name: nbytes / (ms * 1e-3) for name, ms in t.items()}
+    note = f"{gbs['triton'] / 1e9:.0f} GB/s{_pct(gbs['triton'], bw_peak)}"
+    print(f"rmsnorm fwd+bwd {N}x{D} bf16: " + ", ".join(
+        f"{n} {t[n]:.3f} ms {gbs[n] / 1e9:.0f} GB/s{_pct(gbs[n], bw_peak)}" for n in t))
+    return [_row("rmsnorm_fwd_bwd", t["triton"], t["torch.compile"], "torch.compile", ">=1.0x, >=70% HBM", note),
+            _row("rmsnorm_fwd_bwd_vs_eager", t["triton"], t["eager"], "torch eager", "", note)]
+
+
+def bench_flash_attention(B, H, T, d, device, flops_peak):
+    """FlashAttention-2, causal, bf16. FLOPs: QK^T and PV are 2*T*T*d each per head, so 4*B*H*T^2*d,
+    halved by the causal mask (we and SDPA skip the masked half); the backward is counted as 2.5x
+    the forward (5 matmuls instead of 2), as the FA2 paper does, even though our two-kernel
+    backward really recomputes QK^T and dO V^T twice."""
+    q, k, v = (torch.randn(B, H, T, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    impls = {"triton": kernels.FlashAttentionTriton.apply, "sdpa-flash": sdpa_flash,
+             "torch.compile": torch.compile(attention_eager), "eager": attention_eager}
+    fwd_flops = 4 * B * H * T * T * d / 2
+    rows = []
+    for label, mult, goal in (("fwd", 1.0, ">=0.9x"), ("fwd_bwd", 3.5, ">=0.7x")):
+        t = {}
+        for name, f in impls.items():
+            attend = functools.partial(_causal, f)  # f(q, k, v, True)
+            t[name] = _time_ms(functools.partial(attend, q, k, v) if label == "fwd"
+                               else functools.partial(_fwd_bwd, attend, (q, k, v), do))
+        tf = {name: mult * fwd_flops / (ms * 1e-3) for name, ms in t.items()}
+        note = f"{tf['triton'] / 1e12:.0f} TFLOP/s{_pct(tf['triton'], flops_peak)}"
+        print(f"flash-attn {label} causal B{B} H{H} T{T} d{d} bf16: " + ", ".join(
+            f"{n} {t[n]:.3f} ms {tf[n] / 1e12:.0f} TFLOP/s{_pct(tf[n], flops_peak)}" for n in t))
+        for peer in ("sdpa-flash", "torch.compile", "eager"):
+            rows.append(_row(f"flash_attn_{label}_causal_T{T}_d{d}_vs_{peer}", t["triton"], t[peer], peer,
+                             goal if peer == "sdpa-flash" else "", note))
+    return rows
+
+
+def _causal(attend, q, k, v):
+    return attend(q, k, v, True)  # positional: autograd.Function.apply takes no keywords
+
+
+def bench_kernels_gpu(quick, tiny=False):
+    """The GPU numbers: RMSNorm GB/s and FA2 TFLOP/s vs their peers (tiny: toy sizes, any device)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    flops_peak, bw_peak = M.device_peak_flops(device), HBM_BYTES_PER_S.get(name)
+    print(f"{name} | torch {torch.__version__}, triton {triton.__version__} | peaks: "
+          + (f"{flops_peak / 1e12:.0f} bf16 TFLOP/s" if flops_peak else "FLOP/s unknown") + ", "
+          + (f"{bw_peak / 1e12:.2f} TB/s" if bw_peak else "HBM bandwidth unknown"))
+    N, D = (64, 256) if tiny else (4096, 4096) if quick else (16384, 4096)
+    rows = bench_rmsnorm(N, D, device, bw_peak)
+    B, H, T, d = (1, 2, 64, 64) if tiny else (2, 8, 2048, 64) if quick else (4, 16, 4096, 64)
+    return rows + bench_flash_attention(B, H, T, d, device, flops_peak)
+
+
+def bench_kernels_cpu(quick):
+    """Without a GPU, Triton timings mean nothing (the interpreter is numpy). What we can
+    show is the algorithmic point: tiled attention gives the same answer without the
+    (T x T) matrix, and chunked CE without the (N x V) logits, at a time cost on CPU."""
+    print("no CUDA device: the Triton kernels' TFLOP/s, GB/s and %-of-peak numbers need a GPU (run this on\n"
+          "an H100/H200). Here only the PyTorch-level versions are timed, on CPU, to show the memory trade.")
+    torch.manual_seed(0)
+    B, H, T, d = (1, 2, 256, 64) if quick else (1, 4, 1024, 64)
+    q, k, v = (torch.randn(B, H, T, d) for _ in range(3))
+    FA = kernels.FlashAttentionTorch
+    FA.BLOCK_Q = FA.BLOCK_K = 128  # CPU-sized tiles: fewer python steps
+    try:
+        t_fa = _time_ms(functools.partial(_causal, FA.apply, q, k, v), iters=3)
+    finally:
+        FA.BLOCK_Q = FA.BLOCK_K = 16
+    t_naive = _time_ms(functools.partial(kernels.attention_ref, q, k, v, True), iters=3)
+    t_sdpa = _time_ms(functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True), iters=3)
+    note = (f"naive materialises {B * H * T * T * 4 / 2**20:.1f} MiB of scores; "
+            f"128x128 tiles hold {B * H * 128 * 128 * 4 / 2**10:.0f} KiB")
+    print(f"attention fwd causal B{B} H{H} T{T} d{d} fp32: FlashAttentionTorch {t_fa:.1f} ms, "
+          f"naive {t_naive:.1f} ms, sdpa {t_sdpa:.1f} ms | {note}")
+    rows = [_row(f"flash_attn_torch_fwd_cpu_T{T}", t_fa, t_sdpa, "sdpa (cpu)", "", note),
+            _row(f"flash_attn_torch_fwd_cpu_T{T}_vs_naive", t_fa, t_naive, "naive attention", "", note)]
+    N, C, V = (512, 128, 4096) if quick else (2048, 256, 16384)
+    h = torch.randn(N, C, requires_grad=True)
+    W = (torch.randn(V, C) * 0.02).requires_grad_()
+    tg = torch.randint(0, V, (N,))
+    t_c = _time_ms(functools.partial(_ce_grads, kernels.ChunkedCrossEntropy.apply, h, W, tg, 256), iters=3)
+    t_f = _time_ms(functools.partial(_ce_grads, _full_ce, h, W, tg, None), iters=3)
+    note = f"full logits {N * V * 4 / 2**20:.0f} MiB vs chunk {256 * V * 4 / 2**20:.0f} MiB"
+    print(f"lm-head + CE fwd+bwd N{N} C{C} V{V}: chunked {t_c:.1f} ms, full {t_f:.1f} ms | {note}")
+    return rows + [_row("chunked_ce_fwd_bwd_cpu", t_c, t_f, "F.cross_entropy on full logits", "", note)]
+
+
+def _full_ce(h, W, targets, chunk_size=None):
+    return F.cross_entropy(h @ W.t(), targets)
+
+
+def _ce_grads(ce, h, W, targets, chunk_size):
+    return torch.autograd.grad(ce(h, W, targets, chunk_size), (h, W))
+
+
+def print_rows(rows):
+    """The table: ratio = peer time / our time, so > 1 means we are faster."""
+    print(f"{'name':52s} {'ours ms':>9s} {'peer ms':>9s} {'ratio':>6s}  {'goal':18s} peer")
+    for r in rows:
+        print(f"{r['name']:52s} {r['ours']:9.3f} {r['peer']:9.3f} {r['ratio']:6.2f}  {r['goal']:18s} "
+              f"{r['peer_name']} (torch {r['peer_version']})")
 
 
 def bench_kernels(args):
-    """Returns kernels.run_bench's rows: ours/peer in ms, ratio = peer / ours (> 1: we are faster)."""
-    import kernels
-    full = getattr(args, "kernels_full", False) or torch.cuda.is_available()  # GPU goals are stated at full size
-    return kernels.run_bench(quick=not full)
+    """Returns the rows: ours/peer in ms, ratio = peer / ours (> 1: we are faster)."""
+    gpu = torch.cuda.is_available() and not kernels.INTERPRET
+    full = args.kernels_full or torch.cuda.is_available()  # GPU goals are stated at full size
+    if args.kernels_tiny or gpu:
+        rows = bench_kernels_gpu(quick=not full, tiny=args.kernels_tiny)
+    else:
+        rows = bench_kernels_cpu(quick=not full)
+    print_rows(rows)
+    return rows
 
 
 # ---------------------------------------------------------------
-# parallel: our BucketedDDP vs torch.nn.parallel.DistributedDataParallel, 2 gloo CPU ranks
-# ---------------------------------------------------------------
+# parallel: our BucketedDDP vs torch.nn.parallel.DistributedDataParallel, 2 gloo CPU ranks.
 # Same model, same batch, same bucket size (25 MB, first bucket 1 MB in both). Variants are timed
 # in interleaved rounds (local-only, ours, torch, ours, torch, ...) so a burst of load from other
 # processes hits all of them alike; we report medians. "Exposed communication" is the part of a
 # step that overlap did not hide: (t_variant - t_local) / t_variant, where t_local is the very
 # same step with no communication at all.
-
 
 
 def add_args_parallel(parser):
@@ -445,56 +646,45 @@ def add_args_parallel(parser):
     parser.add_argument("--parallel-d-model", type=int, default=256, help="parallel bench: model width (4 layers)")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _fresh_model(cfg):
+    torch.manual_seed(0)  # every variant starts from the same weights
+    return M.TransformerLM(cfg)
+
+
+def _ddp_step(m, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(m(x).flatten(0, 1), y.reshape(-1)).backward()
+    if isinstance(m, parallel.BucketedDDP):
+        m.finish_gradient_synchronization()
+    opt.step()
 
 
 def _bench_worker(rank, world, port, rounds, steps, d_model, out):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    import parallel
-    from model import ModelConfig, TransformerLM
-
-    cfg = ModelConfig(vocab_size=2048, context_length=64, d_model=d_model, num_layers=4, num_heads=4)
-
-    def fresh():
-        torch.manual_seed(0)
-        return TransformerLM(cfg)
-
+    cfg = M.ModelConfig(vocab_size=2048, context_length=64, d_model=d_model, num_layers=4, num_heads=4)
     g = torch.Generator().manual_seed(rank)
     x = torch.randint(0, cfg.vocab_size, (8, 64), generator=g)
     y = torch.randint(0, cfg.vocab_size, (8, 64), generator=g)
-    local = fresh()
-    ours = parallel.BucketedDDP(fresh(), bucket_size_mb=25)
+    local = _fresh_model(cfg)
+    ours = parallel.BucketedDDP(_fresh_model(cfg), bucket_size_mb=25)
     # broadcast_buffers=False: by default torch re-broadcasts every buffer (here RoPE's cos/sin
     # tables, which never change) at each forward; ours does not, and that is not what we compare
-    import inspect
     kw = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
           else "broadcast_buffers")   # torch 2.13 renamed it
-    theirs = torch.nn.parallel.DistributedDataParallel(fresh(), bucket_cap_mb=25, **{kw: False})
+    theirs = torch.nn.parallel.DistributedDataParallel(_fresh_model(cfg), bucket_cap_mb=25, **{kw: False})
     variants = {"local (no comm)": local, "ours BucketedDDP": ours, "torch DDP": theirs}
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in variants.items()}
-
-    def step(name):
-        m, opt = variants[name], opts[name]
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(m(x).flatten(0, 1), y.reshape(-1)).backward()
-        if name == "ours BucketedDDP":
-            m.finish_gradient_synchronization()
-        opt.step()
-
     times = {k: [] for k in variants}
     for name in variants:                 # warm-up: first-call allocations, gloo connections
-        step(name)
+        _ddp_step(variants[name], opts[name], x, y)
     for _ in range(rounds):
         for name in variants:
             dist.barrier()
             t0 = time.perf_counter()
             for _ in range(steps):
-                step(name)
+                _ddp_step(variants[name], opts[name], x, y)
             times[name].append((time.perf_counter() - t0) / steps * 1e3)
     if rank == 0:
         n_params = sum(p.numel() for p in local.parameters())
@@ -503,12 +693,9 @@ def _bench_worker(rank, world, port, rounds, steps, d_model, out):
 
 
 def bench_parallel(args):
-    rounds = getattr(args, "parallel_rounds", 5)
-    steps = getattr(args, "parallel_steps", 3)
-    d_model = getattr(args, "parallel_d_model", 256)
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    mp.spawn(_bench_worker, args=(2, _free_port(), rounds, steps, d_model, q), nprocs=2, join=True)
+    rounds, steps = args.parallel_rounds, args.parallel_steps
+    q = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_bench_worker, args=(2, parallel.free_port(), rounds, steps, args.parallel_d_model, q), nprocs=2, join=True)
     n_params, ms = q.get()
     print(f"parallel: TransformerLM {n_params / 1e6:.2f}M params (fp32 grads {4 * n_params / 2**20:.1f} MB), "
           f"2 gloo CPU ranks x batch 8 x T 64, bucket 25 MB; median of {rounds} rounds x {steps} steps; torch {torch.__version__}")
@@ -525,21 +712,39 @@ def bench_parallel(args):
 # ---------------------------------------------------------------
 # One entry point: `python bench.py [--only NAME ...]`. Each group adds its own flags (prefixed by its name).
 
-GROUPS = {"bpe": (add_args_bpe, bench_bpe), "data": (add_args_data, bench_data), "model": (add_args_model, bench_model),
-          "kernels": (add_args_kernels, bench_kernels), "parallel": (add_args_parallel, bench_parallel)}
+GROUPS = ["bpe", "data", "model", "kernels", "parallel"]  # the order they run in
 
-if __name__ == "__main__":
-    import argparse
-    import platform
+
+def build_parser():
     ap = argparse.ArgumentParser(description="Every benchmark of the repo, as ratios against peers measured in the same run.")
     ap.add_argument("--only", nargs="+", choices=sorted(GROUPS), help="run only these groups (default: all)")
-    for add_args, _ in GROUPS.values():
-        add_args(ap)
-    args = ap.parse_args()
+    add_args_bpe(ap)
+    add_args_data(ap)
+    add_args_model(ap)
+    add_args_kernels(ap)
+    add_args_parallel(ap)
+    return ap
+
+
+def run_group(name, bench, args):
+    print(f"\n=== {name} " + "=" * (60 - len(name)), flush=True)
+    t0 = time.time()
+    bench(args)
+    print(f"[{name}: {time.time() - t0:.0f} s]", flush=True)
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
+    only = args.only or GROUPS
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {gpu} | python {platform.python_version()}, torch {torch.__version__}")
-    for name in args.only or list(GROUPS):
-        print(f"\n=== {name} " + "=" * (60 - len(name)), flush=True)
-        t0 = time.time()
-        GROUPS[name][1](args)
-        print(f"[{name}: {time.time() - t0:.0f} s]", flush=True)
+    if "bpe" in only:
+        run_group("bpe", bench_bpe, args)
+    if "data" in only:
+        run_group("data", bench_data, args)
+    if "model" in only:
+        run_group("model", bench_model, args)
+    if "kernels" in only:
+        run_group("kernels", bench_kernels, args)
+    if "parallel" in only:
+        run_group("parallel", bench_parallel, args)
