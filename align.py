@@ -6,31 +6,34 @@ fine-tuning on demonstrations, then a learned reward model and PPO against it. T
 through that recipe and the two simplifications most used today, on a task where "better" is
 not a matter of taste but of arithmetic, so an exact verifier stands in for the reward model:
 
-1. The task. A generator of math problems with exact answers at graded difficulty (1-digit
-   add/sub, 1x1 multiplication, one-line word problems, 2- and 3-digit arithmetic), a held-out split
-   decided by a hash of the problem text (so no test problem is ever trained on), the chat format
-   `<|user|>question<|assistant|>answer<|endoftext|>`, and a verifier that *parses* the final
-   number out of the model's text (never `eval`s it).
-2. SFT (supervised fine-tuning): next-token loss on demonstrations, on response tokens only.
-   Functions follow the CS336 assignment-5 API (`tokenize_prompt_and_output`,
-   `get_response_log_probs`, `masked_normalize`, ...).
-3. DPO (Rafailov et al. 2023, arXiv:2305.18290): the KL-regularized RL objective has a closed-form
-   optimum, so preference pairs (a correct answer over a wrong one) train the policy directly
-   against a frozen reference copy: no reward model, no sampling during training. Plus the chosen
-   answer's NLL as in RPO (Pang et al. 2024, arXiv:2404.19733), without which DPO lowered accuracy.
-4. GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300): reinforcement learning from the
-   verifier. Sample G answers per prompt, use (r - group mean) / group std as the advantage
-   instead of a value network, and take PPO-clipped policy-gradient steps (Schulman et al. 2017,
-   arXiv:1707.06347). `--no-std-norm` drops the std division as in Dr. GRPO (Liu et al. 2025,
-   arXiv:2503.20783).
-5. Evaluation: greedy accuracy on the held-out split, per difficulty, with a 95% Wilson (1927)
-   interval per stage and a paired interval per gain, to tell real improvement from noise.
-Two asides: LoRA adapters for SFT/DPO (Hu et al. 2021, arXiv:2106.09685), and the Bradley-Terry
-(1952) reward model that InstructGPT trains and DPO does without (`rm`, not part of `all`).
+1. The task: graded math problems with exact answers, a hash-based held-out split, the chat format
+   `<|user|>question<|assistant|>answer<|endoftext|>`, a verifier that *parses* the answer.
+2. SFT: next-token loss on response tokens only (the CS336 assignment-5 function API).
+3. DPO (Rafailov et al. 2023, arXiv:2305.18290): preference pairs train the policy directly
+   against a frozen reference, the closed-form optimum of the KL-regularized RL objective.
+4. GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300): RL from the verifier, the group mean
+   reward as baseline instead of a value network, PPO's clip (Schulman et al. 2017, arXiv:1707.06347).
+5. Evaluation: greedy held-out accuracy, a Wilson (1927) interval per stage, a paired one per gain.
+Two asides: the Bradley-Terry (1952) reward model that InstructGPT trains and DPO does without
+(`rm`, not part of `all`), and LoRA adapters for SFT/DPO (Hu et al. 2021, arXiv:2106.09685).
+
+Where DPO here departs from the paper:
+1. Pairs are the SFT model's own samples judged by the verifier (a correct one over a wrong
+   one), falling back to the gold answer / a perturbed gold answer; no human labels.
+2. The chosen answer's per-token NLL is added, as in RPO (Pang et al. 2024, arXiv:2404.19733)
+   (`--dpo-nll 1`); without it DPO lowered accuracy (README, "What did not work").
+Where GRPO here departs from DeepSeekMath:
+1. The reward is the verifier (answer right: 1) plus a 0.1 format bonus; no reward model.
+2. No KL penalty by default (`--kl-coef 0`; the paper uses 0.04 with the same k3 estimator).
+3. One gradient step per rollout batch (`--epochs-per-rollout 1`): on-policy, so the clip never
+   binds (ratio = 1); more epochs make it bind.
+4. Linear lr warmup and AdamW betas (0.9, 0.95); `--no-std-norm` drops the std division as in
+   Dr. GRPO (Liu et al. 2025, arXiv:2503.20783).
 
 Run it (CPU, a few minutes; `python pipeline.py` runs exactly this after pretraining):
     python align.py all --ckpt runs/cpu/base/ckpt.pt --tokenizer runs/cpu/data/tokenizer --out-dir runs/cpu/align
-or stage by stage (the tokenizer is found through the checkpoint; outputs go to runs/align):
+or stage by stage, each with its own defaults (`python align.py sft -h`; `all` runs each stage at
+them; the tokenizer is found through the checkpoint; outputs go to runs/align):
     python align.py eval --ckpt runs/cpu/base/ckpt.pt --stage-name base
     python align.py sft  --ckpt runs/cpu/base/ckpt.pt             # -> runs/align/sft.pt
     python align.py dpo  --ckpt runs/align/sft.pt --beta 0.1      # -> runs/align/dpo.pt
@@ -38,29 +41,22 @@ or stage by stage (the tokenizer is found through the checkpoint; outputs go to 
     python align.py eval --ckpt runs/align/grpo.pt
     python align.py sft  --ckpt runs/cpu/base/ckpt.pt --lora-rank 8  # LoRA; the saved sft.pt is merged
     python align.py rm   --ckpt runs/align/sft.pt                 # -> runs/align/rm.pt, rm_metrics.jsonl
-One GPU: the same commands (cuda is autodetected; `--device cuda` forces it). There is no torchrun
-mode: each stage is one process. Smoke test (all stages, ~20 s on CPU, no accuracy claims): `--tiny`.
+One GPU: the same commands (cuda is autodetected); no torchrun mode. Smoke test: `--tiny`.
 Your own data: `--data-jsonl FILE` with prompt/response (SFT), prompt/chosen/rejected (DPO) or
-prompt/answer (GSM8K-style; SFT, GRPO and eval) lines.
-
-Outputs in OUT_DIR: {sft,dpo,grpo}.pt (train.save_checkpoint format), {stage}_metrics.jsonl (one
-record per logged step; SFT: loss = response NLL, lr; DPO: loss, reward_acc, margin, chosen_dlogp
-and rejected_dlogp = mean log pi - log ref in nats; GRPO: reward, answer_reward = accuracy,
-format_reward, reward_std, entropy, clip_frac, response_len, loss, ms) and eval.json:
-    {stage: {acc, n, ci_lo, ci_hi (Wilson 95%), by_difficulty {level name: acc},
-             by_difficulty_n {level name: n}, correct [0/1 per problem, same order every stage],
-             eval_s, train_s, train_cpu_s},
-     "paired": {"sft-base" | "dpo-sft" | "grpo-sft" | "grpo-dpo":
-                {delta, ci_lo, ci_hi (paired 95%), wins, losses, n}}}     ("paired": `all` only)
+prompt/answer (GSM8K-style; SFT, GRPO and eval) lines. Outputs in OUT_DIR: {sft,dpo,grpo}.pt,
+{stage}_metrics.jsonl (one record per logged step) and eval.json (per stage: acc, Wilson ci_lo /
+ci_hi, by_difficulty, correct = 0/1 per problem; "paired": the gains; fields in the README).
 """
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import math
 import os
 import random
 import re
+import sys
 import time
 from fractions import Fraction
 
@@ -79,12 +75,9 @@ CHAT_SPECIALS = [EOT, USER, ASSISTANT]
 # 1. The task: math problems with exact answers, graded difficulty, a hash-based held-out split.
 #
 # The base model is a few-M-parameter model pretrained for minutes on Python docs, so the ladder
-# starts very low. The response is the bare answer ("7") and <|endoftext|>: one number and a stop
-# is what a tiny model can learn in CPU minutes. The answer appears exactly once: an earlier draft
-# wrote "3 + 4 = 7. #### 7", and under GRPO the negative advantage of a wrong sample then also
-# punished the *consistent* copy of its wrong answer after "####" and the <|endoftext|> after it;
-# the policy learned to stop stopping (length hit the cap, accuracy fell from 30% to 5% in 20
-# steps). Subtraction is kept non-negative (a >= b): the lowest levels stay in one small range.
+# starts low. The response is the bare answer ("7") and <|endoftext|>: the answer appears once.
+# (With "3 + 4 = 7. #### 7" a wrong GRPO sample's negative advantage also punished the consistent
+# copy after "####" and the <|endoftext|> after it: the policy learned to stop stopping.)
 
 LEVELS = {1: "add/sub 1-digit", 2: "mul 1x1", 3: "word mul 1x1", 4: "word 1-digit", 5: "add/sub 2-digit",
           6: "add/sub 3-digit, mul 2x1", 7: "mul 2x2"}
@@ -94,19 +87,16 @@ ASK = ["What is {e}?", "Compute {e}.", "{e} = ?", "Calculate {e}.", "What do you
 
 
 def make_problem(rng: random.Random, level: int) -> dict:
-    """One problem: {"prompt", "response", "answer", "level"} at the given difficulty level."""
-    n = lambda digits: rng.randint(0, 10 ** digits - 1)  # noqa: E731  uniform, up to `digits` digits
-    if level in (1, 4, 5):
-        d = 2 if level == 5 else 1
-        a, b, op = n(d), n(d), rng.choice("+-*" if level == 4 else "+-")
-    elif level in (2, 3):
-        a, b, op = n(1), n(1), "*"
-    elif level == 6:
-        a, b, op = (n(3), n(3), rng.choice("+-")) if rng.random() < 0.5 else (n(2), n(1), "*")
-    elif level == 7:
-        a, b, op = n(2), n(2), "*"
-    else:
+    """One problem: {"prompt", "response", "answer", "level"} at the given difficulty level.
+    Operands are uniform with up to da / db digits; subtraction is kept non-negative (a >= b)."""
+    if level not in LEVELS:
         raise ValueError(f"unknown level {level}")
+    if level == 6:
+        da, db, ops = (3, 3, "+-") if rng.random() < 0.5 else (2, 1, "*")
+    else:
+        da, db, ops = {1: (1, 1, "+-"), 2: (1, 1, "*"), 3: (1, 1, "*"), 4: (1, 1, "+-*"), 5: (2, 2, "+-"), 7: (2, 2, "*")}[level]
+    a, b = rng.randint(0, 10 ** da - 1), rng.randint(0, 10 ** db - 1)
+    op = rng.choice(ops) if len(ops) > 1 else ops  # (a choice of one still draws from rng)
     if op == "-" and a < b:
         a, b = b, a
     c = a + b if op == "+" else a - b if op == "-" else a * b
@@ -205,8 +195,7 @@ _FINAL = re.compile(r"(?:^|####|=)\s*" + _NUM + r"\s*$")  # a bare number, or te
 
 def reward_fn(response: str, ground_truth, format_weight: float = 0.1) -> dict:
     """The verifier's score. answer_reward: the parsed answer equals the gold one; format_reward:
-    the response is a bare number or ends in its final answer ('= N' or '#### N' as the last
-    thing), a small shaping bonus for stopping right after the answer instead of rambling on."""
+    a bare number or text ending in '= N' / '#### N', a bonus for stopping right after the answer."""
     fmt = float(_FINAL.search(response) is not None)
     ans = float(ground_truth is not None and parse_answer(response) == ground_truth)
     return {"reward": ans + format_weight * fmt, "format_reward": fmt, "answer_reward": ans}
@@ -221,9 +210,8 @@ def chat_prompt(question: str) -> str:
 
 
 def ensure_chat_tokens(tok, model):
-    """The pipeline trains the tokenizer with the three chat specials. A tokenizer that lacks them
-    gets them appended as new ids, and the model's embedding / lm_head grow to match (new rows
-    start at the mean embedding, so they are not wildly off-distribution)."""
+    """A tokenizer without the chat specials gets them as new ids, and embedding / lm_head grow to
+    match (new rows start at the mean embedding, so they are not wildly off-distribution)."""
     missing = [s for s in CHAT_SPECIALS if s not in tok.special_ids]
     if missing:  # the Tokenizer constructor appends specials absent from the vocab as new ids
         tok = Tokenizer(tok.vocab, tok.merges, list(tok.special_ids) + missing, tok.pattern)
@@ -309,8 +297,7 @@ def sft_microbatch_train_step(policy_log_probs, response_mask, gradient_accumula
 
 
 def run_sft(model, tok, args, log):
-    # Fresh problems every step from the train split (the generator is unlimited, so there are no
-    # epochs and no overfitting to a fixed set of texts).
+    # Fresh train-split problems every step: the generator is unlimited, so there are no epochs.
     opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)  # LoRA: adapters only
     data = load_jsonl(args.data_jsonl) if args.data_jsonl else None
     rng, t_start = random.Random(args.seed), time.time()
@@ -340,14 +327,341 @@ def run_sft(model, tok, args, log):
 
 
 # ---------------------------------------------------------------
-# 6. LoRA (Hu et al. 2021, arXiv:2106.09685). The change fine-tuning makes to a weight has low
+# 6. Sampling from the policy (model.generate: KV cache) and scoring with the verifier.
+
+@torch.no_grad()
+def sample_responses(model, tok, prompts: list, n: int, temperature: float, max_new_tokens: int, generator=None):
+    """n completions per prompt -> (prompt_ids, completion_ids, texts), flat, prompt-major.
+    generate() has no padding mask, so prompts are batched by token length. Completions are cut
+    after the first <|endoftext|> (kept, so the policy learns to stop)."""
+    eot = tok.special_ids.get(EOT)
+    enc = [tok.encode(chat_prompt(p)) for p in prompts]
+    by_len, rows = {}, [None] * len(prompts)
+    for i, e in enumerate(enc):
+        by_len.setdefault(len(e), []).append(i)
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    for L, idxs in by_len.items():
+        idx = torch.tensor([enc[i] for i in idxs for _ in range(n)], device=dev)  # (len(idxs) * n, L)
+        out = generate(model, idx, max_new_tokens, temperature=temperature, stop_token=eot, generator=generator)
+        out = out[:, L:].tolist()  # drop the prompt: len(idxs) * n rows of <= max_new_tokens ids
+        for j, i in enumerate(idxs):
+            rows[i] = out[j * n:(j + 1) * n]
+    model.train(was_training)
+    C = [row[:row.index(eot) + 1] if eot in row else row for group in rows for row in group]
+    return [e for e in enc for _ in range(n)], C, [tok.decode([t for t in c if t != eot]) for c in C]
+
+
+def max_response_tokens(tok, problems) -> int:
+    """Room for the longest gold response plus slack: enough to answer, short enough to be fast."""
+    return max(len(tok.encode(p.get("response", "") + EOT)) for p in problems) + 4
+
+
+# ---------------------------------------------------------------
+# 7. DPO. The RLHF objective max_pi E[r] - beta KL(pi || ref) is maximized by
+#    pi*(y|x) = ref(y|x) exp(r(x,y) / beta) / Z(x), so r = beta log(pi*/ref) + beta log Z(x): the
+#    policy is its own reward model. In the Bradley-Terry preference model p(y_w > y_l) =
+#    sigmoid(r_w - r_l) the intractable beta log Z(x) is the same for both answers and cancels:
+#        loss = -log sigmoid(beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))])
+#    a logistic regression that the chosen answer out-scores the rejected one. Plain DPO lowered
+#    accuracy here: answers are bare numbers, the same few tokens everywhere, so pushing "9" down
+#    as a wrong answer to one problem pushes it down where it is right. The RPO anchor and more
+#    pairs made it harmless (measured: README, "What did not work").
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
+             alpha: float = 0.0, chosen_lengths=1.0):
+    """Per-pair loss (B,) and implicit rewards (B,) of chosen and rejected, from sequence log-probs
+    (sums over response tokens); loss = log 2 at policy == reference. alpha > 0 is RPO (Pang 2024):
+        loss = -log sigmoid(chosen - rejected) + alpha * (-log pi(y_w) / |y_w|)
+    The DPO term only sees the *difference* of the log-ratios, so it is as happy to push both down
+    as to push the chosen one up, and does; the chosen side's per-token NLL holds it up."""
+    chosen = beta * (policy_chosen_logps - ref_chosen_logps)  # (B,)
+    rejected = beta * (policy_rejected_logps - ref_rejected_logps)  # (B,)
+    nll = -policy_chosen_logps / chosen_lengths  # (B,): mean per-token NLL of the chosen response
+    return -F.logsigmoid(chosen - rejected) + alpha * nll, chosen.detach(), rejected.detach()  # (B,) x 3
+
+
+def sequence_log_probs(model, tok, prompts, responses, device) -> torch.Tensor:
+    """log pi(response | prompt) summed over response tokens, (B,)."""
+    b = tokenize_prompt_and_output([chat_prompt(p) for p in prompts], [r + EOT for r in responses], tok)
+    lp = get_response_log_probs(model, b["input_ids"].to(device), b["labels"].to(device))["log_probs"]
+    return masked_normalize(lp, b["response_mask"].to(device), dim=-1)
+
+
+def pair_log_probs(model, tok, rows, side: int, device) -> torch.Tensor:
+    """log model(y | x) of each (prompt, chosen, rejected) row's chosen (side 1) or rejected (side 2) answer, (B,)."""
+    return sequence_log_probs(model, tok, [r[0] for r in rows], [r[side] for r in rows], device)
+
+
+def perturb(problem: dict, rng: random.Random) -> str:
+    """A wrong version of the gold response: the same text with the final number moved by 1-3."""
+    wrong = problem["answer"] + rng.choice([-3, -2, -1, 1, 2, 3])
+    return re.sub(r"-?\d+(\D*)$", lambda m: f"{wrong}{m.group(1)}", problem["response"])
+
+
+def build_preference_pairs(model, tok, args, log, split=None) -> list:
+    """(prompt, chosen, rejected) from the task: sample k answers from the SFT model; chosen = a
+    correct sample (else the gold response), rejected = a wrong sample (else a perturbed gold).
+    split: pairs from that split's problems only (the reward model's held-out set); None = DPO's."""
+    if args.data_jsonl:
+        rows = [r for r in load_jsonl(args.data_jsonl) if split in (None, split_of(r["prompt"], args.test_percent))]
+        bad = [r for r in rows if "chosen" not in r or "rejected" not in r]
+        if bad:
+            raise SystemExit(f"error: DPO data needs prompt/chosen/rejected on every line ({len(bad)} lack them)")
+        return [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    rng, gen = random.Random(args.seed), torch.Generator(args.device).manual_seed(args.seed)
+    problems = sample_problems(split or "train", args.num_pairs, args.levels, args.seed + 1, args.test_percent)
+    T = max_response_tokens(tok, problems)
+    pairs, sampled, t0, k = [], 0, time.time(), args.samples_per_prompt
+    _, _, texts = sample_responses(model, tok, [p["prompt"] for p in problems], k, 1.0, T, gen)
+    for i, p in enumerate(problems):
+        ok = [(t, reward_fn(t, p["answer"])["answer_reward"] == 1) for t in texts[i * k:(i + 1) * k]]
+        good, bad = [t for t, y in ok if y], [t for t, y in ok if not y]
+        sampled += bool(good) and bool(bad)  # pairs made only of the model's own samples
+        pairs.append((p["prompt"], good[0] if good else p["response"], bad[0] if bad else perturb(p, rng)))
+    log({"pairs": len(pairs), "both_sampled": sampled, "s": time.time() - t0},
+        f"{len(pairs)} preference pairs ({sampled} with both sides sampled) in {time.time() - t0:.0f} s")
+    return pairs
+
+
+def run_dpo(model, tok, args, log):
+    # The reference is the policy's starting point (the SFT model); beta sets how far the policy
+    # may move from it (pi* ~ ref exp(r / beta)). Under --lora-rank the copy has B = 0: the model before.
+    pairs = build_preference_pairs(model, tok, args, log)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    rng = random.Random(args.seed)
+    with torch.no_grad():  # the reference never changes: score all P pairs once, 64 at a time -> (P,) each
+        ref_c, ref_r = (torch.cat([pair_log_probs(ref, tok, pairs[i:i + 64], side, args.device)
+                                   for i in range(0, len(pairs), 64)]) for side in (1, 2))
+    # |y_w| for the per-token NLL, tokenized alone as in tokenize_prompt_and_output: the masked count
+    len_c = torch.tensor([len(tok.encode(c + EOT)) for _, c, _ in pairs], dtype=torch.float, device=args.device)
+    for step in range(1, args.steps + 1):
+        i = rng.sample(range(len(pairs)), min(args.batch_size, len(pairs)))
+        rows = [pairs[j] for j in i]
+        pc, pr = (pair_log_probs(model, tok, rows, side, args.device) for side in (1, 2))  # (B,) each, with grad
+        loss, rc, rr = dpo_loss(pc, pr, ref_c[i], ref_r[i], args.beta, args.dpo_nll, len_c[i])
+        loss = loss.mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        acc, margin = (rc > rr).float().mean().item(), (rc - rr).mean().item()  # implicit reward r = beta log pi/ref
+        # log pi - log ref of each side, in nats: a falling chosen log-prob is the failure RPO guards against
+        dc, dr = (pc - ref_c[i]).mean().item(), (pr - ref_r[i]).mean().item()
+        if step % args.log_every == 0 or step == args.steps:
+            log({"step": step, "loss": loss.item(), "reward_acc": acc, "margin": margin,
+                 "chosen_dlogp": dc, "rejected_dlogp": dr},
+                f"dpo step {step}/{args.steps} | loss {loss.item():.4f} | reward acc {acc:.2f} | margin {margin:.3f} "
+                f"| dlogp chosen {dc:+.2f} rejected {dr:+.2f}")
+    return model, opt
+
+
+# ---------------------------------------------------------------
+# 8. GRPO. The policy gradient E[grad log pi(y|x) r] is unbiased but noisy. A baseline b(x) that
+#    does not depend on y keeps it unbiased (E_y[grad log pi(y|x)] = 0) and cuts its variance when
+#    b(x) tracks the expected reward of x. PPO learns b(x) with a value network as big as the
+#    policy; GRPO samples G answers per prompt and uses their mean reward, for the price of G samples.
+
+def compute_group_normalized_rewards(reward_fn, rollout_responses, repeated_ground_truths, group_size,
+                                     advantage_eps=1e-6, normalize_by_std=True):
+    """Rewards of group_size-major rollouts and advantages A = (r - mean_group) / (std_group + eps)
+    -> (advantages (N,), raw_rewards (N,), metadata). The std division weights each question by
+    1 / std: with 0/1 rewards std = sqrt(p(1-p)), so questions nearly always right or nearly always
+    wrong get the biggest updates (7 of 8 right: the wrong answer gets A = -2.47, not -0.875).
+    normalize_by_std=False (Dr. GRPO) keeps r - mean."""
+    scores = [reward_fn(r, g) for r, g in zip(rollout_responses, repeated_ground_truths)]
+    raw = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)  # (N,)
+    grouped = raw.view(-1, group_size)  # (n_prompts, G)
+    adv = grouped - grouped.mean(-1, keepdim=True)  # (n_prompts, G): r - mean_group, the baseline
+    if normalize_by_std:
+        adv = adv / (grouped.std(-1, keepdim=True) + advantage_eps)  # unbiased std, as in the paper's code
+    meta = dict({k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}, reward_std=grouped.std(-1).mean().item())
+    return adv.reshape(-1), raw, meta
+
+
+def compute_naive_policy_gradient_loss(raw_rewards_or_advantages, policy_log_probs):
+    """REINFORCE: -A * log pi(token), per token. (B, 1) broadcast against (B, T)."""
+    return -raw_rewards_or_advantages * policy_log_probs
+
+
+def compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange):
+    """PPO's clipped surrogate per token: -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi/pi_old.
+    Past 1 + eps with A > 0 (or below 1 - eps with A < 0) the clipped term is the min and constant,
+    so that token stops pushing (moves back toward 1 are never clipped): one rollout batch can drag
+    the policy only so far, which makes several epochs on it safe. "clipped": tokens the clip cut."""
+    ratio = torch.exp(policy_log_probs - old_log_probs)  # (B, T): rho = exp(log pi - log pi_old)
+    unclipped = ratio * advantages  # (B, T): rho A, A (B, 1) broadcast over tokens
+    clipped = ratio.clamp(1 - cliprange, 1 + cliprange) * advantages  # clip(rho, 1-eps, 1+eps) A
+    return -torch.minimum(unclipped, clipped), {"clipped": (clipped < unclipped).detach(), "ratio": ratio.detach()}
+
+
+def compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards=None, advantages=None,
+                                 old_log_probs=None, cliprange=None):
+    """Dispatch: 'no_baseline' (raw reward), 'reinforce_with_baseline' (advantage), 'grpo_clip'."""
+    if loss_type in ("no_baseline", "reinforce_with_baseline"):
+        return compute_naive_policy_gradient_loss(raw_rewards if loss_type == "no_baseline" else advantages,
+                                                  policy_log_probs), {}
+    if loss_type == "grpo_clip":
+        return compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def grpo_microbatch_train_step(policy_log_probs, response_mask, gradient_accumulation_steps, loss_type,
+                               raw_rewards=None, advantages=None, old_log_probs=None, cliprange=None,
+                               ref_log_probs=None, kl_coef=0.0):
+    """Per-token loss -> mean over each response's tokens (the 1/|o| that Dr. GRPO replaces with a
+    constant, as it shrinks the penalty on long wrong answers) -> mean over the batch -> backward.
+    Optional KL penalty to a reference with the k3 estimator (Schulman 2020): with d = log ref -
+    log pi on tokens sampled from pi, E[e^d] = 1, so E[e^d - d - 1] = E[-d] = KL(pi || ref):
+    unbiased like plain -d, but every sample is >= 0 (e^d >= 1 + d) and, near ref, less noisy."""
+    loss, meta = compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, cliprange)
+    if kl_coef and ref_log_probs is not None:
+        d = ref_log_probs - policy_log_probs
+        kl = torch.exp(d) - d - 1  # (B, T), k3 >= 0
+        loss = loss + kl_coef * kl
+        meta["kl"] = masked_mean(kl.detach(), response_mask)
+    loss = masked_mean(loss, response_mask, dim=-1).mean() / gradient_accumulation_steps  # (B, T) -> (B,) -> ()
+    loss.backward()
+    return loss.detach(), meta
+
+
+@torch.no_grad()
+def batched_log_probs(model, ids, labels, mb: int) -> torch.Tensor:
+    """log model(token) over a whole rollout batch, mb sequences at a time: (N, T)."""
+    return torch.cat([get_response_log_probs(model, ids[i:i + mb], labels[i:i + mb])["log_probs"]
+                      for i in range(0, len(ids), mb)])
+
+
+def grpo_step(policy, optimizer, prompt_ids, completion_ids, texts, ground_truths, reward_fn, args, ref=None):
+    """One GRPO step on G-grouped rollouts (prompt-major, already sampled): score, normalize
+    within groups, then `epochs` passes of microbatch updates against the sampling policy's
+    log-probs (epochs=1 is on-policy; epochs>1 is the off-policy reuse the clip makes safe)."""
+    dev = next(policy.parameters()).device
+    adv, raw, meta = compute_group_normalized_rewards(reward_fn, texts, ground_truths, args.group_size,
+                                                      1e-6, not args.no_std_norm)
+    b = pack_prompt_and_output_ids(prompt_ids, completion_ids, pad_id=0)
+    ids, labels, mask = b["input_ids"].to(dev), b["labels"].to(dev), b["response_mask"].to(dev)  # (N, T) each
+    N, mb = len(texts), args.micro_batch_size
+    on_policy = args.epochs_per_rollout == 1
+    with torch.no_grad():  # pi_old (the sampler) and the reference, scored once per rollout batch
+        # On-policy, pi_old is the policy we are about to differentiate, so its log-probs are the
+        # detached forward of the training pass itself (ratio == 1 exactly): one forward saved.
+        old = None if on_policy else batched_log_probs(policy, ids, labels, mb)
+        ref_lp = batched_log_probs(ref, ids, labels, mb) if ref is not None and args.kl_coef else None
+    accum = math.ceil(N / mb)  # microbatches per optimizer step: one step per pass over the batch
+    clip, ent = [], []
+    for _ in range(args.epochs_per_rollout):
+        for i in range(0, N, mb):
+            s = slice(i, i + mb)
+            out = get_response_log_probs(policy, ids[s], labels[s], return_token_entropy=True)
+            loss, m = grpo_microbatch_train_step(
+                out["log_probs"], mask[s], accum, args.loss_type, raw[s, None].to(dev), adv[s, None].to(dev),
+                out["log_probs"].detach() if on_policy else old[s], args.cliprange, None if ref_lp is None else ref_lp[s], args.kl_coef)
+            ent.append(masked_mean(out["token_entropy"], mask[s]).item())
+            if "clipped" in m:  # grpo_clip only: share of response tokens whose gradient the clip cut
+                clip.append(masked_mean(m["clipped"].float(), mask[s]).item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    meta.update(entropy=sum(ent) / len(ent), clip_frac=sum(clip) / len(clip) if clip else 0.0,
+                response_len=mask.sum().item() / N, loss=loss.item() * accum)  # last microbatch's, sans 1/accum
+    return meta
+
+
+def run_grpo(model, tok, args, log):
+    # RL re-weights answers the policy already samples, so the starting point decides (README).
+    # AdamW betas (0.9, 0.95): a shorter second-moment memory adapts faster to noisy RL gradients.
+    data = load_jsonl(args.data_jsonl) if args.data_jsonl else None
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if args.kl_coef else None  # frozen start: the KL anchor
+    opt = AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    rng, gen = random.Random(args.seed), torch.Generator(args.device).manual_seed(args.seed)
+    T = max_response_tokens(tok, data or sample_problems("train", 64, args.levels, args.seed, args.test_percent))
+    rf = functools.partial(reward_fn, format_weight=args.format_weight)
+    t_start = time.time()
+    for step in range(1, args.steps + 1):
+        # Warmup: a fresh Adam's first updates are ~lr * sign(g) on *every* weight, noise that
+        # knocked a few points off the SFT model before the reward signal could add any.
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, step / max(1, args.steps // 10))
+        t0 = time.time()
+        batch = (rng.sample(data, min(args.prompts_per_step, len(data))) if data else
+                 sample_problems("train", args.prompts_per_step, args.levels, rng.randrange(2**31), args.test_percent))
+        P, C, texts = sample_responses(model, tok, [p["prompt"] for p in batch], args.group_size,
+                                       args.temperature, T, gen)
+        gts = [p["answer"] for p in batch for _ in range(args.group_size)]
+        m = grpo_step(model, opt, P, C, texts, gts, rf, args, ref)
+        if step % args.log_every == 0 or step == args.steps:
+            log(dict(step=step, **m, ms=1000 * (time.time() - t0)),
+                f"grpo step {step}/{args.steps} | reward {m['reward']:.3f} | acc {m['answer_reward']:.3f} | "
+                f"len {m['response_len']:.1f} | ent {m['entropy']:.3f} | clip {m['clip_frac']:.3f} | "
+                f"{time.time() - t0:.1f} s/step | eta {(time.time() - t_start) / step * (args.steps - step):.0f} s")
+    return model, opt
+
+
+# ---------------------------------------------------------------
+# 9. Aside: the reward model DPO does without (InstructGPT's step 2). Bradley & Terry (1952):
+#    p(y_w beats y_l) = sigmoid(r_w - r_l), so maximum likelihood is loss = -log sigmoid(r_w - r_l),
+#    DPO's loss with r a network (TransformerLM.hidden + a scalar head at the response's last token,
+#    which has read prompt and answer) instead of beta log pi/ref. We only ask how well r ranks.
+
+class RewardModel(nn.Module):
+    """r(x, y) = h_last . w, w = 0 at init (loss log 2). No bias: only r_w - r_l matters."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body, self.head = body, nn.Parameter(torch.zeros(body.cfg.d_model, device=body.lm_head.weight.device))
+
+    def forward(self, tok, prompts, responses):  # -> (B,)
+        b = tokenize_prompt_and_output([chat_prompt(p) for p in prompts], [r + EOT for r in responses], tok)
+        mask = b["response_mask"].to(self.head.device)  # (B, T): label j = token j+1
+        h = self.body.hidden(b["input_ids"].to(self.head.device))  # (B, T, C)
+        # the last masked label is <|endoftext|>; its input position holds the response's last token
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # (B,)
+        return h[torch.arange(len(h)), last] @ self.head
+
+    def score_pairs(self, tok, rows, side: int):  # r of each row's chosen (side 1) or rejected (side 2) answer, (B,)
+        return self(tok, [r[0] for r in rows], [r[side] for r in rows])
+
+
+def bradley_terry_loss(r_chosen, r_rejected):
+    """-log sigmoid(r_w - r_l) per pair, (B,): log 2 at equal rewards."""
+    return -F.logsigmoid(r_chosen - r_rejected)
+
+
+def run_rm(model, tok, args, log):
+    """Fit on train-split pairs, rank held-out pairs, save body (a TransformerLM) + ckpt["reward_head"]."""
+    train, test = (build_preference_pairs(model, tok, args, log, split) for split in ("train", "test"))
+    rm = RewardModel(model)
+    opt = AdamW(rm.parameters(), lr=args.lr, weight_decay=0.0)
+    rng = random.Random(args.seed)
+    for step in range(1, args.steps + 1):
+        rows = rng.sample(train, min(args.batch_size, len(train)))
+        rc, rr = rm.score_pairs(tok, rows, 1), rm.score_pairs(tok, rows, 2)  # (B,) each
+        loss = bradley_terry_loss(rc, rr).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % args.log_every == 0 or step == args.steps:
+            acc = (rc > rr).float().mean().item()
+            log({"step": step, "loss": loss.item(), "pair_acc": acc},
+                f"rm step {step}/{args.steps} | loss {loss.item():.4f} | pair acc {acc:.2f}")
+    with torch.no_grad():  # a tie counts as wrong
+        k = sum((rm.score_pairs(tok, test[i:i + 64], 1) > rm.score_pairs(tok, test[i:i + 64], 2)).sum().item()
+                for i in range(0, len(test), 64))
+    out, (lo, hi) = args.out or os.path.join(args.out_dir, "rm.pt"), wilson_interval(k, len(test))
+    save_checkpoint(model, opt, args.steps, out, stage="rm", reward_head=rm.head.detach().cpu(), align_args=vars(args))
+    log({"heldout_pair_acc": k / len(test), "n": len(test), "ci_lo": lo, "ci_hi": hi}, f"rm: held-out pair accuracy "
+        f"{100 * k / len(test):.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] on {len(test)} pairs, saved {out}")
+    return rm
+
+
+# ---------------------------------------------------------------
+# 10. Aside: LoRA (Hu et al. 2021, arXiv:2106.09685). The change fine-tuning makes to a weight has low
 #    intrinsic rank, so we freeze W (out, in) and learn W' = W + (alpha / r) B A, A (r, in), B (out, r):
 #    r (in + out) trainable numbers instead of in * out, and Adam state for those only. B = 0 at
 #    the start, so the adapted model *is* the base model at step 0. After training B A folds into W
-#    and the checkpoint is a plain TransformerLM again: every other command loads it unchanged.
-#    Measured (SFT, 150 steps, 3.3M model): rank 8 reaches 15.9% held-out (full SFT 88.7%); lr 3e-3
-#    24%, + lm_head 34%, rank 64 50%. Writing a multiplication table into a model that knew none is
-#    not the small change of a big model's behaviour the low-rank hypothesis is about.
+#    and the checkpoint is a plain TransformerLM again. New facts in a tiny model are not the small
+#    change the low-rank hypothesis is about: LoRA falls far short of full SFT here (README).
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")  # not embeddings, not lm_head
 
@@ -388,357 +702,12 @@ def merge_lora(model):
 
 
 # ---------------------------------------------------------------
-# 7. Sampling from the policy (model.generate: KV cache) and scoring with the verifier.
-
-@torch.no_grad()
-def sample_responses(model, tok, prompts: list, n: int, temperature: float, max_new_tokens: int, generator=None):
-    """n completions per prompt -> (prompt_ids, completion_ids, completion texts), flat lists in
-    prompt-major order. generate() has no padding mask, so prompts are batched by token length
-    (n copies each). Completions are cut after the first <|endoftext|> (kept, so the policy
-    learns to stop)."""
-    eot = tok.special_ids.get(EOT)
-    enc = [tok.encode(chat_prompt(p)) for p in prompts]
-    by_len, rows = {}, [None] * len(prompts)
-    for i, e in enumerate(enc):
-        by_len.setdefault(len(e), []).append(i)
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    for L, idxs in by_len.items():
-        idx = torch.tensor([enc[i] for i in idxs for _ in range(n)], device=dev)  # (len(idxs) * n, L)
-        out = generate(model, idx, max_new_tokens, temperature=temperature, stop_token=eot, generator=generator)
-        out = out[:, L:].tolist()  # drop the prompt: len(idxs) * n rows of <= max_new_tokens ids
-        for j, i in enumerate(idxs):
-            rows[i] = out[j * n:(j + 1) * n]
-    model.train(was_training)
-    C = [row[:row.index(eot) + 1] if eot in row else row for group in rows for row in group]
-    return [e for e in enc for _ in range(n)], C, [tok.decode([t for t in c if t != eot]) for c in C]
-
-
-def max_response_tokens(tok, problems) -> int:
-    """Room for the longest gold response plus slack: enough to answer, short enough to be fast."""
-    return max(len(tok.encode(p.get("response", "") + EOT)) for p in problems) + 4
-
-
-# ---------------------------------------------------------------
-# 8. DPO. The RLHF objective max_pi E[r] - beta KL(pi || ref) is maximized by
-#    pi*(y|x) = ref(y|x) exp(r(x,y) / beta) / Z(x), so r = beta log(pi*/ref) + beta log Z(x): the
-#    policy is its own reward model. In the Bradley-Terry preference model p(y_w > y_l) =
-#    sigmoid(r_w - r_l) the intractable beta log Z(x) is the same for both answers and cancels:
-#        loss = -log sigmoid(beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))])
-#    a logistic regression that the chosen answer out-scores the rejected one.
-#    Plain DPO *hurt* here (SFT 88.7% -> 81.6% greedy; -3 to -9 points over 4 seeds), and the lost
-#    problems say why. Answers are bare numbers, the same few tokens everywhere, so pushing "9" down
-#    as a wrong answer to one problem pushes it down where it is right (1 * 9 -> "1"), and pushing
-#    down the <|endoftext|> after a wrong answer made some answers stop stopping ("45" -> "4545").
-#    Rejected log-probs fell 2-5 nats while chosen ones stayed flat or fell. Two changes made DPO
-#    harmless: the RPO term (alpha = 1) and 512 pairs instead of 128 (128 problems over 100 facts
-#    are lumpy: "18" was chosen 13 times, and any move shifts the prior toward frequent answers).
-#    Honest caveat: an NLL-only control (--beta 0) scores the same: the anchor removes the harm,
-#    the preference term adds nothing we can measure.
-
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
-             alpha: float = 0.0, chosen_lengths=1.0):
-    """Per-pair loss (B,) and the implicit rewards (B,) of chosen and rejected responses.
-    Inputs are sequence log-probs: sums over response tokens. At policy == reference, loss = log 2
-    (plus alpha * the chosen NLL). alpha > 0 is RPO / DPO+NLL (Pang et al. 2024, arXiv:2404.19733):
-        loss = -log sigmoid(chosen - rejected) + alpha * (-log pi(y_w) / |y_w|)
-    The DPO term only sees the *difference* of the two log-ratios, so it is as happy to push both
-    down (the rejected one faster) as to push the chosen one up, and that is what it does in
-    practice; the per-token NLL of the chosen side is an anchor that holds its likelihood up."""
-    chosen = beta * (policy_chosen_logps - ref_chosen_logps)  # (B,)
-    rejected = beta * (policy_rejected_logps - ref_rejected_logps)  # (B,)
-    nll = -policy_chosen_logps / chosen_lengths  # (B,): mean per-token NLL of the chosen response
-    return -F.logsigmoid(chosen - rejected) + alpha * nll, chosen.detach(), rejected.detach()  # (B,) x 3
-
-
-def sequence_log_probs(model, tok, prompts, responses, device) -> torch.Tensor:
-    """log pi(response | prompt) summed over response tokens, (B,)."""
-    b = tokenize_prompt_and_output([chat_prompt(p) for p in prompts], [r + EOT for r in responses], tok)
-    lp = get_response_log_probs(model, b["input_ids"].to(device), b["labels"].to(device))["log_probs"]
-    return masked_normalize(lp, b["response_mask"].to(device), dim=-1)
-
-
-def perturb(problem: dict, rng: random.Random) -> str:
-    """A wrong version of the gold response: the same text with the final number moved by 1-3."""
-    wrong = problem["answer"] + rng.choice([-3, -2, -1, 1, 2, 3])
-    return re.sub(r"-?\d+(\D*)$", lambda m: f"{wrong}{m.group(1)}", problem["response"])
-
-
-def build_preference_pairs(model, tok, args, log, split=None) -> list:
-    """(prompt, chosen, rejected) from the task: sample k answers from the SFT model; chosen = a
-    correct sample (else the gold response), rejected = a wrong sample (else a perturbed gold).
-    split: pairs from that split's problems only (the reward model's held-out set); None = DPO's."""
-    if args.data_jsonl:
-        rows = [r for r in load_jsonl(args.data_jsonl) if split in (None, split_of(r["prompt"], args.test_percent))]
-        bad = [r for r in rows if "chosen" not in r or "rejected" not in r]
-        if bad:
-            raise SystemExit(f"error: DPO data needs prompt/chosen/rejected on every line ({len(bad)} lack them)")
-        return [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
-    rng, gen = random.Random(args.seed), torch.Generator(args.device).manual_seed(args.seed)
-    problems = sample_problems(split or "train", args.num_pairs, args.levels, args.seed + 1, args.test_percent)
-    T = max_response_tokens(tok, problems)
-    pairs, sampled, t0, k = [], 0, time.time(), args.samples_per_prompt
-    _, _, texts = sample_responses(model, tok, [p["prompt"] for p in problems], k, 1.0, T, gen)
-    for i, p in enumerate(problems):
-        ok = [(t, reward_fn(t, p["answer"])["answer_reward"] == 1) for t in texts[i * k:(i + 1) * k]]
-        good, bad = [t for t, y in ok if y], [t for t, y in ok if not y]
-        sampled += bool(good) and bool(bad)  # pairs made only of the model's own samples
-        pairs.append((p["prompt"], good[0] if good else p["response"], bad[0] if bad else perturb(p, rng)))
-    log({"pairs": len(pairs), "both_sampled": sampled, "s": time.time() - t0},
-        f"{len(pairs)} preference pairs ({sampled} with both sides sampled) in {time.time() - t0:.0f} s")
-    return pairs
-
-
-def run_dpo(model, tok, args, log):
-    # The reference is the policy's own starting point (the SFT model); beta sets how far the
-    # policy may move from it (the optimum above is pi ~ ref * exp(r / beta)). Under --lora-rank
-    # the copy carries the adapters at B = 0, so it computes exactly the model before them.
-    pairs = build_preference_pairs(model, tok, args, log)
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    rng = random.Random(args.seed)
-
-    def logps(m, rows, side):  # log m(y | x) of the chosen (side 1) or rejected (side 2) answers, (B,)
-        return sequence_log_probs(m, tok, [r[0] for r in rows], [r[side] for r in rows], args.device)
-    with torch.no_grad():  # the reference never changes: score all P pairs once, 64 at a time -> (P,) each
-        ref_c, ref_r = (torch.cat([logps(ref, pairs[i:i + 64], side) for i in range(0, len(pairs), 64)]) for side in (1, 2))
-    # |y_w| for the per-token NLL, tokenized alone as in tokenize_prompt_and_output: the masked count
-    len_c = torch.tensor([len(tok.encode(c + EOT)) for _, c, _ in pairs], dtype=torch.float, device=args.device)
-    for step in range(1, args.steps + 1):
-        i = rng.sample(range(len(pairs)), min(args.batch_size, len(pairs)))
-        rows = [pairs[j] for j in i]
-        pc, pr = logps(model, rows, 1), logps(model, rows, 2)  # (B,) each, with grad
-        loss, rc, rr = dpo_loss(pc, pr, ref_c[i], ref_r[i], args.beta, args.dpo_nll, len_c[i])
-        loss = loss.mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        acc, margin = (rc > rr).float().mean().item(), (rc - rr).mean().item()  # implicit reward r = beta log pi/ref
-        # log pi - log ref of each side, in nats: a falling chosen log-prob is the failure RPO guards against
-        dc, dr = (pc - ref_c[i]).mean().item(), (pr - ref_r[i]).mean().item()
-        if step % args.log_every == 0 or step == args.steps:
-            log({"step": step, "loss": loss.item(), "reward_acc": acc, "margin": margin,
-                 "chosen_dlogp": dc, "rejected_dlogp": dr},
-                f"dpo step {step}/{args.steps} | loss {loss.item():.4f} | reward acc {acc:.2f} | margin {margin:.3f} "
-                f"| dlogp chosen {dc:+.2f} rejected {dr:+.2f}")
-    return model, opt
-
-
-# ---------------------------------------------------------------
-# 9. The reward model DPO does without (InstructGPT's step 2, Ouyang et al. 2022, arXiv:2203.02155).
-#    Bradley & Terry (1952): p(y_w beats y_l) = sigmoid(r_w - r_l), so maximum likelihood on pairs is
-#    loss = -log sigmoid(r(x, y_w) - r(x, y_l)), DPO's loss with r a network instead of beta log pi/ref:
-#    the body (TransformerLM.hidden) plus a scalar head at the response's last token (causal: that
-#    vector has read prompt and answer). RLHF would run PPO against r; we only ask how well it ranks.
-#    Measured from the 88.7% SFT model (40 steps, 512 pairs): 72.7% [68.6, 76.3] of held-out pairs
-#    ranked right (lr 3e-4: 69.9%, 1e-3: 73.8%): a learned reward is a noisy stand-in for a verifier.
-
-class RewardModel(nn.Module):
-    """r(x, y) = h_last . w, w = 0 at init (loss log 2). No bias: only r_w - r_l matters."""
-
-    def __init__(self, body):
-        super().__init__()
-        self.body, self.head = body, nn.Parameter(torch.zeros(body.cfg.d_model, device=body.lm_head.weight.device))
-
-    def forward(self, tok, prompts, responses):  # -> (B,)
-        b = tokenize_prompt_and_output([chat_prompt(p) for p in prompts], [r + EOT for r in responses], tok)
-        mask = b["response_mask"].to(self.head.device)  # (B, T): label j = token j+1
-        h = self.body.hidden(b["input_ids"].to(self.head.device))  # (B, T, C)
-        # the last masked label is <|endoftext|>; its input position holds the response's last token
-        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # (B,)
-        return h[torch.arange(len(h)), last] @ self.head
-
-
-def bradley_terry_loss(r_chosen, r_rejected):
-    """-log sigmoid(r_w - r_l) per pair, (B,): log 2 at equal rewards."""
-    return -F.logsigmoid(r_chosen - r_rejected)
-
-
-def run_rm(model, tok, args, log):
-    """Fit on train-split pairs, rank held-out pairs, save body (a TransformerLM) + ckpt["reward_head"]."""
-    train, test = (build_preference_pairs(model, tok, args, log, split) for split in ("train", "test"))
-    rm = RewardModel(model)
-    opt = AdamW(rm.parameters(), lr=args.lr, weight_decay=0.0)
-    rng, score = random.Random(args.seed), lambda rows, side: rm(tok, [r[0] for r in rows], [r[side] for r in rows])  # (B,)
-    for step in range(1, args.steps + 1):
-        rows = rng.sample(train, min(args.batch_size, len(train)))
-        rc, rr = score(rows, 1), score(rows, 2)
-        loss = bradley_terry_loss(rc, rr).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % args.log_every == 0 or step == args.steps:
-            acc = (rc > rr).float().mean().item()
-            log({"step": step, "loss": loss.item(), "pair_acc": acc},
-                f"rm step {step}/{args.steps} | loss {loss.item():.4f} | pair acc {acc:.2f}")
-    with torch.no_grad():  # a tie counts as wrong
-        k = sum((score(test[i:i + 64], 1) > score(test[i:i + 64], 2)).sum().item() for i in range(0, len(test), 64))
-    out, (lo, hi) = args.out or os.path.join(args.out_dir, "rm.pt"), wilson_interval(k, len(test))
-    save_checkpoint(model, opt, args.steps, out, stage="rm", reward_head=rm.head.detach().cpu(), align_args=vars(args))
-    log({"heldout_pair_acc": k / len(test), "n": len(test), "ci_lo": lo, "ci_hi": hi}, f"rm: held-out pair accuracy "
-        f"{100 * k / len(test):.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] on {len(test)} pairs, saved {out}")
-    return rm
-
-
-# ---------------------------------------------------------------
-# 10. GRPO. The policy gradient E[grad log pi(y|x) r] is unbiased but noisy. Subtracting a
-#    baseline b(x) that does not depend on y keeps it unbiased (E_y[grad log pi(y|x)] = 0) and cuts
-#    its variance when b(x) tracks the expected reward of x. PPO learns b(x) with a value network as
-#    big as the policy; GRPO samples G answers to the same prompt and uses their mean reward, a
-#    Monte-Carlo estimate of that expectation, for the price of G samples per prompt.
-
-def compute_group_normalized_rewards(reward_fn, rollout_responses, repeated_ground_truths, group_size,
-                                     advantage_eps=1e-6, normalize_by_std=True):
-    """Rewards for a flat list of group_size-major rollouts, and advantages A = (r - mean_group) /
-    (std_group + eps). Returns (advantages (N,), raw_rewards (N,), metadata).
-    The std division weights each question by 1 / std of its rewards. With 0/1 rewards std =
-    sqrt(p(1-p)), smallest where the G answers nearly agree, so questions the policy almost
-    always gets right (easy) or wrong (hard) get the biggest updates: at 7 of 8 right the wrong
-    answer gets A = -2.47, not -0.875. normalize_by_std=False (Dr. GRPO) keeps r - mean."""
-    scores = [reward_fn(r, g) for r, g in zip(rollout_responses, repeated_ground_truths)]
-    raw = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)  # (N,)
-    grouped = raw.view(-1, group_size)  # (n_prompts, G)
-    adv = grouped - grouped.mean(-1, keepdim=True)  # (n_prompts, G): r - mean_group, the baseline
-    if normalize_by_std:
-        adv = adv / (grouped.std(-1, keepdim=True) + advantage_eps)  # unbiased std, as in the paper's code
-    meta = dict({k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}, reward_std=grouped.std(-1).mean().item())
-    return adv.reshape(-1), raw, meta
-
-
-def compute_naive_policy_gradient_loss(raw_rewards_or_advantages, policy_log_probs):
-    """REINFORCE: -A * log pi(token), per token. (B, 1) broadcast against (B, T)."""
-    return -raw_rewards_or_advantages * policy_log_probs
-
-
-def compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange):
-    """PPO's clipped surrogate per token: -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi/pi_old.
-    Once rho has moved past 1 + eps with A > 0 (or below 1 - eps with A < 0), the clipped term is
-    the min and constant in the weights, so that token stops pushing; moves back toward rho = 1
-    are never clipped. This bounds how far one rollout batch can drag the policy, which is what
-    makes several epochs on it safe. "clipped" marks the tokens whose gradient the clip switched
-    off; their share is the clip fraction (0 on-policy, where rho = 1)."""
-    ratio = torch.exp(policy_log_probs - old_log_probs)  # (B, T): rho = exp(log pi - log pi_old)
-    unclipped = ratio * advantages  # (B, T): rho A, A (B, 1) broadcast over tokens
-    clipped = ratio.clamp(1 - cliprange, 1 + cliprange) * advantages  # clip(rho, 1-eps, 1+eps) A
-    return -torch.minimum(unclipped, clipped), {"clipped": (clipped < unclipped).detach(), "ratio": ratio.detach()}
-
-
-def compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards=None, advantages=None,
-                                 old_log_probs=None, cliprange=None):
-    """Dispatch: 'no_baseline' (raw reward), 'reinforce_with_baseline' (advantage), 'grpo_clip'."""
-    if loss_type in ("no_baseline", "reinforce_with_baseline"):
-        return compute_naive_policy_gradient_loss(raw_rewards if loss_type == "no_baseline" else advantages,
-                                                  policy_log_probs), {}
-    if loss_type == "grpo_clip":
-        return compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange)
-    raise ValueError(f"unknown loss_type {loss_type!r}")
-
-
-def grpo_microbatch_train_step(policy_log_probs, response_mask, gradient_accumulation_steps, loss_type,
-                               raw_rewards=None, advantages=None, old_log_probs=None, cliprange=None,
-                               ref_log_probs=None, kl_coef=0.0):
-    """Per-token loss -> mean over each response's tokens (the 1/|o| that Dr. GRPO replaces with a
-    constant, as it shrinks the penalty on long wrong answers) -> mean over the batch -> backward.
-    Optional KL penalty to a reference with the k3 estimator (Schulman 2020): with d = log ref -
-    log pi on tokens sampled from pi, E[e^d] = 1, so E[e^d - d - 1] = E[-d] = KL(pi || ref):
-    unbiased like plain -d, but every sample is >= 0 (e^d >= 1 + d) and, near ref, less noisy."""
-    loss, meta = compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, cliprange)
-    if kl_coef and ref_log_probs is not None:
-        d = ref_log_probs - policy_log_probs
-        kl = torch.exp(d) - d - 1  # (B, T), k3 >= 0
-        loss = loss + kl_coef * kl
-        meta["kl"] = masked_mean(kl.detach(), response_mask)
-    loss = masked_mean(loss, response_mask, dim=-1).mean() / gradient_accumulation_steps  # (B, T) -> (B,) -> ()
-    loss.backward()
-    return loss.detach(), meta
-
-
-def grpo_step(policy, optimizer, prompt_ids, completion_ids, texts, ground_truths, reward_fn, args, ref=None):
-    """One GRPO step on G-grouped rollouts (prompt-major, already sampled): score, normalize
-    within groups, then `epochs` passes of microbatch updates against the sampling policy's
-    log-probs (epochs=1 is on-policy; epochs>1 is the off-policy reuse the clip makes safe)."""
-    dev = next(policy.parameters()).device
-    adv, raw, meta = compute_group_normalized_rewards(reward_fn, texts, ground_truths, args.group_size,
-                                                      1e-6, not args.no_std_norm)
-    b = pack_prompt_and_output_ids(prompt_ids, completion_ids, pad_id=0)
-    ids, labels, mask = b["input_ids"].to(dev), b["labels"].to(dev), b["response_mask"].to(dev)  # (N, T) each
-    N, mb = len(texts), args.micro_batch_size
-    on_policy = args.epochs_per_rollout == 1
-
-    def score(m):  # log m(token) over the whole rollout batch, mb sequences at a time: (N, T)
-        return torch.cat([get_response_log_probs(m, ids[i:i + mb], labels[i:i + mb])["log_probs"] for i in range(0, N, mb)])
-    with torch.no_grad():  # pi_old (the sampler) and the reference, scored once per rollout batch
-        # On-policy, pi_old is the policy we are about to differentiate, so its log-probs are the
-        # detached forward of the training pass itself (ratio == 1 exactly): one forward saved.
-        old = None if on_policy else score(policy)
-        ref_lp = score(ref) if ref is not None and args.kl_coef else None
-    accum = math.ceil(N / mb)  # microbatches per optimizer step: one step per pass over the batch
-    clip, ent = [], []
-    for _ in range(args.epochs_per_rollout):
-        for i in range(0, N, mb):
-            s = slice(i, i + mb)
-            out = get_response_log_probs(policy, ids[s], labels[s], return_token_entropy=True)
-            loss, m = grpo_microbatch_train_step(
-                out["log_probs"], mask[s], accum, args.loss_type, raw[s, None].to(dev), adv[s, None].to(dev),
-                out["log_probs"].detach() if on_policy else old[s], args.cliprange, None if ref_lp is None else ref_lp[s], args.kl_coef)
-            ent.append(masked_mean(out["token_entropy"], mask[s]).item())
-            if "clipped" in m:  # grpo_clip only: share of response tokens whose gradient the clip cut
-                clip.append(masked_mean(m["clipped"].float(), mask[s]).item())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    meta.update(entropy=sum(ent) / len(ent), clip_frac=sum(clip) / len(clip) if clip else 0.0,
-                response_len=mask.sum().item() / N, loss=loss.item() * accum)  # last microbatch's, sans 1/accum
-    return meta
-
-
-def run_grpo(model, tok, args, log):
-    # What we measured on the 3.4M-param pydocs model (levels 2,3, 16 prompts x 8 samples/step):
-    # lr 1e-4 barely moves greedy accuracy in 75 steps; lr 1e-3 collapses the entropy (0.2 nats by
-    # step 20) onto the current greedy answers, so greedy accuracy does not move either; with the
-    # old "a * b = c. #### c" format any lr >= 3e-4 made the policy stop emitting <|endoftext|>
-    # (section 1). On a *fixed* set of 8 prompts the same code takes greedy accuracy on them from
-    # 50% to 88% in 20 steps: the learning works. What decides it is the starting point: RL
-    # re-weights answers the policy already samples, so from a 79% SFT model (SFT 150 steps, the
-    # default) lr 3e-4, T = 1 gained +3.4 points (paired 95% CI +1.1..+5.8) in 100 steps and +9.1
-    # (+6.0..+12.1) in 200 steps on the 408 held-out problems. AdamW betas (0.9, 0.95): RL
-    # gradients are noisy, and a shorter second-moment memory adapts faster to their scale.
-    data = load_jsonl(args.data_jsonl) if args.data_jsonl else None
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if args.kl_coef else None  # frozen start: the KL anchor
-    opt = AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    rng, gen = random.Random(args.seed), torch.Generator(args.device).manual_seed(args.seed)
-    T = max_response_tokens(tok, data or sample_problems("train", 64, args.levels, args.seed, args.test_percent))
-    rf = lambda r, g: reward_fn(r, g, args.format_weight)  # noqa: E731
-    t_start = time.time()
-    for step in range(1, args.steps + 1):
-        # Warmup: a fresh Adam's first updates are ~lr * sign(g) on *every* weight, noise that
-        # knocked a few points off the SFT model before the reward signal could add any.
-        for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, step / max(1, args.steps // 10))
-        t0 = time.time()
-        batch = (rng.sample(data, min(args.prompts_per_step, len(data))) if data else
-                 sample_problems("train", args.prompts_per_step, args.levels, rng.randrange(2**31), args.test_percent))
-        P, C, texts = sample_responses(model, tok, [p["prompt"] for p in batch], args.group_size,
-                                       args.temperature, T, gen)
-        gts = [p["answer"] for p in batch for _ in range(args.group_size)]
-        m = grpo_step(model, opt, P, C, texts, gts, rf, args, ref)
-        if step % args.log_every == 0 or step == args.steps:
-            log(dict(step=step, **m, ms=1000 * (time.time() - t0)),
-                f"grpo step {step}/{args.steps} | reward {m['reward']:.3f} | acc {m['answer_reward']:.3f} | "
-                f"len {m['response_len']:.1f} | ent {m['entropy']:.3f} | clip {m['clip_frac']:.3f} | "
-                f"{time.time() - t0:.1f} s/step | eta {(time.time() - t_start) / step * (args.steps - step):.0f} s")
-    return model, opt
-
-
-# ---------------------------------------------------------------
 # 11. Evaluation: greedy accuracy on the held-out split with a Wilson 95% interval.
 
 def wilson_interval(k: int, n: int, z: float = 1.96):
-    """Wilson (1927) score interval for a binomial proportion: every p with |k/n - p| <=
-    z sqrt(p(1-p)/n), the variance taken at the candidate p rather than at the estimate. The
-    normal (Wald) interval q +/- z sqrt(q(1-q)/n), q = k/n, collapses to [0, 0] at 0 of 10 right
-    and can leave [0, 1]; at small n or p near 0 or 1, where early stages and per-level
-    accuracies live, it covers the truth far less than 95% of the time; Wilson stays near 95%."""
+    """Wilson (1927) score interval: every p with |k/n - p| <= z sqrt(p(1-p)/n), the variance taken
+    at the candidate p. The Wald interval q +/- z sqrt(q(1-q)/n) collapses to [0, 0] at 0 of 10 and
+    covers far less than 95% at small n or p near 0 or 1, where early stages live; Wilson stays near."""
     if n == 0:
         return 0.0, 0.0
     p = k / n
@@ -774,11 +743,9 @@ def eval_problems(args) -> list:
 
 
 def paired_difference(a: list, b: list, z: float = 1.96) -> dict:
-    """Accuracy gain of stage a over stage b on the *same* problems, with a 95% interval from the
-    per-problem differences d_i = a_i - b_i: mean +/- z sd(d) / sqrt(n). Since Var(a_i - b_i) =
-    Var(a) + Var(b) - 2 Cov(a, b) and both stages find the same problems easy, the covariance is
-    large and the paired interval is far tighter than comparing two separate Wilson intervals,
-    which treats the stages as independent samples (and so reads most real gains as noise)."""
+    """Gain of stage a over b on the *same* problems: mean(d) +/- z sd(d) / sqrt(n), d_i = a_i - b_i.
+    Var(a_i - b_i) = Var(a) + Var(b) - 2 Cov(a, b), and both stages find the same problems easy, so
+    this is far tighter than two separate Wilson intervals (which read most real gains as noise)."""
     n = len(a)
     d = [x - y for x, y in zip(a, b)]
     mean = sum(d) / n
@@ -812,14 +779,16 @@ def load_policy(args):
     return model.to(args.device), tok
 
 
-def make_logger(path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    f = open(path, "w")
+class MetricsLog:
+    """log(record, line): one line for the eye on stdout, one JSONL record for the plots."""
 
-    def log(record, line):  # one line for the eye, one JSONL record for the plots
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.file = open(path, "w")
+
+    def __call__(self, record, line):
         print(line, flush=True)
-        print(json.dumps(record), file=f, flush=True)
-    return log
+        print(json.dumps(record), file=self.file, flush=True)
 
 
 def run_eval_and_record(model, tok, args, stage, timing=None):
@@ -851,23 +820,15 @@ def summarize(path: str):
 
 
 STAGES = {"sft": run_sft, "dpo": run_dpo, "grpo": run_grpo}
-# Per-stage defaults, tuned so sft+dpo+grpo+4 evals fit in ~8 CPU minutes on a few-M-param model.
-# Measured on levels 2,3 (3.4M params): SFT 60 steps -> 18%, 100 -> 27%, 150 -> 79% held-out;
-# GRPO sharpened wrong answers as often as right ones from the 18-27% models and only helped from
-# the 79% one (run_grpo). DPO from the 88.7% SFT model, paired diff vs SFT over seeds 0-3: plain
-# DPO on 128 pairs -7.1, -9.1, -3.4, -4.2 points; --dpo-nll 1 --num-pairs 512 -0.5, +0.2, +0.2, +2.2.
-DEFAULTS = {"sft": dict(steps=150, lr=1e-3, batch_size=32),
-            "dpo": dict(steps=30, lr=5e-5, batch_size=16),
-            "grpo": dict(steps=200, lr=3e-4, batch_size=16),
-            "rm": dict(steps=40, lr=1e-4, batch_size=16)}
 
 
 def run_stage(stage, args):
+    """Load args.ckpt, train one stage, save OUT_DIR/STAGE.pt (or --out), evaluate; -> the saved path."""
     torch.manual_seed(args.seed)
     model, tok = load_policy(args)
     model.train()
-    log = make_logger(os.path.join(args.out_dir, f"{stage}_metrics.jsonl"))
-    lora, n_all = args.lora_rank > 0 and stage in ("sft", "dpo"), model.num_params()
+    log = MetricsLog(os.path.join(args.out_dir, f"{stage}_metrics.jsonl"))
+    lora, n_all = stage in ("sft", "dpo") and args.lora_rank > 0, model.num_params()  # grpo has no --lora-rank
     if lora:  # the stage's optimizer then sees the adapters only (it takes the requires_grad ones)
         n = sum(p.numel() for p in add_lora(model, args.lora_rank, args.lora_alpha).parameters() if p.requires_grad)
         log({"lora_rank": args.lora_rank, "trainable_params": n, "params": n_all},
@@ -887,91 +848,109 @@ def run_stage(stage, args):
     return out
 
 
-def main(argv=None):
+def run_eval(args, stage):
+    model, tok = load_policy(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    run_eval_and_record(model, tok, args, stage)
+
+
+def run_all(args, stage_parsers):
+    """eval base, then sft -> dpo -> grpo, each starting from the last one's checkpoint and run at
+    its own subcommand's steps / lr / batch size, each evaluated; then the paired-gain table."""
+    run_eval(args, "base")
+    ckpt = args.ckpt
+    for stage in ("sft", "dpo", "grpo"):
+        own = {k: stage_parsers[stage].get_default(k) for k in ("steps", "lr", "batch_size")}
+        ckpt = run_stage(stage, argparse.Namespace(**{**vars(args), **own, "ckpt": ckpt, "out": None, "no_eval": False}))
+    summarize(os.path.join(args.out_dir, "eval.json"))
+
+
+def parse_levels(text: str) -> list:
+    levels = [int(x) for x in text.split(",") if x.strip().isdigit()]
+    if len(levels) != len(text.split(",")) or not all(x in LEVELS for x in levels):
+        raise argparse.ArgumentTypeError(f"--levels must be comma-separated numbers from {list(LEVELS)}")
+    return levels
+
+
+def add_optim_flags(p, tiny: bool, steps: int, lr: float, batch_size: int, what: str):
+    """A stage's own optimizer defaults; --tiny (smoke test) runs 1/20 of the steps."""
+    p.add_argument("--steps", type=int, default=max(2, steps // 20) if tiny else steps, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=what)
+
+
+def build_parser(tiny=False):
+    """Subcommands sharing flag groups (argparse parents); each stage has its own defaults."""
+    common, single, sft, lora, pairs, dpo, grpo = (argparse.ArgumentParser(add_help=False) for _ in range(7))
+    # common: io, task, device (every subcommand)
+    common.add_argument("--ckpt", required=True, help="input checkpoint (train.save_checkpoint format)")
+    common.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the checkpoint's, else <ckpt args.data>/tokenizer)")
+    common.add_argument("--out-dir", default="runs/align", help="where checkpoints, metrics JSONL and eval.json go")
+    common.add_argument("--data-jsonl", default=None, help="user data instead of the generated task (see docstring)")
+    common.add_argument("--device", default=None, help="cpu / cuda / mps (default: autodetect)")
+    common.add_argument("--seed", type=int, default=0, help="seed for sampling, data order, init")
+    common.add_argument("--levels", type=parse_levels, default="2,3",
+                        help="difficulty levels, comma-separated: " + "; ".join(f"{k}={v}" for k, v in LEVELS.items()))
+    common.add_argument("--test-percent", type=int, default=20, help="share of problem texts held out (hash split)")
+    common.add_argument("--n-eval", type=int, default=60 if tiny else 600, help="held-out problems to evaluate, split evenly "
+                        "over levels (a level with fewer distinct held-out texts gives all it has)")
+    common.add_argument("--log-every", type=int, default=10, help="print/log every N steps")
+    common.add_argument("--tiny", action="store_true", help="smoke-test sizes (pipeline --preset tiny)")
+    # single: one training stage run alone
+    single.add_argument("--out", default=None, help="output checkpoint (default: OUT_DIR/STAGE.pt)")
+    single.add_argument("--no-eval", action="store_true", help="skip the eval after training")
+    sft.add_argument("--grad-accum", type=int, default=1, help="SFT microbatches per optimizer step")
+    lora.add_argument("--lora-rank", type=int, default=0, help="sft/dpo: train rank-r LoRA adapters, merged before saving (0 = full fine-tuning)")
+    lora.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha: the update is scaled by alpha / rank")
+    # pairs: preference pairs, for dpo and rm
+    pairs.add_argument("--num-pairs", type=int, default=16 if tiny else 512, help="preference pairs built from the task")
+    pairs.add_argument("--samples-per-prompt", type=int, default=4, help="SFT samples per prompt to find a correct and a wrong answer")
+    dpo.add_argument("--beta", type=float, default=0.1, help="DPO beta: strength of the implicit KL to the reference")
+    dpo.add_argument("--dpo-nll", type=float, default=1.0, help="RPO alpha: weight of the chosen answer's per-token NLL (0 = plain DPO)")
+    grpo.add_argument("--group-size", type=int, default=8, help="GRPO G: completions per prompt")
+    grpo.add_argument("--prompts-per-step", type=int, default=4 if tiny else 16, help="GRPO prompts per rollout batch")
+    grpo.add_argument("--micro-batch-size", type=int, default=32, help="GRPO sequences per forward/backward")
+    grpo.add_argument("--temperature", type=float, default=1.0, help="GRPO sampling temperature")
+    grpo.add_argument("--loss-type", default="grpo_clip", choices=["no_baseline", "reinforce_with_baseline", "grpo_clip"],
+                      help="policy-gradient loss")
+    grpo.add_argument("--cliprange", type=float, default=0.2, help="PPO/GRPO clip epsilon")
+    grpo.add_argument("--epochs-per-rollout", type=int, default=1, help="1 = on-policy; >1 = reuse each rollout batch (off-policy)")
+    grpo.add_argument("--no-std-norm", action="store_true", help="Dr. GRPO: advantages r - mean, no std division")
+    grpo.add_argument("--kl-coef", type=float, default=0.0, help="KL penalty to the initial policy (k3 estimator)")
+    grpo.add_argument("--format-weight", type=float, default=0.1, help="reward bonus for a well-formed answer (a bare number, "
+                      "or text ending in '= N' / '#### N'): among all-wrong samples the only signal, it pushes junk down")
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("stage", choices=["sft", "dpo", "grpo", "eval", "all", "rm"],
-                    help="which stage to run; 'all' = eval base, sft, dpo, grpo (each evaluated); 'rm' = reward model (section 9)")
-    # io
-    ap.add_argument("--ckpt", required=True, help="input checkpoint (train.save_checkpoint format)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the checkpoint's, else <ckpt args.data>/tokenizer)")
-    ap.add_argument("--out-dir", default="runs/align", help="where checkpoints, metrics JSONL and eval.json go")
-    ap.add_argument("--out", default=None, help="output checkpoint (default: OUT_DIR/STAGE.pt)")
-    ap.add_argument("--stage-name", default=None, help="eval: key in eval.json (default: ckpt file stem)")
-    ap.add_argument("--data-jsonl", default=None, help="user data instead of the generated task (see docstring)")
-    ap.add_argument("--device", default=None, help="cpu / cuda / mps (default: autodetect)")
-    ap.add_argument("--seed", type=int, default=0, help="seed for sampling, data order, init")
-    # task
-    ap.add_argument("--levels", default="2,3", help="difficulty levels, comma-separated: "
-                    + "; ".join(f"{k}={v}" for k, v in LEVELS.items()))
-    ap.add_argument("--test-percent", type=int, default=20, help="share of problem texts held out (hash split)")
-    ap.add_argument("--n-eval", type=int, default=600, help="held-out problems to evaluate, split evenly over levels "
-                    "(a level with fewer distinct held-out texts gives all it has: mul 1x1 has 108, so the default levels give n=408)")
-    ap.add_argument("--no-eval", action="store_true", help="skip the eval after a training stage")
-    # optimization (None = the stage's default from DEFAULTS)
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    ap.add_argument("--lr", type=float, default=None, help="learning rate")
-    ap.add_argument("--batch-size", type=int, default=None, help="sequences (SFT) / pairs (DPO) per microbatch")
-    ap.add_argument("--grad-accum", type=int, default=1, help="SFT microbatches per optimizer step")
-    ap.add_argument("--log-every", type=int, default=10, help="print/log every N steps")
-    # dpo
-    ap.add_argument("--beta", type=float, default=0.1, help="DPO beta: strength of the implicit KL to the reference")
-    ap.add_argument("--num-pairs", type=int, default=512,
-                    help="DPO preference pairs built from the task (128 were too few: see section 8)")
-    ap.add_argument("--dpo-nll", type=float, default=1.0, help="RPO alpha: weight of the chosen response's per-token NLL "
-                    "added to the DPO loss (0 = plain DPO; 1 as in Pang et al. 2024)")
-    ap.add_argument("--samples-per-prompt", type=int, default=4, help="DPO: SFT samples per prompt to find a correct and a wrong answer")
-    # lora (sft, dpo)
-    ap.add_argument("--lora-rank", type=int, default=0, help="sft/dpo: train rank-r LoRA adapters, merged before saving (0 = full fine-tuning)")
-    ap.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha: the update is scaled by alpha / rank")
-    # grpo
-    ap.add_argument("--group-size", type=int, default=8, help="GRPO G: completions per prompt")
-    ap.add_argument("--prompts-per-step", type=int, default=16, help="GRPO prompts per rollout batch")
-    ap.add_argument("--micro-batch-size", type=int, default=32, help="GRPO sequences per forward/backward")
-    ap.add_argument("--temperature", type=float, default=1.0,
-                    help="GRPO sampling temperature (< 1: fewer junk samples whose negative advantages flatten the policy)")
-    ap.add_argument("--loss-type", default="grpo_clip", choices=["no_baseline", "reinforce_with_baseline", "grpo_clip"],
-                    help="policy-gradient loss")
-    ap.add_argument("--cliprange", type=float, default=0.2, help="PPO/GRPO clip epsilon")
-    ap.add_argument("--epochs-per-rollout", type=int, default=1, help="1 = on-policy; >1 = reuse each rollout batch (off-policy)")
-    ap.add_argument("--no-std-norm", action="store_true", help="Dr. GRPO: advantages r - mean, no std division")
-    ap.add_argument("--kl-coef", type=float, default=0.0, help="KL penalty to the initial policy (k3 estimator)")
-    ap.add_argument("--format-weight", type=float, default=0.1, help="GRPO reward bonus for a well-formed answer (a bare "
-                    "number, or text ending in '= N' / '#### N'); among all-wrong samples it is the only signal, and it pushes junk down")
-    ap.add_argument("--tiny", action="store_true", help="smoke-test sizes (pipeline --preset tiny)")
+    sub = ap.add_subparsers(dest="stage", required=True, metavar="{sft,dpo,grpo,rm,eval,all}")
+    # steps / lr / batch size per stage, sized so sft+dpo+grpo+4 evals fit in ~8 CPU minutes
+    p = sub.add_parser("sft", parents=[common, single, sft, lora], help="supervised fine-tuning -> OUT_DIR/sft.pt")
+    add_optim_flags(p, tiny, 150, 1e-3, 32, "sequences per microbatch")
+    p = sub.add_parser("dpo", parents=[common, single, pairs, dpo, lora], help="DPO (+ RPO NLL) -> OUT_DIR/dpo.pt")
+    add_optim_flags(p, tiny, 30, 5e-5, 16, "preference pairs per step")
+    p = sub.add_parser("grpo", parents=[common, single, grpo], help="GRPO against the verifier -> OUT_DIR/grpo.pt")
+    add_optim_flags(p, tiny, 200, 3e-4, 16, "unused by GRPO (see --prompts-per-step)")
+    p = sub.add_parser("rm", parents=[common, single, pairs], help="Bradley-Terry reward model (an aside) -> OUT_DIR/rm.pt")
+    add_optim_flags(p, tiny, 40, 1e-4, 16, "preference pairs per step")
+    p = sub.add_parser("eval", parents=[common], help="greedy held-out accuracy of --ckpt -> OUT_DIR/eval.json")
+    p.add_argument("--stage-name", default=None, help="key in eval.json (default: ckpt file stem)")
+    sub.add_parser("all", parents=[common, sft, pairs, dpo, lora, grpo], help="eval base, then sft, dpo, grpo at their defaults")
+    return ap, sub.choices
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ap, stage_parsers = build_parser(tiny="--tiny" in argv)  # --tiny shrinks the defaults, not the flags you give
     args = ap.parse_args(argv)
     args.device = pick_device(args.device)
-    try:
-        args.levels = [int(x) for x in args.levels.split(",")]
-        assert all(x in LEVELS for x in args.levels)
-    except (ValueError, AssertionError):
-        raise SystemExit(f"error: --levels must be comma-separated numbers from {list(LEVELS)}")
-    if args.tiny:
-        args.n_eval, args.num_pairs, args.prompts_per_step = 60, 16, 4
-    user = {k: getattr(args, k) for k in ("steps", "lr", "batch_size")}
-
-    def with_defaults(stage):
-        for k, v in DEFAULTS[stage].items():
-            setattr(args, k, user[k] if user[k] is not None else (max(2, v // 20) if args.tiny and k == "steps" else v))
-
-    if args.stage in ("eval", "all"):
-        model, tok = load_policy(args)
-        os.makedirs(args.out_dir, exist_ok=True)
-        run_eval_and_record(model, tok, args, "base" if args.stage == "all" else
-                            args.stage_name or os.path.splitext(os.path.basename(args.ckpt))[0])
-        del model
     if args.stage == "all":
-        args.out = None  # each stage writes OUT_DIR/STAGE.pt, and the next one starts from it
-        for stage in ("sft", "dpo", "grpo"):
-            with_defaults(stage)
-            args.ckpt = run_stage(stage, args)
-        summarize(os.path.join(args.out_dir, "eval.json"))
+        run_all(args, stage_parsers)
+    elif args.stage == "eval":
+        run_eval(args, args.stage_name or os.path.splitext(os.path.basename(args.ckpt))[0])
     elif args.stage == "rm":  # a lesson, not a pipeline stage: `all` never runs it
-        with_defaults("rm")
         torch.manual_seed(args.seed)
         model, tok = load_policy(args)
-        run_rm(model, tok, args, make_logger(os.path.join(args.out_dir, "rm_metrics.jsonl")))
-    elif args.stage != "eval":
-        with_defaults(args.stage)
+        run_rm(model, tok, args, MetricsLog(os.path.join(args.out_dir, "rm_metrics.jsonl")))
+    else:
         run_stage(args.stage, args)
 
 
