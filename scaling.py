@@ -43,6 +43,7 @@ One GPU, BPE data, bigger models:
 """
 import argparse
 import csv
+import io
 import itertools
 import json
 import math
@@ -53,6 +54,8 @@ import time
 
 import numpy as np
 import torch
+
+from model import ModelConfig, count_params
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -71,59 +74,29 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 #     N; the lm_head (d_model x vocab) is a real matmul and stays in. For small models with a
 #     big vocabulary the lm_head IS most of N, and 6 * N_total (Chinchilla counts every
 #     parameter) overstates the cost ~2x (the exact/6N_tot column).
+#   * The RMSNorm gains are parameters but cost O(d) elementwise work, not 2 FLOPs each: an exact
+#     count leaves them out (model.flops_per_token keeps them inside its 6N, a <1% difference).
+# The parameter count itself is model.py's (count_params): one home, so the two cannot drift.
 
 
-def default_d_ff(d_model):
-    """SwiGLU hidden size: 8/3 * d_model (three matrices cost what a 4x two-matrix MLP costs),
-    rounded to a multiple of 64, at least 64 -- the same rule as model.default_d_ff."""
-    return max(64, 64 * round(8 * d_model / 3 / 64))
+def forward_flops_per_token(cfg: ModelConfig, causal=True):
+    """Exact matmul FLOPs of one forward pass per token for a model.py config (norms, softmax and
+    SiLU ignored: O(d) each). 2 FLOPs per matmul weight -- every non-embedding parameter except
+    the RMSNorm gains -- plus the attention matmuls QK^T and AV, 2·t·d each per layer for t keys.
 
-
-def param_counts(vocab_size, d_model, num_layers, num_heads, num_kv_heads=None, d_ff=None,
-                 tie_embeddings=False):
-    """Exact parameter count of our TransformerLM: {"total", "non_embedding"}.
-    non_embedding = everything except token_embeddings (lm_head stays: it costs FLOPs)."""
-    kv = num_kv_heads or num_heads
-    head_dim = d_model // num_heads
-    d_ff = d_ff or default_d_ff(d_model)
-    attn = d_model * d_model * 2 + 2 * d_model * kv * head_dim   # q_proj, output_proj; k_proj, v_proj
-    ffn = 3 * d_model * d_ff                                      # w1, w2, w3 (SwiGLU)
-    norms = 2 * d_model                                           # ln1, ln2 (RMSNorm gains)
-    body = num_layers * (attn + ffn + norms) + d_model            # + ln_final
-    emb = vocab_size * d_model
-    head = 0 if tie_embeddings else vocab_size * d_model
-    # With tied embeddings the single matrix is counted once, as the (non-embedding) lm_head.
-    return {"total": body + emb + head, "non_embedding": body + (emb if tie_embeddings else head)}
-
-
-def forward_flops_per_token(vocab_size, d_model, num_layers, num_heads, context_length,
-                            num_kv_heads=None, d_ff=None, causal=True):
-    """Exact matmul FLOPs of one forward pass, per token (norms, softmax, SiLU ignored: O(d)).
-
-    causal=True counts only the unmasked keys, the work a causal flash kernel does;
-    causal=False counts the full T x T square, which is what a plain masked matmul computes,
-    what torch's FlopCounterMode reports, and what model.flops_per_token (PaLM's 6N + 12LdT)
-    assumes -- test_all.py checks our count against both."""
-    kv = num_kv_heads or num_heads
-    head_dim = d_model // num_heads
-    d_ff = d_ff or default_d_ff(d_model)
-    T = context_length
-    # Keys each query sees, on average: causal query t sees t of them, mean (T+1)/2.
+    causal=True counts only the unmasked keys, the work a causal flash kernel does (query t sees
+    t keys, (T+1)/2 on average); causal=False counts the full T x T square, which is what a plain
+    masked matmul computes, what torch's FlopCounterMode reports, and what model.flops_per_token
+    (PaLM's 6N + 12LdT) assumes -- test_all.py checks our count against both."""
+    L, d, T = cfg.num_layers, cfg.d_model, cfg.context_length
+    matmul_params = count_params(cfg, non_embedding=True) - (2 * L + 1) * d   # minus ln1, ln2, ln_final
     t_att = (T + 1) / 2 if causal else T
-    per_layer = (
-        2 * d_model * d_model            # q_proj
-        + 2 * 2 * d_model * kv * head_dim  # k_proj, v_proj (GQA: fewer kv heads)
-        + 2 * t_att * d_model            # QK^T: each head, q . k over head_dim, for t_att keys
-        + 2 * t_att * d_model            # AV:   weighted sum of t_att value vectors
-        + 2 * d_model * d_model          # output_proj
-        + 3 * 2 * d_model * d_ff         # SwiGLU: w1, w3 (up), w2 (down)
-    )
-    return num_layers * per_layer + 2 * d_model * vocab_size   # + lm_head
+    return 2 * matmul_params + L * (2 + 2) * t_att * d                       # + QK^T and AV
 
 
-def train_flops_per_token(*args, **kwargs):
+def train_flops_per_token(cfg: ModelConfig, causal=True):
     """Forward + backward = 3x forward (the backward does two matmuls per forward matmul)."""
-    return 3 * forward_flops_per_token(*args, **kwargs)
+    return 3 * forward_flops_per_token(cfg, causal)
 
 
 def flops_table(vocab_size=4096, context_length=256):
@@ -131,14 +104,26 @@ def flops_table(vocab_size=4096, context_length=256):
     from d_model 16 (where attention and lm_head dominate) to 4096 (where 6N is within 1%)."""
     rows = []
     for d, L in [(16, 2), (32, 2), (64, 2), (128, 4), (256, 4), (512, 8), (768, 12), (2048, 24), (4096, 32)]:
-        H = max(1, d // 64)
-        n = param_counts(vocab_size, d, L, H)
-        exact = train_flops_per_token(vocab_size, d, L, H, context_length)
-        full = train_flops_per_token(vocab_size, d, L, H, context_length, causal=False)
-        rows.append({"d_model": d, "layers": L, "N": n["non_embedding"], "N_total": n["total"],
-                     "exact": exact, "exact/6N": exact / (6 * n["non_embedding"]),
-                     "full/6N": full / (6 * n["non_embedding"]), "exact/6N_total": exact / (6 * n["total"])})
+        cfg = ModelConfig(vocab_size=vocab_size, context_length=context_length, d_model=d, num_layers=L,
+                          num_heads=max(1, d // 64))
+        N, N_total = count_params(cfg, non_embedding=True), count_params(cfg)
+        exact, full = train_flops_per_token(cfg), train_flops_per_token(cfg, causal=False)
+        rows.append({"d_model": d, "layers": L, "N": N, "N_total": N_total, "exact": exact,
+                     "exact/6N": exact / (6 * N), "full/6N": full / (6 * N), "exact/6N_total": exact / (6 * N_total)})
     return rows
+
+
+def print_flops_table(vocab_size, context_length):
+    """The `flops` command: the table above, one row per size."""
+    print(f"training FLOPs per token, vocab {vocab_size}, context {context_length} "
+          f"(N = non-embedding params; lm_head counted, token embedding not)")
+    print(f"{'d_model':>7} {'layers':>6} {'N':>14} {'N_total':>14} {'exact':>14} "
+          f"{'exact/6N':>9} {'full/6N':>8} {'exact/6N_tot':>12}")
+    for r in flops_table(vocab_size, context_length):
+        print(f"{r['d_model']:>7} {r['layers']:>6} {r['N']:>14,} {r['N_total']:>14,} "
+              f"{r['exact']:>14,.0f} {r['exact/6N']:>9.3f} {r['full/6N']:>8.3f} {r['exact/6N_total']:>12.3f}")
+    print("exact = causal attention (unmasked keys only); full = the whole T x T square, "
+          "as model.flops_per_token counts it")
 
 
 # ---------------------------------------------------------------
@@ -158,16 +143,20 @@ def load_runs(path):
     out = {k: [] for k in ("N", "D", "C", "loss", "budget")}
     for i, r in enumerate(rows):
         r = {k.strip(): v for k, v in r.items()}
-        get = lambda k: float(r[k]) if r.get(k) not in (None, "") else None
-        N, D, C, loss = get("N"), get("D"), get("C"), get("loss")
+        N, D, C, loss, budget = (_number(r, k) for k in ("N", "D", "C", "loss", "budget"))
         if N is None or loss is None or (D is None and C is None):
             raise SystemExit(f"error: {path} row {i + 1}: need columns N, loss and D or C")
         D = D if D is not None else C / (6 * N)
         C = C if C is not None else 6 * N * D
-        budget = get("budget") or float(f"{C:.2g}")
+        budget = budget or float(f"{C:.2g}")
         for k, v in zip(out, (N, D, C, loss, budget)):
             out[k].append(v)
     return {k: np.array(v, dtype=np.float64) for k, v in out.items()}
+
+
+def _number(row, key):
+    """row[key] as a float; None when the column is missing or empty."""
+    return float(row[key]) if row.get(key) not in (None, "") else None
 
 
 def _subset(runs, idx):
@@ -190,7 +179,7 @@ def isoflop_minimum(N, D, loss, window=2):
 
     Only the best size and its `window` nearest sizes on each side enter the fit: the valley is
     asymmetric (steeper on the small-N side), so a parabola through far-away sizes misplaces
-    the bottom -- on our CPU sweep by ~30% in N with all six sizes of a budget."""
+    the bottom (by how much on our CPU sweep: see the README)."""
     x = np.log(N)
     ux = np.unique(x)                                   # distinct sizes (a budget may repeat one)
     j = np.searchsorted(ux, x[np.argmin(loss)])
@@ -210,29 +199,37 @@ def isoflop_minimum(N, D, loss, window=2):
     return math.exp(x_opt), math.exp(np.polyval(q, x_opt)), p, np.exp([x[m].min(), x[m].max()])
 
 
+def isoflop_fit(runs):
+    """One pass of approach 2 -> ((a, kN, b, kD, g, kL), per-budget minima); (None, minima) if < 2
+    budgets have a minimum. Each minimum is (C, N_opt, D_opt, parabola, N range)."""
+    mins = []
+    for c in np.unique(runs["budget"]):
+        m = runs["budget"] == c
+        res = isoflop_minimum(runs["N"][m], runs["D"][m], runs["loss"][m])
+        if res is not None:
+            mins.append((c, *res))
+    if len(mins) < 2:
+        return None, mins
+    logC = np.log([m[0] for m in mins])
+    a, kN = np.polyfit(logC, np.log([m[1] for m in mins]), 1)   # log N_opt = a log C + kN
+    b, kD = np.polyfit(logC, np.log([m[2] for m in mins]), 1)   # log D_opt = b log C + kD
+    # The valley floors give a loss forecast too: log L_opt = g log C + kL (a pure power law,
+    # no irreducible term -- fine over a decade or two, wrong in the limit; approach 3 has E).
+    g, kL = np.polyfit(logC, np.log([np.polyval(m[3], math.log(m[1])) for m in mins]), 1)
+    return (a, kN, b, kD, g, kL), mins
+
+
+def _ci(v):
+    """The central 95% interval of bootstrap values (NaNs when no resample succeeded)."""
+    return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [math.nan] * 2
+
+
 def approach2(runs, n_boot=200, seed=0, targets=()):
     """Fit N_opt ~ C^a, D_opt ~ C^b and L_opt ~ C^g across IsoFLOP budgets, bootstrap CIs.
 
     Returns {"budgets": [...per-budget minima...], "a", "b", "a_ci", "b_ci", "log_k_N", "log_k_D",
     "loss_exponent", "log_k_L", "predict": {target: {N_opt, N_ci, D_opt, D_ci, loss, loss_ci}}}."""
-    def fit(r):  # -> ((a, kN, b, kD, g, kL), per-budget minima); (None, minima) if < 2 minima
-        mins = []
-        for c in np.unique(r["budget"]):
-            m = r["budget"] == c
-            res = isoflop_minimum(r["N"][m], r["D"][m], r["loss"][m])
-            if res is not None:
-                mins.append((c, *res))
-        if len(mins) < 2:
-            return None, mins
-        logC = np.log([m[0] for m in mins])
-        a, kN = np.polyfit(logC, np.log([m[1] for m in mins]), 1)   # log N_opt = a log C + kN
-        b, kD = np.polyfit(logC, np.log([m[2] for m in mins]), 1)   # log D_opt = b log C + kD
-        # The valley floors give a loss forecast too: log L_opt = g log C + kL (a pure power law,
-        # no irreducible term -- fine over a decade or two, wrong in the limit; approach 3 has E).
-        g, kL = np.polyfit(logC, np.log([np.polyval(m[3], math.log(m[1])) for m in mins]), 1)
-        return (a, kN, b, kD, g, kL), mins
-
-    params, mins = fit(runs)
+    params, mins = isoflop_fit(runs)
     if params is None:
         raise SystemExit("error: approach 2 needs >= 2 budgets whose sizes bracket a loss minimum")
     # Why bootstrap: a, b come out of a chain of fits (parabola per budget, then a line through
@@ -245,23 +242,22 @@ def approach2(runs, n_boot=200, seed=0, targets=()):
     boots = []
     for _ in range(n_boot):
         idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
-        p, _ = fit(_subset(runs, idx))
+        p, _ = isoflop_fit(_subset(runs, idx))
         if p is not None:
             boots.append(p)
     boots = np.array(boots).reshape(-1, 6)   # (n_boot that found >= 2 minima, 6 params)
-    ci = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [math.nan] * 2
     a, kN, b, kD, g, kL = params
     out = {"budgets": [{"C": float(c), "N_opt": n, "D_opt": d, "parabola": p.tolist(), "N_range": r.tolist(),
                         "loss": float(np.polyval(p, math.log(n)))} for c, n, d, p, r in mins],
            "a": a, "b": b, "log_k_N": kN, "log_k_D": kD, "loss_exponent": g, "log_k_L": kL,
-           "a_ci": ci(boots[:, 0]), "b_ci": ci(boots[:, 2]), "n_boot": len(boots), "predict": {}}
+           "a_ci": _ci(boots[:, 0]), "b_ci": _ci(boots[:, 2]), "n_boot": len(boots), "predict": {}}
     for C in targets:
         lc = math.log(C)
         # each bootstrap refit predicts at C; the spread of those predictions is the CI
         n_b, d_b, l_b = (np.exp(boots[:, i] * lc + boots[:, i + 1]) for i in (0, 2, 4))
-        out["predict"][C] = {"N_opt": math.exp(a * lc + kN), "N_ci": ci(n_b),
-                             "D_opt": math.exp(b * lc + kD), "D_ci": ci(d_b),
-                             "loss": math.exp(g * lc + kL), "loss_ci": ci(l_b)}
+        out["predict"][C] = {"N_opt": math.exp(a * lc + kN), "N_ci": _ci(n_b),
+                             "D_opt": math.exp(b * lc + kD), "D_ci": _ci(d_b),
+                             "loss": math.exp(g * lc + kL), "loss_ci": _ci(l_b)}
     return out
 
 
@@ -374,7 +370,7 @@ def approach3(runs, n_boot=100, seed=0, targets=()):
     for _ in range(n_boot):
         idx = rng.integers(0, n, size=n)
         # Starting each resample from the full-data optimum is the usual shortcut: the bootstrap
-        # fits are small perturbations of it, and a full grid search per resample costs 10x.
+        # fits are small perturbations of it, and a full grid search per resample costs far more.
         f = fit_parametric(runs["N"][idx], runs["D"][idx], runs["loss"][idx], inits=[fit["theta"]])
         for k in keys:
             samples[k].append(f[k])
@@ -382,8 +378,7 @@ def approach3(runs, n_boot=100, seed=0, targets=()):
             N_opt, D_opt = compute_optimal(f, C)
             samples[f"N_opt@{C:g}"].append(N_opt)
             samples[f"D_opt@{C:g}"].append(D_opt)
-    fit["ci"] = {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
-                 for k, v in samples.items() if v}
+    fit["ci"] = {k: _ci(v) for k, v in samples.items() if v}
     fit["a"] = fit["beta"] / (fit["alpha"] + fit["beta"])
     fit["predict"] = {}
     for C in targets:
@@ -404,17 +399,15 @@ def approach3(runs, n_boot=100, seed=0, targets=()):
 
 def size_config(d_model, args, vocab_size):
     """One size knob: d_model. Depth and head size stay fixed, so N ~ 12 L d^2 + V d grows with
-    width alone -- the simplest family in which "bigger" means one thing."""
-    H = max(1, d_model // args.head_dim)
+    width alone -- the simplest family in which "bigger" means one thing. -> (ModelConfig, FLOPs/token)."""
     # d_ff = 8/3 d rounded to a multiple of 8, passed to train.py explicitly: model.py's default
     # rounds to 64 with a floor of 64, which at d_model <= 48 makes the MLP jump in steps and the
     # family stop being "the same shape, wider".
-    cfg = dict(vocab_size=vocab_size, d_model=d_model, num_layers=args.num_layers, num_heads=H,
-               d_ff=max(8, 8 * round(d_model / 3)))
-    n = param_counts(**cfg)
-    per_tok = (6 * n["non_embedding"] if args.flops == "6nd"
-               else train_flops_per_token(**cfg, context_length=args.context_length))
-    return cfg, n, per_tok
+    cfg = ModelConfig(vocab_size=vocab_size, context_length=args.context_length, d_model=d_model,
+                      num_layers=args.num_layers, num_heads=max(1, d_model // args.head_dim),
+                      d_ff=max(8, 8 * round(d_model / 3)))
+    per_tok = 6 * count_params(cfg, non_embedding=True) if args.flops == "6nd" else train_flops_per_token(cfg)
+    return cfg, per_tok
 
 
 def data_vocab_size(data_dir):
@@ -424,6 +417,17 @@ def data_vocab_size(data_dir):
         raise SystemExit(f"error: no tokenizer at {tok} (run data.py and bpe.py, or pass --vocab-size)")
     from bpe import Tokenizer
     return len(Tokenizer.load(tok))
+
+
+def write_atomic(path, data):
+    """Write PATH.tmp (str or bytes), fsync it, then rename it over PATH: a killed sweep leaves the
+    old file or the new one, never half of one (the rename is atomic; the fsync puts the bytes on
+    disk before the name points at them, so a power cut cannot leave an empty file either)."""
+    with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def write_byte_dataset(text_dir, out_dir):
@@ -438,8 +442,7 @@ def write_byte_dataset(text_dir, out_dir):
         if not os.path.exists(src):
             raise SystemExit(f"error: no {src} (run data.py first)")
         ids = np.fromfile(src, dtype=np.uint8).astype(np.uint16)   # contract: uint16 for V <= 65536
-        ids.tofile(os.path.join(out_dir, f"{split}.bin.tmp"))
-        os.replace(os.path.join(out_dir, f"{split}.bin.tmp"), os.path.join(out_dir, f"{split}.bin"))
+        write_atomic(os.path.join(out_dir, f"{split}.bin"), ids.tobytes())
         print(f"{split}: {len(ids):,} byte tokens -> {out_dir}/{split}.bin")
 
 
@@ -456,11 +459,48 @@ def read_final(metrics_path):
     return final
 
 
-def write_atomic(path, text):
-    """Write PATH.tmp, then rename it: a killed sweep never leaves a half-written results file."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+def run_name(C, d_model, args):
+    return f"C{C:.1e}_d{d_model}_L{args.num_layers}"
+
+
+def train_command(args, cfg, run_dir, steps):
+    """The train.py command line of one sweep run: its own cosine schedule over exactly `steps`."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", args.data,
+           "--out-dir", run_dir, "--d-model", str(cfg.d_model), "--num-layers", str(args.num_layers),
+           "--num-heads", str(cfg.num_heads), "--d-ff", str(cfg.d_ff),
+           "--context-length", str(args.context_length), "--batch-size", str(args.batch_size),
+           "--max-steps", str(steps), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
+           "--warmup-steps", str(max(1, steps // 20)), "--eval-every", str(steps),
+           "--eval-steps", str(args.eval_steps), "--log-every", str(max(1, steps // 5)),
+           "--sample-every", "0", "--ckpt-every", str(steps), "--seed", str(args.seed), "--device", args.device]
+    return cmd + (["--vocab-size", str(cfg.vocab_size)] if args.vocab_size else []) + args.train_args.split()
+
+
+def run_train(cmd, run_dir, threads):
+    """Run train.py (log to RUN_DIR/train.log) -> its final metrics record; a failure is a one-line error."""
+    os.makedirs(run_dir, exist_ok=True)
+    # Tiny models are bound by per-op overhead, not FLOPs: one thread per run avoids OpenMP
+    # threads spinning against each other (how much faster: see the README).
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    with open(os.path.join(run_dir, "train.log"), "w") as log:
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    final = read_final(os.path.join(run_dir, "metrics.jsonl"))
+    if rc != 0 or final is None:
+        raise SystemExit(f"error: train.py failed (exit {rc}); see {run_dir}/train.log")
+    return final
+
+
+def result_row(name, C, cfg, args, per_tok, final, steps):
+    """One results.jsonl row. N and C are our exact counts (train.py's own "flops" uses the
+    full-square attention estimate, kept as train_flops for comparison); loss is the final val loss."""
+    N, N_total = count_params(cfg, non_embedding=True), count_params(cfg)
+    D = final.get("tokens") or steps * args.batch_size * args.context_length
+    if final.get("params") not in (None, N_total):
+        print(f"  warning: train.py reports {final['params']:,} params, we count {N_total:,}")
+    return {"run": name, "budget": C, "d_model": cfg.d_model, "num_layers": args.num_layers,
+            "head_dim": args.head_dim, "vocab_size": cfg.vocab_size, "context_length": args.context_length,
+            "N": N, "N_total": N_total, "D": D, "C": per_tok * D, "C_6ND": 6 * N * D, "loss": final["val_loss"],
+            "steps": steps, "wall_s": final.get("wall_s"), "train_flops": final.get("flops")}
 
 
 def sweep(args):
@@ -476,60 +516,32 @@ def sweep(args):
     plan = [(C, d) for C in args.budgets for d in args.sizes]
     spent_C, t0 = 0.0, time.time()     # FLOPs trained by *this* invocation, for the ETA
     for i, (C, d) in enumerate(plan):
-        cfg, n, per_tok = size_config(d, args, V)
+        cfg, per_tok = size_config(d, args, V)
         # The budget fixes the step count: a 4x bigger model gets ~4x fewer tokens. Runs whose
         # budget buys fewer than --min-steps steps would measure only the warmup, so we skip them.
-        name = f"C{C:.1e}_d{d}_L{args.num_layers}"
-        run_dir = os.path.join(args.out_dir, name)
-        steps = int(round(C / (per_tok * tokens_per_step)))
+        name, steps = run_name(C, d, args), int(round(C / (per_tok * tokens_per_step)))
+        run_dir, tag = os.path.join(args.out_dir, name), f"[{i + 1}/{len(plan)}] {name}"
         if name in done:
-            print(f"[{i + 1}/{len(plan)}] {name}: done, skipping")
+            print(f"{tag}: done, skipping")
             continue
         if steps < args.min_steps:
-            print(f"[{i + 1}/{len(plan)}] {name}: only {steps} steps at this budget, skipping")
+            print(f"{tag}: only {steps} steps at this budget, skipping")
             continue
         # A run dir with a finished metrics.jsonl (e.g. results.jsonl was deleted) is reused.
         final = read_final(os.path.join(run_dir, "metrics.jsonl"))
         if final is not None and final.get("step") == steps:
-            print(f"[{i + 1}/{len(plan)}] {name}: finished earlier, reusing its metrics.jsonl")
+            print(f"{tag}: finished earlier, reusing its metrics.jsonl")
         else:
             spent_C += C
-            cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", args.data,
-                   "--out-dir", run_dir, "--d-model", str(d), "--num-layers", str(args.num_layers),
-                   "--num-heads", str(cfg["num_heads"]), "--d-ff", str(cfg["d_ff"]),
-                   "--context-length", str(args.context_length), "--batch-size", str(args.batch_size),
-                   "--max-steps", str(steps), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
-                   "--warmup-steps", str(max(1, steps // 20)), "--eval-every", str(steps),
-                   "--eval-steps", str(args.eval_steps), "--log-every", str(max(1, steps // 5)),
-                   "--sample-every", "0", "--ckpt-every", str(steps), "--seed", str(args.seed), "--device", args.device]
-            cmd += (["--vocab-size", str(V)] if args.vocab_size else []) + args.train_args.split()
-            os.makedirs(run_dir, exist_ok=True)
-            print(f"[{i + 1}/{len(plan)}] {name}: N={n['non_embedding']:,} steps={steps} "
+            print(f"{tag}: N={count_params(cfg, non_embedding=True):,} steps={steps} "
                   f"D={steps * tokens_per_step:,}", flush=True)
-            # Tiny models are bound by per-op overhead, not FLOPs: one thread per run avoids
-            # OpenMP threads spinning against each other (5-50x faster on a busy 2-core box).
-            env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
-            with open(os.path.join(run_dir, "train.log"), "w") as log:
-                rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-            final = read_final(os.path.join(run_dir, "metrics.jsonl"))
-            if rc != 0 or final is None:
-                raise SystemExit(f"error: train.py failed (exit {rc}); see {run_dir}/train.log")
-        # N and C are our exact counts (train.py's own "flops" uses the full-square attention
-        # estimate, kept as train_flops for comparison); loss is the final validation loss.
-        D = final.get("tokens") or steps * tokens_per_step
-        row = {"run": name, "budget": C, "d_model": d, "num_layers": args.num_layers,
-               "head_dim": args.head_dim, "vocab_size": V, "context_length": args.context_length,
-               "N": n["non_embedding"], "N_total": n["total"], "D": D, "C": per_tok * D,
-               "C_6ND": 6 * n["non_embedding"] * D, "loss": final["val_loss"], "steps": steps,
-               "wall_s": final.get("wall_s"), "train_flops": final.get("flops")}
-        if final.get("params") not in (None, n["total"]):
-            print(f"  warning: train.py reports {final['params']:,} params, we count {n['total']:,}")
-        results.append(row)
+            final = run_train(train_command(args, cfg, run_dir, steps), run_dir, args.threads)
+        results.append(result_row(name, C, cfg, args, per_tok, final, steps))
         write_atomic(results_path, "".join(json.dumps(r) + "\n" for r in results))
         el = time.time() - t0
-        left = sum(c for c, dd in plan[i + 1:] if f"C{c:.1e}_d{dd}_L{args.num_layers}" not in done)
+        left = sum(c for c, dd in plan[i + 1:] if run_name(c, dd, args) not in done)
         rate = spent_C / el if spent_C else float("nan")
-        print(f"  val_loss {row['loss']:.4f} | {el:.0f}s elapsed | {rate:.2e} FLOP/s | "
+        print(f"  val_loss {results[-1]['loss']:.4f} | {el:.0f}s elapsed | {rate:.2e} FLOP/s | "
               f"ETA {left / rate:.0f}s", flush=True)
     return results_path
 
@@ -552,24 +564,39 @@ def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0, min_budget=
     print(f"{len(runs['N'])} runs, {len(np.unique(runs['budget']))} budgets, from {runs_path}")
     report = {"runs": runs_path, "n_runs": len(runs["N"]), "targets": list(targets)}
     try:
-        a2 = approach2(runs, n_boot=n_boot, seed=seed, targets=targets)
-        report["approach2"] = a2
-        print("\nApproach 2 (IsoFLOP parabolas):")
-        for m in a2["budgets"]:
-            print(f"  C={m['C']:.2e}  N_opt={m['N_opt']:.3g}  D_opt={m['D_opt']:.3g}")
-        print(f"  N_opt ~ C^a, a = {a2['a']:.3f}  95% CI [{a2['a_ci'][0]:.3f}, {a2['a_ci'][1]:.3f}]")
-        print(f"  D_opt ~ C^b, b = {a2['b']:.3f}  95% CI [{a2['b_ci'][0]:.3f}, {a2['b_ci'][1]:.3f}]")
-        for C, p in a2["predict"].items():
-            print(f"  at C={C:.2e}: N_opt={p['N_opt']:.3g} [{p['N_ci'][0]:.3g}, {p['N_ci'][1]:.3g}]"
-                  f"  D_opt={p['D_opt']:.3g} [{p['D_ci'][0]:.3g}, {p['D_ci'][1]:.3g}]"
-                  f"  loss={p['loss']:.4f} [{p['loss_ci'][0]:.4f}, {p['loss_ci'][1]:.4f}]")
+        a2 = report["approach2"] = approach2(runs, n_boot=n_boot, seed=seed, targets=targets)
+        print_approach2(a2)
     except SystemExit as e:
         a2 = None
         print(f"\nApproach 2 skipped: {e}")
     if len(runs["N"]) < 5:
         raise SystemExit(f"error: {len(runs['N'])} runs; the parametric fit has 5 parameters, need >= 5")
-    a3 = approach3(runs, n_boot=n_boot, seed=seed, targets=targets)
-    report["approach3"] = a3
+    a3 = report["approach3"] = approach3(runs, n_boot=n_boot, seed=seed, targets=targets)
+    print_approach3(a3, runs)
+    family = sweep_family(runs_path)
+    if family:
+        report["family"] = print_family(family, a3, targets)
+    resid = np.log(predict_loss(a3, runs["N"], runs["D"])) - np.log(runs["loss"])
+    print(f"  fit residual (log loss): rms {np.sqrt(np.mean(resid ** 2)):.4f}, max {np.abs(resid).max():.4f}")
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomic(os.path.join(out_dir, "fit.json"), json.dumps(report, indent=1, default=float))
+    plot(runs, a2, a3, targets, out_dir)
+    return report
+
+
+def print_approach2(a2):
+    print("\nApproach 2 (IsoFLOP parabolas):")
+    for m in a2["budgets"]:
+        print(f"  C={m['C']:.2e}  N_opt={m['N_opt']:.3g}  D_opt={m['D_opt']:.3g}")
+    print(f"  N_opt ~ C^a, a = {a2['a']:.3f}  95% CI [{a2['a_ci'][0]:.3f}, {a2['a_ci'][1]:.3f}]")
+    print(f"  D_opt ~ C^b, b = {a2['b']:.3f}  95% CI [{a2['b_ci'][0]:.3f}, {a2['b_ci'][1]:.3f}]")
+    for C, p in a2["predict"].items():
+        print(f"  at C={C:.2e}: N_opt={p['N_opt']:.3g} [{p['N_ci'][0]:.3g}, {p['N_ci'][1]:.3g}]"
+              f"  D_opt={p['D_opt']:.3g} [{p['D_ci'][0]:.3g}, {p['D_ci'][1]:.3g}]"
+              f"  loss={p['loss']:.4f} [{p['loss_ci'][0]:.4f}, {p['loss_ci'][1]:.4f}]")
+
+
+def print_approach3(a3, runs):
     print("\nApproach 3 (parametric L = E + A/N^alpha + B/D^beta):")
     for k in ("E", "A", "B", "alpha", "beta"):
         lo, hi = a3["ci"][k]
@@ -584,27 +611,23 @@ def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0, min_budget=
         lo, hi = a3["ci"][f"N_opt@{C:g}"]
         print(f"  at C={C:.2e}: N_opt={p['N_opt']:.3g} [{lo:.3g}, {hi:.3g}]  D_opt={p['D_opt']:.3g}"
               f"  tokens/param={p['D_opt'] / p['N_opt']:.1f}  predicted loss={p['loss']:.4f}")
-    family = sweep_family(runs_path)
-    if family:
-        # The closed form assumes C = 6ND; our runs spend exact FLOPs, so for runs from our own
-        # sweep we also search the sweep's actual model family: the width whose exact-FLOP
-        # budget split minimizes the fitted L(N, D). This is what `sweep` would train next.
-        print(f"  in the sweep's family (L={family['num_layers']}, head_dim {family['head_dim']}, "
-              f"T={family['context_length']}, exact FLOPs):")
-        report["family"] = {}
-        for C in targets:
-            rows = family_table(family, a3, C)
-            best = min(range(len(rows)), key=lambda j: rows[j]["loss"])
-            report["family"][C] = rows[best]
-            for r in rows[max(0, best - 2):best + 3]:
-                print(f"    C={C:.2e} d_model={r['d_model']:4d}  N={r['N']:>9,}  D={r['D']:.3g}  "
-                      f"predicted loss={r['loss']:.4f}" + ("   <- optimum" if r is rows[best] else ""))
-    resid = np.log(predict_loss(a3, runs["N"], runs["D"])) - np.log(runs["loss"])
-    print(f"  fit residual (log loss): rms {np.sqrt(np.mean(resid ** 2)):.4f}, max {np.abs(resid).max():.4f}")
-    os.makedirs(out_dir, exist_ok=True)
-    write_atomic(os.path.join(out_dir, "fit.json"), json.dumps(report, indent=1, default=float))
-    plot(runs, a2, a3, targets, out_dir)
-    return report
+
+
+def print_family(family, a3, targets):
+    """The closed form assumes C = 6ND; our runs spend exact FLOPs, so for runs from our own sweep
+    we also search the sweep's actual model family: the width whose exact-FLOP budget split
+    minimizes the fitted L(N, D). This is what `sweep` would train next. -> {C: best row}."""
+    print(f"  in the sweep's family (L={family['num_layers']}, head_dim {family['head_dim']}, "
+          f"T={family['context_length']}, exact FLOPs):")
+    best_rows = {}
+    for C in targets:
+        rows = family_table(family, a3, C)
+        best = min(range(len(rows)), key=lambda j: rows[j]["loss"])
+        best_rows[C] = rows[best]
+        for r in rows[max(0, best - 2):best + 3]:
+            print(f"    C={C:.2e} d_model={r['d_model']:4d}  N={r['N']:>9,}  D={r['D']:.3g}  "
+                  f"predicted loss={r['loss']:.4f}" + ("   <- optimum" if r is rows[best] else ""))
+    return best_rows
 
 
 def sweep_family(runs_path):
@@ -624,10 +647,9 @@ def family_table(family, fit, C, widths=range(8, 257, 4)):
         H = max(1, d // args.head_dim)
         if d % H or (d // H) % 2:        # model.py needs an even head_dim (RoPE)
             continue
-        _, n, per_tok = size_config(d, args, family["vocab_size"])
-        D = C / per_tok
-        rows.append({"d_model": d, "N": n["non_embedding"], "D": D,
-                     "loss": float(predict_loss(fit, n["non_embedding"], D))})
+        cfg, per_tok = size_config(d, args, family["vocab_size"])
+        N, D = count_params(cfg, non_embedding=True), C / per_tok
+        rows.append({"d_model": d, "N": N, "D": D, "loss": float(predict_loss(fit, N, D))})
     return rows
 
 
@@ -668,9 +690,9 @@ def plot(runs, a2, a3, targets, out_dir):
     ax2.set(xscale="log", yscale="log", xlabel="C (FLOPs)", ylabel="N_opt", title="compute-optimal N")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.join(out_dir, "scaling.png")
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
+    path, png = os.path.join(out_dir, "scaling.png"), io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    write_atomic(path, png.getvalue())
     print(f"\nwrote {path}")
 
 
@@ -723,19 +745,10 @@ def build_parser():
     return ap
 
 
-if __name__ == "__main__":
-    args = build_parser().parse_args()
-
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.cmd == "flops":
-        print(f"training FLOPs per token, vocab {args.vocab_size}, context {args.context_length} "
-              f"(N = non-embedding params; lm_head counted, token embedding not)")
-        print(f"{'d_model':>7} {'layers':>6} {'N':>14} {'N_total':>14} {'exact':>14} "
-              f"{'exact/6N':>9} {'full/6N':>8} {'exact/6N_tot':>12}")
-        for r in flops_table(args.vocab_size, args.context_length):
-            print(f"{r['d_model']:>7} {r['layers']:>6} {r['N']:>14,} {r['N_total']:>14,} "
-                  f"{r['exact']:>14,.0f} {r['exact/6N']:>9.3f} {r['full/6N']:>8.3f} {r['exact/6N_total']:>12.3f}")
-        print("exact = causal attention (unmasked keys only); full = the whole T x T square, "
-              "as model.flops_per_token counts it")
+        print_flops_table(args.vocab_size, args.context_length)
     elif args.cmd == "bytes":
         write_byte_dataset(args.text, args.out)
     elif args.cmd == "sweep":
@@ -746,3 +759,7 @@ if __name__ == "__main__":
         targets = args.target or [10 * float(load_runs(args.runs)["C"].max())]
         fit_report(args.runs, targets, args.out_dir, n_boot=args.bootstrap, seed=args.seed,
                    min_budget=args.min_budget)
+
+
+if __name__ == "__main__":
+    main()
