@@ -449,7 +449,13 @@ def estimate_mfu(cfg: ModelConfig, tokens_per_s: float, peak_flops: float | None
 def logits_to_probs(logits, temperature: float = 1.0, top_k=None, top_p=None, min_p=None):
     """Turn last-position logits (B, V) into a sampling distribution (B, V).
     temperature 0 = greedy (a one-hot on the argmax); top-k keeps the k most likely tokens;
-    min-p drops tokens with p < min_p·p_max; top-p keeps the smallest set with mass ≥ top_p."""
+    min-p drops tokens with p < min_p·p_max; top-p keeps the smallest set with mass ≥ top_p.
+    Out-of-range knobs are a ValueError (the CLIs print it as one line) rather than a silent
+    surprise: T < 0 would reverse the distribution, top_p = 0 would drop every token."""
+    if (temperature < 0 or (top_k is not None and top_k < 0) or (top_p is not None and not 0 < top_p <= 1)
+            or (min_p is not None and not 0 <= min_p <= 1)):
+        raise ValueError(f"sampling needs temperature >= 0, top_k >= 0, 0 < top_p <= 1, 0 <= min_p <= 1 "
+                         f"(got temperature={temperature}, top_k={top_k}, top_p={top_p}, min_p={min_p})")
     logits = logits.float()
     if temperature == 0:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
