@@ -598,10 +598,13 @@ def split_stages(layers, world_size):
     return [nn.Sequential(*layers[bounds[i]:bounds[i + 1]]) for i in range(world_size)]
 
 
-def gpipe_step(stage, inputs, targets, num_micro, act_shape, act_dtype=torch.float32):
+def gpipe_step(stage, inputs, targets, num_micro, act_shape, act_dtype=None):
     """One GPipe forward+backward. `inputs`/`targets` are only read on the first/last rank.
-    act_shape = shape of one micro-batch's activation crossing a stage boundary.
+    act_shape = shape of one micro-batch's activation crossing a stage boundary; the receive buffers
+    live on the stage's device (NCCL receives only into GPU memory) in act_dtype (default: the stage's).
     Returns the mean loss on the last rank (None elsewhere); grads land in stage's parameters."""
+    p = next(stage.parameters())
+    buf = dict(device=p.device, dtype=act_dtype or p.dtype)
     rank, world = dist.get_rank(), dist.get_world_size()
     first, last = rank == 0, rank == world - 1
     ins, outs, losses = [], [], []
@@ -611,7 +614,7 @@ def gpipe_step(stage, inputs, targets, num_micro, act_shape, act_dtype=torch.flo
         if first:
             x = inputs.chunk(num_micro)[m]
         else:
-            x = torch.empty(act_shape, dtype=act_dtype)
+            x = torch.empty(act_shape, **buf)
             dist.recv(x, src=rank - 1)
             x.requires_grad_(True)                              # we need dL/dx to send back
         y = stage(x)
@@ -627,7 +630,7 @@ def gpipe_step(stage, inputs, targets, num_micro, act_shape, act_dtype=torch.flo
         if last:
             losses[m].backward()
         else:                                                   # dL/d(my output) comes from downstream
-            g = torch.empty(act_shape, dtype=act_dtype)
+            g = torch.empty(act_shape, **buf)
             dist.recv(g, src=rank + 1)
             outs[m].backward(g)                                 # vector-Jacobian product through my layers
         if not first:
