@@ -425,13 +425,15 @@ class Tokenizer:
 
         We buffer text and only encode up to the last safe cut (see "Making it fast"), so the ids
         equal `encode` of the whole text while memory stays bounded by one paragraph. A special
-        token containing a newline could span such a cut, so in that (odd) case we buffer everything.
+        token holding "x " could span such a cut, so in that (odd) case we buffer everything.
         """
         safe = _line_cuts_ok(self.special_tokens)
-        buf = ""
+        buf, run = "", 0  # run: length of buf's trailing spaces and tabs, where a new cut may start
         for chunk in iterable:
-            lo = max(len(buf) - 1, 0)  # older text held no safe cut: search only the new part
+            lo = max(len(buf) - run - 1, 0)  # older text held no safe cut: search the run + the new part
             buf += chunk
+            tail = len(chunk) - len(chunk.rstrip(" \t\x0b\x0c"))
+            run = run + tail if tail == len(chunk) else tail
             if safe and (i := _cut_before(buf, lo, len(buf))) > lo:
                 yield from self.encode(buf[:i])
                 buf = buf[i:]
@@ -578,37 +580,40 @@ def _findall(pat, pat_ascii, text):
     for m in _NON_ASCII.finditer(text):
         if m.start() < pos:                # inside the span we just gave to `regex`
             continue
-        lo = _cut_before(text, pos, m.start())
-        cut = _LINE_CUT.search(text, m.end())
+        # A short ASCII stretch costs `regex` less than switching engines, so the span reaches
+        # back to the last cut only across a long one, and forward to a cut that starts one.
+        lo = _cut_before(text, pos, m.start()) if m.start() - pos > _ASCII_RUN else pos
+        cut = _CUT_ASCII_NEXT.search(text, m.end())
         hi = cut.start() if cut else len(text)
-        if lo > pos:
-            out += pat_ascii.findall(text, pos, lo)
-        out += pat.findall(text, lo, hi)
+        out += pat_ascii.findall(text, pos, lo) + pat.findall(text, lo, hi)
         pos = hi
-    out += pat_ascii.findall(text, pos)
-    return out
+    return out + pat_ascii.findall(text, pos)
 
 
 # ---------------------------------------------------------------
 # Making it fast, 2: safe cuts, where text can be split without changing a single pre-token. The
 # ASCII twin above, `encode_iterable` and the parallel file reader below pre-tokenize pieces of a
 # text separately, and need exactly the pre-tokens of one pass over the whole. Two cuts qualify:
-#   - just before a special token: the text is split there anyway;
-#   - between a printable ASCII character x (\x21-\x7e, never whitespace) and "\n": the branches
-#     that can hold x (letters, digits, punctuation) cannot hold "\n", and the whitespace branches
-#     start at whitespace, so a pre-token ends at x and the next starts at "\n" either way.
+#   - just before a special token that no other special occurrence straddles: the text is split
+#     there anyway (see `_special_cut`);
+#   - between a non-whitespace character x and whitespace: every branch of the pattern that can
+#     hold x holds no whitespace after x (only an optional space before it), so x's pre-token ends
+#     at x, in the whole text and in the piece before the cut, and the next one starts right after
+#     x in both (no branch looks behind). We take only those whose whitespace reaches a line end:
+#     "x\n", "x\r\n", "x   \n" (CJK, CRLF and trailing-space files too), so pieces are whole lines.
 # Cutting *after* "\n" is not safe: "\n\n\nx" is "\n\n","\n","x" but "\n" | "\n\nx" gives
-# "\n","\n","\n","x". Both cuts sit at ASCII bytes, so cutting raw bytes never splits a character.
+# "\n","\n","\n","x". On raw file bytes we decode first (see `_next_cut`), so x may be any character.
 
-_LINE_CUT = re.compile(r"(?<=[\x21-\x7e])(?=\n)")         # zero-width: m.start() is the "\n"
+_CUT = regex.compile(r"(?<=\S)[\t\x0b\x0c ]*[\r\n]")  # m.start() is a safe cut; \S is the pattern's own
+_CUT_LAST = regex.compile(_CUT.pattern, regex.REVERSE)   # the same, searching backwards
+_ASCII_RUN = 256
+_CUT_ASCII_NEXT = regex.compile(_CUT.pattern + r"(?=[\x00-\x7f]{%d})" % _ASCII_RUN)  # a cut, then ASCII
 
 
-def _cut_before(text, lo, i):
-    """The last safe line cut in text[lo:i] (a "\n" right after a printable ASCII character), else lo."""
-    while (i := text.rfind("\n", lo + 1, i)) > 0:
-        if "!" <= text[i - 1] <= "~":
-            return i
-    return lo
+def _cut_before(text, lo, hi):
+    """The last safe line cut k in text[lo:hi] with lo < k (its line end before hi), else lo."""
+    m = _CUT_LAST.search(text, lo, hi)
+    return m.start() if m and m.start() > lo else lo
 
 
 # Reading big files in safe chunks, in parallel processes. Training (count words) and encoding
@@ -646,7 +651,7 @@ def _next_cut(f, start, special_tokens, scan, size):
         eof = base + len(raw) >= size
         hi = len(text) if eof else len(text) - longest - 1  # a special from hi on may run past the window
         i = _special_cut(text, special_tokens, lo, hi)
-        if i is None and line_cuts and (m := _LINE_CUT.search(text, lo)):
+        if i is None and line_cuts and (m := _CUT.search(text, lo)):
             i = m.start()
         if i is not None or eof:
             return size if i is None else base + len(text[:i].encode("utf-8", "surrogateescape"))
@@ -668,8 +673,8 @@ def _special_cut(text, special_tokens, lo, hi):
 
 
 def _line_cuts_ok(special_tokens):
-    """Line cuts are safe unless a special token could straddle one (it holds a newline)."""
-    return not any("\n" in s for s in special_tokens)
+    """Line cuts are safe unless a special token could straddle one: it holds x then whitespace."""
+    return not any(regex.search(r"\S\s", s) for s in special_tokens)
 
 
 def _read_text(path, start, end):
