@@ -6,7 +6,7 @@ fine-tuning on demonstrations, then a learned reward model and PPO against it. T
 through that recipe and the two simplifications most used today, on a task where "better" is
 not a matter of taste but of arithmetic, so an exact verifier stands in for the reward model:
 
-1. The task: graded math problems with exact answers, a hash-based held-out split, the chat format
+1. The task: graded math problems with exact answers, held out by arithmetic fact, the chat format
    `<|user|>question<|assistant|>answer<|endoftext|>`, a verifier that *parses* the answer.
 2. SFT: next-token loss on response tokens only (the CS336 assignment-5 function API).
 3. DPO (Rafailov et al. 2023, arXiv:2305.18290): preference pairs train the policy directly
@@ -72,7 +72,7 @@ USER, ASSISTANT, EOT = "<|user|>", "<|assistant|>", "<|endoftext|>"
 CHAT_SPECIALS = [EOT, USER, ASSISTANT]
 
 # ---------------------------------------------------------------
-# 1. The task: math problems with exact answers, graded difficulty, a hash-based held-out split.
+# 1. The task: math problems with exact answers, graded difficulty, a held-out split by fact.
 #
 # The base model is a few-M-parameter model pretrained for minutes on Python docs, so the ladder
 # starts low. The response is the bare answer ("7") and <|endoftext|>: the answer appears once.
@@ -107,21 +107,23 @@ def make_problem(rng: random.Random, level: int) -> dict:
              "*": f"{who} buys {a} bags with {b} {what} in each. How many {what} is that?"}[op]
     else:
         q = rng.choice(ASK).format(e=f"{a} {op} {b}")
-    return {"prompt": q, "response": f"{c}", "answer": c, "level": level}
+    fact = f"{a} - {b}" if op == "-" else f"{min(a, b)} {op} {max(a, b)}"  # 3 + 4 and 4 + 3: one fact
+    return {"prompt": q, "response": f"{c}", "answer": c, "level": level, "fact": fact}
 
 
-def split_of(text: str, test_percent: int = 20) -> str:
-    """'test' or 'train', a pure function of the problem text (sha256; stable across runs and
-    machines, unlike Python's salted hash()). Any generator, any seed, any process agrees, so
-    training can never see a test problem. Note the split is by *text*: the arithmetic fact
-    3 + 4 may appear in training inside a differently worded problem; the held-out text never."""
-    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")  # 64 uniform bits
+def split_of(key: str, test_percent: int = 20) -> str:
+    """'test' or 'train', a pure function of a key (sha256; stable across runs and machines, unlike
+    Python's salted hash()). The key of a generated problem is its canonical arithmetic *fact*
+    ("3 + 4", "2 * 7", "9 - 5"), not its text: split by text, every held-out problem had its fact
+    trained on in another wording, and "held-out accuracy" measured recall of a table. The key of
+    a user's jsonl row is its prompt."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")  # 64 uniform bits
     return "test" if h % 100 < test_percent else "train"
 
 
 def sample_problems(split: str, n: int, levels, seed: int, test_percent: int = 20, unique=False) -> list:
-    """n problems from one split, levels round-robin. unique=True dedupes (for the eval set) and
-    stops early when a level has fewer distinct test problems than asked for."""
+    """n problems from one split, levels round-robin. unique=True (the eval set) asks each fact once
+    per level, and stops early when a level has fewer distinct test facts than asked for."""
     rng, out, seen = random.Random(seed), [], set()
     for i, level in enumerate(levels):
         want = n // len(levels) + (i < n % len(levels))
@@ -129,9 +131,9 @@ def sample_problems(split: str, n: int, levels, seed: int, test_percent: int = 2
         while got < want and tries < 200 * want:
             tries += 1
             p = make_problem(rng, level)
-            if split_of(p["prompt"], test_percent) != split or (unique and p["prompt"] in seen):
+            if split_of(p["fact"], test_percent) != split or (unique and (level, p["fact"]) in seen):
                 continue
-            seen.add(p["prompt"])
+            seen.add((level, p["fact"]))
             out.append(p)
             got += 1
     return out
@@ -159,6 +161,14 @@ def load_jsonl(path: str) -> list:
             rows.append(r)
     if not rows:
         raise SystemExit(f"error: {path} has no records")
+    return rows
+
+
+def user_rows(args, split: str) -> list:
+    """The --data-jsonl rows of one split, by a hash of the prompt: train rows train, test rows evaluate."""
+    rows = [r for r in load_jsonl(args.data_jsonl) if split_of(r["prompt"], args.test_percent) == split]
+    if not rows:
+        raise SystemExit(f"error: {args.data_jsonl} has no {split}-split rows (a hash of the prompt, --test-percent)")
     return rows
 
 
@@ -299,7 +309,7 @@ def sft_microbatch_train_step(policy_log_probs, response_mask, gradient_accumula
 def run_sft(model, tok, args, log):
     # Fresh train-split problems every step: the generator is unlimited, so there are no epochs.
     opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)  # LoRA: adapters only
-    data = load_jsonl(args.data_jsonl) if args.data_jsonl else None
+    data = user_rows(args, "train") if args.data_jsonl else None
     rng, t_start = random.Random(args.seed), time.time()
     for step in range(1, args.steps + 1):
         # linear warmup over the first 10% of steps, then linear decay to 10% of the peak
@@ -400,18 +410,18 @@ def perturb(problem: dict, rng: random.Random) -> str:
     return re.sub(r"-?\d+(\D*)$", lambda m: f"{wrong}{m.group(1)}", problem["response"])
 
 
-def build_preference_pairs(model, tok, args, log, split=None) -> list:
+def build_preference_pairs(model, tok, args, log, split="train") -> list:
     """(prompt, chosen, rejected) from the task: sample k answers from the SFT model; chosen = a
     correct sample (else the gold response), rejected = a wrong sample (else a perturbed gold).
-    split: pairs from that split's problems only (the reward model's held-out set); None = DPO's."""
+    split: DPO's pairs are train-split; the reward model also ranks held-out ("test") pairs."""
     if args.data_jsonl:
-        rows = [r for r in load_jsonl(args.data_jsonl) if split in (None, split_of(r["prompt"], args.test_percent))]
+        rows = user_rows(args, split)
         bad = [r for r in rows if "chosen" not in r or "rejected" not in r]
         if bad:
             raise SystemExit(f"error: DPO data needs prompt/chosen/rejected on every line ({len(bad)} lack them)")
         return [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
     rng, gen = random.Random(args.seed), torch.Generator(args.device).manual_seed(args.seed)
-    problems = sample_problems(split or "train", args.num_pairs, args.levels, args.seed + 1, args.test_percent)
+    problems = sample_problems(split, args.num_pairs, args.levels, args.seed + 1, args.test_percent)
     T = max_response_tokens(tok, problems)
     pairs, sampled, t0, k = [], 0, time.time(), args.samples_per_prompt
     _, _, texts = sample_responses(model, tok, [p["prompt"] for p in problems], k, 1.0, T, gen)
@@ -571,7 +581,7 @@ def grpo_step(policy, optimizer, prompt_ids, completion_ids, texts, ground_truth
 def run_grpo(model, tok, args, log):
     # RL re-weights answers the policy already samples, so the starting point decides (README).
     # AdamW betas (0.9, 0.95): a shorter second-moment memory adapts faster to noisy RL gradients.
-    data = load_jsonl(args.data_jsonl) if args.data_jsonl else None
+    data = user_rows(args, "train") if args.data_jsonl else None
     ref = copy.deepcopy(model).eval().requires_grad_(False) if args.kl_coef else None  # frozen start: the KL anchor
     opt = AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
     rng, gen = random.Random(args.seed), torch.Generator(args.device).manual_seed(args.seed)
@@ -736,9 +746,9 @@ def evaluate(model, tok, problems: list, max_new_tokens=None) -> dict:
 
 
 def eval_problems(args) -> list:
-    """The held-out set: fixed seed, deduplicated test-split problems (or the user's jsonl)."""
+    """The held-out set: fixed seed, one problem per test fact and level (or the user's test rows)."""
     if args.data_jsonl:
-        return [r for r in load_jsonl(args.data_jsonl) if r.get("answer") is not None]
+        return [r for r in user_rows(args, "test") if r.get("answer") is not None]
     return sample_problems("test", args.n_eval, args.levels, seed=1234, test_percent=args.test_percent, unique=True)
 
 
@@ -889,11 +899,11 @@ def build_parser(tiny=False):
     common.add_argument("--data-jsonl", default=None, help="user data instead of the generated task (see docstring)")
     common.add_argument("--device", default=None, help="cpu / cuda / mps (default: autodetect)")
     common.add_argument("--seed", type=int, default=0, help="seed for sampling, data order, init")
-    common.add_argument("--levels", type=parse_levels, default="2,3",
+    common.add_argument("--levels", type=parse_levels, default="5",
                         help="difficulty levels, comma-separated: " + "; ".join(f"{k}={v}" for k, v in LEVELS.items()))
-    common.add_argument("--test-percent", type=int, default=20, help="share of problem texts held out (hash split)")
+    common.add_argument("--test-percent", type=int, default=20, help="share of facts held out (jsonl: of prompts; a hash split)")
     common.add_argument("--n-eval", type=int, default=60 if tiny else 600, help="held-out problems to evaluate, split evenly "
-                        "over levels (a level with fewer distinct held-out texts gives all it has)")
+                        "over levels (a level with fewer held-out facts gives all it has: mul 1x1 has 12)")
     common.add_argument("--log-every", type=int, default=10, help="print/log every N steps")
     common.add_argument("--tiny", action="store_true", help="smoke-test sizes (pipeline --preset tiny)")
     # single: one training stage run alone
