@@ -450,6 +450,11 @@ class FSDP(nn.Module):
             return tuple(a.to(self.compute_dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
     def forward(self, *args, **kwargs):
+        # Count uses afresh: a forward whose backward never came (an eval without no_grad) must not
+        # leave uses pending, or this step's last use would wait for them and send no gradient. Two
+        # forwards before one backward stay correct: the extra uses each reduce-scatter their own.
+        for e in self.sharded.values():
+            e["pending"], e["acc"] = 0, None
         return self.module(*args, **kwargs)
 
     def finish_gradient_synchronization(self):
