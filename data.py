@@ -57,6 +57,7 @@ integer constants in the stdlib docs become |||PHONE_NUMBER|||. The default clas
 trained on ~70 embedded sentences; see Stage 5.
 """
 import argparse
+import codecs
 import contextlib
 import gzip
 import hashlib
@@ -83,12 +84,17 @@ EOT = "<|endoftext|>"
 @contextlib.contextmanager
 def atomic_write(path, mode="w"):
     """Write path.tmp, fsync, rename: a killed run leaves the old file or the new one, never half
-    (fsync first, or after a power cut the new name can point at blocks that never reached disk)."""
-    with open(path + ".tmp", mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    (fsync first, or after a power cut the new name can point at blocks that never reached disk).
+    A write that fails midway removes its .tmp: the old file stays, and nothing half-written lingers."""
+    try:
+        with open(path + ".tmp", mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
 
 
 # ---------------------------------------------------------------
@@ -97,8 +103,12 @@ def atomic_write(path, mode="w"):
 # whole subtrees that are never content (script, style, nav, ...), turn block-level tags into
 # paragraph breaks and keep <pre> text verbatim. A tiny cousin of resiliparse / trafilatura: no
 # boilerplate scoring, just structure (menus and footers that survive are the line-dedup stage's job).
+# Real pages are broken: a skipped element whose end tag never comes (an omitted </head>, a <nav>
+# left open) would hide the rest of the page, so such elements are not skipped (a second parse).
+# <form> is not skipped at all: ASP.NET wraps the whole body in one.
 
-_SKIP_TAGS = {"script", "style", "head", "nav", "noscript", "template", "svg", "iframe", "footer", "aside", "form"}
+_SKIP_TAGS = {"script", "style", "head", "title", "nav", "noscript", "template", "svg", "iframe", "footer", "aside",
+              "select"}
 _BLOCK_TAGS = {"p", "div", "section", "article", "main", "header", "h1", "h2", "h3", "h4", "h5", "h6",
                "table", "ul", "ol", "dl", "pre", "blockquote", "hr", "figure", "body", "html"}
 # What an opening tag leaves in the text: a paragraph break for blocks, a line break for list
@@ -108,27 +118,33 @@ _OPEN_BREAK = {**dict.fromkeys(_BLOCK_TAGS, "\n\n"), **dict.fromkeys(["br", "li"
 
 
 class _TextExtractor(html.parser.HTMLParser):
-    def __init__(self):
+    def __init__(self, ignore=()):
         super().__init__(convert_charrefs=True)  # "&eacute;" arrives in handle_data as "é"
-        self.parts, self.skip_depth, self.pre_depth = [], 0, 0
+        self.parts, self.pre_depth = [], 0
+        # Open skipped elements as (tag, number of the skip tag in the page); `ignore`: numbers not to skip.
+        self.open_skips, self.n_skips, self.ignore = [], 0, set(ignore)
 
     def handle_starttag(self, tag, attrs):
-        if tag in _SKIP_TAGS:  # (none of them is a void tag like <br>, so every one gets closed)
-            self.skip_depth += 1
+        if tag in _SKIP_TAGS:  # (none of them is a void tag like <br>)
+            self.n_skips += 1
+            if self.n_skips not in self.ignore:
+                self.open_skips.append((tag, self.n_skips))
         if tag == "pre":
             self.pre_depth += 1
         self.parts.append(_OPEN_BREAK.get(tag, ""))
 
-    def handle_endtag(self, tag):  # max(0, ...): a stray </nav> would make a depth -1, truthy: all hidden
-        if tag in _SKIP_TAGS:
-            self.skip_depth = max(0, self.skip_depth - 1)
+    def handle_endtag(self, tag):  # closes the innermost open element of that name; a stray one, nothing
+        for k in range(len(self.open_skips) - 1, -1, -1) if tag in _SKIP_TAGS else ():
+            if self.open_skips[k][0] == tag:
+                del self.open_skips[k]
+                break
         if tag in _BLOCK_TAGS:
             self.parts.append("\n\n")
         if tag == "pre":
             self.pre_depth = max(0, self.pre_depth - 1)
 
     def handle_data(self, data):
-        if self.skip_depth:
+        if self.open_skips:
             return
         # Outside <pre>, HTML whitespace is insignificant: collapse it. We leave U+00A0 (&nbsp;)
         # alone here, so indentation written with &nbsp; (as pydoc does for code) survives; inside
@@ -136,21 +152,37 @@ class _TextExtractor(html.parser.HTMLParser):
         self.parts.append(data.replace(" ", "\xa0") if self.pre_depth else re.sub(r"[ \t\r\n\f]+", " ", data))
 
 
-def _decode_html(html_bytes):
+# WHATWG Encoding Standard: a label -> the decoder browsers really use. Pages labelled latin-1 or
+# ASCII are written in windows-1252 (curly quotes, the euro sign); GB2312 pages are GBK.
+_WHATWG = {**dict.fromkeys(["iso-8859-1", "iso8859-1", "iso_8859-1", "latin1", "l1", "cp819", "ascii", "us-ascii",
+                            "x-cp1252"], "cp1252"), **dict.fromkeys(["iso-8859-9", "latin5", "l5"], "cp1254"),
+           **dict.fromkeys(["gb2312", "gbk", "x-gbk"], "gb18030"), "tis-620": "cp874", "ks_c_5601-1987": "cp949"}
+
+
+def _codec(label, from_meta):
+    """A charset label -> a Python codec name, or None for an unknown one."""
+    label = label.strip().lower()
+    if from_meta and label.startswith("utf-16"):  # a <meta> we could read as ASCII cannot be in UTF-16
+        return "utf-8"
+    try:
+        return codecs.lookup(_WHATWG.get(label, label)).name
+    except LookupError:  # <meta charset="no-such-codec">: the next source decides
+        return None
+
+
+def _decode_html(html_bytes, http_charset=None):
     """Bytes -> str. The sniffing order is the HTML5 one, most to least authoritative: a byte-order
-    mark is the encoding itself, so it wins; then a <meta charset> near the top (the spec scans 1024
-    bytes, we allow 4096); then UTF-8, which >98% of the web uses, with replacement characters so a
-    bad byte costs one character, not the page. (The spec puts the HTTP Content-Type charset between
-    BOM and meta; we only ever see the payload.)"""
+    mark is the encoding itself, so it wins; then the HTTP Content-Type charset (WARC responses);
+    then a <meta charset> near the top (the spec scans 1024 bytes, we allow 4096); then UTF-8, which
+    >98% of the web uses, with replacement characters so a bad byte costs one character, not the page."""
     for bom, codec in ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")):
         if html_bytes.startswith(bom):
             return html_bytes[len(bom):].decode(codec, errors="replace")
     m = re.search(rb"""<meta[^>]*charset\s*=\s*["']?([A-Za-z0-9_\-:.]+)""", html_bytes[:4096], re.I)
-    if m:
-        try:
-            return html_bytes.decode(m.group(1).decode("ascii"), errors="replace")
-        except LookupError:  # <meta charset="no-such-codec">: fall through to UTF-8
-            pass
+    for label, from_meta in ((http_charset, False), (m and m.group(1).decode("ascii"), True)):
+        codec = label and _codec(label, from_meta)
+        if codec:
+            return html_bytes.decode(codec, errors="replace")
     return html_bytes.decode("utf-8", errors="replace")
 
 
@@ -161,15 +193,22 @@ def _looks_binary(text, window=20000):
     return bool(head) and bad / len(head) > 0.1
 
 
-def extract_text_from_html_bytes(html_bytes):
+def _parse(text, ignore=()):
+    parser = _TextExtractor(ignore)
+    parser.feed(text)
+    parser.close()
+    return parser
+
+
+def extract_text_from_html_bytes(html_bytes, http_charset=None):
     """HTML bytes -> plain text with blank-line-separated paragraphs, or None for garbage."""
-    text = _decode_html(html_bytes)
+    text = _decode_html(html_bytes, http_charset)
     if _looks_binary(text):
         return None
-    parser = _TextExtractor()
     try:
-        parser.feed(text)
-        parser.close()
+        parser = _parse(text)
+        if parser.open_skips:  # never closed: parse again, this time showing those elements
+            parser = _parse(text, ignore={n for _, n in parser.open_skips})
     except Exception:  # HTMLParser is forgiving, but one pathological page must not end a crawl
         return None
     # Leading plain spaces come from collapsed source newlines; leading U+00A0 are real indentation.
@@ -194,9 +233,9 @@ _STOPWORDS = {
     "en": "the of and to in is that for it as with was on be by this are from or an at not which have can you we if",
     "de": "der die und das ist nicht ein eine zu den mit von sich des auf für im dem auch es wird werden bei oder wie",
     "fr": "le la les et des est une un du dans que qui pour pas sur au avec ce il sont par plus ne se aux cette",
-    "es": "el la los las y que en es un una por con para del se no al lo como más pero su sus este está",
+    "es": "de el la los las y que en es un una por con para del se no al lo como más pero su sus este está",
     "it": "il la di che è un una per non sono del della le con gli si da nel alla anche come questo più ha",
-    "pt": "o a os as que e um uma do da em para com não por se são no na dos das mais ao como ou",
+    "pt": "de o a os as que e um uma do da em para com não por se são no na dos das mais ao como ou",
     "nl": "de het een en van is dat niet op te in met voor zijn die er aan ook om als bij maar wordt",
     "sv": "och att det som en är på av för med den till inte har de ett om var jag men så",
     "pl": "i w na nie się z do to że jest jak po co ale od są przez dla tak już",
@@ -257,13 +296,15 @@ def identify_language(text):
 # |||EMAIL_ADDRESS||| contains none of the characters the patterns need, so masking twice never
 # counts the same thing twice.
 
-# An address needs a dotted domain ending in 2+ letters, so "user@localhost" and "a @ b" stay.
-_EMAIL_RE = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
+# An address needs a dotted domain ending in 2+ letters, so "user@localhost" and "a @ b" stay. The
+# lookbehind lets a match start only where a run of address characters starts: without it a long run
+# with no '@' is rescanned from each of its n positions, O(n²).
+_EMAIL_RE = re.compile(r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
 # US numbers: optional +1, area code with or without parentheses, then 3 + 4 digits separated by
-# nothing, '-', '.', or a space. (283)-182-3829 and 2831823829 both match; digits glued to other
+# nothing, '-', '.', or a space (not a newline: a column of numbers is not a phone). (283)-182-3829 and 2831823829 both match; digits glued to other
 # digits do not (so a long integer is not a phone number). Area codes never start with 0 or 1,
 # which keeps string.digits ('0123456789') and 1234567890 out.
-_PHONE_RE = re.compile(r"(?<![\w.])(?:\+?1[\s.\-]?)?(?:\([2-9]\d\d\)|[2-9]\d\d)[\s.\-]?\d{3}[\s.\-]?\d{4}(?![\w])")
+_PHONE_RE = re.compile(r"(?<![\w.])(?:\+?1[ .\-]?)?(?:\([2-9]\d\d\)|[2-9]\d\d)[ .\-]?\d{3}[ .\-]?\d{4}(?![\w])")
 # An octet is 0-255, spelled out because a regex cannot compare numbers; the lookarounds refuse a
 # fifth group or more digits ("1.2.3.4.5" and "10.0.0.1a" are not addresses).
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
@@ -622,6 +663,14 @@ _CFG = {}  # the per-document stages' settings, in each worker (set by _doc_init
 # The stages in pipeline order. Every drop reason is "stage:why", so stats.json can say, per
 # stage, how many documents came in, how many it kept and why it dropped the rest.
 STAGES = ["source", "extract", "lang", "pii", "minhash", "line_dedup", "gopher", "quality", "toxic", "nsfw"]
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON "\ud800" escape decodes to one; UTF-8 cannot encode it
+_SPECIAL_TOKEN = re.compile(r"<\|([\w\-]+)\|>")  # <|endoftext|>, <|user|>, <|assistant|>, <|im_start|>, ...
+
+
+def neutralize_special_tokens(text):
+    """<|user|> -> <user>: -> (text, count). A page that quotes a special token must not become one
+    (bpe.py encodes the literal string as the special id, which would fake a document end or a turn)."""
+    return _SPECIAL_TOKEN.subn(r"<\1>", text)
 
 
 def _doc_init(cfg):
@@ -631,19 +680,24 @@ def _doc_init(cfg):
 
 
 def process_document(item):
-    """(doc_id, kind, payload) -> (doc_id, text | None, drop_reason | None, pii_counts, lang, n_bytes).
+    """(doc_id, kind, payload) -> (doc_id, text | None, drop_reason | None, counts, lang, n_bytes);
+    counts: PII masked and repairs made (lone surrogates, special tokens).
 
     Language ID runs on the extracted text (the tags of any page are English) and before masking
     (masking a page we then drop is wasted work). Masking runs before dedup, so copies of a page
     that differ only in an address become exact duplicates."""
-    doc_id, kind, payload = item
+    doc_id, kind, payload, http_charset = (*item, None)[:4]  # (WARC responses add their HTTP charset)
     if kind == "bad":
         return doc_id, None, f"source:{payload}", {}, None, 0
-    n_bytes = len(payload) if kind == "html" else len(payload.encode("utf-8", "replace"))
-    text = extract_text_from_html_bytes(payload) if kind == "html" else (None if _looks_binary(payload) else payload)
+    counts = {}
+    if kind == "text":
+        payload, counts["lone_surrogate"] = _LONE_SURROGATE.subn("\ufffd", payload)
+    n_bytes = len(payload) if kind == "html" else len(payload.encode("utf-8"))
+    text = extract_text_from_html_bytes(payload, http_charset) if kind == "html" else \
+        (None if _looks_binary(payload) else payload)
     if text is None:
         return doc_id, None, "extract:undecodable", {}, None, n_bytes
-    text = text.strip()
+    text, counts["special_token"] = neutralize_special_tokens(text.strip())
     if not text:
         return doc_id, None, "extract:empty", {}, None, n_bytes
     lang = None
@@ -653,11 +707,10 @@ def process_document(item):
             return doc_id, None, "lang:unknown" if lang == "unk" else "lang:other_language", {}, lang, n_bytes
         if conf < _CFG["min_lang_confidence"]:
             return doc_id, None, "lang:low_confidence", {}, lang, n_bytes
-    pii = {}
     if _CFG.get("pii"):
         for key, fn in (("email", mask_emails), ("phone", mask_phone_numbers), ("ip", mask_ips)):
-            text, pii[key] = fn(text)
-    return doc_id, text, None, pii, lang, n_bytes
+            text, counts[key] = fn(text)
+    return doc_id, text, None, counts, lang, n_bytes
 
 
 def _drop(stats, reason, doc_id, k=5):
@@ -691,11 +744,12 @@ def document_stages(items, args, workers, stats):
     try:
         # Windows of raw documents in input order: memory stays bounded (pool.imap would read all input at once).
         while chunk := list(itertools.islice(items, 512)):
-            for doc_id, text, reason, pii, lang, n_bytes in (pool.map(process_document, chunk, chunksize=8)
-                                                            if pool else map(process_document, chunk)):
+            for doc_id, text, reason, counts, lang, n_bytes in (pool.map(process_document, chunk, chunksize=8)
+                                                               if pool else map(process_document, chunk)):
                 stats["docs_in"] += 1
                 stats["bytes_in"] += n_bytes
-                stats["pii"].update(pii)
+                for key, n in counts.items():
+                    stats["pii" if key in ("email", "phone", "ip") else "repairs"][key] += n
                 if lang:
                     stats["langs"][lang] += 1
                 if reason:
@@ -777,7 +831,7 @@ def build_corpus(items, args, doc_workers=None):
     """Run the whole pipeline on a stream of (doc_id, kind, payload); write files; return stats."""
     t_start = time.time()
     stats = {"docs_in": 0, "kept": 0, "dropped_by_reason": Counter(), "bytes_in": 0, "pii": Counter(),
-             "langs": Counter(), "dropped_examples": {}}
+             "repairs": Counter(), "langs": Counter(), "dropped_examples": {}}
     ids, texts = document_stages(items, args, doc_workers or args.workers, stats)  # extract, language, PII
     ids, texts = corpus_stages(ids, texts, args, stats)  # MinHash, line dedup, Gopher, classifiers
     stats["kept"] = len(texts)
@@ -998,9 +1052,10 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------
-# Appendix A: sources. Everything becomes a stream of (doc_id, kind, payload) with kind "html" (bytes),
-# "text" (str) or "bad" (payload = the reason), so broken inputs are counted, never fatal: a crawl
-# of a billion pages always contains a truncated file, and it must cost one record, not the run.
+# Appendix A: sources. Everything becomes a stream of (doc_id, kind, payload) with kind "html"
+# (bytes; a WARC response adds a 4th item, its HTTP charset), "text" (str) or "bad" (payload = the
+# reason), so broken inputs are counted, never fatal: a crawl of a billion pages always contains a
+# truncated file, and it must cost one record, not the run.
 
 def iter_warc(path):
     """Records of a WARC/WET file (.gz or plain). Survives truncation and malformed records.
@@ -1038,10 +1093,14 @@ def iter_warc(path):
                     yield doc_id, "bad", "truncated"
                     return
                 kind = headers.get("warc-type", "")
-                if kind == "response":  # HTTP headers, blank line, payload
+                if kind == "response":  # status line, HTTP headers, blank line, payload
                     http_head, _, payload = body.partition(b"\r\n\r\n")
-                    if b"text/html" in http_head.lower() or b"<html" in payload[:1000].lower():
-                        yield doc_id, "html", payload
+                    head, status = http_head.lower(), http_head.split(b"\r\n", 1)[0].split()[1:2]
+                    charset = re.search(rb"content-type:[^\r\n]*charset=[\"']?([\w.:\-]+)", head)
+                    if status and status != [b"200"]:  # a redirect or an error page is not the document
+                        yield doc_id, "bad", f"http_{status[0].decode('ascii', 'replace')}"
+                    elif b"text/html" in head or b"<html" in payload[:1000].lower():
+                        yield doc_id, "html", payload, charset and charset.group(1).decode("ascii")
                     else:
                         yield doc_id, "bad", "not_html"
                 elif kind == "conversion":  # WET: already plain text
