@@ -365,7 +365,7 @@ class Tokenizer:
                 raise ValueError(f"merge {r} ({a!r}, {b!r}) refers to a token missing from the vocab") from None
         self._pat, self._pat_ascii = regex.compile(pattern), ascii_twin(pattern)
         self._splitter = _special_splitter(self.special_tokens)
-        self._cache = _Cache(self._bpe)                 # pre-token str -> list of ids (the fast path's)
+        self._cache = _Cache(functools.partial(_merge_piece, self))  # pre-token -> ids (fast path)
         self._id_bytes = [self.vocab.get(i, b"") for i in range(max(self.vocab) + 1)]  # ids may have gaps
 
     @property
@@ -796,6 +796,39 @@ def _encode_fast(tok, text, out):
     # _Cache.__missing__) and append its ids.
     for _ in map(out.extend, map(cache.__getitem__, _findall(tok._pat, tok._pat_ascii, text))):
         pass
+
+
+def _merge_piece(tok, piece):
+    """The cache's merge function: the plain loop, or the heap for long pieces (same ids). The
+    heap wins from ~100 characters on (README: benchmarks); natural words are far shorter."""
+    return tok._bpe(piece) if len(piece) < 100 else _bpe_long(tok, piece)
+
+
+def _bpe_long(tok, piece):
+    """Tokenizer._bpe in O(n log n) rather than O(n^2): a 40k-character word takes seconds there.
+
+    The symbols form a linked list (nxt/prv), and a heap holds (rank, position) of every pair,
+    so its top is the lowest rank, leftmost first, exactly the pair `_bpe` picks. A merge kills
+    the right symbol of its pair and pushes the two new pairs around it; entries whose pair has
+    changed since are stale and skipped when they come off the heap."""
+    ids = [tok._byte_ids[x] for x in piece.encode("utf-8")]
+    get, merged, n = tok._rank_of.get, tok._merged_id, len(ids)
+    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+    heap = [(r, i) for i in range(n - 1) if (r := get((ids[i], ids[i + 1]))) is not None]
+    heapq.heapify(heap)
+    while heap:
+        r, i = heapq.heappop(heap)
+        j = nxt[i]
+        if ids[i] is None or j >= n or get((ids[i], ids[j])) != r:
+            continue                       # stale: i was merged away, or its pair changed
+        ids[i], ids[j] = merged[r], None   # i absorbs j
+        nxt[i] = nxt[j]
+        if nxt[i] < n:
+            prv[nxt[i]] = i
+        for a in (prv[i], i):              # the pairs (prev, new) and (new, next)
+            if a >= 0 and nxt[a] < n and (q := get((ids[a], ids[nxt[a]]))) is not None:
+                heapq.heappush(heap, (q, a))
+    return [x for x in ids if x is not None]
 
 
 @contextlib.contextmanager
