@@ -480,6 +480,8 @@ def compute_group_normalized_rewards(reward_fn, rollout_responses, repeated_grou
     1 / std: with 0/1 rewards std = sqrt(p(1-p)), so questions nearly always right or nearly always
     wrong get the biggest updates (7 of 8 right: the wrong answer gets A = -2.47, not -0.875).
     normalize_by_std=False (Dr. GRPO) keeps r - mean."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2, got {group_size}")
     scores = [reward_fn(r, g) for r, g in zip(rollout_responses, repeated_ground_truths)]
     raw = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)  # (N,)
     grouped = raw.view(-1, group_size)  # (n_prompts, G)
@@ -757,6 +759,8 @@ def paired_difference(a: list, b: list, z: float = 1.96) -> dict:
     Var(a_i - b_i) = Var(a) + Var(b) - 2 Cov(a, b), and both stages find the same problems easy, so
     this is far tighter than two separate Wilson intervals (which read most real gains as noise)."""
     n = len(a)
+    if n == 0 or len(b) != n:
+        raise ValueError(f"paired_difference needs the same problems in both stages ({n} vs {len(b)}; no problems?)")
     d = [x - y for x, y in zip(a, b)]
     mean = sum(d) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, n - 1))  # sample sd of the d_i
@@ -822,7 +826,7 @@ def summarize(path: str):
               f"{r.get('train_s', 0):6.0f} ({r.get('train_cpu_s', 0):.0f})")
     ev["paired"] = {}
     for a, b in (("sft", "base"), ("dpo", "sft"), ("grpo", "sft"), ("grpo", "dpo")):
-        if a in ev and b in ev and len(ev[a]["correct"]) == len(ev[b]["correct"]):
+        if a in ev and b in ev and len(ev[a]["correct"]) == len(ev[b]["correct"]) > 0:
             d = ev["paired"][f"{a}-{b}"] = paired_difference(ev[a]["correct"], ev[b]["correct"])
             print(f"{a} - {b}: {100 * d['delta']:+.1f} points, paired 95% CI [{100 * d['ci_lo']:+.1f}, "
                   f"{100 * d['ci_hi']:+.1f}] ({d['wins']} problems gained, {d['losses']} lost)")
@@ -951,6 +955,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ap, stage_parsers = build_parser(tiny="--tiny" in argv)  # --tiny shrinks the defaults, not the flags you give
     args = ap.parse_args(argv)
+    if args.stage in ("grpo", "all") and args.group_size < 2:  # checked before any work is done
+        raise SystemExit("error: --group-size must be >= 2 (the baseline is a group's mean; the std of one sample is NaN)")
     args.device = pick_device(args.device)
     if args.stage == "all":
         run_all(args, stage_parsers)
