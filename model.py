@@ -40,6 +40,7 @@ Run it
 """
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -655,7 +656,8 @@ def to_hf_llama(model):
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.d_model // cfg.num_heads,
         max_position_embeddings=cfg.context_length, rms_norm_eps=1e-5, tie_word_embeddings=cfg.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, hidden_act="silu",
+        rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},  # 4.x | 5.x
+        hidden_act="silu",
         bos_token_id=None, eos_token_id=None,
     )
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -669,11 +671,15 @@ def to_hf_llama(model):
 
 
 def export_hf(ckpt_path: str, out_dir: str):
-    """Read a train.py checkpoint, write a directory LlamaForCausalLM.from_pretrained loads."""
+    """Read a train.py checkpoint, write a directory LlamaForCausalLM.from_pretrained loads. The
+    export is written to a temp dir beside out_dir and swapped in whole: a crash or a full disk
+    leaves the previous export in place, never a mix of old and new files."""
     try:
         from transformers import LlamaForCausalLM
     except ImportError:
         raise SystemExit("error: export-hf needs `pip install transformers`")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"error: --out {out_dir} is a file, not a directory")
     model, _ = load_model(ckpt_path)
     hf_cfg, sd = to_hf_llama(model)
     hf_model = LlamaForCausalLM(hf_cfg)
@@ -681,11 +687,39 @@ def export_hf(ckpt_path: str, out_dir: str):
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
-    hf_model.save_pretrained(tmp)
-    if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    try:
+        hf_model.save_pretrained(tmp)
+        # transformers 5 reads RoPE's theta from rope_parameters, 4.x only from a top-level
+        # rope_theta (5.x drops that key on save): we write both, so either version loads our RoPE.
+        with open(os.path.join(tmp, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({**config, "rope_theta": model.cfg.rope_theta}, f, indent=2)
+        _swap_in_dir(tmp, out_dir)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {out_dir} ({e}); a previous export there is untouched")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {out_dir} ({model.num_params():,} params)")
+
+
+def _swap_in_dir(new, dst):
+    """Make directory `new` become `dst`. A rename is atomic but cannot replace a non-empty
+    directory, so: fsync the new files, move the old dir aside, move the new one in (the old one
+    goes back if that fails), then delete the old one."""
+    for name in os.listdir(new):
+        with open(os.path.join(new, name), "rb") as f:
+            os.fsync(f.fileno())
+    old = new + ".old"
+    if os.path.isdir(dst):
+        os.replace(dst, old)
+    try:
+        os.replace(new, dst)
+    except OSError:
+        if os.path.isdir(old):
+            os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------
