@@ -253,22 +253,27 @@ def get_batch(data, batch_size, context_length, device, generator=None):
     return x.to(device), y.to(device)
 
 
-def unigram_entropy(tokens, vocab_size):
+def unigram_entropy(tokens, vocab_size, chunk=1 << 22):
     """H = -sum p log p (nats) of the token frequencies: the loss of the best model that ignores
-    context. A model that has learned anything must get below it."""
-    # bincount grows past minlength if some id >= vocab_size: that is how a wrong --vocab-size shows
-    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
-    if len(counts) > vocab_size:
-        raise SystemExit(f"error: data has token id {len(counts) - 1} >= vocab size {vocab_size}")
+    context. A model that has learned anything must get below it. Counted `chunk` tokens at a time:
+    bincount copies its input to int64, 4x a uint16 file, and train.bin may be bigger than RAM."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(0, len(tokens), chunk):
+        # bincount grows past minlength if some id >= vocab_size: that is how a wrong --vocab-size shows
+        c = np.bincount(tokens[i : i + chunk], minlength=vocab_size)
+        if len(c) > vocab_size:
+            raise SystemExit(f"error: data has token id {len(c) - 1} >= vocab size {vocab_size}")
+        counts += c
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
 
 def bytes_per_token(tok, tokens):
     """Average UTF-8 bytes per token on a sample, so loss can be reported in bits per byte
-    (bpb = loss / ln 2 / bytes_per_token), a number comparable across tokenizers."""
-    ids = np.asarray(tokens[:200_000]).tolist()
-    return sum(len(tok.vocab[i]) for i in ids) / len(ids)  # exact: the byte lengths of the tokens
+    (bpb = loss / ln 2 / bytes_per_token), a number comparable across tokenizers. A special token
+    (<|endoftext|>) is 0 bytes of text: it is a marker, not the 13 characters that spell it."""
+    ids, special = np.asarray(tokens[:200_000]).tolist(), set(tok.special_ids.values())
+    return sum(len(tok.vocab[i]) for i in ids if i not in special) / len(ids)  # exact: the byte lengths of the tokens
 
 
 def load_tokenizer(tok_dir):
@@ -424,7 +429,11 @@ def build_model(args, data_vocab, device, batch_gen, rank, world):
     start, ckpt = 0, {}
     if args.resume:  # after wrapping too: FSDP loads into the sharded parameters
         ckpt = read_checkpoint(os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume)
+        asked = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers]
         start, per_rank = load_checkpoint(ckpt, raw_model, optimizers), ckpt["rng"]["batch_per_rank"]
+        for opt, groups in zip(optimizers, asked):  # the state dict brought the old run's lr, wd, betas:
+            for g, hyper in zip(opt.param_groups, groups):  # this run's flags win (the moments stay)
+                g.update(hyper)
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -462,12 +471,12 @@ def all_mean(t):
 
 def set_lr(optimizers, step, args):
     """Set every group's lr for this step; one schedule shape, each group from its own peak (AdamW's,
-    Muon's). Returns AdamW's lr. 1-based step: the first update already moves, the last uses min_lr."""
+    Muon's). Returns AdamW's lr as used. 1-based step: the first update already moves, the last uses min_lr."""
     factor = lr_cosine_schedule(step, 1.0, args.min_lr / args.lr, args.warmup_steps, args.max_steps)
     for opt in optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
-    return args.lr * factor
+    return optimizers[-1].param_groups[0]["lr"]
 
 
 def train_step(model, optimizers, draw, data, gen, args, autocast):
@@ -503,17 +512,22 @@ def train_step(model, optimizers, draw, data, gen, args, autocast):
 
 
 @torch.no_grad()
-def evaluate(model, draw, val_data, args, autocast, rank):
-    """Mean val loss over fixed batches (own generator: eval never perturbs training RNG)."""
+def evaluate(model, draw, val_data, args, autocast, rank, world):
+    """Mean val loss over fixed batches (own generator: eval never perturbs training RNG), the same for any number of
+    ranks: every rank draws the same --eval-steps batches (draw: one rank's B windows) and scores every world-th."""
     model.eval()
-    gen = torch.Generator().manual_seed(10_000 + rank)  # the same val batches every eval: curves compare
+    gen = torch.Generator().manual_seed(10_000)  # the same val batches every eval: curves compare
     total = 0.0
-    for _ in range(args.eval_steps):
+    for i in range(-(-args.eval_steps // world) * world):  # whole rounds: FSDP ranks must run as many forwards
         x, y = draw(val_data, gen)
-        with autocast:
-            total += cross_entropy(model(x), y).float()
+        if i % world == rank:
+            with autocast:
+                total += cross_entropy(model(x), y).float() * (i < args.eval_steps)  # a padding batch weighs 0
     model.train()
-    return all_mean(total / args.eval_steps).item()
+    total = total / args.eval_steps
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)  # the sum of every rank's share of the mean
+    return total.item()
 
 
 def ppl_bpb(loss, bpt):
@@ -551,6 +565,7 @@ def train(args):
     metrics = os.path.join(args.out_dir, "metrics.jsonl")
     reset_metrics(metrics, start)
     draw = functools.partial(next_batch, args=args, rank=rank, world=world, device=device, mask_id=mask_id)
+    val_draw = functools.partial(next_batch, args=args, rank=0, world=1, device=device, mask_id=mask_id)  # see evaluate
     # bf16 matmuls on CUDA: fp32's exponent range, so no loss scaling (unlike fp16); weights and updates stay fp32
     bf16 = str(device).startswith("cuda") and torch.cuda.is_bf16_supported()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -571,7 +586,7 @@ def train(args):
                 + (f"{100 * mfu:.1f}%" if mfu is not None else "n/a"), metrics,
                 dict(step=step, loss=loss, lr=lr, ms=dt * 1000, tok_per_s=tps, mfu=mfu, tokens=step * tokens_per_step))  # fmt: skip
         if step % args.eval_every == 0 or step == args.max_steps:
-            val_loss = evaluate(model, draw, val_data, args, autocast, rank)
+            val_loss = evaluate(model, val_draw, val_data, args, autocast, rank, world)
             ppl, bpb = ppl_bpb(val_loss, bpt)
             log(f"eval step {step} | val loss {val_loss:.3f} | ppl {ppl:.1f}" + (f" | bpb {bpb:.3f}" if bpb else ""), metrics,
                 dict(step=step, val_loss=val_loss, val_ppl=ppl, val_bpb=bpb))  # fmt: skip
@@ -581,7 +596,7 @@ def train(args):
             save(raw_model, optimizers, step, batch_gen, args, wall_before + time.time() - t_start)
 
     if val_loss is None:  # resumed at or past max-steps: nothing ran, still report
-        val_loss = evaluate(model, draw, val_data, args, autocast, rank)
+        val_loss = evaluate(model, val_draw, val_data, args, autocast, rank, world)
     final = report(raw_model, val_loss, bpt, (H_train, H_val), tokens_per_step, wall_before + time.time() - t_start, args, metrics)
     if world > 1:
         parallel.cleanup_distributed()
@@ -693,6 +708,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.warmup_steps >= args.max_steps:  # the lr would rise to the end and never decay
+        if os.environ.get("RANK", "0") == "0":
+            print(f"warning: --warmup-steps {args.warmup_steps} >= --max-steps {args.max_steps}; using {args.max_steps // 10}")
+        args.warmup_steps = args.max_steps // 10
     return sample(args) if args.command == "sample" or args.sample else train(args)
 
 
