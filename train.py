@@ -480,7 +480,8 @@ def set_lr(optimizers, step, args):
 
 
 def train_step(model, optimizers, draw, data, gen, args, autocast):
-    """One optimizer step on args.grad_accum micro-batches; returns the mean micro-batch loss (on device)."""
+    """One optimizer step on args.grad_accum micro-batches. Returns (mean micro-batch loss, pre-clip grad norm), on
+    device, and whether both were finite: if not, every rank skips the update (weights never become NaN)."""
     ddp, fsdp = isinstance(model, parallel.BucketedDDP), parallel.is_fsdp(model)
     loss_sum = 0.0  # becomes a tensor on device: no .item() per micro-step, no GPU stall
     for micro in range(args.grad_accum):
@@ -502,13 +503,16 @@ def train_step(model, optimizers, draw, data, gen, args, autocast):
         loss_sum += loss.detach().float()
     if ddp:
         model.finish_gradient_synchronization()  # wait for the last buckets' all-reduce
-    if args.grad_clip > 0:  # after the all-reduce: every rank must clip the same gradient
-        params = [p for p in model.parameters() if p.requires_grad]  # (a DDP or compile wrapper holds the same ones)
-        (parallel.fsdp_clip_grad_norm if fsdp else clip_grad_norm)(params, args.grad_clip)
+    # after the all-reduce: every rank clips the same gradient (inf = no clipping, the norm only)
+    params = [p for p in model.parameters() if p.requires_grad]  # (a DDP or compile wrapper holds the same ones)
+    norm = (parallel.fsdp_clip_grad_norm if fsdp else clip_grad_norm)(params, args.grad_clip if args.grad_clip > 0 else math.inf)
+    loss = loss_sum / args.grad_accum
+    ok = all_mean((~torch.isfinite(loss) | ~torch.isfinite(norm)).float()).item() == 0  # one verdict for all ranks
     for opt in optimizers:
-        opt.step()
+        if ok:
+            opt.step()
         opt.zero_grad(set_to_none=True)  # None, not zeros: the next backward writes instead of adds
-    return loss_sum / args.grad_accum
+    return loss, norm, ok
 
 
 @torch.no_grad()
@@ -528,6 +532,17 @@ def evaluate(model, draw, val_data, args, autocast, rank, world):
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)  # the sum of every rank's share of the mean
     return total.item()
+
+
+def skip_or_stop(step, loss, norm, last_ok, skipped, args):
+    """A non-finite loss or grad norm: skip the batch (--skip-nonfinite N times, as PaLM skips loss spikes),
+    then stop with a one-line error, before any save: OUT/ckpt.pt keeps the last finite weights."""
+    if skipped > args.skip_nonfinite:
+        last = f"{all_mean(last_ok).item():.4f}" if last_ok is not None else "none"
+        raise SystemExit(f"error: step {step}: loss {loss.item()}, grad norm {norm.item()} (last finite loss {last}); "
+                         f"stopped before saving, {args.out_dir}/ckpt.pt is the last good state; lower --lr (now {args.lr:g})")
+    log(f"step {step}: non-finite loss or grad norm, batch skipped ({skipped} of --skip-nonfinite {args.skip_nonfinite})")
+    return skipped
 
 
 def ppl_bpb(loss, bpt):
@@ -573,18 +588,21 @@ def train(args):
     log(f"model: {raw_model.num_params() / 1e6:.2f}M params ({raw_model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding) | "
         f"{tokens_per_step} tokens/step | device {device} x{world} | unigram entropy {H_train:.3f} nats")  # fmt: skip
 
-    val_loss = None
+    val_loss, last_ok, skipped = None, None, 0
     for step in range(start + 1, args.max_steps + 1):
         lr = set_lr(optimizers, step, args)
         t0 = time.perf_counter()
-        loss = train_step(model, optimizers, draw, train_data, batch_gen, args, autocast)
-        if step % args.log_every == 0 or step == args.max_steps:
+        loss, norm, ok = train_step(model, optimizers, draw, train_data, batch_gen, args, autocast)
+        last_ok = loss if ok else last_ok
+        if not ok:  # the update was skipped on every rank: the weights are still the last finite ones
+            skipped = skip_or_stop(step, loss, norm, last_ok, skipped + 1, args)
+        elif step % args.log_every == 0 or step == args.max_steps:
             loss, dt = all_mean(loss).item(), time.perf_counter() - t0  # .item() waits for the GPU
             tps = tokens_per_step / dt
             mfu = estimate_mfu(raw_model.cfg, tps / world, device=device)  # tok/s per GPU x (6N + 12·L·d·T) / peak; None on CPU
             log(f"step {step}/{args.max_steps} | loss {loss:.3f} | lr {lr:.1e} | {dt * 1000:.0f} ms | {tps / 1e3:.1f}k tok/s | mfu "
                 + (f"{100 * mfu:.1f}%" if mfu is not None else "n/a"), metrics,
-                dict(step=step, loss=loss, lr=lr, ms=dt * 1000, tok_per_s=tps, mfu=mfu, tokens=step * tokens_per_step))  # fmt: skip
+                dict(step=step, loss=loss, lr=lr, grad_norm=norm.item(), ms=dt * 1000, tok_per_s=tps, mfu=mfu, tokens=step * tokens_per_step))  # fmt: skip
         if step % args.eval_every == 0 or step == args.max_steps:
             val_loss = evaluate(model, val_draw, val_data, args, autocast, rank, world)
             ppl, bpb = ppl_bpb(val_loss, bpt)
@@ -681,6 +699,7 @@ def build_parser():
     p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = off)")
+    p.add_argument("--skip-nonfinite", type=int, default=0, help="skip up to N batches whose loss or grad norm is NaN/inf, then stop")
     # evaluation, logging, checkpoints
     p.add_argument("--eval-every", type=_positive, default=100, help="eval on val every N steps (and at the end)")
     p.add_argument("--eval-steps", type=_positive, default=10, help="val batches per eval")
