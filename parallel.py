@@ -229,14 +229,10 @@ class DDP(nn.Module):
 # Buckets that never fill (a parameter unused this step) are launched in finish(), in the same
 # order on every rank, so the ranks never disagree about which collective comes next.
 
-class BucketedDDP(nn.Module):
+class BucketedDDP(DDP):
+    """DDP with another hook and finish; the broadcast, forward and no_sync are DDP's."""
     def __init__(self, module, bucket_size_mb=25.0):
-        super().__init__()
-        self.module = module
-        self.world_size = dist.get_world_size()
-        self.comm_bytes = 0
-        self._sync = True
-        _broadcast_from_rank0(module)
+        super().__init__(module)            # the hooks it registers call *our* _hook
         params = [p for p in module.parameters() if p.requires_grad]
         # Like torch's DDP, cap the *first* bucket at 1 MB: its all-reduce then starts a few layers
         # into backward instead of after 25 MB of gradients, which buys overlap on small models.
@@ -259,8 +255,6 @@ class BucketedDDP(nn.Module):
                       for p, v in zip(b, flat.split([p.numel() for p in b]))}
         self._pending = [len(b) for b in self.buckets]   # grads still to arrive per bucket
         self._work = [None] * len(self.buckets)          # async handle per bucket, None until launched
-        for p in params:
-            p.register_post_accumulate_grad_hook(self._hook)
 
     def _hook(self, p):
         if not self._sync:
@@ -285,13 +279,8 @@ class BucketedDDP(nn.Module):
         self._work[i] = dist.all_reduce(self._flat[i], async_op=True)
         self.comm_bytes += _nbytes(self._flat[i])
 
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    no_sync = DDP.no_sync                  # the same _sync flag: hooks do nothing, grads pile up in the views
-
     def finish_gradient_synchronization(self):
-        if not self._sync:                 # inside no_sync nothing was launched, nothing to wait for
+        if not self._sync:                 # inside DDP's no_sync the hooks did nothing: grads piled up in the views
             return
         for i, bucket in enumerate(self.buckets):
             if self._work[i] is None:      # some parameter got no gradient this step
