@@ -1,12 +1,28 @@
 """test_all.py -- every test of the repo, one file, grouped by concept in pipeline order.
 
-    python -m pytest -q test_all.py                 # the whole suite, CPU, ~5 min on 2 cores
-    python -m pytest -q test_all.py -k kernels      # tests whose name matches (e.g. kernels, parallel, bpe, pipeline)
+    python -m pytest -q test_all.py                  # everything (CI), CPU only
+    python -m pytest -q -m "not slow" test_all.py    # the inner loop: no subprocesses, no whole CLIs
+    python -m pytest -q -k bpe test_all.py           # one concept: every test is named test_<concept>_*
 
-Every test compares against something trusted: torch's own op, tiktoken, a naive reference written inline, a closed
-form, or an invariant (round trip, DDP == one process, resume == uninterrupted, DPO loss == log 2 at init). No network,
-no GPU needed: Triton kernels run in Triton's CPU interpreter, distributed tests in 2-process gloo groups. Tests
-marked skipif(not cuda) are the compiled-GPU variants and run on a GPU machine.
+Contents (selector: what the group checks -- against what trusted reference)
+    -k data      data.py stages on small inline inputs with known answers; MinHash against exact Jaccard on
+                 Python sets and brute-force clustering; WARC/jsonl/HTML files written here, some broken
+    -k bpe       bpe.py: a naive trainer recounting every pair after every merge; tiktoken on our ranks
+                 (same ids); round trips on arbitrary Unicode; GPT-2's byte table
+    -k model     model.py: torch's own ops (softmax, SDPA, RMSNorm, SiLU, cross-entropy), complex-number RoPE,
+                 no-cache generation, the exact speculative joint, HF LlamaForCausalLM logits
+    -k train     train.py: torch.optim.AdamW, clip_grad_norm_, closed-form schedules, hand-computed steps;
+                 SIGKILL + resume == the uninterrupted run, bit for bit
+    -k kernels   kernels.py in Triton's CPU interpreter: torch's ops in fp32 on the same rounded inputs
+    -k parallel  parallel.py and torchrun train.py on 2 gloo ranks == one process
+    -k scaling   scaling.py: torch's FlopCounterMode, model.py's parameter count, synthetic Chinchilla laws
+                 with known exponents
+    -k align     align.py: hand computations and closed forms (DPO loss = log 2 at init, PPO ratio = 1 on
+                 policy), grad accumulation == one big batch, a held-out split no fact crosses
+    -k pipeline  pipeline.py: done-markers on a fake plan; the whole chain at a tiny size, every artifact
+
+No network, no GPU needed: Triton kernels run in Triton's CPU interpreter, distributed tests in 2-process gloo
+groups. Tests marked skipif(not cuda) are the compiled-GPU variants and run on a GPU machine (gpu_check.sh).
 """
 # Triton reads TRITON_INTERPRET when a @triton.jit decorator runs, so it must be set before kernels.py is imported.
 import os
@@ -17,10 +33,13 @@ import argparse
 import copy
 import datetime
 import gzip
+import hashlib
+import http.server
 import importlib.util
 import io
 import itertools
 import json
+import pydoc_data.topics as pydoc_topics
 import math
 import random
 import re
@@ -28,6 +47,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import tracemalloc
 import unicodedata
 import warnings
 from collections import Counter
@@ -36,9 +57,11 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import regex
+import tiktoken
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import align
 import bpe
@@ -46,6 +69,7 @@ import data
 import kernels
 import model as M
 import parallel
+import pipeline
 import scaling
 import train as TR
 from model import ModelConfig, TransformerLM
@@ -73,7 +97,8 @@ def tiny_cfg(**kw):
 
 # --- HTML -> text ---
 
-def test_extract_text_structure_and_skipped_tags():
+def test_data_extract_text_structure_and_skipped_tags():
+    """Block tags become paragraph breaks, skipped subtrees vanish, <pre> stays verbatim (hand-written expected text)."""
     page = b"""<html><head><title>T</title><style>p {color: red}</style></head><body>
     <nav><a href="/">Home</a> | <a href="/about">About</a></nav>
     <h1>Heading</h1><p>First   paragraph
@@ -85,7 +110,8 @@ def test_extract_text_structure_and_skipped_tags():
         "Heading\n\nFirst paragraph spans lines.\n\none\ntwo\n\nCafé & more\n\ndef f():\n    return 1")
 
 
-def test_extract_text_charsets_and_garbage():
+def test_data_extract_text_charsets_and_garbage():
+    """<meta charset>, BOM and unknown codecs decode as the HTML5 sniffing order says; random bytes are None."""
     latin1 = '<meta charset="iso-8859-1"><p>Gr\xfc\xdfe aus M\xfcnchen</p>'.encode("latin-1")
     assert data.extract_text_from_html_bytes(latin1) == "Grüße aus München"
     utf16 = "\ufeff<p>naïve café</p>".encode("utf-16-le")  # BOM first
@@ -121,30 +147,56 @@ LANG_SAMPLES = {
 
 
 @pytest.mark.parametrize("lang", sorted(LANG_SAMPLES))
-def test_identify_language(lang):
+def test_data_identify_language(lang):
+    """Each sample sentence is identified as its language with confidence >= 0.5 (labels written by hand)."""
     got, conf = data.identify_language(LANG_SAMPLES[lang])
     assert got == lang and 0.5 <= conf <= 1.0, (got, conf)
 
 
-def test_identify_language_nothing_to_go_on():
+class _FakeFastText:
+    """Stands in for the fasttext package: load_model returns an object whose predict sees one line."""
+    seen = []
+
+    @staticmethod
+    def load_model(path):
+        return _FakeFastText()
+
+    def predict(self, text):
+        _FakeFastText.seen.append(text)
+        return ("__label__fr",), [0.93]
+
+
+def test_data_identify_language_uses_fasttext_model(monkeypatch):
+    """--fasttext-lid: identify_language asks the loaded model (one line of text) and strips __label__."""
+    monkeypatch.setitem(sys.modules, "fasttext", _FakeFastText)
+    monkeypatch.setattr(data, "_FASTTEXT_LID", None)  # restored after the test: the heuristic again
+    data.load_fasttext_lid("lid.176.bin")
+    assert data.identify_language("Bonjour\nle monde") == ("fr", 0.93) and _FakeFastText.seen == ["Bonjour le monde"]
+
+
+def test_data_identify_language_nothing_to_go_on():
+    """Text without letters is ('unk', 0.0)."""
     assert data.identify_language("1234 5678 !!! ---") == ("unk", 0.0)
 
 
 # --- PII masking ---
 
 @pytest.mark.parametrize("number", ["2831823829", "(283)-182-3829", "(283) 182 3829", "283-182-3829"])
-def test_mask_phone_numbers_four_us_formats(number):
+def test_data_mask_phone_numbers_four_us_formats(number):
+    """The four US phone formats are masked exactly once each."""
     text, n = data.mask_phone_numbers(f"Call {number} today.")
     assert (text, n) == ("Call |||PHONE_NUMBER||| today.", 1)
 
 
-def test_mask_phone_numbers_negatives():
+def test_data_mask_phone_numbers_negatives():
+    """Long integers, decimals, digit strings, dates and versions are not phone numbers."""
     # Digits glued to more digits, a decimal, the digit string, a date: not phone numbers.
     for s in ["id 123456789012345", "pi 3.1415926535", "0123456789", "2024-01-15", "version 1.2.3"]:
         assert data.mask_phone_numbers(s) == (s, 0), s
 
 
-def test_mask_emails_and_already_masked_not_recounted():
+def test_data_mask_emails_and_already_masked_not_recounted():
+    """E-mail masking counts each address once and is idempotent on its own placeholders."""
     text, n = data.mask_emails("Write to guido@python.org or a.b-c+tag@mail.example.co.uk, please.")
     assert (text, n) == ("Write to |||EMAIL_ADDRESS||| or |||EMAIL_ADDRESS|||, please.", 2)
     again, n2 = data.mask_emails(text)  # masking is idempotent: placeholders are not addresses
@@ -154,7 +206,8 @@ def test_mask_emails_and_already_masked_not_recounted():
     assert data.mask_emails("no @ here, nor user@localhost") == ("no @ here, nor user@localhost", 0)
 
 
-def test_mask_ips():
+def test_data_mask_ips():
+    """Valid dotted quads are masked; out-of-range octets and 3 or 5 groups are not."""
     text, n = data.mask_ips("hosts 192.168.0.1, 8.8.8.8 and 255.255.255.255.")
     assert (text, n) == ("hosts |||IP_ADDRESS|||, |||IP_ADDRESS||| and |||IP_ADDRESS|||.", 3)
     for s in ["256.1.1.1", "1.2.3", "1.2.3.4.5", "version 10.0.0.1a"]:  # out of range / not four octets
@@ -168,21 +221,24 @@ def _words(n, length=5):
     return " ".join(["abcdefghijk"[:length]] * n)
 
 
-def test_gopher_word_count_edges():
+def test_data_gopher_word_count_edges():
+    """The Gopher word-count rule passes exactly at 50 and 100,000 words and fails one past each."""
     assert data.gopher_failure(_words(49)) == "too_few_words"
     assert data.gopher_quality_filter(_words(50))
     assert data.gopher_quality_filter(_words(100_000))
     assert data.gopher_failure(_words(100_001)) == "too_many_words"
 
 
-def test_gopher_mean_word_length_edges():
+def test_data_gopher_mean_word_length_edges():
+    """The mean-word-length rule passes at exactly 3 and 10 and fails just outside."""
     assert data.gopher_quality_filter(_words(60, 3))  # mean exactly 3
     assert data.gopher_failure(" ".join(["ab"] * 30 + ["abc"] * 30)) == "mean_word_length"  # 2.5
     assert data.gopher_quality_filter(_words(60, 10))  # mean exactly 10
     assert data.gopher_failure(" ".join(["a" * 10] * 59 + ["a" * 11])) == "mean_word_length"  # 10.017
 
 
-def test_gopher_ellipsis_lines_edges():
+def test_data_gopher_ellipsis_lines_edges():
+    """The ellipsis rule passes at 30% of lines and fails at 40%, for '...' and U+2026."""
     def doc(n_ellipsis, n_lines=10):
         return "\n".join(_words(6) + (" ..." if i < n_ellipsis else " end") for i in range(n_lines))
     assert data.gopher_quality_filter(doc(3))  # exactly 30% of lines end in "..."
@@ -190,7 +246,8 @@ def test_gopher_ellipsis_lines_edges():
     assert data.gopher_failure(doc(4).replace("...", "\u2026")) == "ellipsis_lines"  # the one-char ellipsis
 
 
-def test_gopher_alpha_words_edges():
+def test_data_gopher_alpha_words_edges():
+    """The alphabetic-words rule passes at exactly 80% and fails at 79%; one letter makes a word count."""
     assert data.gopher_quality_filter(" ".join(["word"] * 80 + ["1234"] * 20))  # exactly 80% with a letter
     assert data.gopher_failure(" ".join(["word"] * 79 + ["1234"] * 21)) == "non_alpha_words"
     assert data.gopher_quality_filter(" ".join(["word"] * 79 + ["12a4"] * 21))  # one letter is enough
@@ -198,7 +255,8 @@ def test_gopher_alpha_words_edges():
 
 # --- fastText-style classifiers ---
 
-def test_default_classifiers_on_obvious_cases():
+def test_data_default_classifiers_on_obvious_cases():
+    """The default classifiers label blatant navigation, insults and explicit spam, and clean prose, correctly."""
     nav = "Home | About us | Contact | Privacy policy | Login Register | Cart (0) | Share on Facebook"
     prose = "The function returns a new list with the items sorted, and raises an error for bad input."
     assert data.classify_quality(nav)[0] == "low" and data.classify_quality(prose)[0] == "high"
@@ -210,7 +268,8 @@ def test_default_classifiers_on_obvious_cases():
     assert 0.5 <= score <= 1.0
 
 
-def test_train_classifier_cli_roundtrip(tmp_path):
+def test_data_train_classifier_cli_roundtrip(tmp_path):
+    """train-classifier writes a weights_only-loadable model that separates its two labeled vocabularies."""
     rng = random.Random(0)
     rows = [{"text": " ".join(rng.choice(["apple", "pear", "plum"]) for _ in range(8)), "label": "fruit"}
             for _ in range(20)] + [{"text": " ".join(rng.choice(["bolt", "nut", "gear"]) for _ in range(8)),
@@ -218,7 +277,6 @@ def test_train_classifier_cli_roundtrip(tmp_path):
     src, out = tmp_path / "lab.jsonl", tmp_path / "m.pt"
     src.write_text("\n".join(json.dumps(r) for r in rows))
     data.main(["train-classifier", "--input", str(src), "--out", str(out), "--epochs", "40", "--num-buckets", "4096"])
-    import torch
     blob = torch.load(out, weights_only=True)  # plain tensors + lists: loads without unpickling code
     assert blob["labels"] == ["fruit", "metal"]
     data.set_classifier("quality", str(out))  # any kind can use any trained model
@@ -231,18 +289,8 @@ def test_train_classifier_cli_roundtrip(tmp_path):
 
 # --- exact line dedup ---
 
-def test_exact_line_dedup_semantics(tmp_path):
-    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
-    a.write_text("unique a1\nshared\nrepeat in a\nrepeat in a\nunique a2\n")
-    b.write_text("shared\nunique b1\nunique b2")  # no trailing newline on the last line
-    out = tmp_path / "out"
-    data.exact_line_dedup([str(a), str(b)], str(out))
-    # every copy of a line seen twice anywhere goes (across files *and* within one file)
-    assert (out / "a.txt").read_text() == "unique a1\nunique a2\n"
-    assert (out / "b.txt").read_text() == "unique b1\nunique b2"
-
-
-def test_exact_line_dedup_docs_min_docs():
+def test_data_exact_line_dedup_docs_min_docs():
+    """A line goes when it occurs in >= min_docs documents (documents, not copies); blank lines stay."""
     docs = ["keep me\nboiler\n\nalso", "boiler\nother", "boiler\nthird\nthird"]
     out, removed = data.exact_line_dedup_docs(docs, min_docs=3)
     assert out == ["keep me\n\nalso", "other", "third\nthird"] and removed == 3  # counts documents, not copies
@@ -268,7 +316,8 @@ def _naive_jaccard(x, y, n=5):
     return len(a & b) / len(a | b)
 
 
-def test_normalization_in_c_matches_reference():
+def test_data_normalization_in_c_matches_reference():
+    """The byte-table normalization equals the unicodedata reference, and hashed shingles equal set shingles in number."""
     for t in ["Héllo, WÖRLD!  it's_a  test\n\tof   naïve façade — ok?", "plain ascii, with CAPS & 42 numbers",
               "  leading and trailing  ", "日本語 テキスト、です。", ""]:
         assert data.normalize_for_dedup(t) == _naive_normalize(t)
@@ -276,7 +325,8 @@ def test_normalization_in_c_matches_reference():
         assert len(data.shingle_hashes(t, 3)) == len(_naive_shingles(t, 3))  # no hash collisions here
 
 
-def test_shingle_batch_matches_one_document_at_a_time():
+def test_data_shingle_batch_matches_one_document_at_a_time():
+    """Vectorized batch shingle hashes equal per-document hashes and the readable set-based shingles (no shingle crosses documents)."""
     # The batch path lays documents end to end; no shingle may cross a boundary, short and empty
     # documents included. Each document's shingle count must match the inline reference.
     texts = ["", "!!! ---", "one", "a b", "Ünïcödé wörds, ça va?", "x " * 9, "w" * 45 + " " + "v" * 50,
@@ -285,7 +335,7 @@ def test_shingle_batch_matches_one_document_at_a_time():
         batch = data.shingle_hashes_batch(texts, n, batch_docs=4)
         for t, hashes in zip(texts, batch):
             assert np.array_equal(np.unique(hashes), data.shingle_hashes(t, n))
-            assert len(np.unique(hashes)) == len(_naive_shingles(t, n)), (t[:20], n)
+            assert len(np.unique(hashes)) == len(_naive_shingles(t, n)) == len(data.shingles(t, n)), (t[:20], n)
     assert np.array_equal(batch[7], batch[9])  # case is normalized away
 
 
@@ -293,7 +343,8 @@ def _doc(rng, vocab, n=200):
     return [rng.choice(vocab) for _ in range(n)]
 
 
-def test_jaccard_matches_python_sets():
+def test_data_jaccard_matches_python_sets():
+    """jaccard on sorted hash arrays equals Jaccard on Python sets."""
     rng = np.random.default_rng(0)
     for _ in range(200):
         x, y = (np.unique(rng.integers(0, 50, rng.integers(0, 30)).astype(np.uint64)) for _ in range(2))
@@ -301,7 +352,8 @@ def test_jaccard_matches_python_sets():
         assert data.jaccard(x, y) == pytest.approx(ref)
 
 
-def test_minhash_merges_090_not_050(tmp_path):
+def test_data_minhash_merges_090_not_050():
+    """A J=0.9 pair is merged (first kept) and a J=0.4 pair is not."""
     rng = random.Random(0)
     vocab = [f"w{i}" for i in range(5000)]
     base = _doc(rng, vocab)
@@ -313,16 +365,12 @@ def test_minhash_merges_090_not_050(tmp_path):
     texts = [" ".join(base), " ".join(near), " ".join(half), " ".join(other)]
     j_near, j_half = _naive_jaccard(texts[0], texts[1]), _naive_jaccard(texts[0], texts[2])
     assert 0.88 <= j_near <= 0.92 and 0.3 <= j_half <= 0.5, (j_near, j_half)
-    for i, t in enumerate(texts):
-        (tmp_path / f"d{i}.txt").write_text(t)
-    out = tmp_path / "out"
-    data.minhash_dedup([str(tmp_path / f"d{i}.txt") for i in range(4)], num_hashes=128, num_bands=16,
-                       ngrams=5, jaccard_threshold=0.8, output_dir=str(out))
-    assert sorted(os.listdir(out)) == ["d0.txt", "d2.txt", "d3.txt"]  # the first of the near pair stays
-    assert (out / "d0.txt").read_text() == texts[0]
+    keep, clusters = data.minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_threshold=0.8)
+    assert keep == [True, False, True, True] and clusters == [[0, 1]]  # the first of the near pair stays
 
 
-def test_minhash_signature_estimates_jaccard():
+def test_data_minhash_signature_estimates_jaccard():
+    """Signature agreement estimates the exact Jaccard within 0.08 (std ~0.02 at K=512)."""
     rng = random.Random(1)
     vocab = [f"w{i}" for i in range(5000)]
     base = _doc(rng, vocab, 400)
@@ -337,7 +385,8 @@ def test_minhash_signature_estimates_jaccard():
         assert abs(est - true) < 0.08, (edits, est, true)  # std of the estimate ~ 0.02
 
 
-def test_minhash_clusters_equal_brute_force():
+def test_data_minhash_clusters_equal_brute_force():
+    """LSH clusters equal the connected components of the brute-force all-pairs Jaccard graph."""
     # 25 families of 5 variants (0-1 edits each) shuffled together: the LSH clusters must equal the
     # connected components of the all-pairs exact-Jaccard graph (many clusters share buckets).
     rng = random.Random(2)
@@ -371,7 +420,8 @@ def test_minhash_clusters_equal_brute_force():
     assert keep == [find(i) == i for i in range(len(texts))]  # the earliest member of each cluster stays
 
 
-def test_minhash_chains_merge_through_the_middle_document():
+def test_data_minhash_chains_merge_through_the_middle_document():
+    """A ~ M ~ B with A !~ B forms one cluster even when a bucket must fold two clusters."""
     # A and B each differ from M by 2 words: J(A, M) = J(B, M) = 0.87 but J(A, B) = 0.76 < 0.8, so
     # A and B only join through M. Ordered (A, B, M), a bucket holding all three must fold two
     # existing clusters into one while it is being scanned. With r = 4 rows per band every pair is a
@@ -421,10 +471,11 @@ def _good_records():
             b"this line is not a WARC header\r\n"]  # garbage between records
 
 
-def test_iter_warc_records_and_broken_files(tmp_path):
+def test_data_iter_warc_records_and_broken_files(tmp_path):
+    """Every WARC record, malformed, truncated and corrupt ones included, yields exactly one counted item."""
     path = tmp_path / "crawl.warc.gz"
     _write_warc(path, _good_records())
-    got = [(kind, payload if kind == "bad" else None) for _, kind, payload in data.iter_source(str(path))]
+    got = [(it[1], it[2] if it[1] == "bad" else None) for it in data.iter_source(str(path))]  # (+ http charset)
     assert got == [("bad", "not_a_document"), ("bad", "not_a_document"), ("html", None), ("bad", "not_html"),
                    ("text", None), ("bad", "malformed_warc"), ("bad", "malformed_warc")]
     raw = path.read_bytes()
@@ -440,7 +491,9 @@ def test_iter_warc_records_and_broken_files(tmp_path):
     assert [x[1:] for x in data.iter_source(str(plain))] == [("bad", "truncated")]
 
 
-def test_build_from_mixed_sources_accounts_for_every_document(tmp_path):
+@pytest.mark.slow
+def test_data_build_from_mixed_sources_accounts_for_every_document(tmp_path):
+    """Mixed WARC/jsonl/html/txt inputs: every document is kept or dropped with a reason, and PII is masked."""
     _write_warc(tmp_path / "a.warc.gz", _good_records())
     raw = (tmp_path / "a.warc.gz").read_bytes()
     (tmp_path / "b.warc.gz").write_bytes(raw[:len(raw) // 2])
@@ -467,14 +520,14 @@ def test_build_from_mixed_sources_accounts_for_every_document(tmp_path):
     assert "|||EMAIL_ADDRESS|||" in body and "jane@example.com" not in body and "Home | About" not in body
 
 
-def test_download_file_url_is_cached(tmp_path):
+def test_data_download_file_url_is_cached(tmp_path):
+    """A file:// download replaces a stale partial, and a second call uses the cache."""
     src = tmp_path / "remote.jsonl"
     src.write_text('{"text": "hello"}\n')
     cache = tmp_path / "cache"
     (cache).mkdir()
     url = "file://" + str(src)
     # A stale partial download: the file:// handler ignores Range, so it must be rewritten whole.
-    import hashlib
     part = cache / (hashlib.sha1(url.encode()).hexdigest()[:12] + "_remote.jsonl.part")
     part.write_text('{"te')
     path = data.download(url, str(cache))
@@ -483,10 +536,8 @@ def test_download_file_url_is_cached(tmp_path):
     assert data.download(url, str(cache)) == path
 
 
-def test_download_resumes_with_http_range(tmp_path):
-    import hashlib
-    import http.server
-    import threading
+def test_data_download_resumes_with_http_range(tmp_path):
+    """An interrupted download resumes with an HTTP Range request and gives the whole file (local server)."""
     body = bytes(range(256)) * 64
     ranges = []
 
@@ -518,14 +569,16 @@ def test_download_resumes_with_http_range(tmp_path):
 
 # --- the default corpus, end to end on a few modules ---
 
-def test_default_corpus_small_subset_deterministic(tmp_path):
+@pytest.mark.slow
+def test_data_default_corpus_small_subset_deterministic(tmp_path):
+    """The stdlib-docs corpus is byte-identical across two runs, free of machine paths and addresses."""
     outs = []
     for run in range(2):
         out = tmp_path / f"run{run}"
         data.main(["--modules", "textwrap,json,this,no_such_module_xyz", "--out", str(out), "--workers", "2"])
         outs.append(out)
     s = json.loads((outs[0] / "stats.json").read_text())
-    assert s["docs_in"] == 4 + len(__import__("pydoc_data.topics").topics.topics)  # modules + topics
+    assert s["docs_in"] == 4 + len(pydoc_topics.topics)  # modules + topics
     assert s["dropped_by_reason"]["source:import_error"] == 1  # the missing module is counted, not fatal
     assert s["kept"] + sum(s["dropped_by_reason"].values()) == s["docs_in"] and s["kept"] > 50
     assert s["minhash_clusters"] >= 1  # the docs have real near-duplicates (e.g. the if/else topics)
@@ -536,8 +589,9 @@ def test_default_corpus_small_subset_deterministic(tmp_path):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
 
 
-def test_token_files_with_byte_level_tokenizer(tmp_path):
-    import bpe
+@pytest.mark.slow
+def test_data_token_files_with_byte_level_tokenizer(tmp_path):
+    """--tokenizer writes one id per byte and one id per <|endoftext|> (byte-level tokenizer)."""
     tok_dir = tmp_path / "tok"
     bpe.Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"]).save(str(tok_dir))
     src = tmp_path / "in.txt"
@@ -551,6 +605,119 @@ def test_token_files_with_byte_level_tokenizer(tmp_path):
         # byte-level: one id per byte, except each 13-byte <|endoftext|> is the single id 256
         n_docs = s[f"{split}_docs"]
         assert len(ids) == s[f"{split}_tokens"] == len(text) - 12 * n_docs and (ids == 256).sum() == n_docs
+
+
+
+# --- edge cases a review found (issue 13, item 7) ---
+
+def test_data_extract_text_broken_structure_keeps_the_content():
+    """Omitted </head>, an ASP.NET <form> around the body and an unclosed <nav> still give the prose."""
+    no_head_end = b"<html><head><title>T</title><meta charset='utf-8'><body><p>Real content here.</p></body></html>"
+    assert data.extract_text_from_html_bytes(no_head_end) == "Real content here."
+    aspnet = b"<html><body><form id='form1' runat='server'><input type='hidden'><h1>Title</h1><p>Text.</p></form></body></html>"
+    assert data.extract_text_from_html_bytes(aspnet) == "Title\n\nText."
+    nav = b"<body><nav><a href='/'>Home</a> <a href='/x'>About</a><p>Article text.</p></body>"
+    assert "Article text." in data.extract_text_from_html_bytes(nav)
+    closed = b"<body><nav><a href='/'>Home</a></nav><p>Article text.</p></body>"  # a closed nav still vanishes
+    assert data.extract_text_from_html_bytes(closed) == "Article text."
+
+
+def test_data_decode_html_whatwg_labels_and_http_charset():
+    """WHATWG: meta iso-8859-1 means windows-1252, meta utf-16 on ASCII bytes means UTF-8; HTTP beats meta."""
+    cp1252 = b'<meta charset="iso-8859-1"><p>\x93quoted\x94 costs \x805</p>'
+    assert data.extract_text_from_html_bytes(cp1252) == "\u201cquoted\u201d costs \u20ac5"
+    assert data.extract_text_from_html_bytes(b'<meta charset="utf-16"><p>plain ascii</p>') == "plain ascii"
+    latin = '<meta charset="utf-8"><p>Gr\xfc\xdfe</p>'.encode("latin-1")  # the server says latin-1, the page lies
+    assert data.extract_text_from_html_bytes(latin, http_charset="ISO-8859-1") == "Grüße"
+
+
+def test_data_warc_http_charset_and_status(tmp_path, monkeypatch):
+    """WARC responses: the HTTP Content-Type charset reaches the decoder, and non-200 responses are skipped."""
+    page = "<html><body><p>Gr\xfc\xdfe aus M\xfcnchen</p></body></html>".encode("latin-1")
+    ok = b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=ISO-8859-1\r\n\r\n" + page
+    gone = b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\n\r\n<html><p>Not here</p></html>"
+    _write_warc(tmp_path / "c.warc.gz", [_warc_record("response", ok), _warc_record("response", gone)])
+    items = list(data.iter_source(str(tmp_path / "c.warc.gz")))
+    assert [it[1] for it in items] == ["html", "bad"] and items[0][3].lower() == "iso-8859-1" and items[1][2] == "http_404"
+    monkeypatch.setattr(data, "_CFG", {})  # no language filter, no PII: extraction only
+    assert data.process_document(items[0])[1] == "Grüße aus München"
+
+
+def test_data_lone_surrogate_in_jsonl_is_replaced_and_counted(tmp_path):
+    """A jsonl "\\ud800" escape cannot be encoded: it becomes U+FFFD (counted), the build finishes, no .tmp left."""
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"text": "' + PROSE + ' broken \\ud800 escape"}\n')
+    out = tmp_path / "out"
+    s = data.main(["--input", str(src), "--out", str(out), "--workers", "1", "--no-dedup"])
+    assert s["kept"] == 1 and s["repairs"]["lone_surrogate"] == 1
+    assert "broken \ufffd escape" in (out / "train.txt").read_text() + (out / "val.txt").read_text()
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_data_atomic_write_leaves_no_tmp_on_error(tmp_path):
+    """A write that fails midway leaves the old file untouched and no .tmp behind."""
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+    with pytest.raises(UnicodeEncodeError):
+        with data.atomic_write(str(path)) as f:
+            f.write("\ud800")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_data_special_tokens_in_documents_are_neutralized(tmp_path):
+    """Literal <|endoftext|>, <|user|>, <|assistant|> in a document never reach the corpus as special tokens."""
+    text, n = data.neutralize_special_tokens("a <|endoftext|> b <|user|> c <|assistant|> d <|x")
+    assert "<|" not in text.replace("<|x", "") and n == 3
+    src = tmp_path / "s.jsonl"
+    src.write_text(json.dumps({"text": PROSE + " The separator is <|endoftext|>, chat uses <|user|>."}) + "\n")
+    out = tmp_path / "out"
+    data.main(["--input", str(src), "--out", str(out), "--workers", "1", "--no-dedup", "--val-fraction", "0"])
+    corpus = (out / "train.txt").read_text() + (out / "val.txt").read_text()
+    assert corpus.count("<|endoftext|>") == 1 and "<|user|>" not in corpus  # only the real separator
+
+
+def test_data_email_regex_starts_only_at_the_start_of_an_address_run():
+    """A match may begin only where a run of address characters begins: each run is scanned once (linear time)."""
+    assert data._EMAIL_RE.match("ab@example.com", 1) is None  # inside the run "ab": no new attempt
+    assert data.mask_emails("x" * 20000 + " and bob@example.org") == ("x" * 20000 + " and |||EMAIL_ADDRESS|||", 1)
+    assert data.mask_emails("a.b" * 5000) == ("a.b" * 5000, 0)
+    assert data.mask_emails("a@b@example.com") == ("a@|||EMAIL_ADDRESS|||", 1)
+
+
+def test_data_phone_regex_does_not_cross_newlines():
+    """A column of numbers is not a phone number; spaces, dots and dashes still separate."""
+    assert data.mask_phone_numbers("283\n182\n3829") == ("283\n182\n3829", 0)
+    assert data.mask_phone_numbers("call 283 182 3829") == ("call |||PHONE_NUMBER|||", 1)
+
+
+def test_data_spanish_portuguese_stopwords_have_de():
+    """'de', the commonest Spanish and Portuguese word, counts for es and pt (not only for Dutch)."""
+    assert data.identify_language("Casa de madera de pino de la sierra")[0] == "es"
+    assert data.identify_language("Receita de bolo de chocolate da avó")[0] == "pt"
+
+
+# --- toxicity and NSFW filters on real text (issue 13, item 10) ---
+
+def test_data_toxic_nsfw_heldout_precision_recall():
+    """On the held-out labeled set (>= 100 per class, never trained on), both filters have P >= 0.95, R >= 0.9."""
+    held = data.read_labeled(data.HELDOUT_SET)
+    train = {t for rows in data.read_labeled(data.TRAIN_SET).values() for t in rows}
+    assert min(len(held[k]) for k in ("clean", "toxic", "nsfw")) >= 100
+    assert not train.intersection(t for rows in held.values() for t in rows)  # held out means held out
+    report = data.evaluate_classifiers()
+    for kind in ("toxic", "nsfw"):
+        assert report[kind]["precision"] >= 0.95 and report[kind]["recall"] >= 0.9, report
+
+
+def test_data_bad_word_rule_sees_through_obfuscation():
+    """Asterisks, digits or symbols for letters, inner dots and repeated letters do not hide a listed word."""
+    assert data.deobfuscate("STUUUPID f.u.c.k sh1t b!tch a**hole p0rn") == "stupid fuck shit bitch ashole porn"
+    for t in ["what a f*ck up", "this is sh1t", "you b!tch", "you a**hole", "f.u.c.k this", "shiiiit"]:
+        assert data.classify_toxic_speech(t) == ("toxic", 1.0), t
+    assert data.classify_nsfw("free p0rn here") == ("nsfw", 1.0)
+    for t in ["The idiot light on the dashboard came on.", "A nude marble statue from ancient Greece.",
+              "Use kill -9 only if the process ignores SIGTERM.", "def f(*args, **kwargs): pass"]:
+        assert data.classify_toxic_speech(t)[0] == "clean" and data.classify_nsfw(t)[0] == "clean", t
 
 
 # ---------------------------------------------------------------
@@ -569,8 +736,7 @@ MIXED = ("Hello, world! It's 2024-05-17; we'll pay $3.14 for 1,000,000 items.\n"
 def _corpus():
     """~60 KB of English from the stdlib docs plus mixed scripts, code and numbers, cut into
     documents by special tokens."""
-    import pydoc_data.topics as t
-    docs = [t.topics[k] for k in sorted(t.topics)[:40]]
+    docs = [pydoc_topics.topics[k] for k in sorted(pydoc_topics.topics)[:40]]
     docs = [d for d in docs] + [MIXED * 3] * 5
     return "<|endoftext|>".join(docs)
 
@@ -641,7 +807,8 @@ def _tie_corpus(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_train_bpe_matches_naive_reference(tmp_path, seed):
+def test_bpe_train_matches_naive_reference(tmp_path, seed):
+    """train_bpe's merges equal the naive trainer's on tie-heavy corpora (ties -> greatest bytes)."""
     text = _tie_corpus(seed)
     p = tmp_path / "c.txt"
     p.write_text(text, encoding="utf-8")
@@ -656,7 +823,8 @@ def test_train_bpe_matches_naive_reference(tmp_path, seed):
     assert not any(x in a + b for a, b in merges for x in (b"<|", b"|>", b"endoftext", b"<", b">"))
 
 
-def test_train_bpe_matches_naive_on_real_text(tmp_path):
+def test_bpe_train_matches_naive_on_real_text(tmp_path):
+    """train_bpe's merges equal the naive trainer's on real mixed text with specials."""
     text = _corpus()[:20000]
     p = tmp_path / "c.txt"
     p.write_text(text, encoding="utf-8")
@@ -664,14 +832,17 @@ def test_train_bpe_matches_naive_on_real_text(tmp_path):
     assert merges == naive_train(text, 256 + 3 + 150, SPECIALS)
 
 
-def test_train_stops_when_no_pairs_left(tmp_path):
+def test_bpe_train_stops_when_no_pairs_left(tmp_path):
+    """Training stops early, like the naive trainer, once every word is one token."""
     p = tmp_path / "c.txt"
     p.write_text("ab ab", encoding="utf-8")
     vocab, merges = bpe.train_bpe(str(p), 1000, [])
     assert merges == naive_train("ab ab", 1000, []) and len(vocab) == 256 + len(merges)
 
 
-def test_parallel_chunked_counts_equal_single_process(tmp_path):
+@pytest.mark.slow
+def test_bpe_chunked_counts_equal_single_process(tmp_path):
+    """Word counts over safe chunks in a process pool equal one regex pass over the whole text."""
     # Chunks cut at special tokens or "x\n" line ends must not change a single pre-token.
     text = (_corpus()[:30000] + "\n\n\n   \n" + MIXED) * 2 + "no newline at the end"
     p = tmp_path / "c.txt"
@@ -680,13 +851,14 @@ def test_parallel_chunked_counts_equal_single_process(tmp_path):
                   for w in regex.findall(bpe.GPT2_PATTERN, piece))
     bounds = bpe._chunk_boundaries(str(p), 12, SPECIALS, scan=512)
     assert len(bounds) > 8 and bounds == sorted(set(bounds))
-    assert bpe.count_words(str(p), SPECIALS, workers=2, chunk_bytes=4096) == ref
+    assert bpe.count_file_words(str(p), SPECIALS, workers=2, chunk_bytes=4096) == ref == bpe.count_words(text, SPECIALS)
     # without specials, cuts fall on line ends only
-    assert bpe.count_words(str(p), [], workers=1, chunk_bytes=4096) == \
+    assert bpe.count_file_words(str(p), [], workers=1, chunk_bytes=4096) == \
         Counter(w.encode() for w in regex.findall(bpe.GPT2_PATTERN, text))
 
 
-def test_ascii_twin_regex_agrees_with_unicode_regex():
+def test_bpe_ascii_twin_agrees_with_unicode_regex():
+    """The `re` ASCII twin and the mixed-text splitter give exactly `regex`'s pre-tokens."""
     r = random.Random(0)
     alphabet = [chr(i) for i in range(128)] + list("   \n\n'sdmtlvre")
     for pattern in (bpe.GPT2_PATTERN, bpe.SPLIT_DIGITS_PATTERN):
@@ -704,7 +876,8 @@ def test_ascii_twin_regex_agrees_with_unicode_regex():
         bpe.Tokenizer({i: bytes([i]) for i in range(256)}, [], pattern=r"\w+")
 
 
-def test_pmi_matches_naive_reference(tmp_path):
+def test_bpe_pmi_matches_naive_reference(tmp_path):
+    """PMI merges equal the naive PMI trainer's, and differ from count merges."""
     text = _tie_corpus(3) + " " + _corpus()[:3000]
     p = tmp_path / "c.txt"
     p.write_text(text, encoding="utf-8")
@@ -714,7 +887,8 @@ def test_pmi_matches_naive_reference(tmp_path):
     assert merges != by_count  # the option does change what is learned
 
 
-def test_split_digits(tmp_path):
+def test_bpe_split_digits(tmp_path):
+    """--split-digits matches the naive trainer on the LLaMA-style pattern and never merges a digit."""
     text = "in 2024 we sold 1234567 units for 99.99 dollars, 2024 again 2024 2024\n" * 50
     p = tmp_path / "c.txt"
     p.write_text(text, encoding="utf-8")
@@ -730,7 +904,8 @@ def test_split_digits(tmp_path):
     assert bpe.Tokenizer.load(str(tmp_path / "tok")).encode(text) == tok.encode(text)
 
 
-def test_merge_score_and_vocab_size_validation(tmp_path):
+def test_bpe_merge_score_and_vocab_size_validation(tmp_path):
+    """A bad merge_score or a vocab smaller than bytes + specials is a ValueError."""
     p = tmp_path / "c.txt"
     p.write_text("hello", encoding="utf-8")
     with pytest.raises(ValueError, match="merge_score"):
@@ -741,7 +916,8 @@ def test_merge_score_and_vocab_size_validation(tmp_path):
 
 # --- Tokenizer ---
 
-def test_round_trips(trained):
+def test_bpe_round_trips(trained):
+    """decode(encode(t)) == t for every text, with and without specials; ids stay in range."""
     _, _, _, tok = trained
     plain = bpe.Tokenizer(trained[1], trained[2])
     r = random.Random(0)
@@ -756,7 +932,8 @@ def test_round_trips(trained):
     assert tok.encode("") == [] and tok.decode([]) == ""
 
 
-def test_decode_invalid_utf8_gives_replacement_not_error(trained):
+def test_bpe_decode_invalid_utf8_gives_replacement(trained):
+    """Ids that cut a character decode to U+FFFD; out-of-range ids are a ValueError."""
     tok = trained[3]
     ids = tok.encode("é")                       # 2 bytes; decode a lone first byte
     assert tok.decode([tok.byte_to_id[b"\xc3"]]) == "\ufffd"
@@ -767,8 +944,8 @@ def test_decode_invalid_utf8_gives_replacement_not_error(trained):
             tok.decode(bad)
 
 
-def test_matches_tiktoken(trained):
-    tiktoken = pytest.importorskip("tiktoken")
+def test_bpe_matches_tiktoken(trained):
+    """Our encode equals tiktoken's with the same ranks and specials, id for id."""
     path, vocab, merges, tok = trained
     sp = {s: tok.special_ids[s] for s in SPECIALS}
     enc = tiktoken.Encoding("ours", pat_str=bpe.GPT2_PATTERN, special_tokens=sp,
@@ -782,7 +959,19 @@ def test_matches_tiktoken(trained):
     assert tok.special_ids["<|endoftext|>"] not in plain.encode("<|endoftext|>")
 
 
-def test_special_tokens_longest_match_and_appended(trained):
+def test_bpe_fast_encode_equals_plain(trained):
+    """The fast encode (ASCII twin, cache, gc pause) gives the ids of the plain loop, `ids = _bpe(piece)`."""
+    path, vocab, merges, tok = trained
+    r = random.Random(2)
+    text = open(path, encoding="utf-8").read() + MIXED + "<|user|>hi<|assistant|><|endoftext|><|endoftext|>"
+    text += "".join(chr(r.choice([r.randrange(32, 127), r.randrange(160, 0x3000), 10, 13, 32])) for _ in range(3000))
+    for specials, pattern in [(SPECIALS, bpe.GPT2_PATTERN), ([], bpe.SPLIT_DIGITS_PATTERN)]:
+        plain = bpe.Tokenizer(vocab, merges, specials, pattern, fast=False)
+        assert bpe.Tokenizer(vocab, merges, specials, pattern).encode(text) == plain.encode(text)
+
+
+def test_bpe_special_tokens_longest_match_and_appended(trained):
+    """Overlapping specials match longest first; specials missing from the vocab are appended in order."""
     _, vocab, merges, _ = trained
     eot = "<|endoftext|>"
     tok = bpe.Tokenizer(vocab, merges, [eot, eot + eot, "<|new|>"])
@@ -793,7 +982,8 @@ def test_special_tokens_longest_match_and_appended(trained):
     assert tok.decode(ids) == f"a{eot}{eot}b{eot}c<|new|>"
 
 
-def test_encode_iterable_equals_encode(trained, tmp_path):
+def test_bpe_encode_iterable_equals_encode(trained, tmp_path):
+    """encode_iterable over any chunking of a stream equals encode of the whole text."""
     path, vocab, merges, tok = trained
     text = open(path, encoding="utf-8").read()[:30000] + "\n\n\n  \n" + MIXED + "end<|user|>\n<|assistant|>"
     p = tmp_path / "t.txt"
@@ -808,7 +998,8 @@ def test_encode_iterable_equals_encode(trained, tmp_path):
     assert list(odd.encode_iterable(["ab x\n", "<|sep|>cd\n"])) == odd.encode("ab x\n<|sep|>cd\n")
 
 
-def test_save_from_files_identical(trained, tmp_path):
+def test_bpe_save_from_files_identical(trained, tmp_path):
+    """save -> from_files/load gives the same vocab, merges and ids (GPT-2 file format)."""
     path, vocab, merges, tok = trained
     tok.save(tmp_path / "tok")
     names = sorted(os.listdir(tmp_path / "tok"))
@@ -825,14 +1016,17 @@ def test_save_from_files_identical(trained, tmp_path):
     assert bpe.Tokenizer.load(str(tmp_path / "tok")).encode(text) == tok.encode(text)
 
 
-def test_bytes_to_unicode_is_gpt2_table():
+def test_bpe_bytes_to_unicode_is_gpt2_table():
+    """bytes_to_unicode is GPT-2's table: a bijection onto printable non-space characters."""
     t = bpe.bytes_to_unicode()
     assert len(set(t.values())) == 256
     assert t[ord(" ")] == "Ġ" and t[ord("\n")] == "Ċ" and t[ord("A")] == "A" and t[0] == "Ā"
     assert all(ch.isprintable() and not ch.isspace() for ch in t.values())
 
 
-def test_encode_file_memmap(trained, tmp_path):
+@pytest.mark.slow
+def test_bpe_encode_file_memmap(trained, tmp_path):
+    """encode_file over chunks in a process pool writes exactly encode's ids as a uint16 memmap."""
     path, _, _, tok = trained
     tok.save(tmp_path / "tok")
     n = bpe.encode_file(str(tmp_path / "tok"), path, str(tmp_path / "a.bin"), workers=2, chunk_bytes=8192,
@@ -842,7 +1036,8 @@ def test_encode_file_memmap(trained, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
-def test_encode_file_uint32_for_big_vocab(tmp_path):
+def test_bpe_encode_file_uint32_for_big_vocab(tmp_path):
+    """Ids above 65535 are written as uint32 (token_dtype's rule)."""
     vocab = {i: bytes([i]) for i in range(256)}
     vocab[70000] = b"<|big|>"                       # ids above 65535 need uint32
     tok = bpe.Tokenizer(vocab, [], ["<|big|>"])
@@ -855,7 +1050,9 @@ def test_encode_file_uint32_for_big_vocab(tmp_path):
 
 # --- CLI ---
 
-def test_cli_train_encode_stats(tmp_path, capsys):
+@pytest.mark.slow
+def test_bpe_cli_train_encode_stats(tmp_path, capsys):
+    """The train/encode/stats subcommands run end to end; the .bin equals Tokenizer.encode."""
     p = tmp_path / "c.txt"
     p.write_text(_corpus()[:20000], encoding="utf-8")
     bpe.main(["train", "--input", str(p), "--vocab-size", "400", "--out", str(tmp_path / "tok"),
@@ -876,7 +1073,9 @@ def _cli(*args):
                           cwd=os.path.dirname(os.path.abspath(bpe.__file__)))
 
 
-def test_cli_bad_input(tmp_path):
+@pytest.mark.slow
+def test_bpe_cli_bad_input(tmp_path):
+    """Bad inputs end in a one-line error, no traceback, and clobber no file."""
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "ok.txt").write_text("hello hello world\n")
     (tmp_path / "junk").mkdir()
@@ -907,12 +1106,321 @@ def test_cli_bad_input(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
+# --- edge cases: overlapping specials, wider safe cuts, long words ---
+
+def test_bpe_chunker_never_splits_overlapping_specials(tmp_path):
+    """With overlapping specials ("<|endoftext|>" inside its double), encode_file at 1 KB chunks == encode."""
+    eot = "<|endoftext|>"
+    r = random.Random(5)
+    for specials in ([eot, eot + eot], ["<|a|>", "x<|a|>"]):
+        docs = ["".join(r.choice("abc de\n") for _ in range(r.randint(0, 60))) for _ in range(400)]
+        text = "".join(d + r.choice(specials) * r.randint(1, 3) for d in docs)
+        tok = bpe.Tokenizer({i: bytes([i]) for i in range(256)}, [], specials)
+        tok.save(tmp_path / "tok")
+        (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+        bpe.encode_file(str(tmp_path / "tok"), str(tmp_path / "t.txt"), str(tmp_path / "t.bin"), workers=1,
+                        chunk_bytes=1024, verbose=False)
+        assert np.fromfile(tmp_path / "t.bin", dtype=np.uint16).tolist() == tok.encode(text)
+
+
+def _pretok(pattern, text):
+    return regex.findall(pattern, text)
+
+
+EDGE_TEXTS = {  # files whose lines end in CRLF, in CJK, in trailing spaces
+    "crlf": "".join(f"line {i} of a windows file, words and 12.5 numbers\r\n" for i in range(300)),
+    "cjk": "".join(f"日本語のテキスト{i}です。中文句子。\n" for i in range(300)),
+    "trailing": "".join(f"a line with trailing spaces {i}   \n\t\n" for i in range(300)),
+}
+
+
+def test_bpe_safe_cuts_keep_pretokens():
+    """Cutting at every safe cut leaves each pre-token of one regex pass unchanged (random text, both patterns)."""
+    r = random.Random(7)
+    alphabet = list("ab1.' \t\r\n\n") + ["\xa0", "\u3000", "\x85", "\x1c", "日", "é", "'s", "\r\n", "  \n"]
+    for n in range(400):
+        s = "".join(r.choice(alphabet) for _ in range(r.randint(0, 40)))
+        for pattern in (bpe.GPT2_PATTERN, bpe.SPLIT_DIGITS_PATTERN):
+            for m in bpe._CUT.finditer(s):
+                k = m.start()
+                assert _pretok(pattern, s[:k]) + _pretok(pattern, s[k:]) == _pretok(pattern, s), (s, k)
+        assert bpe._cut_before(s, 0, len(s)) == max([m.start() for m in bpe._CUT.finditer(s)] + [0])
+    ascii_part = _corpus()[:3000].encode("ascii", "ignore").decode()
+    full, fast = regex.compile(bpe.GPT2_PATTERN), bpe.ascii_twin(bpe.GPT2_PATTERN)
+    for name, s in EDGE_TEXTS.items():
+        assert bpe._cut_before(s, 0, len(s)) > len(s) // 2, name  # the new rule finds cuts in them
+        mixed = ascii_part + s[:2000] + ascii_part + s[:300] + "\n" + ascii_part[:100]
+        assert bpe._findall(full, fast, mixed) == full.findall(mixed), name  # ASCII twin around these cuts
+
+
+def test_bpe_edge_files_get_chunks_and_equal_one_pass(trained, tmp_path):
+    """CRLF, CJK and trailing-space files split into several chunks, and chunked counts/ids == one pass."""
+    _, vocab, merges, tok = trained
+    tok.save(tmp_path / "tok")
+    for name, text in EDGE_TEXTS.items():
+        text = text + "<|endoftext|>" + text.replace("\n", " \u3000\n")  # a wide space must not count as x
+        p = tmp_path / f"{name}.txt"
+        p.write_text(text, encoding="utf-8", newline="")
+        bounds = bpe._chunk_boundaries(str(p), 16, [], scan=256)
+        assert len(bounds) > 8, (name, bounds)
+        assert bpe.count_file_words(str(p), SPECIALS, workers=1, chunk_bytes=512) == bpe.count_words(text, SPECIALS)
+        bpe.encode_file(str(tmp_path / "tok"), str(p), str(tmp_path / "t.bin"), workers=1, chunk_bytes=512,
+                        verbose=False)
+        assert np.fromfile(tmp_path / "t.bin", dtype=np.uint16).tolist() == tok.encode(text), name
+
+
+def test_bpe_encode_iterable_streams_edge_files(trained):
+    """encode_iterable yields ids before a CRLF/CJK/trailing-space stream ends, and the ids == encode."""
+    tok = trained[3]
+    for name, text in EDGE_TEXTS.items():
+        lines = text.splitlines(keepends=True)
+        read = []
+
+        def stream():
+            for line in lines:
+                read.append(line)
+                yield line
+
+        it = tok.encode_iterable(stream())
+        first = next(it)
+        assert len(read) < len(lines) // 2, name       # a paragraph, not the whole stream, was buffered
+        assert [first, *it] == tok.encode(text), name
+        chunks = [text[i:i + 5] for i in range(0, len(text), 5)]
+        assert list(tok.encode_iterable(chunks)) == tok.encode(text), name
+
+
+def test_bpe_long_word_merge_equals_plain(trained):
+    """The heap + linked-list merge of long pre-tokens gives the plain merge loop's ids."""
+    _, vocab, merges, tok = trained
+    r = random.Random(3)
+    words = ["".join(r.choice(alpha) for _ in range(r.randint(1000, 4000)))
+             for alpha in ("abcdefghijklmnopqrstuvwxyz", "ab", "etaoin ", "éü日")] + ["ab" * 2000, "a" * 3001]
+    for w in words:
+        assert bpe._bpe_long(tok, w) == tok._bpe(w)
+    plain = bpe.Tokenizer(vocab, merges, SPECIALS, fast=False)
+    text = " ".join(words)
+    assert tok.encode(text) == plain.encode(text)
+
+
+import bpe_algos_dev as BA  # DEV-ONLY
+# ---------------------------------------------------------------
+# bpe.py, other tokenizers: WordPiece (MaxMatch) and the Unigram LM (EM, Viterbi, sampling).
+# Trusted references: brute-force enumeration of every segmentation of short strings, hand-worked
+# MaxMatch, the definition of one EM step, round trips on random Unicode.
+
+ALGO_SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
+
+
+def _algo_corpus():
+    """~40 KB: stdlib docs, mixed scripts, numbers, code; documents cut by a special token."""
+    import pydoc_data.topics as t
+    mixed = ("Größenordnung, l'élève français. Привет, мир! 日本語のテキスト。 مرحبا 🙂🎉 👩‍💻\n"
+             "    def f(x):\n        return x + 1234567  # code\n\n\t\ttabs\r\n")
+    return "<|endoftext|>".join([t.topics[k] for k in sorted(t.topics)[:12]] + [mixed * 3] * 4)
+
+
+@pytest.fixture(scope="module")
+def algo_toks(tmp_path_factory):
+    d = tmp_path_factory.mktemp("algos")
+    (d / "corpus.txt").write_text(_algo_corpus(), encoding="utf-8")
+    toks = {a: BA.train_tokenizer(a, str(d / "corpus.txt"), 420, ALGO_SPECIALS, workers=1) for a in ("bpe", "wordpiece")}
+    toks["unigram"] = BA.train_tokenizer("unigram", str(d / "corpus.txt"), 420, ALGO_SPECIALS, workers=1,
+                                         seed_size=1500, shrink=0.6)  # fewer rounds: a faster test
+    return toks
+
+
+def _random_unicode(rng, n):
+    """Random code points: ASCII, Latin-1, combining marks, Cyrillic, CJK, astral emoji, digits,
+    whitespace runs, and the special tokens."""
+    ranges = [(0x20, 0x7E), (0xA0, 0xFF), (0x300, 0x36F), (0x400, 0x4FF), (0x4E00, 0x4E80), (0x1F300, 0x1F6FF),
+              (0x10000, 0x1007F), (0x30, 0x39)]
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.1:
+            out.append(rng.choice([" " * rng.randint(1, 9), "\n" * rng.randint(1, 4), "\t\t", "\r\n", "\u3000 "]))
+        elif r < 0.15:
+            out.append(rng.choice(ALGO_SPECIALS))
+        else:
+            lo, hi = rng.choice(ranges)
+            out.append(chr(rng.randint(lo, hi)))
+    return "".join(out)
+
+
+def _segmentations(word, pieces):
+    """Every way to spell `word` as a sequence of `pieces` (the naive reference)."""
+    if not word:
+        return [[]]
+    return [[word[:k]] + rest for k in range(1, len(word) + 1) if word[:k] in pieces
+            for rest in _segmentations(word[k:], pieces)]
+
+
+def _toy_logp(rng, pieces):
+    raw = {p: rng.random() + 0.05 for p in pieces}
+    total = sum(raw.values())
+    return {p: math.log(v / total) for p, v in raw.items()}
+
+
+def test_bpe_digit_groups_pattern():
+    """digit_groups_pattern cuts every number into 3-digit groups left to right (naive chunking of
+    each digit run), loses no text, and with n=1 pre-tokenizes exactly like SPLIT_DIGITS_PATTERN."""
+    p3 = BA.digit_groups_pattern(bpe.GPT2_PATTERN, 3)
+    assert regex.findall(p3, "1234567") == ["123", "456", "7"]
+    assert regex.findall(p3, "x 2024.5") == ["x", " ", "202", "4", ".", "5"]
+    rng = random.Random(0)
+    for _ in range(200):
+        s = "".join(rng.choice(["1", "23", "4567", "a", "bc", " ", "  ", ".", "\n", "٣"]) for _ in range(12))
+        got = regex.findall(p3, s)
+        want = [run[i:i + 3] for run in regex.findall(r"\p{N}+", s) for i in range(0, len(run), 3)]
+        assert [t for t in got if regex.fullmatch(r"\p{N}+", t)] == want
+        assert all(not regex.search(r"\p{N}", t) for t in got if not regex.fullmatch(r"\p{N}+", t))
+        assert "".join(got) == s
+        assert regex.findall(BA.digit_groups_pattern(bpe.GPT2_PATTERN, 1), s) == regex.findall(bpe.SPLIT_DIGITS_PATTERN, s)
+    with pytest.raises(ValueError):
+        BA.digit_groups_pattern(bpe.SPLIT_DIGITS_PATTERN, 3)
+
+
+def test_bpe_wordpiece_maxmatch_by_hand():
+    """WordPiece encodes by greedy longest match (worked by hand), not fewest tokens, falling back
+    to single bytes; a word-initial " the" and a word-internal "the" are different pieces."""
+    vocab = {i: bytes([i]) for i in range(256)}
+    for p in [b"xa", b"xab", b"bcd", b" the", b"the", b"\xc3\xa9t\xc3\xa9"]:
+        vocab[len(vocab)] = p
+    tok = BA.WordPieceTokenizer(vocab)
+    spell = lambda s: [tok.vocab[i] for i in tok.encode(s)]
+    assert spell("xabcd") == [b"xab", b"c", b"d"]  # the fewest would be xa|bcd
+    assert spell(" the bathe") == [b" the", b" ", b"b", b"a", b"the"]
+    assert spell("été!") == [b"\xc3\xa9t\xc3\xa9", b"!"]
+    assert spell("xé") == [b"x", b"\xc3", b"\xa9"]  # no piece: single bytes
+    assert tok.encode(" the") != tok.encode("the")
+
+
+def test_bpe_unigram_viterbi_equals_brute_force():
+    """unigram_segment returns the most probable segmentation, as found by enumerating every
+    segmentation of short strings (random piece scores, so the best is unique)."""
+    rng = random.Random(1)
+    for trial in range(30):
+        pieces = {bytes([c]) for c in b"abc"} | {bytes(rng.choice(b"abc") for _ in range(rng.randint(2, 4)))
+                                                 for _ in range(12)}
+        logp = _toy_logp(rng, pieces)
+        for _ in range(5):
+            w = bytes(rng.choice(b"abc") for _ in range(rng.randint(1, 9)))
+            best = max(_segmentations(w, pieces), key=lambda seg: sum(logp[p] for p in seg))
+            assert BA.unigram_segment(w, logp, 4) == best
+
+
+def test_bpe_unigram_em_step_by_hand():
+    """One EM step equals its definition: expected piece counts from enumerating every segmentation
+    of each toy word (weights prod p, normalized per word, times the word count), then p = count / total;
+    the reported log-likelihood is sum_w c_w log sum_seg prod p."""
+    rng = random.Random(2)
+    pieces = {b"a", b"b", b"c", b"ab", b"bc", b"abc", b"ca"}
+    logp = _toy_logp(rng, pieces)
+    words = {b"ab": 3, b"abc": 1, b"bca": 2, b"cab": 1}
+    counts, loglik = Counter(), 0.0
+    for w, c in words.items():
+        segs = _segmentations(w, pieces)
+        weights = [math.exp(sum(logp[p] for p in seg)) for seg in segs]
+        loglik += c * math.log(sum(weights))
+        for seg, wt in zip(segs, weights):
+            for p in seg:
+                counts[p] += c * wt / sum(weights)
+    new, got_ll = BA.unigram_em_step(words, logp, 3)
+    total = sum(counts.values())
+    assert set(new) == pieces and all(counts[p] > 1e-3 for p in pieces)  # no floor involved
+    for p in pieces:
+        assert math.isclose(new[p], math.log(counts[p] / total), rel_tol=1e-12, abs_tol=1e-12)
+    assert math.isclose(got_ll, loglik, rel_tol=1e-12)
+
+
+def test_bpe_unigram_sampling_matches_enumeration():
+    """unigram_segment(rng=...) draws segmentations with probability P(seg)^alpha / Z (enumerated exactly),
+    and a large alpha gives the Viterbi segmentation."""
+    rng = random.Random(3)
+    pieces = {b"a", b"b", b"c", b"d", b"ab", b"bc", b"cd", b"abc", b"bcd"}
+    logp = _toy_logp(rng, pieces)
+    w, alpha, n = b"abcd", 0.5, 4000
+    segs = _segmentations(w, pieces)
+    weights = [math.exp(alpha * sum(logp[p] for p in seg)) for seg in segs]
+    gen = np.random.default_rng(0)
+    seen = Counter(tuple(BA.unigram_segment(w, logp, 3, alpha, gen)) for _ in range(n))
+    assert set(seen) <= {tuple(s) for s in segs}
+    for seg, wt in zip(segs, weights):
+        assert abs(seen[tuple(seg)] / n - wt / sum(weights)) < 0.03
+    assert BA.unigram_segment(w, logp, 3, 200.0, gen) == BA.unigram_segment(w, logp, 3)
+
+
+def test_bpe_unigram_prune_by_loss():
+    """Pruning keeps every single byte and the pieces whose loss freq(x) * (log p(x) - log p(alt(x)))
+    is largest (computed by hand here: "ab" costs 10 * log(p(ab) / p(a) p(b)), "cd" only 1 * ...)."""
+    logp = {bytes([i]): math.log(1 / 1000) for i in range(256)}
+    logp.update({b"ab": math.log(0.2), b"cd": math.log(0.1), b"zz": math.log(0.05)})
+    pruned = BA.unigram_prune({b"ab": 10, b"cd": 1, b"xy": 5}, logp, 2, keep=1)
+    assert set(pruned) == set(logp) - {b"cd", b"zz"}  # "zz" is never used: loss 0
+    assert pruned[b"ab"] == logp[b"ab"]
+
+
+def test_bpe_algos_round_trip_random_unicode(algo_toks):
+    """decode(encode(x)) == x for random Unicode (astral, combining marks, whitespace runs, specials)
+    for WordPiece and Unigram, and sampled Unigram encodings decode back too."""
+    rng = random.Random(4)
+    texts = [_random_unicode(rng, rng.randint(0, 300)) for _ in range(40)] + ["", " ", "\n\n\n", "<|user|" ">"]
+    uni = algo_toks["unigram"]
+    sampler = BA.UnigramTokenizer(uni.vocab, uni.special_tokens, uni.pattern, uni.scores, alpha=0.2, seed=0)
+    for tok in (algo_toks["wordpiece"], uni, sampler):
+        for s in texts:
+            assert tok.decode(tok.encode(s)) == s
+    assert len({tuple(sampler.encode(_algo_corpus()[:3000])) for _ in range(3)}) > 1  # a fresh draw each call
+
+
+def test_bpe_algos_specials_never_split(algo_toks):
+    """Special tokens encode to their own id wherever they stand (longest match first), exactly as
+    often as they occur, and a stream (encode_iterable) gives the same ids as one call."""
+    text = "a<|endoftext|><|endoftext|>b <|user|>x<|assistant|>\n\nend<|endoftext|>"
+    lines = [text[i:i + 7] for i in range(0, len(text), 7)]
+    for name in ("wordpiece", "unigram"):
+        tok = algo_toks[name]
+        ids = tok.encode(text)
+        for s in ALGO_SPECIALS:
+            assert tok.encode(s) == [tok.special_ids[s]]
+            assert ids.count(tok.special_ids[s]) == text.count(s)
+        assert list(tok.encode_iterable(lines)) == ids
+        big = _algo_corpus()
+        assert list(tok.encode_iterable(big.splitlines(keepends=True))) == tok.encode(big)
+
+
+def test_bpe_algos_save_load(algo_toks, tmp_path):
+    """save -> load_any restores the same class, vocab, scores and ids; a BPE directory still loads
+    as bpe.Tokenizer; a broken pieces.json is a one-line ValueError."""
+    text = _algo_corpus()[:5000]
+    for name, tok in algo_toks.items():
+        tok.save(tmp_path / name)
+        back = BA.load_any(str(tmp_path / name))
+        assert type(back) is type(tok) and back.vocab == tok.vocab and back.encode(text) == tok.encode(text)
+        assert getattr(back, "scores", None) == getattr(tok, "scores", None)
+    assert len(algo_toks["unigram"]) == len(algo_toks["wordpiece"]) == 420
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "pieces.json").write_text('{"algorithm": "unigram"}')
+    with pytest.raises(ValueError, match="pieces.json"):
+        BA.load_any(str(tmp_path / "bad"))
+
+
+def test_bpe_unigram_compresses(algo_toks):
+    """On its own training text the Unigram LM compresses (bytes/token within 25% of BPE's at the same
+    vocab size), learns whole frequent words, and its pieces are sorted by probability."""
+    tok, ref, text = algo_toks["unigram"], algo_toks["bpe"], _algo_corpus()
+    n = len(text.encode())
+    assert n / len(tok.encode(text)) > 0.75 * n / len(ref.encode(text))
+    assert [tok.vocab[i] for i in tok.encode(" the")] == [b" the"]
+    learned = [tok.scores[i] for i in range(256 + len(ALGO_SPECIALS), len(tok))]
+    assert learned == sorted(learned, reverse=True)
+
+
 
 # ===============================================================
-# model.py + train.py: the Transformer's blocks against torch's own ops, sampling (KV cache,
-# speculative decoding), the masked-LM objective, the optimizer/schedule/clip/batch pieces of the
-# training loop, checkpoints (file objects, errors, SIGKILL + resume == uninterrupted, bitwise)
-# and the export to Hugging Face Llama (identical logits).
+# model.py (-k model): the Transformer's blocks against torch's own ops, the mask as worldview,
+# the masked-LM objective, FLOPs, sampling (KV cache, truncations, speculative decoding), device
+# and peak-FLOPs lookup, and the export to Hugging Face Llama (identical logits).
 # ===============================================================
 
 
@@ -921,7 +1429,8 @@ def test_cli_bad_input(tmp_path):
 # ---------------------------------------------------------------
 
 
-def test_state_dict_names_shapes_and_init():
+def test_model_state_dict_names_shapes_and_init():
+    """State-dict names/shapes follow the CS336 convention, num_params == count_params, and the inits have the stated std (vs F.linear/F.embedding)."""
     torch.manual_seed(0)
     cfg = tiny_cfg(num_kv_heads=2)
     m = M.TransformerLM(cfg)
@@ -950,7 +1459,8 @@ def test_state_dict_names_shapes_and_init():
     assert emb.weight.abs().max() <= 3.0 and abs(emb.weight.std().item() - 0.9866) < 0.02
 
 
-def test_softmax_silu_cross_entropy_vs_torch():
+def test_model_softmax_silu_cross_entropy_vs_torch():
+    """Our softmax, SiLU and cross-entropy equal torch's, including at logits of 1e3 and with ignored (-100) labels."""
     x = torch.randn(5, 11, dtype=torch.float64)
     for scale in (1.0, 1000.0):
         torch.testing.assert_close(M.softmax(x * scale, dim=-1), torch.softmax(x * scale, dim=-1))
@@ -963,7 +1473,8 @@ def test_softmax_silu_cross_entropy_vs_torch():
     torch.testing.assert_close(M.silu(x * 30), F.silu(x * 30))
 
 
-def test_rmsnorm_and_swiglu_vs_reference():
+def test_model_rmsnorm_and_swiglu_vs_reference():
+    """RMSNorm equals F.rms_norm (fp32 and bf16 in/out) and SwiGLU equals its F.linear/F.silu formula."""
     torch.manual_seed(0)
     norm = M.RMSNorm(16)
     with torch.no_grad():
@@ -979,7 +1490,8 @@ def test_rmsnorm_and_swiglu_vs_reference():
     torch.testing.assert_close(ffn(x), ref)
 
 
-def test_sdpa_with_and_without_mask_vs_torch():
+def test_model_sdpa_with_and_without_mask_vs_torch():
+    """From-scratch attention equals F.scaled_dot_product_attention, with and without a boolean mask."""
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 3, 7, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 5)
     torch.testing.assert_close(M.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
@@ -988,7 +1500,8 @@ def test_sdpa_with_and_without_mask_vs_torch():
     torch.testing.assert_close(M.scaled_dot_product_attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
-def test_rope_matches_complex_rotation_and_is_relative():
+def test_model_rope_matches_complex_rotation_and_is_relative():
+    """RoPE equals multiplication by exp(i·pos·θ) on complex pairs, and q·k depends only on the position offset."""
     torch.manual_seed(0)
     d, theta = 8, 10000.0
     rope = M.RotaryEmbedding(theta, d, 64)
@@ -1016,7 +1529,8 @@ def test_rope_matches_complex_rotation_and_is_relative():
 
 
 @pytest.mark.parametrize("causal,kv", [(True, None), (False, None), (True, 2)])
-def test_attention_backends_agree(causal, kv):
+def test_model_attention_backends_agree(causal, kv):
+    """The scratch and sdpa attention backends give the same logits (causal, encoder, GQA)."""
     torch.manual_seed(0)
     m = M.TransformerLM(tiny_cfg(causal=causal, num_kv_heads=kv, attn_backend="scratch"))
     idx = torch.randint(0, 61, (2, 17))
@@ -1025,8 +1539,8 @@ def test_attention_backends_agree(causal, kv):
     torch.testing.assert_close(m(idx), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_triton_backend_in_interpreter_agrees():
-    pytest.importorskip("kernels")  # not "triton": kernels.py must set TRITON_INTERPRET before triton loads
+def test_model_triton_backend_in_interpreter_agrees():
+    """The Triton FlashAttention backend (CPU interpreter) gives the same logits as sdpa."""
     torch.manual_seed(0)
     cfg = M.ModelConfig(vocab_size=17, context_length=16, d_model=32, num_layers=1, num_heads=2, d_ff=32, attn_backend="sdpa")
     m = M.TransformerLM(cfg)
@@ -1036,7 +1550,8 @@ def test_triton_backend_in_interpreter_agrees():
     torch.testing.assert_close(m(idx), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_causal_sees_no_future_encoder_sees_all():
+def test_model_causal_sees_no_future_encoder_sees_all():
+    """Changing token 8 leaves a causal model's earlier logits unchanged and changes a bidirectional encoder's."""
     torch.manual_seed(0)
     idx = torch.randint(0, 61, (1, 12))
     idx2 = idx.clone()
@@ -1049,7 +1564,8 @@ def test_causal_sees_no_future_encoder_sees_all():
     assert (enc(idx)[:, :8] - enc(idx2)[:, :8]).abs().max() > 1e-4  # bidirectional: the past sees the change
 
 
-def test_mlm_corruption_proportions():
+def test_model_mlm_corruption_proportions():
+    """mlm_corrupt selects 15% of positions and splits them 80/10/10 into [MASK]/random/unchanged (BERT)."""
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 100, (200, 500), generator=g)
     inp, labels = M.mlm_corrupt(idx, mask_token_id=100, vocab_size=100, generator=g)
@@ -1066,7 +1582,8 @@ def test_mlm_corruption_proportions():
     assert (inp[~sel] != 100).all()
 
 
-def test_flops_and_mfu_closed_form():
+def test_model_flops_and_mfu_closed_form():
+    """flops_per_token == 6N + 12·L·d·T (PaLM) on the 124M config, and MFU is FLOP/s over the peak (None on CPU)."""
     cfg = M.ModelConfig(vocab_size=50304, context_length=1024, d_model=768, num_layers=12, num_heads=12)
     n = M.count_params(cfg, non_embedding=True)
     assert M.flops_per_token(cfg) == 6 * n + 12 * 12 * 768 * 1024
@@ -1080,7 +1597,8 @@ def test_flops_and_mfu_closed_form():
 # ---------------------------------------------------------------
 
 
-def test_kv_cache_generation_equals_no_cache():
+def test_model_generate_kv_cache_equals_no_cache():
+    """KV-cached generate draws the same tokens as re-running the sequence without a cache (greedy, sampled, past the window), and stop tokens end rows."""
     torch.manual_seed(0)
     m = M.TransformerLM(tiny_cfg(num_kv_heads=2)).eval()
     prompt = torch.randint(0, 61, (2, 5))
@@ -1096,15 +1614,24 @@ def test_kv_cache_generation_equals_no_cache():
         probs = M.logits_to_probs(m(ref)[:, -1], 0.9, top_k=20)
         ref = torch.cat([ref, torch.multinomial(probs, 1, generator=g)], 1)
     assert torch.equal(out, ref)
-    # past the window we slide it; stop token ends (and pads) rows
+    # past the window (context 32) generate slides it: the reference re-runs the last 32 tokens every step
     long = M.generate(m, prompt, 40, temperature=1.0, generator=torch.Generator().manual_seed(0))
-    assert long.shape == (2, 45)
+    g, ref = torch.Generator().manual_seed(0), prompt
+    for _ in range(40):
+        ref = torch.cat([ref, torch.multinomial(M.logits_to_probs(m(ref[:, -32:])[:, -1]), 1, generator=g)], 1)
+    assert long.shape == (2, 45) and torch.equal(long, ref)
+    greedy, ref = M.generate(m, prompt, 40, temperature=0), prompt
+    for _ in range(40):
+        ref = torch.cat([ref, m(ref[:, -32:])[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(greedy, ref)
+    # stop token ends (and pads) rows
     stop = int(out[0, 5])
     s = M.generate(m, prompt[:1], 10, temperature=0.9, top_k=20, stop_token=stop, generator=torch.Generator().manual_seed(3))
     assert s.shape == (1, 6) and s[0, -1] == stop
 
 
-def test_logits_to_probs_truncations_vs_reference():
+def test_model_logits_to_probs_truncations_vs_reference():
+    """top-k, top-p, min-p, greedy and temperature give the hand-computed distributions."""
     logits = torch.log(torch.tensor([[0.4, 0.3, 0.15, 0.1, 0.05]]))
     torch.testing.assert_close(M.logits_to_probs(logits, top_k=2), torch.tensor([[4 / 7, 3 / 7, 0, 0, 0]]))
     torch.testing.assert_close(M.logits_to_probs(logits, top_p=0.7), torch.tensor([[4 / 7, 3 / 7, 0, 0, 0]]))
@@ -1115,8 +1642,23 @@ def test_logits_to_probs_truncations_vs_reference():
     torch.testing.assert_close(t, torch.softmax(logits / 2, -1))
 
 
-def test_speculative_accept_rule_is_exact():
-    # Emitted first token must follow p exactly, whatever q is (Leviathan et al. Thm 1).
+@pytest.mark.parametrize("kw", [dict(top_p=0.0), dict(top_p=-0.5), dict(top_p=1.5), dict(temperature=-1.0),
+                                dict(min_p=1.5), dict(top_k=-1)])
+def test_model_sampling_knobs_out_of_range_are_errors(kw):
+    """top_p outside (0, 1], a negative temperature, min_p outside [0, 1] or top_k < 0 is a ValueError, never NaN or a reversed distribution."""
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.15, 0.1, 0.05]]))
+    with pytest.raises(ValueError, match="sampling needs"):
+        M.logits_to_probs(logits, **kw)
+    m = M.TransformerLM(tiny_cfg()).eval()
+    with pytest.raises(ValueError):
+        M.generate(m, torch.zeros(1, 3, dtype=torch.long), 2, **kw)
+    # the edges of the valid ranges still sample: top_p = 1 keeps everything, a tiny top_p the top token
+    torch.testing.assert_close(M.logits_to_probs(logits, top_p=1.0), torch.softmax(logits, -1))
+    torch.testing.assert_close(M.logits_to_probs(logits, top_p=1e-9), torch.tensor([[1.0, 0, 0, 0, 0]]))
+
+
+def test_model_speculative_accept_rule_is_exact():
+    """The accept/reject rule emits tokens distributed as p whatever q is (Leviathan et al. Thm 1)."""
     g = torch.Generator().manual_seed(0)
     p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
     q = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
@@ -1128,7 +1670,8 @@ def test_speculative_accept_rule_is_exact():
     assert (counts / N - p[0]).abs().max() < 0.02
 
 
-def test_speculative_with_draft_equal_target_accepts_all_and_matches():
+def test_model_speculative_greedy_and_self_draft():
+    """Draft == target accepts every proposal; greedy speculative decoding reproduces the target's greedy generate."""
     torch.manual_seed(0)
     m = M.TransformerLM(tiny_cfg()).eval()
     prompt = torch.randint(0, 61, (1, 4))
@@ -1146,13 +1689,84 @@ def test_speculative_with_draft_equal_target_accepts_all_and_matches():
     assert torch.equal(out, M.generate(m, prompt, 20, temperature=0)) and stats["accepted"] < stats["proposed"]
 
 
+def _exact_joint(m, prompt, n_new, V):
+    """P(x_1..x_n | prompt) for every one of the V^n continuations, from one batched forward pass."""
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=n_new)))  # (V^n, n), base-V order
+    full = torch.cat([prompt.expand(len(seqs), -1), seqs], 1)
+    with torch.no_grad():
+        logp = torch.log_softmax(m(full).double(), -1)[:, prompt.shape[1] - 1 : -1]  # (V^n, n, V): predicts x_1..x_n
+    return logp.gather(-1, seqs[..., None])[..., 0].sum(-1).exp()
+
+
+def _chi_square(counts, p):
+    """Pearson's statistic, cells with an expected count < 5 pooled into one -> (statistic, degrees of freedom)."""
+    expected = counts.sum() * p
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    return (((obs - exp) ** 2)[keep] / exp[keep]).sum().item(), int(keep.sum()) - 1
+
+
+def test_model_speculative_k3_distinct_draft_matches_target_joint():
+    """With k=3 and a distinct draft, the 3-token outputs follow the target's exact joint (chi-square over all 27 sequences), not the draft's."""
+    torch.manual_seed(0)
+    V, n_new, N = 3, 3, 800
+    target = M.TransformerLM(M.ModelConfig(vocab_size=V, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=32)).eval()
+    draft = copy.deepcopy(target)
+    with torch.no_grad():  # a softer target (every sequence has mass) and a draft that disagrees with it
+        target.lm_head.weight.mul_(0.5)
+        draft.lm_head.weight.copy_(target.lm_head.weight + 0.25 * torch.randn_like(target.lm_head.weight))
+    prompt = torch.tensor([[0, 2]])
+    g, counts, stats = torch.Generator().manual_seed(0), torch.zeros(V ** n_new, dtype=torch.float64), {}
+    proposed = accepted = 0
+    for _ in range(N):
+        out = M.speculative_generate(target, draft, prompt, n_new, k=3, temperature=1.0, generator=g, stats=stats)
+        counts[sum(int(x) * V ** (n_new - 1 - j) for j, x in enumerate(out[0, 2:]))] += 1
+        proposed, accepted = proposed + stats["proposed"], accepted + stats["accepted"]
+    assert 0.2 < accepted / proposed < 0.9  # both paths exercised: accepted drafts and residual resamples
+    p_target, p_draft = _exact_joint(target, prompt, n_new, V), _exact_joint(draft, prompt, n_new, V)
+    stat, df = _chi_square(counts, p_target)
+    assert stat < df + 4 * math.sqrt(2 * df), (stat, df)  # ~4 sigma of a chi-square with df degrees of freedom
+    stat_draft, df_draft = _chi_square(counts, p_draft)
+    assert stat_draft > 3 * (df_draft + 4 * math.sqrt(2 * df_draft)), stat_draft  # and it tells the two joints apart
+
+
+# ---------------------------------------------------------------
+# Devices and peak FLOPs
+# ---------------------------------------------------------------
+
+
+def test_model_peak_flops_matched_by_exact_name(monkeypatch):
+    """device_peak_flops looks a GPU up by its exact name: "NVIDIA L40" is unknown (None), not the L4's peak."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, want in (("NVIDIA L4", 121e12), ("NVIDIA L40", None), ("NVIDIA H100 PCIe", 756e12),
+                       ("NVIDIA H100 80GB HBM3", 989e12), ("nvidia h100 80gb hbm3", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert M.device_peak_flops("cuda") == want, name
+    assert M.device_peak_flops("cpu") is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_model_pick_device_missing_cuda_is_one_line_error():
+    """Asking for cuda on a CPU-only machine is a one-line SystemExit, not torch's traceback; cpu is always there."""
+    with pytest.raises(SystemExit) as e:
+        M.pick_device("cuda")
+    assert str(e.value).startswith("error:") and "\n" not in str(e.value)
+    with pytest.raises(SystemExit):
+        M.pick_device("gpu0")
+    assert M.pick_device("cpu") == "cpu" and M.pick_device(None) in ("cpu", "mps")
+
+
 # ---------------------------------------------------------------
 # Hugging Face export
 # ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw", [dict(num_kv_heads=2), dict(tie_embeddings=True)])
-def test_export_hf_llama_identical_logits(tmp_path, kw):
+@pytest.mark.parametrize("kw", [dict(num_kv_heads=2), dict(tie_embeddings=True),
+                                dict(num_kv_heads=2, tie_embeddings=True, rope_theta=5e5)])
+def test_model_export_hf_llama_identical_logits(tmp_path, kw):
+    """An exported checkpoint loads in HF LlamaForCausalLM with our logits (GQA, tied, theta 5e5); config.json carries theta in 4.x and 5.x form."""
     transformers = pytest.importorskip("transformers")  # test-only dependency (requirements-dev.txt)
     torch.manual_seed(0)
     m = M.TransformerLM(tiny_cfg(**kw)).eval()
@@ -1163,6 +1777,31 @@ def test_export_hf_llama_identical_logits(tmp_path, kw):
     idx = torch.randint(0, 61, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, m(idx), atol=1e-5, rtol=1e-4)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    theta = kw.get("rope_theta", 10000.0)
+    assert config["rope_theta"] == theta and config["rope_parameters"]["rope_theta"] == theta  # 4.x reads the first
+
+
+def test_model_export_hf_failed_swap_keeps_previous_export(tmp_path, monkeypatch):
+    """When the final rename fails, export-hf is a one-line error, the previous export is intact and no temp dir is left."""
+    pytest.importorskip("transformers")
+    m = M.TransformerLM(tiny_cfg())
+    TR.save_checkpoint(m, TR.AdamW(m.parameters()), 0, str(tmp_path / "ckpt.pt"))
+    out = tmp_path / "hf"
+    M.export_hf(str(tmp_path / "ckpt.pt"), str(out))
+    (out / "MARK").write_text("the previous export")
+    real_replace = os.replace
+
+    def disk_full_on_swap(src, dst):  # the new export (no MARK) cannot be renamed onto out
+        if os.path.abspath(dst) == str(out) and not os.path.exists(os.path.join(src, "MARK")):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", disk_full_on_swap)
+    with pytest.raises(SystemExit, match="^error: cannot write"):
+        M.export_hf(str(tmp_path / "ckpt.pt"), str(out))
+    assert (out / "MARK").read_text() == "the previous export" and (out / "model.safetensors").exists()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "hf"]
 
 
 # ---------------------------------------------------------------
@@ -1170,7 +1809,8 @@ def test_export_hf_llama_identical_logits(tmp_path, kw):
 # ---------------------------------------------------------------
 
 
-def test_adamw_matches_torch_over_10_steps():
+def test_train_adamw_matches_torch_over_10_steps():
+    """Our AdamW must agree with torch.optim.AdamW (decoupled decay, bias correction) over 10 steps."""
     torch.manual_seed(0)
     a = torch.nn.Linear(7, 5)
     b = torch.nn.Linear(7, 5)
@@ -1187,7 +1827,8 @@ def test_adamw_matches_torch_over_10_steps():
         assert (pa - pb).abs().max() <= 1e-6
 
 
-def test_lr_cosine_schedule_values():
+def test_train_lr_cosine_schedule_values():
+    """Warmup is linear, the cosine hits (max + min) / 2 halfway and min_lr at the end: closed-form values."""
     f = lambda it: TR.lr_cosine_schedule(it, 1.0, 0.1, 7, 21)  # noqa: E731
     assert f(0) == 0 and f(3) == pytest.approx(3 / 7) and f(7) == pytest.approx(1.0)
     assert f(14) == pytest.approx(0.55)  # halfway down the cosine: (max + min) / 2
@@ -1196,7 +1837,8 @@ def test_lr_cosine_schedule_values():
     assert all(f(i) >= f(i + 1) for i in range(7, 25))
 
 
-def test_clip_grad_norm_matches_torch():
+def test_train_clip_grad_norm_matches_torch():
+    """Our clip_grad_norm returns the same norm and clipped grads as torch.nn.utils.clip_grad_norm_."""
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(3)]
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
@@ -1215,7 +1857,8 @@ def test_clip_grad_norm_matches_torch():
     torch.testing.assert_close(small[0].grad, torch.full((3,), 0.1))  # under the limit: untouched
 
 
-def test_get_batch_statistics(tmp_path):
+def test_train_get_batch_statistics(tmp_path):
+    """get_batch windows are shifted by one and their starts uniform over every valid offset (mean and sd)."""
     data = np.arange(1000, dtype=np.uint16)
     data.tofile(tmp_path / "t.bin")
     mm = np.memmap(tmp_path / "t.bin", dtype=np.uint16, mode="r")
@@ -1232,7 +1875,8 @@ def test_get_batch_statistics(tmp_path):
     assert abs(s.std().item() - (1000 - 16) / math.sqrt(12)) < 10
 
 
-def test_overfit_one_batch():
+def test_train_overfit_one_batch():
+    """The model plus our loss and AdamW memorize one batch: loss from ln 61 to < 0.05."""
     torch.manual_seed(0)
     m = M.TransformerLM(tiny_cfg())
     opt = TR.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
@@ -1250,7 +1894,8 @@ def test_overfit_one_batch():
 # ---------------------------------------------------------------
 
 
-def test_checkpoint_file_object_roundtrip_and_errors(tmp_path):
+def test_train_checkpoint_file_object_roundtrip_and_errors(tmp_path):
+    """save/load_checkpoint round-trips weights and moments exactly; wrong shapes and bad files are one-line errors."""
     torch.manual_seed(0)
     m = M.TransformerLM(tiny_cfg())
     opt = TR.AdamW(m.parameters(), lr=1e-3)
@@ -1285,10 +1930,19 @@ def test_checkpoint_file_object_roundtrip_and_errors(tmp_path):
 
 
 def test_train_rejects_non_positive_sizes(capsys):
+    """A size or count of 0 is an argparse error (exit 2) naming the rule, not a traceback."""
     for flag in ("--batch-size", "--context-length", "--grad-accum", "--max-steps"):
         with pytest.raises(SystemExit) as e:
             TR.build_parser().parse_args(["--data", "x", flag, "0"])
         assert e.value.code == 2 and "must be a positive integer, got 0" in capsys.readouterr().err, flag
+
+
+def test_train_cli_defaults_are_model_config():
+    """`python train.py` trains ModelConfig(): every model-shape flag takes its default from it."""
+    a, d = TR.build_parser().parse_args([]), ModelConfig()
+    assert (a.d_model, a.num_layers, a.num_heads, a.context_length, a.rope_theta, a.attn_backend, a.tie_embeddings) == \
+        (d.d_model, d.num_layers, d.num_heads, d.context_length, d.rope_theta, d.attn_backend, d.tie_embeddings)
+    assert a.command == "train" and TR.build_parser().parse_args(["sample", "--ckpt", "c.pt"]).command == "sample"
 
 
 def _write_data(d, n=6000, V=61):
@@ -1316,7 +1970,9 @@ def _curve(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+@pytest.mark.slow
+def test_train_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    """A run SIGKILLed after a checkpoint and resumed logs the uninterrupted run's metrics bit for bit."""
     data = str(tmp_path / "data")
     _write_data(data)
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
@@ -1346,7 +2002,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 
 
 @pytest.mark.parametrize("steps,extra", [(100, ["--objective", "mlm", "--batch-size", "8"]), (40, ["--optimizer", "muon", "--grad-accum", "2"])])
+@pytest.mark.slow
 def test_train_loop_variants_learn(tmp_path, steps, extra):
+    """MLM and Muon + grad-accum runs learn: loss falls by > 1 nat and val loss beats the unigram entropy."""
     # MLM scores only ~15% of the positions per batch, so it gets more steps and a bigger batch.
     data = str(tmp_path / "data")
     _write_data(data)
@@ -1361,8 +2019,9 @@ def test_train_loop_variants_learn(tmp_path, steps, extra):
     assert m.cfg.causal == ("mlm" not in extra) and ck["iteration"] == steps
 
 
-def test_sample_cli_from_checkpoint(tmp_path, capsys):
-    bpe = pytest.importorskip("bpe")
+@pytest.mark.slow
+def test_train_sample_cli_from_checkpoint(tmp_path, capsys):
+    """`train.py sample` (and its old spelling --sample) continues the one sentence the model was trained on."""
     data, out = tmp_path / "data", tmp_path / "out"
     tok = bpe.Tokenizer({i: bytes([i]) for i in range(256)}, [], special_tokens=["<|endoftext|>"])  # plain bytes
     tok.save(str(data / "tokenizer"))
@@ -1375,6 +2034,107 @@ def test_sample_cli_from_checkpoint(tmp_path, capsys):
     TR.main(["--sample", "--ckpt", str(out / "ckpt.pt"), "--prompt", "hello", "--max-new-tokens", "20", "--temperature", "0"])
     text = capsys.readouterr().out
     assert text.startswith("hello") and "world. hello" in text  # it learned the one sentence it saw
+    TR.main(["sample", "--ckpt", str(out / "ckpt.pt"), "--prompt", "hello", "--max-new-tokens", "20", "--temperature", "0"])
+    assert capsys.readouterr().out == text  # the subcommand and the old flag are one code path
+
+
+
+
+# ---------------------------------------------------------------
+# Numbers you can trust: divergence, resume, bookkeeping, gradient scale
+# ---------------------------------------------------------------
+
+NO_AUTOCAST = torch.autocast("cpu", enabled=False)
+
+
+def test_train_step_grad_accum_gives_the_big_batch_gradient():
+    """train_step on 2 micro-batches returns the pre-clip grad norm and loss of the one big batch (plain autograd)."""
+    torch.manual_seed(0)
+    m = M.TransformerLM(tiny_cfg())
+    ref = copy.deepcopy(m)
+    x = torch.randint(0, 61, (8, 17))
+    ref_loss = TR.cross_entropy(ref(x[:, :-1]), x[:, 1:])
+    ref_loss.backward()
+    ref_norm = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm()
+    for clip in ("0", "0.5"):  # no clipping (the norm is still measured), and clipping: the norm is the pre-clip one
+        halves = iter([(x[:4, :-1], x[:4, 1:]), (x[4:, :-1], x[4:, 1:])])
+        args = TR.build_parser().parse_args(["--grad-accum", "2", "--grad-clip", clip])
+        opt = TR.AdamW(m.parameters(), lr=0.0)
+        loss, norm, ok = TR.train_step(m, [opt], lambda data, gen: next(halves), None, None, args, NO_AUTOCAST)
+        assert ok and norm.item() == pytest.approx(ref_norm.item(), rel=1e-5), clip  # `/ grad_accum` gone: 2x
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+
+
+def test_train_val_loss_is_world_size_independent():
+    """evaluate's val loss is the same on 1 rank and on 2 (each rank's share, summed as all_reduce would)."""
+    torch.manual_seed(0)
+    m = M.TransformerLM(tiny_cfg())
+    data = np.random.default_rng(0).integers(0, 61, 3000).astype(np.uint16)
+    args = TR.build_parser().parse_args(["--batch-size", "3", "--context-length", "8", "--eval-steps", "5"])
+    draw = lambda d, g: TR.next_batch(d, g, args, 0, 1, "cpu")  # noqa: E731
+    one = TR.evaluate(m, draw, data, args, NO_AUTOCAST, 0, 1)
+    two = sum(TR.evaluate(m, draw, data, args, NO_AUTOCAST, r, 2) for r in range(2))  # 3 rounds, one padding batch
+    assert two == pytest.approx(one, rel=1e-6) and one != TR.evaluate(m, draw, data[::-1].copy(), args, NO_AUTOCAST, 0, 1)
+
+
+def test_train_nonfinite_loss_stops_and_keeps_the_checkpoint(tmp_path):
+    """--lr 1e4 diverges: a one-line error (step, last finite loss, lower --lr), and ckpt.pt keeps finite weights."""
+    data = str(tmp_path / "data")
+    _write_data(data)
+    runs = {}
+    for skip in (0, 3):
+        out = str(tmp_path / f"skip{skip}")
+        cmd = _train_cmd(data, out, "--lr", "1e4", "--max-steps", "30", "--warmup-steps", "2", "--ckpt-every", "2")[2:]
+        with pytest.raises(SystemExit, match=r"^error: step \d+: loss \S+, grad norm \S+ \(last finite loss \d+\.\d+\); "
+                                             r"stopped before saving, .*ckpt.pt is the last good state; lower --lr \(now 10000\)$") as e:
+            TR.main(cmd + ["--skip-nonfinite", str(skip)])
+        runs[skip] = stop = int(re.search(r"step (\d+)", str(e.value)).group(1))
+        ck = M.read_checkpoint(os.path.join(out, "ckpt.pt"))
+        assert all(torch.isfinite(v).all() for v in ck["model"].values()) and 2 <= ck["iteration"] < stop
+        assert all(math.isfinite(r["loss"]) for r in _curve(out) if "loss" in r)
+    assert runs[3] == runs[0] + 3  # three bad batches skipped, then the same stop
+
+
+def test_train_resume_applies_new_hyperparameters(tmp_path):
+    """Resuming with another --lr / --weight-decay trains with them (the optimizer's groups), not the checkpoint's."""
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    _write_data(data)
+    TR.main(_train_cmd(data, out, "--max-steps", "10")[2:])
+    TR.main(_train_cmd(data, out, "--max-steps", "20", "--lr", "1e-3", "--weight-decay", "0", "--resume")[2:])
+    groups = M.read_checkpoint(os.path.join(out, "ckpt.pt"))["optimizer"]["param_groups"]
+    factor = TR.lr_cosine_schedule(20, 1.0, 2e-4 / 1e-3, 4, 20)
+    assert groups[0]["lr"] == pytest.approx(1e-3 * factor) and groups[0]["weight_decay"] == 0.0
+    logged = {r["step"]: r["lr"] for r in _curve(out) if "loss" in r}
+    assert logged[20] == groups[0]["lr"] and logged[5] == pytest.approx(1e-2 * TR.lr_cosine_schedule(5, 1.0, 0.02, 4, 10))
+
+
+def test_train_warmup_longer_than_the_run_is_clamped(tmp_path, capsys):
+    """--warmup-steps >= --max-steps warns and clamps, so the lr still decays to --min-lr at the last step."""
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    _write_data(data)
+    TR.main(_train_cmd(data, out, "--max-steps", "10", "--warmup-steps", "30")[2:])
+    assert "warning: --warmup-steps 30 >= --max-steps 10; using 1" in capsys.readouterr().out
+    assert [r["lr"] for r in _curve(out) if "loss" in r][-1] == pytest.approx(2e-4)
+
+
+def test_train_unigram_entropy_counts_in_chunks(tmp_path):
+    """unigram_entropy of 20M tokens equals ln 50 (closed form) without an int64 copy of the whole file."""
+    np.tile(np.arange(50, dtype=np.uint16), 400_000).tofile(tmp_path / "t.bin")  # 40 MB; an int64 copy is 160 MB
+    mm = np.memmap(tmp_path / "t.bin", dtype=np.uint16, mode="r")
+    tracemalloc.start()
+    H = TR.unigram_entropy(mm, 50)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert H == pytest.approx(math.log(50), rel=1e-12) and peak < 64e6, peak
+    with pytest.raises(SystemExit, match=r"^error: data has token id 49 >= vocab size 40$"):
+        TR.unigram_entropy(mm[:1000], 40)
+
+
+def test_train_bits_per_byte_counts_specials_as_zero_bytes():
+    """<|endoftext|> is 0 bytes of text: "hello" EOT "abc" is 8 bytes over 9 tokens, not 21."""
+    tok = bpe.Tokenizer({i: bytes([i]) for i in range(256)}, [], special_tokens=["<|endoftext|>"])
+    ids = np.array(tok.encode("hello") + [tok.special_ids["<|endoftext|>"]] + tok.encode("abc"), dtype=np.uint16)
+    assert TR.bytes_per_token(tok, ids) == 8 / 9
 
 
 # ---------------------------------------------------------------
@@ -1413,6 +2173,7 @@ def _kn_rand(*shape, dtype, seed):
 
 
 def test_kernels_triton_runs_in_interpreter_without_gpu():
+    """Without CUDA the header's TRITON_INTERPRET=1 must turn every kernel into an interpreted function (no autotuner)."""
     if torch.cuda.is_available():  # compiled, unless someone asked for the interpreter on purpose
         assert type(kernels._rmsnorm_fwd_kernel).__name__ == ("InterpretedFunction" if kernels.INTERPRET
                                                               else "JITFunction")
@@ -1424,8 +2185,11 @@ def test_kernels_triton_runs_in_interpreter_without_gpu():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 16), (2, 17, 48), (2, 3, 5, 100)])
+# BLOCK_D = next_power_of_2(D): 16, 64, 128, then the model's widths: 1024 (D = 768, masked lanes)
+# and 4096 (exact); (2, 19, 768) also gives each backward program 10 rows, the last one 8.
+@pytest.mark.parametrize("shape", [(1, 16), (2, 17, 48), (2, 3, 5, 100), (2, 19, 768), (2, 4096)])
 def test_kernels_rmsnorm_triton_matches_torch(shape, dtype):
+    """RMSNormTriton forward, dx and dweight equal F.rms_norm's (fp32 reference on the same rounded inputs)."""
     x = _kn_rand(*shape, dtype=dtype, seed=1) * 3.0
     w = _kn_rand(shape[-1], dtype=dtype, seed=2)
     ours = _kn_run(lambda x, w: kernels.RMSNormTriton.apply(x, w, 1e-5), x, w)
@@ -1458,6 +2222,7 @@ def _kn_attn_case(lead, Tq, Tk, d, dtype, seed=0):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lead,Tq,Tk,d", _KN_ATTN_SHAPES)
 def test_kernels_flash_attention_torch_matches_sdpa(lead, Tq, Tk, d, causal):
+    """FlashAttentionTorch (the tiled algorithm) gives SDPA's output and gradients, ragged and Tq != Tk included."""
     q, k, v = _kn_attn_case(lead, Tq, Tk, d, torch.float32)
     ours = _kn_run(lambda q, k, v: kernels.FlashAttentionTorch.apply(q, k, v, causal), q, k, v)
     _kn_close(ours, _kn_run(lambda q, k, v: _kn_sdpa(q, k, v, causal), q, k, v), torch.float32)
@@ -1465,7 +2230,7 @@ def test_kernels_flash_attention_torch_matches_sdpa(lead, Tq, Tk, d, causal):
 
 @pytest.mark.parametrize("fa", [kernels.FlashAttentionTorch, kernels.FlashAttentionTriton])
 def test_kernels_flash_attention_saves_only_logsumexp(fa):
-    # CS336 contract: besides inputs/outputs, exactly one saved tensor of shape (batch, n_queries): L
+    """CS336 contract: besides q, k, v, o the only saved tensor is L (batch, n_queries), equal to the logsumexp of the scores."""
     B, Tq, d = 2, 33, 16
     q, k, v = (_kn_rand(B, Tq, d, dtype=torch.float32, seed=s).requires_grad_() for s in (0, 1, 2))
     o = fa.apply(q, k, v, True)
@@ -1479,6 +2244,7 @@ def test_kernels_flash_attention_saves_only_logsumexp(fa):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lead,Tq,Tk,d", _KN_ATTN_SHAPES)
 def test_kernels_flash_attention_triton_matches_sdpa(lead, Tq, Tk, d, causal, dtype):
+    """FlashAttentionTriton forward and backward equal fp32 SDPA, in fp32 and bf16, 3-D and 4-D, ragged lengths."""
     q, k, v = _kn_attn_case(lead, Tq, Tk, d, dtype, seed=3)
     ours = _kn_run(lambda q, k, v: kernels.FlashAttentionTriton.apply(q, k, v, causal), q, k, v)
     ref = _kn_run(lambda q, k, v: _kn_sdpa(q, k, v, causal), q.float(), k.float(), v.float())
@@ -1487,7 +2253,7 @@ def test_kernels_flash_attention_triton_matches_sdpa(lead, Tq, Tk, d, causal, dt
 
 @pytest.mark.parametrize("d,dtype", [(24, torch.float32), (128, torch.float32), (64, torch.float16)])
 def test_kernels_flash_attention_triton_head_dims(d, dtype):
-    # head dims that are not a power of two (masked d lanes), the largest one, and fp16
+    """Head dims that are not a power of two (masked d lanes), the largest (128), and fp16 all match SDPA."""
     q, k, v = _kn_attn_case((1, 2), 20, 20, d, dtype, seed=5)
     ours = _kn_run(lambda q, k, v: kernels.FlashAttentionTriton.apply(q, k, v, True), q, k, v)
     ref = _kn_run(lambda q, k, v: _kn_sdpa(q, k, v, True), q.float(), k.float(), v.float())
@@ -1495,6 +2261,7 @@ def test_kernels_flash_attention_triton_head_dims(d, dtype):
 
 
 def test_kernels_flash_attention_triton_on_model_layout():
+    """Non-contiguous (B, H, T, d) views, as model.py passes them, give SDPA's output and gradients."""
     # model.py hands over (B, H, T, d) views made by .transpose(1, 2): not contiguous
     B, T, H, d = 2, 17, 2, 16
     xs = [_kn_rand(B, T, H * d, dtype=torch.float32, seed=s) for s in (0, 1, 2)]
@@ -1506,12 +2273,46 @@ def test_kernels_flash_attention_triton_on_model_layout():
     _kn_close(ours, ref, torch.float32)
 
 
+# Tile shapes (BLOCK_M query rows, BLOCK_N keys).  A GPU autotunes over square and non-square
+# tiles from 32 to 128 wide (kernels.py section 6); the interpreter runs one fixed tile,
+# kernels._INTERP_TILE, and FlashAttentionTorch has BLOCK_Q x BLOCK_K.  With square tiles the
+# causal bounds (where a Q tile stops, where the masked stage starts) cannot tell BLOCK_M from
+# BLOCK_N, so we also run taller-than-wide and wider-than-tall ones.
+_KN_TILES = [(16, 16), (32, 16), (16, 64), (64, 32), (128, 64)]
+
+
+def _kn_set_tile(monkeypatch, fa, bm, bn):
+    """Make fa run with (bm, bn) tiles; False where the tile is not ours to choose (autotuned GPU)."""
+    if fa is kernels.FlashAttentionTorch:
+        monkeypatch.setattr(fa, "BLOCK_Q", bm)
+        monkeypatch.setattr(fa, "BLOCK_K", bn)
+        return True
+    monkeypatch.setattr(kernels, "_INTERP_TILE", {"BLOCK_M": bm, "BLOCK_N": bn})
+    return kernels.INTERPRET
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bm,bn", _KN_TILES[1:])
 @pytest.mark.parametrize("fa", [kernels.FlashAttentionTorch, kernels.FlashAttentionTriton])
-def test_kernels_causal_skips_fully_masked_tiles(fa):
+def test_kernels_flash_attention_tile_shapes(fa, bm, bn, causal, monkeypatch):
+    """Non-square and larger tiles (the GPU's autotuned shapes) give SDPA's output and gradients."""
+    if not _kn_set_tile(monkeypatch, fa, bm, bn):
+        pytest.skip("compiled kernels pick their tiles by autotuning (the gpu_large tests cover them)")
+    q, k, v = _kn_attn_case((1, 2), 45, 70, 32, torch.float32, seed=9)  # ragged, Tq != Tk, < and > a tile
+    ours = _kn_run(lambda q, k, v: fa.apply(q, k, v, causal), q, k, v)
+    _kn_close(ours, _kn_run(lambda q, k, v: _kn_sdpa(q, k, v, causal), q, k, v), torch.float32)
+
+
+@pytest.mark.parametrize("bm,bn", _KN_TILES[:3])
+@pytest.mark.parametrize("fa", [kernels.FlashAttentionTorch, kernels.FlashAttentionTriton])
+def test_kernels_causal_skips_fully_masked_tiles(fa, bm, bn, monkeypatch):
+    """Causal tiles above the diagonal are never loaded: NaN keys there leave O, dQ, dK, dV equal to SDPA's."""
     # Keys after the last query are never visible.  If their tiles were loaded at all, NaNs put
     # there would leak into O through 0 * NaN in P V and into dQ/dK/dV; skipped tiles cannot.
-    # Tq is a multiple of every tile size (16 interpreted, <= 128 compiled).
-    Tq = 16 if (kernels.INTERPRET or fa is kernels.FlashAttentionTorch) else 128
+    # Tq is a multiple of every tile size (the tile set here, <= 128 compiled).
+    if not _kn_set_tile(monkeypatch, fa, bm, bn) and (bm, bn) != (16, 16):
+        pytest.skip("compiled kernels pick their tiles by autotuning")
+    Tq = max(bm, bn) if (kernels.INTERPRET or fa is kernels.FlashAttentionTorch) else 128
     q, k, v = _kn_attn_case((1, 2), Tq, 3 * Tq, 32, torch.float32, seed=7)
     k[..., Tq:, :] = float("nan")
     v[..., Tq:, :] = float("nan")
@@ -1522,14 +2323,17 @@ def test_kernels_causal_skips_fully_masked_tiles(fa):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_swiglu_triton_matches_torch(dtype):
-    a, b = _kn_rand(3, 70, dtype=dtype, seed=1), _kn_rand(3, 70, dtype=dtype, seed=2)
+@pytest.mark.parametrize("shape", [(3, 70), (3, 1000)])  # one masked block; 3 blocks of 1024, the last ragged
+def test_kernels_swiglu_triton_matches_torch(shape, dtype):
+    """SwiGLUTriton forward and both gradients equal F.silu(a) * b's, within one block and across several."""
+    a, b = _kn_rand(*shape, dtype=dtype, seed=1), _kn_rand(*shape, dtype=dtype, seed=2)
     ours = _kn_run(kernels.SwiGLUTriton.apply, a, b)
     ref = _kn_run(lambda a, b: F.silu(a) * b, a.float(), b.float())
     _kn_close(ours, [r.to(dtype) for r in ref], dtype)
 
 
 def test_kernels_chunked_cross_entropy_matches_full_logits():
+    """ChunkedCrossEntropy (ragged last chunk, grad_output != 1) equals F.cross_entropy on the full logits."""
     N, C, V = 40, 16, 50  # 40 tokens in chunks of 16: the last chunk is ragged
     h, W = _kn_rand(N, C, dtype=torch.float32, seed=1), _kn_rand(V, C, dtype=torch.float32, seed=2)
     t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3)).to(_KN_DEV)
@@ -1544,6 +2348,7 @@ def test_kernels_chunked_cross_entropy_matches_full_logits():
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_kernels_flash_attention_triton_gpu_large(d, causal):
+    """Compiled, autotuned FA2 at T = 1000 (no tile divides it), bf16, matches fp32 SDPA."""
     # T = 1000: not a multiple of any autotuned tile; bf16 against fp32 SDPA
     q, k, v = _kn_attn_case((2, 4), 1000, 1000, d, torch.bfloat16, seed=11)
     ours = _kn_run(lambda q, k, v: kernels.FlashAttentionTriton.apply(q, k, v, causal), q, k, v)
@@ -1553,6 +2358,7 @@ def test_kernels_flash_attention_triton_gpu_large(d, causal):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compiled Triton kernels")
 def test_kernels_rmsnorm_triton_gpu_large():
+    """Compiled RMSNorm at D = 4096 over 4000 rows, bf16, matches fp32 F.rms_norm."""
     x, w = _kn_rand(4, 1000, 4096, dtype=torch.bfloat16, seed=1), _kn_rand(4096, dtype=torch.bfloat16, seed=2)
     ours = _kn_run(lambda x, w: kernels.RMSNormTriton.apply(x, w, 1e-5), x, w)
     ref = _kn_run(lambda x, w: F.rms_norm(x, (4096,), w, eps=1e-5), x.float(), w.float())
@@ -1560,22 +2366,25 @@ def test_kernels_rmsnorm_triton_gpu_large():
 
 
 # ---- the compiled (GPU) path, checked without a GPU ----
-# The interpreter accepts things the compiler rejects (and vice versa), so we also compile the
-# kernels ahead of time for an H100 (sm_90) with the ptxas that ships in the triton wheel.  It
-# runs in a subprocess because here TRITON_INTERPRET=1 has already turned every kernel into an
-# interpreted function.  Passing means "valid Triton for Hopper, using wgmma tensor-core MMAs".
+# The interpreter accepts things the compiler rejects (and vice versa), so we also compile every
+# kernel ahead of time, for an H100/H200 (sm_90) and an A100 (sm_80), with the ptxas that ships in
+# the triton wheel.  It runs in a subprocess because here TRITON_INTERPRET=1 has already turned
+# every kernel into an interpreted function.  Passing means "valid Triton for that GPU, with the
+# attention matmuls on its tensor cores": wgmma on Hopper, mma.sync on Ampere.
 _KN_AOT = r"""
 import os, sys
 os.environ["TRITON_INTERPRET"] = "0"
 import triton, kernels
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
+ARCH, MMA = int(sys.argv[1]), sys.argv[2]
 
 def comp(fn, sig, consts, num_warps, num_stages):
     sig = {**sig, **{k: "constexpr" for k in consts}}
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if v.startswith("*")}
-    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", ARCH, 32),
                        options=dict(num_warps=num_warps, num_stages=num_stages))
+    assert f".target sm_{ARCH}" in k.asm["ptx"], fn
     return k.asm["ptx"]
 
 P, tile = "*bf16", {"d": 64, "PREC": "tf32", "IS_CAUSAL": True, "BLOCK_D": 64}
@@ -1583,8 +2392,9 @@ io = {"Q": P, "K": P, "V": P}
 bwd = {**io, "DO": P, "L": "*fp32", "Dr": "*fp32", "Tq": "i32", "Tk": "i32", "T_BUCKET": "i32", "sm_scale": "fp32"}
 ptx = comp(kernels._fa_fwd.fn, {**io, "O": P, "L": "*fp32", "Tq": "i32", "Tk": "i32", "T_BUCKET": "i32", "qk_scale": "fp32"},
            {**tile, "BLOCK_M": 64, "BLOCK_N": 64}, 4, 2)
-assert "wgmma" in ptx, "forward does not use Hopper tensor cores"
-comp(kernels._fa_dkdv.fn, {**bwd, "DK": P, "DV": P}, {**tile, "BLOCK_M": 64, "BLOCK_N": 64}, 4, 2)
+assert MMA in ptx, f"forward does not use the sm_{ARCH} tensor cores ({MMA})"
+ptx = comp(kernels._fa_dkdv.fn, {**bwd, "DK": P, "DV": P}, {**tile, "BLOCK_M": 64, "BLOCK_N": 64}, 4, 2)
+assert MMA in ptx, f"dK/dV kernel does not use the sm_{ARCH} tensor cores ({MMA})"
 comp(kernels._fa_dq.fn, {**bwd, "DQ": P}, {**tile, "BLOCK_M": 64, "BLOCK_N": 64}, 4, 2)
 comp(kernels._fa_bwd_preprocess, {"O": P, "DO": P, "Dr": "*fp32", "Tq": "i32"},
      {"d": 64, "BLOCK_M": 64, "BLOCK_D": 64}, 4, 1)
@@ -1592,42 +2402,99 @@ comp(kernels._rmsnorm_fwd_kernel, {"X": P, "W": P, "Y": P, "RSTD": "*fp32", "D":
      {"BLOCK_D": 4096}, 16, 1)
 comp(kernels._rmsnorm_bwd_kernel, {"X": P, "W": P, "DY": P, "RSTD": "*fp32", "DX": P, "DW_PART": "*fp32",
      "N": "i32", "D": "i32", "rows_per_prog": "i32"}, {"BLOCK_D": 4096}, 16, 1)
+comp(kernels._swiglu_fwd_kernel, {"A": P, "B": P, "OUT": P, "n": "i32"}, {"BLOCK": 1024}, 4, 1)
+comp(kernels._swiglu_bwd_kernel, {"A": P, "B": P, "DOUT": P, "DA": P, "DB": P, "n": "i32"}, {"BLOCK": 1024}, 4, 1)
 print("compiled ok")
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above already run compiled kernels")
-def test_kernels_compile_for_hopper_without_gpu():
-    import pathlib
-    import subprocess
-    import sys
-
-    import triton
-    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,mma", [(90, "wgmma"), (80, "mma.sync")])
+def test_kernels_compile_ahead_of_time_without_gpu(arch, mma):
+    """Every Triton kernel compiles for sm_90 and sm_80 (attention on wgmma / mma.sync tensor cores), no GPU needed."""
+    ptxas = os.path.join(os.path.dirname(kernels.triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
         pytest.skip("this triton build ships no ptxas")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", _KN_AOT], cwd=os.path.dirname(os.path.abspath(kernels.__file__)),
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", _KN_AOT, str(arch), mma], env=env, capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(kernels.__file__)), timeout=300)
     assert r.returncode == 0 and "compiled ok" in r.stdout, r.stderr[-3000:]
 
 
-# ---------------------------------------------------------------
-# parallel.py: DDP, bucketed DDP, ZeRO-1, FSDP, tensor and pipeline parallelism (2 gloo ranks)
-# ---------------------------------------------------------------
-# Every distributed variant must reproduce one process. Process start-up dominates the cost, so
-# one 2-rank job runs all from-scratch checks and writes numbers to a file; the tests below then
-# assert on them one concept at a time. A second group launches train.py under torchrun.
+
+# ===============================================================
+# parallel.py (-k parallel): DDP, bucketed DDP, ZeRO-1, FSDP, tensor and pipeline parallelism, each
+# against one process; then torchrun train.py on 2 CPU ranks against 1 rank.
+# ===============================================================
+# Process start-up dominates the cost, so one 2-rank gloo job runs every check below (each a
+# small function registered with @_rank_check) and the test right under each check asserts on
+# that check's numbers.
 
 
 V, D, B, T, STEPS = 64, 16, 4, 8, 3      # vocab, width, sequences per rank, tokens, optimizer steps
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ---------------------------------------------------------------
+# A toy LM with every awkward case for a wrapper: a tied embedding/head, a frozen layer,
+# replicated RMSNorm gains (model.py's RMSNorm).
 
+class ToyBlock(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln = M.RMSNorm(d)
+        self.fc1, self.fc2 = torch.nn.Linear(d, 4 * d, bias=False), torch.nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
+
+
+class ToyLM(torch.nn.Module):
+    def __init__(self, vocab_size=64, d_model=32, num_layers=2, tie=True, freeze=True):
+        super().__init__()
+        self.token_embeddings = torch.nn.Embedding(vocab_size, d_model)
+        self.frozen = torch.nn.Linear(d_model, d_model, bias=False)
+        self.frozen.weight.requires_grad_(not freeze)
+        self.layers = torch.nn.ModuleList(ToyBlock(d_model) for _ in range(num_layers))
+        self.ln_final = M.RMSNorm(d_model)
+        self.lm_head = torch.nn.Linear(d_model, vocab_size, bias=False)
+        if tie:
+            self.lm_head.weight = self.token_embeddings.weight   # one Parameter, two users
+
+    def as_layers(self):
+        return [self.token_embeddings, self.frozen, *self.layers, self.ln_final, self.lm_head]
+
+    def forward(self, idx):                                   # (B, T) -> (B, T, V)
+        x = idx
+        for layer in self.as_layers():
+            x = layer(x)
+        return x
+
+
+def _toy(tie=True, freeze=True):
+    torch.manual_seed(0)
+    return ToyLM(V, D, num_layers=2, tie=tie, freeze=freeze)
+
+
+def _cast_forward(model, dtype, idx):
+    """Naive mixed-precision reference for the toy LM: every Linear/Embedding weight cast to
+    `dtype` at use (autograd's cast backward returns fp32 grads to the fp32 master), activations
+    in `dtype`, RMSNorm statistics in fp32."""
+    x = F.embedding(idx, model.token_embeddings.weight.to(dtype))
+    x = F.linear(x, model.frozen.weight.to(dtype))
+    for blk in model.layers:
+        h = F.gelu(F.linear(_rms(blk.ln, x), blk.fc1.weight.to(dtype)))
+        x = x + F.linear(h, blk.fc2.weight.to(dtype))
+    return F.linear(_rms(model.ln_final, x), model.lm_head.weight.to(dtype))
+
+
+def _rms(norm, x):
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight).to(x.dtype)
+
+
+# ---------------------------------------------------------------
+# The trusted single-process step, and the distributed one it must reproduce
 
 def _global_batch(step, n=2 * B):
     idx = torch.randint(0, V, (n, T + 1), generator=torch.Generator().manual_seed(100 + step))
@@ -1683,34 +2550,81 @@ def _opt(kind, params):
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
 
 
-def _toy(tie=True, freeze=True):
-    torch.manual_seed(0)
-    return parallel.ToyLM(V, D, num_layers=2, tie=tie, freeze=freeze)
+def _bucketed(model):
+    return parallel.BucketedDDP(model, bucket_size_mb=0.004)       # tiny buckets: several of them
 
 
-def _cast_forward(model, dtype):
-    """Naive mixed-precision reference for the toy LM: every Linear/Embedding weight cast to
-    `dtype` at use (autograd's cast backward returns fp32 grads to the fp32 master), activations
-    in `dtype`, RMSNorm statistics in fp32."""
-    def rms(norm, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight).to(x.dtype)
+# ---------------------------------------------------------------
+# The 2-rank job: every registered check runs on both ranks, in order, in one process group
 
-    def fwd(idx):
-        x = F.embedding(idx, model.token_embeddings.weight.to(dtype))
-        x = F.linear(x, model.frozen.weight.to(dtype))
-        for blk in model.layers:
-            h = F.gelu(F.linear(rms(blk.ln, x), blk.fc1.weight.to(dtype)))
-            x = x + F.linear(h, blk.fc2.weight.to(dtype))
-        return F.linear(rms(model.ln_final, x), model.lm_head.weight.to(dtype))
-    return fwd
+_RANK_CHECKS = []
 
 
-def _checks(rank, world):
-    """All from-scratch checks on one rank; returns {name: number or bool} (rank 0's are kept)."""
+def _rank_check(fn):
+    """Register fn(rank, world) -> {key: number or bool}; its results land in parallel_results[name]."""
+    _RANK_CHECKS.append(fn)
+    return fn
+
+
+def _worst_over_ranks(res):
+    # Every rank's numbers matter (TP/PP grads live on both): a bool is the AND over ranks, a
+    # *diff the max; anything else is rank 0's.
+    for k, v in res.items():
+        if isinstance(v, bool) or k.endswith("diff"):
+            t = torch.tensor(float(v))
+            dist.all_reduce(t, op=dist.ReduceOp.MIN if isinstance(v, bool) else dist.ReduceOp.MAX)
+            res[k] = bool(t.item()) if isinstance(v, bool) else t.item()
+    return res
+
+
+def _worker(rank, world, port, out_path):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    res = {fn.__name__.removeprefix("_check_"): _worst_over_ranks(fn(rank, world)) for fn in _RANK_CHECKS}
+    dist.all_reduce(torch.zeros(1))                  # every rank is past its last collective
+    with open(f"{out_path}.rank{rank}", "w") as f:   # each rank reports, so a failure says who got how far
+        json.dump(res, f)
+    dist.barrier()                                   # nobody closes sockets the other still reads
+    dist.destroy_process_group()
+    # Skip interpreter teardown: the checks are done and written, and a CI run once saw a rank
+    # SIGABRT ("terminate called without an active exception") in C++ static destructors at exit.
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def parallel_results(tmp_path_factory):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    for attempt in (1, 2):
+        out = tmp_path_factory.mktemp("parallel") / "results.json"
+        ctx = mp.start_processes(_worker, args=(2, parallel.free_port(), str(out)), nprocs=2, join=False,
+                                 start_method="spawn")
+        try:
+            for _ in range(240):                   # join with a deadline: a desync must not hang CI
+                if ctx.join(timeout=1):
+                    with open(f"{out}.rank0") as f:
+                        return json.load(f)
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("2-rank parallel checks timed out")
+        except mp.ProcessExitedException as e:
+            done = [r for r in range(2) if os.path.exists(f"{out}.rank{r}")]
+            # A rank killed by a signal inside gloo (CI once saw a SIGABRT, never reproduced in 30+ runs
+            # here) gets one fresh try on a new port; a Python error or a second crash fails the test.
+            if attempt == 1 and e.exit_code is not None and e.exit_code < 0:
+                warnings.warn(f"2-rank parallel checks: {e}; ranks that finished: {done}; retrying once")
+                continue
+            pytest.fail(f"2-rank parallel checks: {e}; ranks that finished their checks: {done}")
+
+
+# ---------------------------------------------------------------
+# DDP and BucketedDDP
+
+@_rank_check
+def _check_ddp(rank, world):
+    """DDP and BucketedDDP vs one process, SGD and AdamW, tied + frozen params."""
     res = {}
-    # --- DDP and BucketedDDP vs one process, SGD and AdamW, tied + frozen params
-    for name, wrap in (("ddp", parallel.DDP), ("bucketed", lambda m: parallel.BucketedDDP(m, bucket_size_mb=0.004))):
+    for name, wrap in (("ddp", parallel.DDP), ("bucketed", _bucketed)):
         for kind in ("sgd", "adamw"):
             model = _toy()
             if rank == 1:                        # a different init on rank 1: the wrap must broadcast
@@ -1731,9 +2645,29 @@ def _checks(rank, world):
             res[f"{name}_{kind}_tied"] = model.lm_head.weight is model.token_embeddings.weight
             if name == "bucketed":
                 res["bucketed_num_buckets"] = len(w.buckets)
+    return res
 
-    # --- gradient accumulation: no communication inside no_sync, one sync on the last micro-step
-    for name, wrap in (("ddp", parallel.DDP), ("bucketed", lambda m: parallel.BucketedDDP(m, bucket_size_mb=0.004))):
+
+@pytest.mark.slow
+def test_parallel_ddp_equals_single_process(parallel_results):
+    """DDP and BucketedDDP (SGD, AdamW; tied, frozen, rank-1 misinit) == one process on the global batch."""
+    r = parallel_results["ddp"]
+    for name in ("ddp", "bucketed"):
+        for kind in ("sgd", "adamw"):
+            # same per-rank arithmetic as running the two halves in one process: bit-equal
+            assert r[f"{name}_{kind}_bits"], (name, kind)
+            # vs one forward over the full batch: equal up to float reassociation; a sum instead of
+            # a mean of the two ranks' grads would be off by ~lr here, far above 1e-5
+            assert r[f"{name}_{kind}_diff"] < 1e-5, (name, kind, r[f"{name}_{kind}_diff"])
+            assert r[f"{name}_{kind}_frozen"] and r[f"{name}_{kind}_tied"], (name, kind)
+    assert r["bucketed_num_buckets"] > 2            # the tiny bucket size really made several buckets
+
+
+@_rank_check
+def _check_no_sync(rank, world):
+    """Gradient accumulation: no communication inside no_sync, one sync on the last micro-step."""
+    res = {}
+    for name, wrap in (("ddp", parallel.DDP), ("bucketed", _bucketed)):
         w, ref = wrap(_toy()), _toy()
         x, y = _global_batch(0)
         half = B // 2
@@ -1747,8 +2681,25 @@ def _checks(rank, world):
             (_loss(ref, x[q * half:(q + 1) * half], y[q * half:(q + 1) * half]) / 4).backward()
         g = {n: p.grad for n, p in w.module.named_parameters() if p.grad is not None}
         res[f"{name}_accum_grad_diff"] = _max_diff(g, {n: p.grad for n, p in ref.named_parameters() if p.grad is not None})
+    return res
 
-    # --- ZeRO-1: sharded AdamW == plain AdamW, with 1/N of the optimizer state
+
+@pytest.mark.slow
+def test_parallel_ddp_no_sync_accumulation(parallel_results):
+    """no_sync micro-steps send nothing; the synced sum == one process's 4-micro-batch gradient."""
+    r = parallel_results["no_sync"]
+    for name in ("ddp", "bucketed"):
+        assert r[f"{name}_nosync_bytes"] == 0, name                 # no all-reduce on non-final micro-steps
+        assert r[f"{name}_sync_bytes"] > 0, name                    # ...and a sync on the last one
+        assert r[f"{name}_accum_grad_diff"] < 1e-6, (name, r[f"{name}_accum_grad_diff"])
+
+
+# ---------------------------------------------------------------
+# ZeRO-1
+
+@_rank_check
+def _check_zero1(rank, world):
+    """Sharded AdamW == plain AdamW, with 1/N of the optimizer state."""
     w, ref = parallel.BucketedDDP(_toy()), _toy()
     opt, opt_ref = parallel.ShardedOptimizer(w.parameters(), torch.optim.AdamW, lr=1e-2, weight_decay=0.1), _opt("adamw", ref.parameters())
     ok = True
@@ -1757,14 +2708,28 @@ def _checks(rank, world):
         _ref_step(ref, opt_ref, s)
         for (_, p), (_, q) in zip(w.module.named_parameters(), ref.named_parameters()):
             ok &= torch.allclose(p, q, rtol=1e-7, atol=0)
-    res["zero1_equal"] = ok
     full_state = sum(t.numel() * 4 for s in opt_ref.state.values() for t in s.values() if t.dim() > 0)
     shard_state = torch.tensor(float(opt.state_bytes()))
-    res["zero1_state_share"] = opt.state_bytes() / full_state
     dist.all_reduce(shard_state)
-    res["zero1_state_total"] = shard_state.item() / full_state
+    return {"equal": ok, "state_share": opt.state_bytes() / full_state, "state_total": shard_state.item() / full_state}
 
-    # --- FSDP fp32: bit-equal to one process; gather_full_params keyed like the original model
+
+@pytest.mark.slow
+def test_parallel_zero1_equals_adamw(parallel_results):
+    """ZeRO-1's sharded AdamW == torch AdamW in one process; the ranks' state shards partition the state."""
+    r = parallel_results["zero1"]
+    assert r["equal"]                                                # rtol 1e-7 after every step
+    assert r["state_share"] < 0.75                                   # this rank holds only part of it
+    assert abs(r["state_total"] - 1.0) < 1e-9                        # shards partition the state
+
+
+# ---------------------------------------------------------------
+# FSDP
+
+@_rank_check
+def _check_fsdp_fp32(rank, world):
+    """FSDP fp32: bit-equal to one process; gather_full_params keyed like the original model."""
+    res = {}
     for kind in ("sgd", "adamw"):
         f, ref = parallel.FSDP(_toy()), _toy()
         opt, opt_ref = _opt(kind, f.parameters()), _opt(kind, ref.parameters())
@@ -1773,28 +2738,58 @@ def _checks(rank, world):
             _dist_step(f, opt, s, rank)
             _ref_step(ref, opt_ref, s)
             bits &= _bit_equal(f.gather_full_params(), ref.named_parameters())
-        res[f"fsdp_{kind}_bits"] = bits
+        res[f"{kind}_bits"] = bits
     full = f.gather_full_params()
-    res["fsdp_keys"] = sorted(full) == sorted(n for n, _ in ref.named_parameters())
-    res["fsdp_shapes"] = all(full[n].shape == p.shape for n, p in ref.named_parameters())
-    res["fsdp_shard_numel"] = max(p.numel() for p in f.parameters() if p.dim() == 1 and p.numel() > D)
-    # --- FSDP bf16 / fp16 compute with fp32 master weights vs the cast-emulating reference
+    res["keys"] = sorted(full) == sorted(n for n, _ in ref.named_parameters())
+    res["shapes"] = all(full[n].shape == p.shape for n, p in ref.named_parameters())
+    res["shard_numel"] = max(p.numel() for p in f.parameters() if p.dim() == 1 and p.numel() > D)
+    return res
+
+
+@pytest.mark.slow
+def test_parallel_fsdp_fp32_bit_equal_and_keys(parallel_results):
+    """FSDP in fp32 == one process bit for bit; full params keep the original names/shapes; shards are 1/N."""
+    r = parallel_results["fsdp_fp32"]
+    assert r["sgd_bits"] and r["adamw_bits"]
+    assert r["keys"] and r["shapes"]
+    assert r["shard_numel"] == (V * D) // 2                          # the (64, 16) table: half per rank
+
+
+@_rank_check
+def _check_fsdp_mixed(rank, world):
+    """FSDP bf16 / fp16 compute with fp32 master weights vs the cast-emulating reference."""
+    res = {}
     for dt in (torch.bfloat16, torch.float16):
         f, ref = parallel.FSDP(_toy(), compute_dtype=dt), _toy()
         opt, opt_ref = _opt("adamw", f.parameters()), _opt("adamw", ref.parameters())
         diff = 0.0
         for s in range(STEPS):
             _dist_step(f, opt, s, rank)
-            _ref_step(ref, opt_ref, s, forward=_cast_forward(ref, dt))
+            _ref_step(ref, opt_ref, s, forward=lambda idx: _cast_forward(ref, dt, idx))
             diff = max(diff, _max_diff(f.gather_full_params(), ref.named_parameters()))
-        res[f"fsdp_{str(dt)[6:]}_diff"] = diff
-        res[f"fsdp_{str(dt)[6:]}_master_fp32"] = all(p.dtype == torch.float32 for p in f.parameters())
+        res[f"{str(dt)[6:]}_diff"] = diff
+        res[f"{str(dt)[6:]}_master_fp32"] = all(p.dtype == torch.float32 for p in f.parameters())
+    return res
 
-    # --- tensor parallel: a model.py block (GQA + RoPE) split over 2 ranks == the unsplit block
-    from model import ModelConfig, TransformerBlock
+
+@pytest.mark.slow
+def test_parallel_fsdp_mixed_precision(parallel_results):
+    """FSDP with bf16/fp16 compute == a naive cast-at-use reference in one process; master weights stay fp32."""
+    r = parallel_results["fsdp_mixed"]
+    for dt in ("bfloat16", "float16"):
+        assert r[f"{dt}_master_fp32"], dt
+        assert r[f"{dt}_diff"] < 1e-4, (dt, r[f"{dt}_diff"])
+
+
+# ---------------------------------------------------------------
+# Tensor and pipeline parallelism
+
+@_rank_check
+def _check_tp(rank, world):
+    """A model.py block (GQA + RoPE) split over 2 ranks == the unsplit block: output and all grads."""
     torch.manual_seed(1)
     cfg = ModelConfig(vocab_size=V, context_length=T, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2)
-    block = TransformerBlock(cfg)
+    block = M.TransformerBlock(cfg)
     x = torch.randn(2, T, 32, requires_grad=True)
     up = torch.randn(2, T, 32)                       # a fixed upstream gradient
     out = block(x)
@@ -1809,132 +2804,160 @@ def _checks(rank, world):
              (tp.ffn.w1, fn.w1.weight.grad.chunk(world, 0)[rank]), (tp.ffn.w3, fn.w3.weight.grad.chunk(world, 0)[rank]),
              (tp.ffn.w2, fn.w2.weight.grad.chunk(world, 1)[rank]), (tp.ln1.weight, block.ln1.weight.grad),
              (tp.ln2.weight, block.ln2.weight.grad)]
-    res["tp_out_diff"] = (out2 - out).abs().max().item()
-    res["tp_xgrad_diff"] = (x2.grad - x.grad).abs().max().item()
-    res["tp_wgrad_diff"] = max((p.grad - g).abs().max().item() for p, g in pairs)
+    return {"out_diff": (out2 - out).abs().max().item(), "xgrad_diff": (x2.grad - x.grad).abs().max().item(),
+            "wgrad_diff": max((p.grad - g).abs().max().item() for p, g in pairs)}
 
-    # --- pipeline parallel: GPipe, 2 stages x 4 micro-batches == the unsplit model
+
+@pytest.mark.slow
+def test_parallel_tensor_block(parallel_results):
+    """Megatron TPBlock on 2 ranks == the unsplit model.py block (output, input grad, weight-grad shards)."""
+    r = parallel_results["tp"]
+    assert r["out_diff"] < 1e-5 and r["xgrad_diff"] < 1e-5 and r["wgrad_diff"] < 1e-5, r
+
+
+@_rank_check
+def _check_pp(rank, world):
+    """GPipe, 2 stages x 4 micro-batches == the unsplit model: loss and every stage's grads."""
     model = _toy(tie=False)
     ref = copy.deepcopy(model)
-    layers, ref_layers = parallel.lm_as_layers(model), parallel.lm_as_layers(ref)
+    layers, ref_layers = model.as_layers(), ref.as_layers()
     stage = parallel.split_stages(layers, world)[rank]
     x, y = _global_batch(0)
     loss = parallel.gpipe_step(stage, x, y, 4, (2 * B // 4, T, D))
     ref_loss = _loss(ref, x, y)
     ref_loss.backward()
     mine = [i for i, l in enumerate(layers) if any(l is m for m in stage)]
-    res["pp_loss_diff"] = abs(loss - ref_loss.item()) if rank == world - 1 else 0.0
-    res["pp_grad_diff"] = max((p.grad - q.grad).abs().max().item() for i in mine
-                              for p, q in zip(layers[i].parameters(), ref_layers[i].parameters()) if p.requires_grad)
-    res["pp_layers"] = len(mine)
-    # every rank's numbers matter (TP/PP grads live on both): keep the worst of each
-    for k, v in res.items():
-        if isinstance(v, bool):
-            t = torch.tensor(float(v))
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-            res[k] = bool(t.item())
-        elif k.endswith("_diff"):
-            t = torch.tensor(float(v))
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            res[k] = t.item()
+    return {"loss_diff": abs(loss - ref_loss.item()) if rank == world - 1 else 0.0,
+            "grad_diff": max((p.grad - q.grad).abs().max().item() for i in mine
+                             for p, q in zip(layers[i].parameters(), ref_layers[i].parameters()) if p.requires_grad),
+            "layers": len(mine)}
+
+
+@pytest.mark.slow
+def test_parallel_pipeline_gpipe(parallel_results):
+    """GPipe over 2 stages x 4 micro-batches == one process on the full batch (loss and grads)."""
+    r = parallel_results["pp"]
+    assert r["layers"] == 3                                          # 6 layers over 2 stages
+    assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, r
+
+
+@_rank_check
+def _check_gpipe_float64(rank, world):
+    """GPipe on a float64 TransformerLM (model.py, lm_as_layers): the stages' receive buffers must take
+    the stage's dtype (and device: NCCL receives only into GPU memory), so a float64 run == one process."""
+    torch.manual_seed(0)
+    lm = TransformerLM(ModelConfig(vocab_size=V, context_length=T, d_model=D, num_layers=2, num_heads=2)).double()
+    ref = copy.deepcopy(lm)
+    layers, ref_layers = parallel.lm_as_layers(lm), parallel.lm_as_layers(ref)
+    stage = parallel.split_stages(layers, world)[rank]
+    x, y = _global_batch(0)
+    loss = parallel.gpipe_step(stage, x, y, 4, (2 * B // 4, T, D))
+    # the same schedule in one process: 4 micro-batch forwards, their backwards last first
+    losses = [F.cross_entropy(ref(xm).flatten(0, 1), ym.reshape(-1)) / 4 for xm, ym in zip(x.chunk(4), y.chunk(4))]
+    for l in reversed(losses):
+        l.backward()
+    mine = [i for i, l in enumerate(layers) if any(l is m for m in stage)]
+    return {"loss_diff": abs(loss - sum(l.item() for l in losses)) if rank == world - 1 else 0.0,
+            "grad_diff": max((p.grad - q.grad).abs().max().item() for i in mine
+                             for p, q in zip(layers[i].parameters(), ref_layers[i].parameters())),
+            "float64": all(p.dtype == torch.float64 and p.grad.dtype == torch.float64 for p in stage.parameters())}
+
+
+@pytest.mark.slow
+def test_parallel_gpipe_buffers_follow_stage_dtype(parallel_results):
+    """GPipe on a float64 TransformerLM == the same micro-batch schedule in one process, bit for bit."""
+    r = parallel_results["gpipe_float64"]
+    assert r["float64"]
+    assert r["loss_diff"] == 0 and r["grad_diff"] == 0, r
+
+
+# ---------------------------------------------------------------
+# Robustness and gradient scale
+
+@_rank_check
+def _check_fsdp_stray_forward(rank, world):
+    """FSDP after a grad-mode forward whose backward never comes (an eval without no_grad), then normal steps."""
+    f, ref = parallel.FSDP(_toy()), _toy()
+    opt, opt_ref = _opt("sgd", f.parameters()), _opt("sgd", ref.parameters())
+    x, y = _global_batch(0)
+    _loss(f, x[rank * B:(rank + 1) * B], y[rank * B:(rank + 1) * B])      # no backward, no finish
+    bits, every_shard_grad = True, True
+    for s in range(STEPS):
+        _dist_step(f, opt, s, rank)
+        _ref_step(ref, opt_ref, s)
+        bits &= _bit_equal(f.gather_full_params(), ref.named_parameters())
+        every_shard_grad &= all(e["shard"].grad is not None for e in f.sharded.values() if e["shard"].requires_grad)
+    return {"bits": bits, "every_shard_grad": every_shard_grad}
+
+
+@pytest.mark.slow
+def test_parallel_fsdp_forward_without_backward(parallel_results):
+    """A forward without backward must not hold back a later step's shard gradients: still == one process."""
+    r = parallel_results["fsdp_stray_forward"]
+    assert r["every_shard_grad"] and r["bits"], r
+
+
+def _grad_norm(grads):
+    return torch.stack([g.float().norm() for g in grads]).norm().item()
+
+
+@_rank_check
+def _check_grad_scale(rank, world):
+    """Raw synchronized gradients and the pre-clip grad norm vs one process's full-batch mean gradient.
+    The parameter checks above run AdamW too, which is blind to a constant gradient scale; these are not."""
+    x, y = _global_batch(0)
+    xs, ys = x[rank * B:(rank + 1) * B], y[rank * B:(rank + 1) * B]
+    ref = _toy()
+    _loss(ref, x, y).backward()                          # one forward over the global batch: its mean
+    ref_g = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    ref_norm, res = _grad_norm(ref_g.values()), {}
+    for name, wrap in (("ddp", parallel.DDP), ("bucketed", _bucketed)):
+        w = wrap(_toy())
+        _loss(w, xs, ys).backward()
+        w.finish_gradient_synchronization()
+        g = {n: p.grad for n, p in w.module.named_parameters() if p.grad is not None}
+        res[f"{name}_grad_diff"] = _max_diff(g, ref_g)
+        res[f"{name}_norm_rel_diff"] = abs(_grad_norm(g.values()) / ref_norm - 1)
+    f = parallel.FSDP(_toy())
+    _loss(f, xs, ys).backward()
+    f.finish_gradient_synchronization()
+    res["fsdp_grad_diff"], norm = _fsdp_grad_diff(f, ref_g, rank, world)
+    res["fsdp_norm_rel_diff"] = abs(norm / ref_norm - 1)
+    # two forwards, then one backward of their sum (FSDP.forward restarts its use count each time)
+    f = parallel.FSDP(_toy())
+    half = B // 2
+    (_loss(f, xs[:half], ys[:half]) / 2 + _loss(f, xs[half:], ys[half:]) / 2).backward()
+    f.finish_gradient_synchronization()
+    res["fsdp_two_forwards_grad_diff"] = _fsdp_grad_diff(f, ref_g, rank, world)[0]
     return res
 
 
-def _worker(rank, world, port, out_path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    res = _checks(rank, world)
-    dist.all_reduce(torch.zeros(1))                  # every rank is past its last collective
-    with open(f"{out_path}.rank{rank}", "w") as f:   # each rank reports, so a failure says who got how far
-        json.dump(res, f)
-    dist.barrier()                                   # nobody closes sockets the other still reads
-    dist.destroy_process_group()
-    # Skip interpreter teardown: the checks are done and written, and a CI run once saw a rank
-    # SIGABRT ("terminate called without an active exception") in C++ static destructors at exit.
-    os._exit(0)
+def _fsdp_grad_diff(f, ref_g, rank, world):
+    """(max |FSDP grad - my slice of the reference grad|, global grad norm) of an FSDP-wrapped toy."""
+    diff, sq = 0.0, torch.zeros(())
+    for e in (e for e in f.sharded.values() if e["shard"].requires_grad):   # my slice of each sharded grad
+        k, full = e["shard"].numel(), ref_g[e["name"]].reshape(-1)
+        diff = max(diff, (e["shard"].grad - F.pad(full, (0, k * world - full.numel()))[rank * k:(rank + 1) * k]).abs().max().item())
+        sq += e["shard"].grad.pow(2).sum()
+    dist.all_reduce(sq)                                  # ||g||^2 = sum over ranks of the shards' squares
+    for p in f.replicated:                               # the norm gains: whole on every rank, counted once
+        diff = max(diff, (p.grad - ref_g[f.names[id(p)]]).abs().max().item())
+        sq += p.grad.pow(2).sum()
+    return diff, sq.sqrt().item()
 
 
-@pytest.fixture(scope="module")
-def parallel_results(tmp_path_factory):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    for attempt in (1, 2):
-        out = tmp_path_factory.mktemp("parallel") / "results.json"
-        ctx = mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=False, start_method="spawn")
-        try:
-            for _ in range(180):                   # join with a deadline: a desync must not hang CI
-                if ctx.join(timeout=1):
-                    with open(f"{out}.rank0") as f:
-                        return json.load(f)
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-rank parallel checks timed out")
-        except mp.ProcessExitedException as e:
-            done = [r for r in range(2) if os.path.exists(f"{out}.rank{r}")]
-            # A rank killed by a signal inside gloo (CI once saw a SIGABRT, never reproduced in 30+ runs
-            # here) gets one fresh try on a new port; a Python error or a second crash fails the test.
-            if attempt == 1 and e.exit_code is not None and e.exit_code < 0:
-                warnings.warn(f"2-rank parallel checks: {e}; ranks that finished: {done}; retrying once")
-                continue
-            pytest.fail(f"2-rank parallel checks: {e}; ranks that finished their checks: {done}")
-
-
-def test_parallel_ddp_equals_single_process(parallel_results):
-    r = parallel_results
-    for name in ("ddp", "bucketed"):
-        for kind in ("sgd", "adamw"):
-            # same per-rank arithmetic as running the two halves in one process: bit-equal
-            assert r[f"{name}_{kind}_bits"], (name, kind)
-            # vs one forward over the full batch: equal up to float reassociation; a sum instead of
-            # a mean of the two ranks' grads would be off by ~lr here, far above 1e-5
-            assert r[f"{name}_{kind}_diff"] < 1e-5, (name, kind, r[f"{name}_{kind}_diff"])
-            assert r[f"{name}_{kind}_frozen"] and r[f"{name}_{kind}_tied"], (name, kind)
-    assert r["bucketed_num_buckets"] > 2            # the tiny bucket size really made several buckets
-
-
-def test_parallel_ddp_no_sync_accumulation(parallel_results):
-    r = parallel_results
-    for name in ("ddp", "bucketed"):
-        assert r[f"{name}_nosync_bytes"] == 0, name                 # no all-reduce on non-final micro-steps
-        assert r[f"{name}_sync_bytes"] > 0, name                    # ...and a sync on the last one
-        assert r[f"{name}_accum_grad_diff"] < 1e-6, (name, r[f"{name}_accum_grad_diff"])
-
-
-def test_parallel_zero1_equals_adamw(parallel_results):
-    r = parallel_results
-    assert r["zero1_equal"]                                          # rtol 1e-7 after every step
-    assert r["zero1_state_share"] < 0.75                             # this rank holds only part of it
-    assert abs(r["zero1_state_total"] - 1.0) < 1e-9                  # shards partition the state
-
-
-def test_parallel_fsdp_fp32_bit_equal_and_keys(parallel_results):
-    r = parallel_results
-    assert r["fsdp_sgd_bits"] and r["fsdp_adamw_bits"]
-    assert r["fsdp_keys"] and r["fsdp_shapes"]
-    assert r["fsdp_shard_numel"] == (V * D) // 2                     # the (64, 16) table: half per rank
-
-
-def test_parallel_fsdp_mixed_precision(parallel_results):
-    r = parallel_results
-    for dt in ("bfloat16", "float16"):
-        assert r[f"fsdp_{dt}_master_fp32"], dt
-        assert r[f"fsdp_{dt}_diff"] < 1e-4, (dt, r[f"fsdp_{dt}_diff"])
-
-
-def test_parallel_tensor_block(parallel_results):
-    r = parallel_results
-    assert r["tp_out_diff"] < 1e-5 and r["tp_xgrad_diff"] < 1e-5 and r["tp_wgrad_diff"] < 1e-5, r
-
-
-def test_parallel_pipeline_gpipe(parallel_results):
-    r = parallel_results
-    assert r["pp_layers"] == 3                                       # 6 layers over 2 stages
-    assert r["pp_loss_diff"] < 1e-5 and r["pp_grad_diff"] < 1e-5, r
+@pytest.mark.slow
+def test_parallel_gradients_are_the_global_mean(parallel_results):
+    """DDP, BucketedDDP and FSDP gradients (and the pre-clip norm) == one process's full-batch mean, not N x it."""
+    r = parallel_results["grad_scale"]
+    for name in ("ddp", "bucketed", "fsdp"):
+        assert r[f"{name}_grad_diff"] < 1e-6, (name, r)                  # a sum over ranks is off by ~|g|
+        assert r[f"{name}_norm_rel_diff"] < 1e-5, (name, r)              # ... and its norm by 100%
+    assert r["fsdp_two_forwards_grad_diff"] < 1e-6, r                # no shard gradient lost or doubled
 
 
 # ---------------------------------------------------------------
 # The real path: torchrun train.py on 2 CPU ranks == 1 rank with doubled gradient accumulation
-# ---------------------------------------------------------------
 
 def _launch_train(tmp_path, name, nproc, accum, extra=()):
     cmd = ["train.py", "--data", str(tmp_path / "data"), "--out-dir", str(tmp_path / name), "--vocab-size", "64",
@@ -1943,7 +2966,7 @@ def _launch_train(tmp_path, name, nproc, accum, extra=()):
            "--log-every", "1", "--eval-every", "3", "--eval-steps", "1", "--sample-every", "0",
            "--ckpt-every", "3", "--tie-embeddings", *extra]
     if nproc > 1:
-        cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port())] + cmd
+        cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(parallel.free_port())] + cmd
     return subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
                             cwd=os.path.dirname(os.path.abspath(parallel.__file__)))
@@ -1960,7 +2983,9 @@ def _train_losses(proc, out):
     return [r["loss"] for r in recs if "loss" in r], stdout
 
 
+@pytest.mark.slow
 def test_parallel_torchrun_train_matches_single_process(tmp_path):
+    """torchrun train.py on 2 ranks (BucketedDDP, and FSDP2) == 1 rank with doubled grad accumulation."""
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -2012,47 +3037,47 @@ def fit3():
     return fit, runs, held
 
 
-def test_param_count_matches_model():
-    import model
-    for kw in [dict(d_model=32, num_layers=2, num_heads=4),
-               dict(d_model=48, num_layers=3, num_heads=6, num_kv_heads=2, d_ff=72),
-               dict(d_model=32, num_layers=1, num_heads=2, tie_embeddings=True)]:
-        m = model.TransformerLM(model.ModelConfig(vocab_size=100, context_length=16, **kw))
-        n = scaling.param_counts(100, **kw)
-        assert n["total"] == m.num_params()
-        assert n["non_embedding"] == m.num_params(non_embedding=True)
+def test_scaling_sweep_sizes_count_like_the_model():
+    """The sweep's N columns (model.count_params of size_config's config) equal the parameters of the TransformerLM train.py builds."""
+    for d, L, head_dim in [(32, 2, 8), (48, 3, 8), (12, 1, 8), (64, 2, 16)]:
+        args = argparse.Namespace(num_layers=L, head_dim=head_dim, context_length=16, flops="exact")
+        cfg, per_tok = scaling.size_config(d, args, 100)
+        m = M.TransformerLM(M.ModelConfig(vocab_size=100, context_length=16, d_model=d, num_layers=L,
+                                          num_heads=cfg.num_heads, d_ff=cfg.d_ff))
+        assert M.count_params(cfg) == m.num_params()
+        assert M.count_params(cfg, non_embedding=True) == m.num_params(non_embedding=True)
+        assert per_tok == scaling.train_flops_per_token(cfg) and cfg.d_ff == max(8, 8 * round(d / 3))
 
 
-def test_flops_match_torch_flop_counter():
-    """Our fwd+bwd matmul count == what torch's FlopCounterMode sees in the real model (the
-    (the from-scratch attention computes the full T x T square, so compare with causal=False); and it agrees with
-    model.flops_per_token up to the RMSNorm gains that model.py counts as 6N."""
-    from torch.utils.flop_counter import FlopCounterMode
-    import model
+def test_scaling_flops_match_torch_flop_counter():
+    """Our fwd+bwd matmul count (full T x T square) == torch's FlopCounterMode on the real model, == model.flops_per_token minus the RMSNorm gains."""
+    # the from-scratch attention computes the full T x T square, so we compare with causal=False
     V, d, L, H, T, B = 64, 32, 2, 4, 16, 2
-    cfg = model.ModelConfig(vocab_size=V, context_length=T, d_model=d, num_layers=L, num_heads=H,
-                            num_kv_heads=2, attn_backend="scratch")
-    m = model.TransformerLM(cfg)
+    cfg = M.ModelConfig(vocab_size=V, context_length=T, d_model=d, num_layers=L, num_heads=H,
+                        num_kv_heads=2, attn_backend="scratch")
+    m = M.TransformerLM(cfg)
     counter = FlopCounterMode(display=False)
     with counter:
         m(torch.randint(0, V, (B, T))).sum().backward()
-    ours = scaling.train_flops_per_token(V, d, L, H, T, num_kv_heads=2, causal=False)
+    ours = scaling.train_flops_per_token(cfg, causal=False)
     assert counter.get_total_flops() == ours * B * T
     gains = 6 * (2 * d * L + d)
-    assert model.flops_per_token(cfg) == ours + gains
+    assert M.flops_per_token(cfg) == ours + gains
     # a causal kernel skips the masked half: QK^T and AV drop from T to (T+1)/2 keys per query
-    causal = scaling.train_flops_per_token(V, d, L, H, T, num_kv_heads=2)
+    causal = scaling.train_flops_per_token(cfg)
     assert ours - causal == pytest.approx(3 * L * 4 * d * (T - (T + 1) / 2))
 
 
-def test_flops_table_6nd_is_off_for_small_models():
+def test_scaling_flops_table_6nd_is_off_for_small_models():
+    """exact/6N is > 1.2 at d_model 16, within 1% at 4096, and falls monotonically with size."""
     rows = scaling.flops_table(vocab_size=256, context_length=256)
     ratio = [r["exact/6N"] for r in rows]
     assert ratio[0] > 1.2 and abs(ratio[-1] - 1) < 0.01        # attention matters only when small
     assert all(a >= b for a, b in zip(ratio, ratio[1:]))        # and fades monotonically with size
 
 
-def test_load_runs_csv_with_C_column(tmp_path):
+def test_scaling_load_runs_csv_with_C_column(tmp_path):
+    """A CSV with N, C, loss gets D = C / 6N and one budget per distinct C."""
     p = tmp_path / "pub.csv"
     p.write_text("N,C,loss\n1e6,6e12,3.1\n2e6,6e12,3.0\n")
     r = scaling.load_runs(str(p))
@@ -2060,19 +3085,22 @@ def test_load_runs_csv_with_C_column(tmp_path):
     np.testing.assert_allclose(r["budget"], [6e12, 6e12])
 
 
-def test_approach3_recovers_known_law(fit3):
+def test_scaling_approach3_recovers_known_law(fit3):
+    """The parametric fit recovers Chinchilla's published E, A, B, alpha, beta within 5% from noisy synthetic runs."""
     fit, _, _ = fit3
     for k, v in TRUE.items():
         assert abs(fit[k] / v - 1) < 0.05, (k, fit[k], v)
 
 
-def test_approach3_predicts_held_out_point(fit3):
+def test_scaling_approach3_predicts_held_out_point(fit3):
+    """The fit predicts a held-out run's loss within 4 noise std."""
     fit, runs, i = fit3
     pred = scaling.predict_loss(fit, runs["N"][i], runs["D"][i])
     assert abs(np.log(pred / runs["loss"][i])) < 4 * NOISE
 
 
-def test_allocation_closed_form_matches_brute_force(fit3):
+def test_scaling_allocation_closed_form_matches_brute_force(fit3):
+    """compute_optimal's closed form equals a brute-force search over N at fixed C = 6ND."""
     fit, _, _ = fit3
     for C in (1e19, 1e23):
         N_opt, D_opt = scaling.compute_optimal(fit, C)
@@ -2082,7 +3110,8 @@ def test_allocation_closed_form_matches_brute_force(fit3):
         assert N_opt == pytest.approx(N_bf, rel=1e-3)
 
 
-def test_approach2_recovers_exponent():
+def test_scaling_approach2_recovers_exponent():
+    """IsoFLOP parabolas recover the true exponents a, b within 0.01, with the truth inside the bootstrap CIs."""
     a_true = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])    # N_opt ~ C^(beta/(alpha+beta))
     a2 = scaling.approach2(synthetic_isoflop(seed=1), n_boot=50, targets=[1e24])
     assert abs(a2["a"] - a_true) < 0.01 and abs(a2["b"] - (1 - a_true)) < 0.01
@@ -2091,8 +3120,9 @@ def test_approach2_recovers_exponent():
     assert a2["predict"][1e24]["N_ci"][0] < N_true < a2["predict"][1e24]["N_ci"][1]
 
 
-def test_sweep_end_to_end_and_resumable(tmp_path, capsys):
-    """3 tiny train.py runs (2 budgets x 2 sizes, one too small to run), then a rerun skips all."""
+@pytest.mark.slow
+def test_scaling_sweep_end_to_end_and_resumable(tmp_path, capsys):
+    """3 tiny train.py runs (2 budgets x 2 sizes, one too small to run) give exact N and C columns; a rerun skips all and touches nothing."""
     rng = np.random.default_rng(0)
     data = tmp_path / "data"
     data.mkdir()
@@ -2112,8 +3142,9 @@ def test_sweep_end_to_end_and_resumable(tmp_path, capsys):
     rows = [json.loads(l) for l in open(path)]
     assert len(rows) == 3 and "C2.0e+07_d16_L1: only 7 steps" in first   # < --min-steps
     for r in rows:
-        n = scaling.param_counts(256, r["d_model"], 1, r["d_model"] // 8, d_ff=max(8, 8 * round(r["d_model"] / 3)))
-        assert r["N"] == n["non_embedding"] and np.isfinite(r["loss"]) and r["loss"] < np.log(256)
+        cfg = M.ModelConfig(vocab_size=256, d_model=r["d_model"], num_layers=1, num_heads=r["d_model"] // 8,
+                            d_ff=max(8, 8 * round(r["d_model"] / 3)))
+        assert r["N"] == M.count_params(cfg, non_embedding=True) and np.isfinite(r["loss"]) and r["loss"] < np.log(256)
         assert r["C"] == pytest.approx(r["budget"], rel=0.1)      # steps rounded to whole numbers
     mtimes = {r["run"]: os.path.getmtime(out / r["run"] / "metrics.jsonl") for r in rows}
     scaling.sweep(args)
@@ -2122,9 +3153,8 @@ def test_sweep_end_to_end_and_resumable(tmp_path, capsys):
     assert mtimes == {r: os.path.getmtime(out / r / "metrics.jsonl") for r in mtimes}
 
 
-def test_fit_report_on_published_csv(tmp_path, capsys):
-    """The `fit` command on a published-style table (N, C, loss): both approaches, fit.json, and
-    a PNG when matplotlib is installed (a text table otherwise)."""
+def test_scaling_fit_report_on_published_csv(tmp_path, capsys):
+    """`fit` on a published-style table (N, C, loss) recovers the known law by both approaches and writes fit.json and a PNG (text table without matplotlib)."""
     runs = synthetic_isoflop(seed=2, budgets=np.logspace(18, 21, 4))
     p = tmp_path / "published.csv"
     p.write_text("N,C,loss\n" + "".join(f"{n},{c},{l}\n" for n, c, l in zip(runs["N"], runs["C"], runs["loss"])))
@@ -2159,7 +3189,8 @@ def _tiny_lm(vocab_size, seed=0, context_length=64):
                                      num_layers=1, num_heads=2))
 
 
-def test_response_mask_covers_exactly_the_response():
+def test_align_response_mask_covers_exactly_the_response():
+    """The response mask is True on exactly the output's labels, checked against a byte tokenizer by hand."""
     tok = _byte_tokenizer()
     prompts, outputs = [align.chat_prompt("1+2?"), align.chat_prompt("a")], ["3" + align.EOT, "bcde"]
     b = align.tokenize_prompt_and_output(prompts, outputs, tok)
@@ -2177,7 +3208,8 @@ def test_response_mask_covers_exactly_the_response():
         assert tok.decode(b["labels"][i][b["response_mask"][i]].tolist()) == outputs[i]
 
 
-def test_masked_mean_and_normalize_by_hand():
+def test_align_masked_mean_and_normalize_by_hand():
+    """masked_mean / masked_normalize equal hand sums, and an all-zero mask row gives 0, not NaN."""
     t = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
     m = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1]])  # the middle row is all-zero
     assert align.masked_mean(t, m).item() == pytest.approx((1 + 2 + 7 + 9) / 4)
@@ -2188,13 +3220,15 @@ def test_masked_mean_and_normalize_by_hand():
     assert align.masked_normalize(t, m, dim=0).tolist() == pytest.approx([8.0, 2.0, 9.0])
 
 
-def test_compute_entropy_matches_torch_distribution():
+def test_align_compute_entropy_matches_torch_distribution():
+    """compute_entropy equals torch.distributions.Categorical.entropy, even at large logits."""
     logits = torch.randn(3, 5, 11) * 30  # large logits: a naive softmax would overflow in exp
     want = torch.distributions.Categorical(logits=logits).entropy()
     torch.testing.assert_close(align.compute_entropy(logits), want)
 
 
-def test_group_normalized_rewards_hand_example():
+def test_align_group_normalized_rewards_hand_example():
+    """GRPO advantages (with and without std) equal a hand computation on two groups."""
     rf = lambda r, g: {"reward": float(r == g), "answer_reward": float(r == g)}  # noqa: E731
     resp, gts = ["1", "2", "1", "1", "5", "5", "5", "5"], ["1"] * 4 + ["5"] * 4
     adv, raw, meta = align.compute_group_normalized_rewards(rf, resp, gts, 4, 1e-6, True)
@@ -2206,7 +3240,8 @@ def test_group_normalized_rewards_hand_example():
     assert meta["reward"] == pytest.approx(7 / 8)
 
 
-def test_grpo_clip_equals_naive_on_policy():
+def test_align_grpo_clip_equals_naive_on_policy():
+    """On policy (ratio 1) the clipped loss has REINFORCE's gradient; off policy the clip zeroes it."""
     torch.manual_seed(0)
     logits = torch.randn(4, 6, requires_grad=True)
     adv = torch.randn(4, 1)
@@ -2227,7 +3262,8 @@ def test_grpo_clip_equals_naive_on_policy():
     assert lp2.grad.item() == 0
 
 
-def test_dpo_loss_is_log2_when_policy_equals_reference():
+def test_align_dpo_loss_is_log2_when_policy_equals_reference():
+    """DPO loss is log 2 when policy == reference (closed form) and falls when the policy prefers chosen."""
     tok = _byte_tokenizer()
     model = _tiny_lm(tok.vocab_size)
     ref = _tiny_lm(tok.vocab_size)  # same seed: identical weights
@@ -2245,7 +3281,8 @@ def test_dpo_loss_is_log2_when_policy_equals_reference():
     assert (loss2 < math.log(2)).all()
 
 
-def test_dpo_nll_term_by_hand():
+def test_align_dpo_nll_term_by_hand():
+    """RPO loss and gradient equal the formula written out with math; alpha = 0 is plain DPO."""
     # RPO: loss = -log sigmoid(beta * [(pc - rc) - (pr - rr)]) - alpha * pc / |y_w|, written out with math.
     pc = torch.tensor([-3.0, -1.5], requires_grad=True)
     pr, rc, rr, n = torch.tensor([-2.0, -4.0]), torch.tensor([-2.5, -1.0]), torch.tensor([-2.2, -3.0]), torch.tensor([3.0, 2.0])
@@ -2271,7 +3308,8 @@ def test_dpo_nll_term_by_hand():
     assert b["response_mask"].sum(-1).tolist() == [len(tok.encode(c + align.EOT)) for c in chosen]
 
 
-def test_sft_grad_accumulation_equals_one_big_batch():
+def test_align_sft_grad_accumulation_equals_one_big_batch():
+    """Four accumulated SFT microbatches give the gradient of one big batch (invariant)."""
     tok = _byte_tokenizer()
     prompts = [align.chat_prompt(f"{a}+{a}?") for a in range(4)]
     outputs = [f"{a}+{a} = {2 * a}" + "!" * a + align.EOT for a in range(4)]  # ragged lengths
@@ -2290,7 +3328,74 @@ def test_sft_grad_accumulation_equals_one_big_batch():
         torch.testing.assert_close(g1, g4, rtol=1e-4, atol=1e-6)
 
 
-def test_get_response_log_probs_matches_cross_entropy():
+def test_align_sft_step_grad_accum_is_one_big_batch():
+    """The real SFT step: 2 accumulated microbatches of unequal token counts == 1 batch == the hand per-token mean."""
+    tok = _byte_tokenizer()
+    rows = [{"prompt": f"{a} + {a}?", "response": str(2 * a) + "!" * (3 * a)} for a in range(4)]  # 1..10 tokens
+
+    def grads(batches):
+        model = _tiny_lm(tok.vocab_size)
+        align.sft_step(model, tok, batches, "cpu")
+        return model, [p.grad.clone() for p in model.parameters()]
+
+    model, g1 = grads([rows])
+    _, g2 = grads([rows[:3], rows[3:]])  # the second microbatch holds most of the response tokens
+    b = align.tokenize_prompt_and_output([align.chat_prompt(r["prompt"]) for r in rows], [r["response"] + align.EOT for r in rows], tok)
+    model.zero_grad()
+    lp = align.get_response_log_probs(model, b["input_ids"], b["labels"])["log_probs"]
+    (-(lp * b["response_mask"]).sum() / b["response_mask"].sum()).backward()  # one batch, per-token mean
+    for a, c, ref in zip(g1, g2, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(c, ref, rtol=1e-4, atol=1e-6)
+
+
+class _RecordGrads:
+    # An optimizer stand-in for grpo_step: step() keeps the gradients instead of applying them.
+    def __init__(self, params):
+        self.params, self.grads = list(params), None
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def _grpo_rollout():
+    # 2 prompts x G = 2 completions of 1..4 tokens over an 8-token vocabulary; reward: the text contains "3"
+    P = [[1, 2, 5]] * 2 + [[4, 4, 6]] * 2
+    C = [[3], [5, 6, 7, 1], [2, 2], [3, 0, 0]]
+    texts = ["".join(map(str, c)) for c in C]
+    rf = lambda r, g: {"reward": float("3" in r), "answer_reward": float("3" in r)}  # noqa: E731
+    return P, C, texts, [None] * 4, rf
+
+
+def test_align_grpo_step_dr_grpo_constant_normalizer_and_temperature():
+    """grpo_step's gradient equals -A grad log softmax(logits / T) summed per response over a constant
+    (Dr. GRPO, --no-std-norm) or averaged per response (GRPO): a hand-built reference at T = 0.5."""
+    P, C, texts, gts, rf = _grpo_rollout()
+    b = align.pack_prompt_and_output_ids(P, C, pad_id=0)
+    for no_std_norm in (False, True):
+        args = argparse.Namespace(group_size=2, no_std_norm=no_std_norm, micro_batch_size=16, epochs_per_rollout=1,
+                                  loss_type="grpo_clip", cliprange=0.2, kl_coef=0.0, temperature=0.5)
+        model = _tiny_lm(8, seed=0, context_length=16)
+        opt = _RecordGrads(model.parameters())
+        meta = align.grpo_step(model, opt, P, C, texts, gts, rf, args, max_new_tokens=6)
+        adv, _, _ = align.compute_group_normalized_rewards(rf, texts, gts, 2, 1e-6, not no_std_norm)
+        model.zero_grad()
+        logp = torch.log_softmax(model(b["input_ids"]).float() / 0.5, -1).gather(-1, b["labels"][..., None])[..., 0]
+        m = b["response_mask"].float()
+        per_token = -adv[:, None] * logp * m  # on policy: ratio 1, the clip is inactive
+        per_seq = per_token.sum(-1) / 6 if no_std_norm else per_token.sum(-1) / m.sum(-1)
+        per_seq.mean().backward()
+        for g, ref in zip(opt.grads, [p.grad for p in model.parameters()]):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+        assert meta["loss"] == pytest.approx(per_seq.mean().item(), abs=1e-5)  # Dr. GRPO: not 0 with ragged lengths
+
+
+def test_align_get_response_log_probs_matches_cross_entropy():
+    """get_response_log_probs equals -F.cross_entropy per token."""
     tok = _byte_tokenizer()
     model = _tiny_lm(tok.vocab_size)
     b = align.tokenize_prompt_and_output(["ab", "c"], ["xyz", "w"], tok)
@@ -2318,11 +3423,13 @@ def test_get_response_log_probs_matches_cross_entropy():
     ("", None),
     ("####", None),
 ])
-def test_parse_answer_adversarial(text, want):
+def test_align_parse_answer_adversarial(text, want):
+    """The verifier parses the final number by hand-checked rules and never executes the text."""
     assert align.parse_answer(text) == want
 
 
-def test_reward_fn():
+def test_align_reward_fn():
+    """reward = answer + 0.1 * format on hand-scored responses."""
     r = lambda text, gold: align.reward_fn(text, gold, format_weight=0.1)["reward"]  # noqa: E731
     assert r("2 + 2 = 4", 4) == pytest.approx(1.1)             # right, and ends in its answer
     assert r("so... #### 4", 4) == pytest.approx(1.1)
@@ -2333,29 +3440,53 @@ def test_reward_fn():
     assert align.reward_fn("#### 5", None)["answer_reward"] == 0.0
 
 
-def test_split_is_disjoint_and_stable():
+def test_align_split_is_disjoint_and_stable():
+    """Train and test problems never share a fact, gold answers parse, split_of is a pinned sha256 value."""
     for level in align.LEVELS:
         train = align.sample_problems("train", 400, [level], seed=1)
         test = align.sample_problems("test", 100, [level], seed=2, unique=True)
         assert train and test
         assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
-        assert all(align.split_of(p["prompt"]) == "train" for p in train)
+        assert all(align.split_of(p["fact"]) == "train" for p in train)
         for p in train[:50] + test[:50]:  # every gold response is right and parses
             assert align.parse_answer(p["response"]) == p["answer"]
-    assert align.split_of("What is 3 + 4?") == align.split_of("What is 3 + 4?")  # sha256: no salt
+    # pinned (computed once by hand with hashlib.sha256): a salted or changed hash would move them
+    assert [align.split_of(k) for k in ("3 + 4", "2 * 4", "7 - 2", "1 + 3", "12 + 34")] == ["train", "test", "train", "test", "train"]
     # the eval set is deterministic (same problems across stages and runs)
     a = align.sample_problems("test", 60, [1, 2], seed=1234, unique=True)
     assert a == align.sample_problems("test", 60, [1, 2], seed=1234, unique=True)
     assert len({p["prompt"] for p in a}) == len(a)
 
 
-def test_wilson_interval_closed_form():
+def _fact_from_text(q):
+    # The arithmetic fact read back from a problem's wording alone (not from align's own fields):
+    # a + b and b + a are one fact, so are a * b and b * a; a - b is its own.
+    a, b = (int(x) for x in re.findall(r"\d+", q))
+    op = ("+" if " + " in q or "more" in q else "-" if " - " in q or "gives away" in q else "*")
+    return (a, op, b) if op == "-" else (min(a, b), op, max(a, b))
+
+
+def test_align_no_fact_crosses_the_split():
+    """No held-out arithmetic fact is trained on in any wording or level (facts read back from the text)."""
+    levels = list(align.LEVELS)
+    train = align.sample_problems("train", 4000, levels, seed=3)
+    test = align.sample_problems("test", 1000, levels, seed=4)
+    train_facts, test_facts = {_fact_from_text(p["prompt"]) for p in train}, {_fact_from_text(p["prompt"]) for p in test}
+    assert len(test_facts) > 100 and not train_facts & test_facts
+    # word problems and plain ones share facts: 3 * 4 as "Ann buys 3 bags with 4 ..." is the same held-out fact
+    one_digit = {f for f in test_facts if f[2] < 10}
+    assert {_fact_from_text(p["prompt"]) for p in test if p["level"] == 3} <= one_digit
+
+
+def test_align_wilson_interval_closed_form():
+    """Wilson interval equals the textbook value at 50/100 and stays sane at 0/10."""
     lo, hi = align.wilson_interval(50, 100)
     assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)  # textbook value
     assert align.wilson_interval(0, 10)[0] == 0.0 and 0.25 < align.wilson_interval(0, 10)[1] < 0.35
 
 
-def test_load_jsonl_formats(tmp_path):
+def test_align_load_jsonl_formats(tmp_path):
+    """load_jsonl reads the SFT, DPO and GSM8K formats and rejects a line without a prompt."""
     p = tmp_path / "d.jsonl"
     p.write_text('{"prompt": "q1", "response": "r1"}\n\n'
                  '{"prompt": "q2", "chosen": "a", "rejected": "b"}\n'
@@ -2369,7 +3500,32 @@ def test_load_jsonl_formats(tmp_path):
         align.load_jsonl(str(bad))
 
 
-def test_grpo_raises_reward_on_toy_task():
+def test_align_data_jsonl_never_evaluates_on_training_rows(tmp_path):
+    """--data-jsonl: the eval set and the training rows are disjoint (split by prompt hash) and cover the file."""
+    p = tmp_path / "gsm.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"What is {a} + 7?", "answer": f"#### {a + 7}"}) + "\n" for a in range(60)))
+    args = argparse.Namespace(data_jsonl=str(p), test_percent=20, n_eval=600, levels=[5])
+    train, test = align.user_rows(args, "train"), align.eval_problems(args)
+    assert train and test and not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert len(train) + len(test) == 60 and all(align.split_of(r["prompt"]) == "test" for r in test)
+    assert [r["prompt"] for r in align.user_rows(args, "test")] == [r["prompt"] for r in test]
+
+
+def test_align_bad_grpo_group_size_and_empty_paired_difference_are_clear_errors(tmp_path, capsys):
+    """--group-size 1 (std of one sample: NaN) is a one-line error before any work; no-problem pairing is too."""
+    with pytest.raises(SystemExit) as e:
+        align.main(["grpo", "--ckpt", str(tmp_path / "missing.pt"), "--group-size", "1", "--device", "cpu"])
+    assert "--group-size" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="group_size"):
+        align.compute_group_normalized_rewards(align.reward_fn, ["1", "2"], [1, 2], 1)
+    with pytest.raises(ValueError, match="no problems"):
+        align.paired_difference([], [])
+    with pytest.raises(ValueError, match="same problems"):
+        align.paired_difference([1, 0], [1])
+
+
+def test_align_grpo_raises_reward_on_toy_task():
+    """20 real grpo_step calls raise a toy reward from chance (1/8) to > 0.6: the learning works."""
     # A toy policy over 8 tokens; reward = fraction of the 4 sampled tokens equal to token 3
     # (chance: 1/8). Only learning can raise it. 20 on-policy GRPO steps with the real grpo_step.
     torch.manual_seed(0)
@@ -2377,15 +3533,14 @@ def test_grpo_raises_reward_on_toy_task():
     model = _tiny_lm(V, seed=0, context_length=16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     args = argparse.Namespace(group_size=G, no_std_norm=False, micro_batch_size=16, epochs_per_rollout=1,
-                              loss_type="grpo_clip", cliprange=0.2, kl_coef=0.0)
+                              loss_type="grpo_clip", cliprange=0.2, kl_coef=0.0, temperature=1.0)
     rf = lambda r, g: {"reward": r.count("3") / T, "answer_reward": float(r.count("3") == T)}  # noqa: E731
     gen, rng = torch.Generator().manual_seed(0), random.Random(0)
-    from model import generate
     rewards = []
     for step in range(20):
         prompts = [[rng.randrange(V) for _ in range(3)] for _ in range(n_prompts)]
         idx = torch.tensor([p for p in prompts for _ in range(G)])  # (n_prompts * G, 3)
-        out = generate(model, idx, T, temperature=1.0, generator=gen)[:, 3:].tolist()
+        out = M.generate(model, idx, T, temperature=1.0, generator=gen)[:, 3:].tolist()
         P = [p for p in prompts for _ in range(G)]
         texts = ["".join(map(str, c)) for c in out]
         m = align.grpo_step(model, opt, P, out, texts, [None] * len(out), rf, args)
@@ -2403,7 +3558,8 @@ def _tiny_align_ckpt(tmp_path):
     return model, str(tmp_path / "base.pt"), str(tmp_path / "tok")
 
 
-def test_lora_starts_equal_trains_adapters_only_and_merges():
+def test_align_lora_starts_equal_trains_adapters_only_and_merges():
+    """LoRA starts equal to the base model bit for bit, trains only A and B, and merges to the same function."""
     tok = _byte_tokenizer()
     base = _tiny_lm(tok.vocab_size)
     model = align.add_lora(copy.deepcopy(base), rank=4, alpha=8.0)
@@ -2433,7 +3589,9 @@ def test_lora_starts_equal_trains_adapters_only_and_merges():
     assert all(p.requires_grad for p in merged.parameters())
 
 
-def test_lora_sft_cli_saves_a_plain_merged_checkpoint(tmp_path):
+@pytest.mark.slow
+def test_align_lora_sft_cli_saves_a_plain_merged_checkpoint(tmp_path):
+    """`align.py sft --lora-rank` saves a plain checkpoint where only the adapted matrices changed."""
     base, ckpt, tdir = _tiny_align_ckpt(tmp_path)
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+1?", "response": str(a + 1)}) + "\n" for a in range(20)))
@@ -2448,7 +3606,8 @@ def test_lora_sft_cli_saves_a_plain_merged_checkpoint(tmp_path):
     assert rec["trainable_params"] == cfg.num_layers * per_layer
 
 
-def test_bradley_terry_loss_log2_and_gradient_sign():
+def test_align_bradley_terry_loss_log2_and_gradient_sign():
+    """Bradley-Terry loss is log 2 at equal rewards with gradient -+1/2; r is h . w at the last token."""
     rc, rr = torch.tensor([0.3, -1.0, 2.0], requires_grad=True), torch.tensor([0.3, -1.0, 2.0], requires_grad=True)
     loss = align.bradley_terry_loss(rc, rr)
     torch.testing.assert_close(loss, torch.full((3,), math.log(2)))  # equal rewards: p = 1/2
@@ -2466,7 +3625,9 @@ def test_bradley_terry_loss_log2_and_gradient_sign():
         torch.testing.assert_close(rm(tok, ["a", "bc"], ["1", "22222"])[0], want, rtol=1e-5, atol=1e-5)
 
 
-def test_reward_model_learns_an_obvious_preference(tmp_path):
+@pytest.mark.slow
+def test_align_reward_model_learns_an_obvious_preference(tmp_path):
+    """The real `rm` stage ranks > 90% of held-out pairs right when the preference is obvious."""
     # chosen and rejected differ only in the last token (":)" vs ":("); 30 steps of the real `rm`
     # stage must rank held-out pairs (a hash split of the prompts) almost always right.
     _, ckpt, tdir = _tiny_align_ckpt(tmp_path)
@@ -2488,7 +3649,7 @@ def test_reward_model_learns_an_obvious_preference(tmp_path):
 
 
 def test_pipeline_gpu_preset_is_sized_to_the_data(tmp_path):
-    import pipeline
+    """The gpu preset stops at 4 epochs of the data (closed form), and real-data flags reach only data.py."""
     b = tmp_path / "train.bin"
     np.zeros(1_000_000, dtype=np.uint16).tofile(b)                     # 1M tokens
     assert pipeline.capped_steps(str(b), 32, 1024, 5000, 4) == 4 * 1_000_000 // (32 * 1024) == 122
@@ -2496,10 +3657,78 @@ def test_pipeline_gpu_preset_is_sized_to_the_data(tmp_path):
     assert pipeline.capped_steps(str(b), 32, 1024, 5000, 4) == 5000
     # real-data flags reach data.py, and only data.py
     plan = pipeline.stage_plan(str(tmp_path), "gpu", ["--url", "http://example.com/x.txt"])
-    assert [c[-2:] for n, c, _ in plan if n == "data"] == [["--url", "http://example.com/x.txt"]]
-    assert all("--url" not in c for n, c, _ in plan if n != "data")
+    assert [c[-2:] for n, c, _, _ in plan if n == "data"] == [["--url", "http://example.com/x.txt"]]
+    assert all("--url" not in c for n, c, _, _ in plan if n != "data")
+    # every artifact a later stage reads is listed, so a missing one reruns its stage
+    arts = {n: a for n, _, _, a in pipeline.stage_plan(str(tmp_path), "cpu", scaling=True)}
+    assert any(a.endswith("special_tokens.json") for a in arts["bpe"]), arts["bpe"]
+    assert any(a.endswith("val.bin") for a in arts["scaling-bytes"]), arts["scaling-bytes"]
 
 
+# A fake three-stage plan (data -> pretrain -> align), each stage a tiny script that logs its argv, copies
+# its input to its output, and dies after writing its output when FAIL names it: the real run_stages drives it.
+FAKE_STAGE = """import os, sys
+name, src, dst = sys.argv[1:4]
+open(os.path.join(os.path.dirname(dst), 'log'), 'a').write(' '.join(sys.argv[1:2] + sys.argv[4:]) + '\\n')
+open(dst, 'w').write(open(src).read() + name) if src != '-' else open(dst, 'w').write(name)
+sys.exit(1 if os.environ.get('FAIL') == name else 0)
+"""
+
+
+def _fake_pipeline(tmp_path, monkeypatch, data_flag="--embedded"):
+    script = tmp_path / "stage.py"
+    script.write_text(FAKE_STAGE)
+    f = {n: str(tmp_path / f"{n}.out") for n in ("data", "pretrain", "align")}
+    plan = [("data", [sys.executable, str(script), "data", "-", f["data"], data_flag], [], [f["data"]]),
+            ("pretrain", [sys.executable, str(script), "pretrain", f["data"], f["pretrain"]], [f["data"]], [f["pretrain"]]),
+            ("align", [sys.executable, str(script), "align", f["pretrain"], f["align"]], [f["pretrain"]], [f["align"]])]
+    monkeypatch.setattr(pipeline, "stage_plan", lambda out, preset, sources=(), scaling=False: plan)
+    log = tmp_path / "log"
+    log.write_text("")
+    return log
+
+
+def _ran(log, call):
+    """Run `call`, return the stage lines it logged."""
+    before = log.read_text().splitlines()
+    try:
+        call()
+    except SystemExit:
+        pass
+    return log.read_text().splitlines()[len(before):]
+
+
+def test_pipeline_reruns_exactly_what_did_not_finish(tmp_path, monkeypatch):
+    """A stage is done only when its marker matches its command and inputs; a rerun upstream reruns everything after."""
+    log = _fake_pipeline(tmp_path, monkeypatch)
+    run = lambda **kw: _ran(log, lambda: pipeline.run_stages(str(tmp_path), "cpu", False, False, **kw))
+    assert run() == ["data --embedded", "pretrain", "align"]
+    assert run() == []                                             # all done: nothing runs
+    # (b) align writes its output, then crashes (as align.py wrote eval.json after the base eval): not done
+    monkeypatch.setenv("FAIL", "align")
+    assert run() == [] and (tmp_path / "align.out").exists()       # the old marker still matches: nothing to do
+    os.remove(tmp_path / ".done" / "align.json")
+    assert run() == ["align"]                                      # crashed again: the marker stays missing
+    monkeypatch.delenv("FAIL")
+    assert run() == ["align"] and run() == []
+    # (c) another data command (e.g. --url into the same dir): data and every stage after it rerun
+    _fake_pipeline(tmp_path, monkeypatch, data_flag="--url=x")
+    assert run() == ["data --url=x", "pretrain", "align"]
+    # an upstream output rewritten by hand changes the fingerprint downstream stages recorded
+    (tmp_path / "pretrain.out").write_text("edited by hand, a different size")
+    assert run() == ["align"]
+
+
+def test_pipeline_resumes_killed_pretraining(tmp_path, monkeypatch):
+    """(a) pretraining killed after a periodic ckpt.pt is neither skipped nor restarted: it reruns with --resume."""
+    log = _fake_pipeline(tmp_path, monkeypatch)
+    monkeypatch.setenv("FAIL", "pretrain")                         # writes its checkpoint, then dies
+    assert _ran(log, lambda: pipeline.run_stages(str(tmp_path), "cpu", False, False)) == ["data --embedded", "pretrain"]
+    monkeypatch.delenv("FAIL")
+    assert _ran(log, lambda: pipeline.run_stages(str(tmp_path), "cpu", False, False)) == ["pretrain --resume", "align"]
+
+
+@pytest.mark.slow
 def test_pipeline_tiny_end_to_end(tmp_path):
     """data -> bpe -> encode -> pretrain -> SFT/DPO/GRPO -> eval -> report.md, then a rerun that skips every stage."""
     out = tmp_path / "run"
