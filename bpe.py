@@ -1,38 +1,32 @@
 """
 Byte-level BPE: the tokenizer that turns text into the integer ids a language model reads.
 
-What it is. A language model predicts one symbol at a time, so we must pick the symbols. Raw
-bytes (256 symbols) make sequences ~4x longer than needed and waste context and compute; whole
-words leave an open vocabulary with no way to spell a word never seen. Byte-Pair Encoding
-(Sennrich et al. 2015, arXiv:1508.07909; originally a compression scheme, Gage 1994) sits in
-between: start from the 256 bytes, then repeatedly glue the most frequent adjacent pair into a
-new symbol until the vocabulary has the size we want. Every string stays encodable (bytes are
-always there), and frequent strings become single tokens. Working on UTF-8 bytes rather than
-Unicode characters is GPT-2's choice (Radford et al. 2019): no unknown token, ever.
+A language model predicts one symbol at a time, so we must pick the symbols. Raw bytes (256
+symbols) make sequences ~4x longer than needed and waste context and compute; whole words leave
+an open vocabulary with no way to spell a word never seen. Byte-Pair Encoding (Sennrich et al.
+2015, arXiv:1508.07909; first a compression scheme, Gage 1994) sits in between: start from the
+256 bytes, then repeatedly glue the most frequent adjacent pair into a new symbol until the
+vocabulary has the size we want. Every string stays encodable (bytes are always there), and
+frequent strings become single tokens. Working on UTF-8 bytes rather than characters is GPT-2's
+choice (Radford et al. 2019): no unknown token, ever. Two more details are GPT-2's: a regex
+first cuts text into word-like pre-tokens (" the", "123", "\\n\\n") that merges never cross
+(else BPE learns "dog." and "dog!"), and special tokens ("<|endoftext|>") are cut out before
+anything else, so they are never split or merged with their neighbours.
 
-Two details make it work in practice, both from GPT-2:
-  1. Pre-tokenization. A regex first cuts text into word-like pieces (" the", "123", "\\n\\n"),
-     and merges never cross a piece. Without it BPE learns tokens like "dog." and "dog!".
-  2. Special tokens ("<|endoftext|>") are cut out of the text *before* anything else, so they
-     are never split or merged with their neighbours, and no learned token contains one.
-
-The file reads in that order: the pattern, counting pre-tokens, the merge loop (`train_bpe`),
-the `Tokenizer` (encode, decode, GPT-2's file format), the token file. Then "Making it fast":
-the ASCII regex twin, parallel reading of big files in safe chunks, the pre-token cache and
-long-word merging, each tested equal to the plain version. Departures from the papers:
-  1. Ties between equally frequent pairs go to the lexicographically greatest (CS336's rule).
-  2. `merge_score="pmi"` picks pairs by count(ab)/(count(a)count(b)), the WordPiece criterion
-     (Schuster & Nakajima 2012; Wu et al. 2016, arXiv:1609.08144).
-  3. `split_digits=True` makes every digit its own pre-token (as LLaMA does, Touvron et al.
-     2023, arXiv:2302.13971; Llama 3 uses groups of up to three digits), so numbers tokenize uniformly.
+The file reads in that order: the pattern, counting pre-tokens, the merge loop (`train_bpe`), the
+`Tokenizer` (encode, decode, GPT-2's files), the token file. Then "Making it fast": the ASCII regex
+twin, safe cuts and parallel chunks, the cache and long words, each tested equal to the plain code.
+Departures: (1) ties between equally frequent pairs go to the greatest bytes (CS336's rule);
+(2) `merge_score="pmi"` ranks pairs by count(ab)/(count(a)count(b)), the WordPiece criterion
+(Schuster & Nakajima 2012; Wu et al. 2016, arXiv:1609.08144); (3) `split_digits=True` makes each
+digit a pre-token (LLaMA, Touvron et al. 2023, arXiv:2302.13971), so numbers tokenize uniformly.
 
 Run it:
     python bpe.py train --input data/pydocs/train.txt --vocab-size 4096 \\
         --special-tokens '<|endoftext|>' '<|user|>' '<|assistant|>' --out data/pydocs/tokenizer
     python bpe.py encode --tokenizer data/pydocs/tokenizer --input data/pydocs/train.txt --out data/pydocs/train.bin
     python bpe.py stats --tokenizer data/pydocs/tokenizer --input data/pydocs/val.txt
-    python bench.py --only bpe              # train vs HF tokenizers, encode vs tiktoken
-CPU only; there is nothing here for a GPU to do.
+    python bench.py --only bpe              # train vs HF tokenizers, encode vs tiktoken (CPU only)
 """
 
 import argparse
@@ -54,10 +48,10 @@ import numpy as np
 import regex
 
 # ---------------------------------------------------------------
-# Pre-tokenization: the regex that cuts text into pieces no merge may cross. GPT-2's branches,
-# in order: contractions ('s 'll 're ...), optional space + letters, optional space + digits,
-# optional space + punctuation, a whitespace run not followed by a non-space (so it leaves one
-# space for " word" to take), and any remaining whitespace.
+# Pre-tokenization: the regex that cuts text into pieces no merge may cross. GPT-2's branches, in
+# order: contractions ('s 'll 're ...), optional space + letters, optional space + digits, optional
+# space + punctuation, a whitespace run not followed by a non-space (it leaves one space for " word"
+# to take), and any remaining whitespace.
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Same, but every digit stands alone: "2024" -> "2","0","2","4" (LLaMA-style).
@@ -65,11 +59,9 @@ SPLIT_DIGITS_PATTERN = GPT2_PATTERN.replace(r" ?\p{N}+", r"\p{N}")
 
 
 def _special_splitter(special_tokens):
-    """Regex matching any special token, longest first so "<|a|><|a|>" beats "<|a|>"."""
-    if not special_tokens:
-        return None
-    alts = sorted(special_tokens, key=len, reverse=True)
-    return regex.compile("(" + "|".join(regex.escape(s) for s in alts) + ")")  # (group): split() keeps them
+    """Regex matching any special token, longest first so "<|a|><|a|>" beats "<|a|>" (None: no specials)."""
+    alts = sorted(special_tokens or [], key=len, reverse=True)
+    return regex.compile("(" + "|".join(map(regex.escape, alts)) + ")") if alts else None  # split() keeps (groups)
 
 
 # ---------------------------------------------------------------
@@ -91,18 +83,13 @@ def count_words(text, special_tokens=(), pattern=GPT2_PATTERN, findall=None):
 # the corpus after each merge: O(corpus), ten thousand times. But merging (a, b) into `new` only
 # changes pairs that overlap an occurrence of (a, b): in "x a b y", (x, a), (a, b), (b, y) become
 # (x, new), (new, y), and every other count stays put. So pair_count lives across merges, an
-# index pair -> words says where the pair occurs, and each merge costs O(occurrences of the
-# merged pair among distinct words): large for the first, frequent pairs, tiny for later ones.
-# The most frequent pair comes off a heap. heapq cannot update an entry in place, so the heap is
-# lazy: a count that rises gets a fresh entry, one that falls keeps its old, too-high entry,
-# caught when it reaches the top.
-#
+# index pair -> words says where the pair occurs, and a merge costs O(occurrences of the pair
+# among distinct words). The most frequent pair comes off a lazy heap (see `_pop_best`).
 # Tie-breaking rule (CS336): among pairs with the highest count, take the lexicographically
-# greatest (bytes_a, bytes_b). heapq is a min-heap, so the heap key must *reverse* byte-string
-# order. For one byte string s we use  inv(s) = chr(255 - s[0]) + ... + chr(255 - s[-1]) + chr(256):
-# complementing reverses the order of differing bytes, and the trailing chr(256) (larger than any
-# complemented byte) makes a prefix sort *after* its extensions, reversing "b" < "ba" too.
-# Comparing the tuples (inv(a), inv(b)) then reverses tuple order, all in C string compares.
+# greatest (bytes_a, bytes_b). heapq is a min-heap, so the key must *reverse* byte-string order:
+# inv(s) = chr(255 - s[0]) + ... + chr(255 - s[-1]) + chr(256). Complementing reverses the order
+# of differing bytes, and the trailing chr(256) makes a prefix sort *after* its extensions
+# ("b" < "ba" reversed too); tuples (inv(a), inv(b)) then compare in reverse, in C.
 
 _INV = {i: chr(255 - i) for i in range(256)}
 
@@ -127,12 +114,10 @@ def _pair_index(words, counts, pmi):
 
 
 def _pop_best(heap, pair_count, inv):
-    """The most frequent pair (greatest bytes on ties) from the lazy heap, or None if none is left.
-
-    Invariant: every live pair has an entry with count >= its current count. So a top entry
-    whose count is current beats every other pair (their counts <= their entries <= the top).
-    A stale top is popped and re-filed at its current count if the pair still exists; each push
-    is popped at most once, so staleness costs O(log n) a push."""
+    """The most frequent pair (greatest bytes on ties), or None. heapq cannot update an entry, so a
+    count that rises gets a fresh entry and one that falls keeps its old, too-high one: every live
+    pair has an entry >= its count. So a top entry whose count is current beats every other pair; a
+    stale top is re-filed at its current count if the pair still exists (O(log n) a push)."""
     while heap:
         negc, _, _, a, b = heap[0]
         cur = pair_count.get((a, b), 0)
@@ -145,23 +130,18 @@ def _pop_best(heap, pair_count, inv):
 
 
 def _best_pmi(pair_count, sym_count, vocab):
-    """PMI, log p(ab) / (p(a) p(b)), ranks pairs like count(ab) / (count(a) count(b)) (up to a
-    factor all pairs share). A merge moves count(a) and count(b), and with them the score of
-    every pair holding a or b, so no heap keeps up: we scan all pairs."""
+    """PMI, log p(ab) / (p(a) p(b)), ranks pairs as count(ab) / (count(a) count(b)) does. A merge
+    moves the score of every pair holding a or b, so no heap keeps up: we scan all pairs."""
     return max(pair_count, default=None, key=lambda p: (
         pair_count[p] / (sym_count[p[0]] * sym_count[p[1]]), vocab[p[0]], vocab[p[1]]))
 
 
 def _merge_word(w, a, b, new, c, wi, pair_count, pair_words, grown):
-    """Replace every (a, b) in word w (left to right) by `new`; returns the new word or None.
-
-    Only pairs touching a merge site change. For a site at old index i:
-        (w[i-1], a) -> (prev, new)     unless the previous site ended at i-1 (then (b, a) was
-                                       already removed as that site's right neighbour)
-        (b, w[i+2]) -> (new, w[i+2])   unless w[i+2:i+4] is itself a site (its left side adds (new, new))
-    Each pair is weighted by c, the word's corpus count. The merged pair (a, b) itself is dropped
-    by the caller; pairs whose count went up are added to `grown` (they need a heap entry).
-    """
+    """Replace every (a, b) in word w (left to right) by `new`; returns the new word or None (no
+    site: a stale index entry). Only pairs touching a site change; for a site at old index i:
+        (w[i-1], a) -> (prev, new)     unless the previous site ended at i-1 (it removed (b, a))
+        (b, w[i+2]) -> (new, w[i+2])   unless w[i+2:i+4] is a site too (its left side adds (new, new))
+    each weighted by c, the word's count. The caller drops (a, b); grown pairs go into `grown`."""
     out, i, n, last = [], 0, len(w), -2
     while i < n:
         if w[i] == a and i + 1 < n and w[i + 1] == b:
@@ -191,7 +171,7 @@ def _merge_word(w, a, b, new, c, wi, pair_count, pair_words, grown):
         else:
             out.append(w[i])
             i += 1
-    return out if last >= 0 else None  # None: no site, a stale index entry
+    return out if last >= 0 else None
 
 
 def _apply_merge(best, new, words, counts, pair_count, pair_words, sym_count, pmi):
@@ -215,11 +195,8 @@ def _apply_merge(best, new, words, counts, pair_count, pair_words, sym_count, pm
 
 def train_bpe(input_path, vocab_size, special_tokens=(), merge_score="count", split_digits=False,
               workers=None, verbose=False, **kwargs):
-    """Learn a byte-level BPE from a text file. Returns (vocab {id: bytes}, merges [(bytes, bytes), ...]).
-
-    Ids: 0..255 are the single bytes, then the special tokens in the order given, then one id
-    per merge in the order learned. Stops early if no pair is left to merge.
-    """
+    """Learn a byte-level BPE from a text file: (vocab {id: bytes}, merges [(bytes, bytes), ...]). Ids:
+    0..255 the bytes, then the specials in order, then one per merge; stops early when no pair is left."""
     special_tokens = list(dict.fromkeys(special_tokens or []))  # dedupe, keep order
     if merge_score not in ("count", "pmi"):
         raise ValueError(f"merge_score must be 'count' or 'pmi', got {merge_score!r}")
@@ -227,16 +204,13 @@ def train_bpe(input_path, vocab_size, special_tokens=(), merge_score="count", sp
         raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(special_tokens)} special tokens")
     pattern, pmi, t0 = SPLIT_DIGITS_PATTERN if split_digits else GPT2_PATTERN, merge_score == "pmi", time.time()
     word_counts = count_file_words(input_path, special_tokens, pattern, workers, verbose=verbose, **kwargs)
-    vocab = {i: bytes([i]) for i in range(256)}
-    for s in special_tokens:
-        vocab[len(vocab)] = s.encode("utf-8")
+    vocab = {i: bytes([i]) for i in range(256)} | {256 + k: s.encode("utf-8") for k, s in enumerate(special_tokens)}
     num_merges = vocab_size - len(vocab)  # vocab = 256 bytes + specials + one token per merge
     # Each distinct word becomes a list of symbol ids (a byte's id is its value), so training
     # cost depends on the number of *distinct* pre-tokens, not on the corpus size.
     words, counts = [list(w) for w in word_counts], list(word_counts.values())
     pair_count, pair_words, sym_count = _pair_index(words, counts, pmi)
-    # Heap entries: (-count, inv(bytes_a), inv(bytes_b), a, b). The smallest entry is the pair
-    # with the highest count and, among equal counts, the greatest bytes: the CS336 choice.
+    # Heap entries (-count, inv(bytes_a), inv(bytes_b), a, b): the smallest is the CS336 choice.
     inv = {i: _inv(b) for i, b in vocab.items()}
     heap = [(-c, inv[a], inv[b], a, b) for (a, b), c in pair_count.items()]
     heapq.heapify(heap)
@@ -268,11 +242,10 @@ def train_bpe(input_path, vocab_size, special_tokens=(), merge_score="count", sp
 
 # ---------------------------------------------------------------
 # GPT-2's file format: vocab.json maps token *strings* to ids, merges.txt lists "a b" per line.
-# Tokens are bytes, often not valid UTF-8 alone (half of "é" is b"\xc3"), and full of spaces,
-# newlines and control bytes: none of that survives as a JSON string key or in a space-separated
-# file. So GPT-2 spells each byte as one printable, non-space character: the 188 bytes that print
-# as themselves in Latin-1 ("!".."~", "¡".."¬", "®".."ÿ") keep their character, and the other 68
-# (controls, space, DEL, NBSP, soft hyphen) take chr(256), chr(257), ... in byte order. So " "
+# Tokens are bytes, often not valid UTF-8 alone (half of "é" is b"\xc3") and full of spaces and
+# control bytes, which survive neither as JSON keys nor in a space-separated file. So GPT-2 spells
+# each byte as one printable, non-space character: the 188 bytes that print as themselves in
+# Latin-1 keep their character, the other 68 take chr(256), chr(257), ... in byte order. So " "
 # (byte 32) becomes chr(256 + 32) = "Ġ" and "\n" becomes "Ċ": hence "Ġthe" in GPT-2 vocabularies.
 
 def bytes_to_unicode():
@@ -299,9 +272,8 @@ def _to_bytes(s: str, where: str) -> bytes:
 
 @contextlib.contextmanager
 def _atomic_open(path, mode="w"):
-    """open(path, mode) for writing that never leaves a half-written file: we write path.tmpPID,
-    fsync it (so the data is on disk before the name points at it), then rename over path.
-    On an error the temp file is removed and the old file, if any, stays."""
+    """open() for writing that never leaves a half-written file: write path.tmpPID, fsync (the
+    data is on disk before the name points at it), rename. On an error the old file stays."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
@@ -326,23 +298,16 @@ def _read_json(path):
 # The tokenizer: encode with the learned merges, decode by concatenating bytes.
 
 class Tokenizer:
-    """Apply a trained BPE: text -> ids (`encode`) and ids -> text (`decode`).
-
-    encode: cut out special tokens (longest match first) -> pre-tokenize with the same regex as
-    training -> for each pre-token, start from its UTF-8 bytes and apply merges in rank order.
-    That reproduces what training did to every training word (see `_bpe`), and what tiktoken
-    does with the same ranks, which the tests check id for id. (tiktoken looks pairs up by the
-    bytes they spell, so on rare vocabularies where two merges spell the same bytes it can
-    differ; we follow the merge list.) With no special tokens, "<|endoftext|>" is plain text.
-    `fast=False` runs the plain loop of `encode`; the default runs `_encode_fast`, the same ids.
-    """
+    """Apply a trained BPE: text -> ids (`encode`), ids -> text (`decode`). encode cuts out special
+    tokens (longest match first), pre-tokenizes with training's regex and applies the merges in rank
+    order to each pre-token's UTF-8 bytes. That reproduces training (see `_bpe`) and tiktoken with the
+    same ranks, id for id (where two merges spell the same bytes tiktoken can differ; we follow the
+    merge list). With no special tokens, "<|endoftext|>" is plain text. `fast=False`: the plain loop."""
 
     def __init__(self, vocab: dict, merges: list, special_tokens=None, pattern=GPT2_PATTERN, fast=True):
         if pattern not in (GPT2_PATTERN, SPLIT_DIGITS_PATTERN):  # chunked encoding relies on their safe cuts
             raise ValueError("pattern must be GPT2_PATTERN or SPLIT_DIGITS_PATTERN")
-        self.vocab = dict(vocab)                       # id -> bytes
-        self.merges = list(merges)
-        self.pattern, self.fast = pattern, fast
+        self.vocab, self.merges, self.pattern, self.fast = dict(vocab), list(merges), pattern, fast  # id -> bytes
         self.special_tokens = list(dict.fromkeys(special_tokens or []))
         self.byte_to_id = {b: i for i, b in self.vocab.items()}
         for s in self.special_tokens:                   # specials missing from the vocab are appended
@@ -350,12 +315,10 @@ class Tokenizer:
                 self.byte_to_id[sb] = i = max(self.vocab, default=-1) + 1
                 self.vocab[i] = sb
         self.special_ids = {s: self.byte_to_id[s.encode("utf-8")] for s in self.special_tokens}
-        missing = [x for x in range(256) if bytes([x]) not in self.byte_to_id]
-        if missing:
+        if missing := [x for x in range(256) if bytes([x]) not in self.byte_to_id]:
             raise ValueError(f"vocab lacks {len(missing)} of the 256 single bytes (e.g. byte {missing[0]})")
         self._byte_ids = [self.byte_to_id[bytes([x])] for x in range(256)]  # GPT-2's own ids are not byte values
-        # (id_a, id_b) -> rank, and rank -> id of a+b. Encoding applies the lowest rank first,
-        # i.e. replays the merges in the order training learned them.
+        # (id_a, id_b) -> rank, rank -> id of a+b: the lowest rank first replays training's order.
         self._rank_of, self._merged_id = {}, []
         for r, (a, b) in enumerate(self.merges):
             try:
@@ -365,7 +328,7 @@ class Tokenizer:
                 raise ValueError(f"merge {r} ({a!r}, {b!r}) refers to a token missing from the vocab") from None
         self._pat, self._pat_ascii = regex.compile(pattern), ascii_twin(pattern)
         self._splitter = _special_splitter(self.special_tokens)
-        self._cache = _Cache(functools.partial(_merge_piece, self))  # pre-token -> ids (fast path)
+        self._cache = _Cache(self)                     # pre-token -> ids, for the fast path
         self._id_bytes = [self.vocab.get(i, b"") for i in range(max(self.vocab) + 1)]  # ids may have gaps
 
     @property
@@ -375,19 +338,13 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    # --- encoding ---
     def _bpe(self, piece: str) -> list:
         """Merge one pre-token: repeatedly merge the adjacent pair with the lowest rank, leftmost first.
-
-        That equals training: whenever the lowest rank present is r, the ids are what training
-        held for this word after merges 0..r-1 (a pair holding the token made by merge r ranks
-        after r, so no merge brings a lower rank back), and taking the leftmost r each time
-        replaces every (a, b) left to right, as training did ("a a a" -> "aa a" both ways).
-
-        rs[i] is the rank of the pair (ids[i], ids[i+1]) (or `inf`: never merged). Merging at i
-        only changes the ranks of the two pairs around it, so we patch those rather than
-        recompute; min/index/del run in C. Each merge is O(len): see `_bpe_long` for long words.
-        """
+        That equals training: whenever the lowest rank present is r, the ids are what training held
+        for this word after merges 0..r-1 (a pair holding merge r's token ranks after r, so no lower
+        rank comes back), and the leftmost r each time replaces every (a, b) left to right, as
+        training did ("a a a" -> "aa a"). rs[i] is the rank of (ids[i], ids[i+1]) (`inf`: never
+        merged); a merge at i changes only the two ranks around it. O(len) a merge: see `_bpe_long`."""
         ids = [self._byte_ids[x] for x in piece.encode("utf-8")]
         get, inf, merged = self._rank_of.get, len(self.merges), self._merged_id
         rs = list(map(get, zip(ids, ids[1:]), repeat(inf)))
@@ -406,27 +363,23 @@ class Tokenizer:
 
     def encode(self, text: str) -> list:
         """Text -> ids: cut out the special tokens, pre-tokenize the rest, merge inside each piece."""
-        out = []
         parts = [text] if self._splitter is None else self._splitter.split(text)
-        with _gc_paused(self.fast):                # the fast path: see "Making it fast"
-            for k, part in enumerate(parts):
-                if k % 2:                          # odd slots are the captured special tokens
-                    out.append(self.special_ids[part])
-                elif self.fast:
-                    _encode_fast(self, part, out)  # the loop below, with the ASCII twin and a cache
-                else:
-                    for piece in self._pat.findall(part):
-                        ids = self._bpe(piece)     # the whole algorithm: merges, lowest rank first
-                        out.extend(ids)
+        if self.fast:
+            return _encode_fast(self, parts)   # the loop below, with the ASCII twin and a cache
+        out = []
+        for k, part in enumerate(parts):
+            if k % 2:                          # odd slots are the captured special tokens
+                out.append(self.special_ids[part])
+                continue
+            for piece in self._pat.findall(part):
+                ids = self._bpe(piece)         # the whole algorithm: merges, lowest rank first
+                out.extend(ids)
         return out
 
     def encode_iterable(self, iterable):
-        """Lazily encode a stream of strings (e.g. a file read line by line).
-
-        We buffer text and only encode up to the last safe cut (see "Making it fast"), so the ids
-        equal `encode` of the whole text while memory stays bounded by one paragraph. A special
-        token holding "x " could span such a cut, so in that (odd) case we buffer everything.
-        """
+        """Lazily encode a stream of strings (e.g. a file read line by line): we encode up to the
+        last safe cut (see "Making it fast"), so the ids equal `encode` of the whole text while we
+        hold about a line. A special holding "x " could straddle a cut: then we buffer it all."""
         safe = _line_cuts_ok(self.special_tokens)
         buf, run = "", 0  # run: length of buf's trailing spaces and tabs, where a new cut may start
         for chunk in iterable:
@@ -440,10 +393,8 @@ class Tokenizer:
         if buf:
             yield from self.encode(buf)
 
-    # --- decoding ---
     def decode(self, ids) -> str:
-        table = self._id_bytes
-        ids = ids if isinstance(ids, list) else list(ids)  # also accepts arrays and iterators
+        table, ids = self._id_bytes, ids if isinstance(ids, list) else list(ids)  # arrays, iterators too
         try:
             data = b"".join([table[i] for i in ids])
         except (IndexError, TypeError):
@@ -453,7 +404,6 @@ class Tokenizer:
             raise ValueError(f"token id {min(ids)} out of range [0, {len(table)})")
         return data.decode("utf-8", errors="replace")  # a cut mid-character becomes U+FFFD
 
-    # --- files ---
     def save(self, out_dir):
         """Write vocab.json + merges.txt (GPT-2 format) and special_tokens.json, atomically."""
         os.makedirs(out_dir, exist_ok=True)
@@ -469,9 +419,8 @@ class Tokenizer:
 
     @classmethod
     def from_files(cls, vocab_path, merges_path, special_tokens=None, pattern=GPT2_PATTERN):
-        for p in (vocab_path, merges_path):
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"tokenizer file not found: {p}")
+        if missing := [p for p in (vocab_path, merges_path) if not os.path.isfile(p)]:
+            raise FileNotFoundError(f"tokenizer file not found: {missing[0]}")
         raw = _read_json(vocab_path)
         if not isinstance(raw, dict) or not all(isinstance(i, int) for i in raw.values()):
             raise ValueError(f"{vocab_path}: expected a JSON object mapping token strings to integer ids")
@@ -483,12 +432,10 @@ class Tokenizer:
             raise ValueError(f"{merges_path}: not valid UTF-8 ({e})") from None
         merges = []
         for n, line in enumerate(lines, 1):
-            if not line or (n == 1 and line.startswith("#version")):
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2:
-                raise ValueError(f"{merges_path}:{n}: expected two tokens separated by one space")
-            merges.append((_to_bytes(parts[0], merges_path), _to_bytes(parts[1], merges_path)))
+            if line and not (n == 1 and line.startswith("#version")):
+                if len(parts := line.split(" ")) != 2:
+                    raise ValueError(f"{merges_path}:{n}: expected two tokens separated by one space")
+                merges.append((_to_bytes(parts[0], merges_path), _to_bytes(parts[1], merges_path)))
         return cls(vocab, merges, special_tokens, pattern)
 
     @classmethod
@@ -509,24 +456,18 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------
-# A whole corpus to a flat token file. The file is nothing but the ids, back to back: np.memmap
-# reads it with no parsing, and a training batch is a slice. Its dtype follows from the vocab
-# size (`token_dtype`), so it needs no header.
+# A whole corpus to a flat token file: nothing but the ids, back to back, so np.memmap reads it
+# with no parsing and a training batch is a slice. The dtype follows from the vocab size.
 
 def token_dtype(vocab_size):
-    """Reader rule shared by the repo: uint16 fits ids < 65536, else uint32.
-
-    Two bytes a token instead of four halves the file, the page cache it needs and the bytes a
-    data loader moves. GPT-2's 50,257 ids fit; Llama 3's 128,256 would need the uint32 fallback."""
+    """The repo's reader rule: uint16 fits ids < 65536 (GPT-2's 50,257: half the bytes of uint32
+    to store, cache and move), else uint32 (Llama 3's 128,256)."""
     return np.uint16 if vocab_size <= 65536 else np.uint32
 
 
 def encode_file(tokenizer_dir, input_path, out_path, workers=None, chunk_bytes=4 << 20, verbose=True) -> int:
-    """Encode a text file into a flat array of token ids readable by np.memmap. Returns the count.
-
-    Chunks cut at safe places (see "Making it fast") are encoded by a process pool and appended
-    in order to a temp file that replaces out_path at the end.
-    """
+    """Encode a text file to a flat array of token ids for np.memmap; returns the count. Safe
+    chunks (see "Making it fast") go through a process pool, in order, into one atomic write."""
     _check_input(input_path)
     tok = Tokenizer.load(tokenizer_dir)  # fail early, in this process, on a bad dir
     dtype, size, n_tokens = token_dtype(tok.vocab_size), os.path.getsize(input_path), 0
@@ -542,21 +483,17 @@ def encode_file(tokenizer_dir, input_path, out_path, workers=None, chunk_bytes=4
 
 
 # ---------------------------------------------------------------
-# Making it fast, 1: the stdlib `re` engine on the ASCII parts of the text. Pre-tokenization is
-# the bottleneck of both training and encoding, and on ASCII text `re` runs our patterns about
-# twice as fast as `regex` (README, benchmarks). `re` knows no \p{L}, so we translate the pattern
-# for ASCII input and send `regex` only the spans that hold non-ASCII characters.
+# Making it fast, 1: the stdlib `re` engine on the ASCII parts of the text. Pre-tokenization is the
+# bottleneck of training and encoding, and on ASCII `re` runs our patterns about twice as fast as
+# `regex` (README: benchmarks). `re` knows no \p{L}: we translate the pattern for ASCII input.
 
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 
 
 def ascii_twin(pattern):
-    r"""The same pattern restricted to ASCII input, for the stdlib `re` engine.
-
-    In ASCII, \p{L} is [A-Za-z], \p{N} is [0-9], and `regex`'s \s is [\t\n\v\f\r ] (it excludes
-    \x1c-\x1f, which `re`'s \s would include, so we spell the class out). Only our two
-    patterns are translated (a test checks them on random ASCII); for any other we return None.
-    """
+    r"""The same pattern for ASCII input and `re` (None for patterns other than our two; a test
+    checks both on random ASCII). In ASCII, \p{L} is [A-Za-z], \p{N} is [0-9], and `regex`'s \s
+    is [\t\n\v\f\r ] (without the \x1c-\x1f that `re`'s \s holds, so we spell the class out)."""
     if pattern not in (GPT2_PATTERN, SPLIT_DIGITS_PATTERN):
         return None
     ws = r"\t\n\x0b\x0c\r "  # regex's \s on ASCII, spelled out
@@ -572,16 +509,13 @@ def _findall(pat, pat_ascii, text):
         return pat.findall(text)
     if text.isascii():
         return pat_ascii.findall(text)
-    # Mixed text is still mostly ASCII, so `regex` gets only each run of non-ASCII characters,
-    # widened to the nearest safe cut (below) on either side, and `re` the rest. findall(text,
-    # pos, endpos) reads a span in place (no slice is copied), and no pre-token crosses a safe
-    # cut, so the pieces equal one pass over the whole text.
+    # Mixed text is mostly ASCII: `regex` gets each non-ASCII run widened to safe cuts (below), `re`
+    # the rest, and no pre-token crosses a safe cut. findall(text, pos, endpos) copies no slice. A
+    # short ASCII stretch costs `regex` less than a switch: spans end only where a long one begins.
     out, pos = [], 0
     for m in _NON_ASCII.finditer(text):
         if m.start() < pos:                # inside the span we just gave to `regex`
             continue
-        # A short ASCII stretch costs `regex` less than switching engines, so the span reaches
-        # back to the last cut only across a long one, and forward to a cut that starts one.
         lo = _cut_before(text, pos, m.start()) if m.start() - pos > _ASCII_RUN else pos
         cut = _CUT_ASCII_NEXT.search(text, m.end())
         hi = cut.start() if cut else len(text)
@@ -591,9 +525,8 @@ def _findall(pat, pat_ascii, text):
 
 
 # ---------------------------------------------------------------
-# Making it fast, 2: safe cuts, where text can be split without changing a single pre-token. The
-# ASCII twin above, `encode_iterable` and the parallel file reader below pre-tokenize pieces of a
-# text separately, and need exactly the pre-tokens of one pass over the whole. Two cuts qualify:
+# Making it fast, 2: safe cuts, where text can be split without changing a single pre-token: the
+# ASCII twin, `encode_iterable` and the file chunks need the pre-tokens of one pass. Two qualify:
 #   - just before a special token that no other special occurrence straddles: the text is split
 #     there anyway (see `_special_cut`);
 #   - between a non-whitespace character x and whitespace: every branch of the pattern that can
@@ -616,14 +549,12 @@ def _cut_before(text, lo, hi):
     return m.start() if m and m.start() > lo else lo
 
 
-# Reading big files in safe chunks, in parallel processes. Training (count words) and encoding
-# (ids) both map a function over safe chunks of the input in a process pool. Each worker opens
-# the file and reads its own byte range, so only offsets and results cross process boundaries,
-# and memory holds one chunk per worker, never the whole file.
+# Reading big files in safe chunks, in parallel: training (count words) and encoding map a
+# function over them in a process pool. Each worker reads its own byte range of the file, so only
+# offsets and results cross processes, and memory holds one chunk per worker, never the file.
 
 def _chunk_boundaries(path, n_chunks, special_tokens, scan=1 << 20):
-    """Byte offsets [0, ..., size] cutting the file into ~n_chunks safe pieces, one cut after
-    each of n_chunks - 1 evenly spaced guesses."""
+    """Byte offsets [0, ..., size] of ~n_chunks safe pieces: a cut after each evenly spaced guess."""
     size, bounds = os.path.getsize(path), [0]
     with open(path, "rb") as f:
         for i in range(1, n_chunks):
@@ -635,10 +566,9 @@ def _chunk_boundaries(path, n_chunks, special_tokens, scan=1 << 20):
 
 
 def _next_cut(f, start, special_tokens, scan, size):
-    """File offset of the first safe cut at or after byte `start`, else `size`. We read windows of
-    `scan` bytes and take the first special token (a document boundary) in one, else its first
-    line cut. The bytes are decoded with surrogateescape: any byte sequence decodes, and encoding
-    a prefix back gives its exact length in bytes, so a cut found in the text maps to a file offset."""
+    """File offset of the first safe cut at or after byte `start`, else `size`: in windows of `scan`
+    bytes, the first special token (a document boundary), else the first line cut. Bytes decode with
+    surrogateescape, which takes any bytes and encodes back to exactly them: text offsets map back."""
     longest = max(map(len, special_tokens), default=0)
     back, line_cuts, scan = 4 * longest + 4, _line_cuts_ok(special_tokens), max(scan, 8 * longest + 64)
     while start < size:
@@ -660,10 +590,9 @@ def _next_cut(f, start, special_tokens, scan, size):
 
 
 def _special_cut(text, special_tokens, lo, hi):
-    """The first i in [lo, hi) where a special token starts and no occurrence of any special
-    straddles i (starts before it, ends after it), else None. Then one pass over the whole text
-    reaches i with no match open and matches a special there, as it does at the start of text[i:].
-    A cut just before "<|a|>" inside "<|a|><|a|>" (both special) would instead split a token in two."""
+    """The first i in [lo, hi) where a special token starts and no special occurrence straddles i,
+    else None: one pass over the whole text then reaches i with no match open, as text[i:] does. (A
+    cut before "<|a|>" inside "<|a|><|a|>", both special, would split the long one in two.)"""
     while hits := [j for j in (text.find(s, lo, hi + len(s) - 1) for s in special_tokens) if j >= 0]:
         i = min(hits)
         if not any(0 <= text.find(t, max(i - len(t) + 1, 0), i + len(t) - 1) < i for t in special_tokens):
@@ -680,8 +609,7 @@ def _line_cuts_ok(special_tokens):
 def _read_text(path, start, end):
     with open(path, "rb") as f:
         f.seek(start)
-        # Invalid UTF-8 in a corpus becomes U+FFFD rather than aborting a long job.
-        return f.read(end - start).decode("utf-8", errors="replace")
+        return f.read(end - start).decode("utf-8", errors="replace")  # bad UTF-8: U+FFFD, not a crash
 
 
 def _check_input(path):
@@ -689,14 +617,6 @@ def _check_input(path):
         raise FileNotFoundError(f"input file not found: {path}")
     if os.path.getsize(path) == 0:
         raise ValueError(f"input file is empty: {path}")
-
-
-def _pool(workers, **kwargs):
-    """A process pool. fork starts fastest, but forking a process that already runs threads
-    (torch's thread pools, a DDP test) can deadlock a child, so then we pay for spawn."""
-    threaded = "torch" in sys.modules or threading.active_count() > 1
-    method = "fork" if sys.platform == "linux" and not threaded else "spawn"
-    return mp.get_context(method).Pool(workers, **kwargs)
 
 
 def _progress(what, done, total, t0):
@@ -721,7 +641,11 @@ def _map_chunks(fn, path, special_tokens, args, workers, chunk_bytes, what, verb
             initializer(*initargs)
         results = map(fn, jobs)
     else:
-        pool = _pool(workers, initializer=initializer, initargs=initargs)
+        # fork starts fastest, but forking a process that already runs threads (torch's thread
+        # pools, a DDP test) can deadlock a child, so then we pay for spawn.
+        threaded = "torch" in sys.modules or threading.active_count() > 1
+        method = "fork" if sys.platform == "linux" and not threaded else "spawn"
+        pool = mp.get_context(method).Pool(workers, initializer=initializer, initargs=initargs)
         results = pool.imap(fn, jobs)  # imap, not imap_unordered: results come in file order
     try:
         for job, result in zip(jobs, results):
@@ -751,8 +675,7 @@ def count_file_words(path, special_tokens, pattern=GPT2_PATTERN, workers=None, c
     return total
 
 
-# Each encoding worker loads the tokenizer once (pool initializer) and keeps it, with its
-# pre-token cache, for every chunk.
+# Each encoding worker loads the tokenizer once (pool initializer), and keeps its cache, for every chunk.
 _worker_tok = None
 
 
@@ -767,50 +690,28 @@ def _encode_chunk(job):
 
 
 # ---------------------------------------------------------------
-# Making it fast, 3: the pre-token cache and a collector pause. Natural text repeats the same few
-# thousand words, so most pre-tokens are a dict lookup instead of a merge loop (README: benchmarks).
+# Making it fast, 3: the pre-token cache, long words, a collector pause. Natural text repeats the
+# same few thousand words, so most pre-tokens are a dict lookup, not a merge loop (README: benchmarks).
 
 class _Cache(dict):
-    """dict that computes missing entries: cache[piece] runs fn(piece) once, then remembers it.
+    """dict that computes missing entries: cache[piece] merges the piece once, then remembers it.
+    A hit is one C-level lookup (dict calls __missing__ itself), which lets the hot loop in
+    `_encode_fast` be two C-level maps. A miss runs the plain loop, or the heap (same ids) for a
+    long piece: it wins from ~100 characters on, and natural words are far shorter."""
 
-    A hit is a single C-level dict lookup, with no Python `if piece in cache` around it: only
-    misses run Python code (dict calls __missing__ itself). That is what lets the hot loop in
-    `_encode_fast` be a pair of C-level maps."""
+    def __init__(self, tok):
+        self.tok, self.heap = tok, type(tok)._bpe is Tokenizer._bpe  # a subclass's own _bpe is kept
 
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def __missing__(self, key):
-        value = self[key] = self.fn(key)
-        return value
-
-
-def _encode_fast(tok, text, out):
-    """Append the ids of `text` (no special tokens in it) to `out`: Tokenizer.encode's plain loop,
-    with the ASCII twin's pre-tokens and the cache's merges."""
-    cache = tok._cache
-    if len(cache) > 1 << 20:  # bound memory on huge, diverse corpora
-        cache.clear()
-    # The hot loop, written as two C-level maps: look each pre-token up (a miss calls _bpe via
-    # _Cache.__missing__) and append its ids.
-    for _ in map(out.extend, map(cache.__getitem__, _findall(tok._pat, tok._pat_ascii, text))):
-        pass
-
-
-def _merge_piece(tok, piece):
-    """The cache's merge function: the plain loop, or the heap for long pieces (same ids). The
-    heap wins from ~100 characters on (README: benchmarks); natural words are far shorter."""
-    return tok._bpe(piece) if len(piece) < 100 else _bpe_long(tok, piece)
+    def __missing__(self, piece):
+        ids = self[piece] = _bpe_long(self.tok, piece) if self.heap and len(piece) >= 100 else self.tok._bpe(piece)
+        return ids
 
 
 def _bpe_long(tok, piece):
-    """Tokenizer._bpe in O(n log n) rather than O(n^2): a 40k-character word takes seconds there.
-
-    The symbols form a linked list (nxt/prv), and a heap holds (rank, position) of every pair,
-    so its top is the lowest rank, leftmost first, exactly the pair `_bpe` picks. A merge kills
-    the right symbol of its pair and pushes the two new pairs around it; entries whose pair has
-    changed since are stale and skipped when they come off the heap."""
+    """Tokenizer._bpe in O(n log n), not O(n^2) (a 40k-character word takes seconds there). The
+    symbols form a linked list (nxt/prv); a heap holds (rank, position) of every pair, so its top is
+    the lowest rank, leftmost first: `_bpe`'s pick. A merge kills the right symbol and pushes the
+    two new pairs around it; entries whose pair changed since are stale, skipped when popped."""
     ids = [tok._byte_ids[x] for x in piece.encode("utf-8")]
     get, merged, n = tok._rank_of.get, tok._merged_id, len(ids)
     nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
@@ -831,26 +732,32 @@ def _bpe_long(tok, piece):
     return [x for x in ids if x is not None]
 
 
-@contextlib.contextmanager
-def _gc_paused(pause=True):
-    """Pause Python's cycle collector for a block. A cold cache allocates one small list per new
-    pre-token and no reference cycles, so the collector only burns time in encode, rescanning the
-    growing cache and the output list. We restore it however we leave."""
-    was_on = gc.isenabled()
-    if pause:
-        gc.disable()
+def _encode_fast(tok, parts):
+    """Tokenizer.encode's plain loop, with the ASCII twin, the cache and no cycle collector."""
+    # A cold cache makes one small list per new pre-token and no reference cycles, so the cycle
+    # collector only burns time here, rescanning the growing cache and output: we pause it.
+    gc_was_on = gc.isenabled()
+    gc.disable()
     try:
-        yield
+        out, cache = [], tok._cache
+        if len(cache) > 1 << 20:  # bound memory on huge, diverse corpora
+            cache.clear()
+        for k, part in enumerate(parts):
+            if k % 2:
+                out.append(tok.special_ids[part])
+            else:  # the hot loop as two C-level maps: look each pre-token up, append its ids
+                for _ in map(out.extend, map(cache.__getitem__, _findall(tok._pat, tok._pat_ascii, part))):
+                    pass
+        return out
     finally:
-        if was_on:
+        if gc_was_on:
             gc.enable()
 
 
 # ---------------------------------------------------------------
-# Diagnostics: how well does the tokenizer compress, and where does it do badly? Bytes/token is
-# what matters downstream: both the text a context window holds and the compute per byte scale
-# with it. The probes are the known weak spots of a byte-level BPE trained on English: numbers
-# cut at arbitrary places, indentation, other scripts, emoji.
+# Diagnostics: bytes/token (the text a context window holds and the compute per byte scale with
+# it), and the known weak spots of a byte-level BPE trained on English: numbers, indentation,
+# other scripts, emoji.
 
 STATS_PROBES = {
     "numbers": ["2024", "3.14159", "1,000,000", "123456789", "0x7fff"],
@@ -889,7 +796,7 @@ def print_stats(tok, text):
 # ---------------------------------------------------------------
 # CLI
 
-def _parser():
+def main(argv=None):
     ap = argparse.ArgumentParser(description="Byte-level BPE tokenizer: train, encode, stats.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="learn merges from a text file")
@@ -908,14 +815,9 @@ def _parser():
     s = sub.add_parser("stats", help="compression and pathologies of a tokenizer on a text")
     s.add_argument("--tokenizer", required=True, help="directory written by train")
     s.add_argument("--input", required=True, help="UTF-8 text file (first 4 MB are used)")
-    return ap
-
-
-def main(argv=None):
-    args = _parser().parse_args(argv)
+    args, t0 = ap.parse_args(argv), time.time()
     try:
         if args.cmd == "train":
-            t0 = time.time()
             vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens, merge_score=args.merge_score,
                                       split_digits=args.split_digits, workers=args.workers, verbose=True)
             pattern = SPLIT_DIGITS_PATTERN if args.split_digits else GPT2_PATTERN
