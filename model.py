@@ -414,6 +414,23 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     return 6 * count_params(cfg, non_embedding=True) + 12 * cfg.num_layers * cfg.d_model * T
 
 
+def memory_bytes(cfg: ModelConfig, batch_size: int) -> dict:
+    """Training memory in bf16 mixed precision for one batch of batch_size x context_length:
+    weights and grads 2 bytes per parameter each, AdamW 12 (an fp32 master copy and two fp32
+    moments: the 16 bytes/parameter of ZeRO, Rajbhandari et al. 2019, arXiv:1910.02054), and the
+    activations autograd keeps for the backward of a bf16 forward, counted from our own code (a
+    test checks the count against the tensors autograd really saves). Per token and layer: each
+    RMSNorm keeps its fp32 input and output, every projection its bf16 input, attention q, k, v
+    and its output plus RoPE's cos/sin rows, SwiGLU five d_ff-wide tensors; the fused attention
+    keeps no T x T matrix. After the last layer: the final norm and the fp32 logits of the loss."""
+    n, d, f, d_k = count_params(cfg), cfg.d_model, cfg.d_ff, cfg.d_model // cfg.num_heads
+    norms, inputs, attn = 2 * (4 * d + 4 * d + 4), 2 * 2 * d, 2 * 4 * d + 4 * cfg.num_heads + 2 * 4 * d_k
+    per_layer = norms + inputs + attn + 2 * 5 * f  # bytes per token
+    last = 8 + (8 * d + 4) + 2 * d + 4 * cfg.vocab_size  # token ids, ln_final, fp32 logits
+    tokens = batch_size * cfg.context_length
+    return {"weights": 2 * n, "grads": 2 * n, "optimizer": 12 * n, "activations": tokens * (cfg.num_layers * per_layer + last)}
+
+
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendor datasheets, keyed by the exact name
 # torch.cuda.get_device_name() reports. PCIe, SXM and NVL parts of one chip differ (clock, power),
 # so we match exactly instead of by substring ("l40" must not match "l4").
@@ -730,19 +747,21 @@ def _swap_in_dir(new, dst):
 def _info(args):
     cfg = ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model, num_layers=args.num_layers,
                       num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, d_ff=args.d_ff, tie_embeddings=args.tie_embeddings)
-    fpt = flops_per_token(cfg)
+    fpt, n6 = flops_per_token(cfg), 6 * count_params(cfg, non_embedding=True)
     print(asdict(cfg))
     print(f"params {count_params(cfg):,} | non-embedding {count_params(cfg, non_embedding=True):,}")
-    print(f"train FLOPs/token {fpt:.3e} (6N = {6 * count_params(cfg, True):.3e}, attention = {fpt - 6 * count_params(cfg, True):.3e})")
+    print(f"train FLOPs/token {fpt:.3e} (6N = {n6:.3e}, attention = {fpt - n6:.3e})")
     for name in ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"):
-        peak = PEAK_FLOPS[name]
-        print(f"tokens/s at 50% MFU on {name}: {0.5 * peak / fpt:,.0f}")
+        print(f"tokens/s at 50% MFU on {name}: {0.5 * PEAK_FLOPS[name] / fpt:,.0f}")
+    mem = memory_bytes(cfg, args.batch_size)
+    print(f"training memory at bf16, batch {args.batch_size} x {cfg.context_length}: "
+          + " | ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in mem.items()) + f" | total {sum(mem.values()) / 2**30:.2f} GiB")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Transformer LM building blocks: model info and export to Hugging Face.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("info", help="print parameter count and training FLOPs per token for a config")
+    p = sub.add_parser("info", help="print parameters, training FLOPs per token and bf16 training memory for a config")
     d = ModelConfig()  # the defaults are the CPU default run's model (python train.py)
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="vocabulary size")
     p.add_argument("--context-length", type=int, default=d.context_length, help="sequence length T")
@@ -752,6 +771,7 @@ def main(argv=None):
     p.add_argument("--num-kv-heads", type=int, default=None, help="key/value heads for GQA (default: num-heads)")
     p.add_argument("--d-ff", type=int, default=None, help="SwiGLU hidden size (default: multiple of 64 near 8/3·d_model)")
     p.add_argument("--tie-embeddings", action="store_true", help="share the input embedding and lm_head matrix")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (train.py's default), for the activation memory")
     p = sub.add_parser("export-hf", help="convert a train.py checkpoint to a LlamaForCausalLM directory")
     p.add_argument("--ckpt", required=True, help="path to train.py's ckpt.pt")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
