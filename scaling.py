@@ -43,6 +43,7 @@ One GPU, BPE data, bigger models:
 """
 import argparse
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -130,8 +131,12 @@ def print_flops_table(vocab_size, context_length):
 # 2. Reading runs: our sweep's results.jsonl, or any published table (CSV or JSONL)
 #
 # Columns: N (parameters), loss, and D (tokens) or C (FLOPs); the missing one comes from C = 6ND.
-# An optional "budget" column names the IsoFLOP group; without it we group runs by C rounded to
-# 2 significant digits (a published IsoFLOP table has a handful of distinct C values).
+# An optional "budget" column names the IsoFLOP group (our sweep writes one). Without it we must
+# infer the groups from C, which published tables often jitter (C = 6ND from rounded N and D):
+# rounding C to 2 digits would split a budget wherever it straddles a rounding edge, giving
+# spurious 3-point IsoFLOP minima and a confident wrong exponent, so we cluster log C instead.
+
+BUDGET_TOL = 0.05   # decades: runs whose C differ by < 12% (with no bigger gap between) share a budget
 
 
 def load_runs(path):
@@ -143,20 +148,38 @@ def load_runs(path):
     out = {k: [] for k in ("N", "D", "C", "loss", "budget")}
     for i, r in enumerate(rows):
         r = {k.strip(): v for k, v in r.items()}
-        N, D, C, loss, budget = (_number(r, k) for k in ("N", "D", "C", "loss", "budget"))
+        N, D, C, loss, budget = (_number(r, k, f"{path} row {i + 1}") for k in ("N", "D", "C", "loss", "budget"))
         if N is None or loss is None or (D is None and C is None):
             raise SystemExit(f"error: {path} row {i + 1}: need columns N, loss and D or C")
         D = D if D is not None else C / (6 * N)
         C = C if C is not None else 6 * N * D
-        budget = budget or float(f"{C:.2g}")
-        for k, v in zip(out, (N, D, C, loss, budget)):
+        for k, v in zip(out, (N, D, C, loss, budget or math.nan)):
             out[k].append(v)
-    return {k: np.array(v, dtype=np.float64) for k, v in out.items()}
+    runs = {k: np.array(v, dtype=np.float64) for k, v in out.items()}
+    missing = np.isnan(runs["budget"])
+    runs["budget"][missing] = isoflop_budgets(runs["C"][missing])
+    return runs
 
 
-def _number(row, key):
-    """row[key] as a float; None when the column is missing or empty."""
-    return float(row[key]) if row.get(key) not in (None, "") else None
+def _number(row, key, where):
+    """row[key] as a float; None when the column is missing or empty; a one-line error if not a number."""
+    if row.get(key) in (None, ""):
+        return None
+    try:
+        return float(row[key])
+    except (TypeError, ValueError):
+        raise SystemExit(f"error: {where}: {key} = {row[key]!r} is not a number")
+
+
+def isoflop_budgets(C, tol=BUDGET_TOL):
+    """Group runs into budgets by C: sort log10 C, start a new budget wherever the gap to the
+    previous run exceeds `tol` decades; each budget is named by its median C."""
+    order = np.argsort(C)
+    group = np.concatenate([[0], np.cumsum(np.diff(np.log10(C[order])) > tol)])
+    budget = np.empty_like(C)
+    for g in np.unique(group):
+        budget[order[group == g]] = np.median(C[order[group == g]])
+    return budget
 
 
 def _subset(runs, idx):
@@ -229,6 +252,10 @@ def approach2(runs, n_boot=200, seed=0, targets=()):
 
     Returns {"budgets": [...per-budget minima...], "a", "b", "a_ci", "b_ci", "log_k_N", "log_k_D",
     "loss_exponent", "log_k_L", "predict": {target: {N_opt, N_ci, D_opt, D_ci, loss, loss_ci}}}."""
+    sizes = [len(np.unique(runs["N"][runs["budget"] == c])) for c in np.unique(runs["budget"])]
+    if sum(n < 3 for n in sizes) > len(sizes) / 2:
+        print(f"warning: {sum(n < 3 for n in sizes)} of {len(sizes)} budgets have fewer than 3 model sizes, too few for a "
+              f"parabola; if their C values are jittered, add a budget column naming each run's IsoFLOP group")
     params, mins = isoflop_fit(runs)
     if params is None:
         raise SystemExit("error: approach 2 needs >= 2 budgets whose sizes bracket a loss minimum")
@@ -459,8 +486,19 @@ def read_final(metrics_path):
     return final
 
 
-def run_name(C, d_model, args):
-    return f"C{C:.1e}_d{d_model}_L{args.num_layers}"
+# Every sweep flag that changes a run's result, apart from the budget, width and depth in its name.
+TRAIN_FLAGS = ("data", "flops", "head_dim", "context_length", "batch_size", "lr", "eval_steps", "seed", "device", "train_args")
+
+
+def flags_hash(args, vocab_size):
+    """8 hex digits of TRAIN_FLAGS: part of every run name, so a rerun with another --lr (say)
+    into the same --out-dir trains new runs instead of reusing the old ones."""
+    flags = {k: getattr(args, k) for k in TRAIN_FLAGS} | {"vocab_size": vocab_size}
+    return hashlib.sha1(json.dumps(flags, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_name(C, d_model, args, flags):
+    return f"C{C:.1e}_d{d_model}_L{args.num_layers}_{flags}"
 
 
 def train_command(args, cfg, run_dir, steps):
@@ -512,6 +550,10 @@ def sweep(args):
     results = [json.loads(l) for l in open(results_path)] if os.path.exists(results_path) else []
     done = {r["run"] for r in results}
     V = args.vocab_size or data_vocab_size(args.data)
+    flags = flags_hash(args, V)
+    if {r.get("flags") for r in results} - {flags}:  # one fit must not mix runs trained differently
+        raise SystemExit(f"error: {results_path} holds runs made with other training flags than this sweep's "
+                         f"({flags}); pass the same flags, or --results NEW.jsonl")
     tokens_per_step = args.batch_size * args.context_length
     plan = [(C, d) for C in args.budgets for d in args.sizes]
     spent_C, t0 = 0.0, time.time()     # FLOPs trained by *this* invocation, for the ETA
@@ -519,7 +561,7 @@ def sweep(args):
         cfg, per_tok = size_config(d, args, V)
         # The budget fixes the step count: a 4x bigger model gets ~4x fewer tokens. Runs whose
         # budget buys fewer than --min-steps steps would measure only the warmup, so we skip them.
-        name, steps = run_name(C, d, args), int(round(C / (per_tok * tokens_per_step)))
+        name, steps = run_name(C, d, args, flags), int(round(C / (per_tok * tokens_per_step)))
         run_dir, tag = os.path.join(args.out_dir, name), f"[{i + 1}/{len(plan)}] {name}"
         if name in done:
             print(f"{tag}: done, skipping")
@@ -536,10 +578,10 @@ def sweep(args):
             print(f"{tag}: N={count_params(cfg, non_embedding=True):,} steps={steps} "
                   f"D={steps * tokens_per_step:,}", flush=True)
             final = run_train(train_command(args, cfg, run_dir, steps), run_dir, args.threads)
-        results.append(result_row(name, C, cfg, args, per_tok, final, steps))
+        results.append(result_row(name, C, cfg, args, per_tok, final, steps) | {"flags": flags})
         write_atomic(results_path, "".join(json.dumps(r) + "\n" for r in results))
         el = time.time() - t0
-        left = sum(c for c, dd in plan[i + 1:] if run_name(c, dd, args) not in done)
+        left = sum(c for c, dd in plan[i + 1:] if run_name(c, dd, args, flags) not in done)
         rate = spent_C / el if spent_C else float("nan")
         print(f"  val_loss {results[-1]['loss']:.4f} | {el:.0f}s elapsed | {rate:.2e} FLOP/s | "
               f"ETA {left / rate:.0f}s", flush=True)
