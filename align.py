@@ -266,9 +266,10 @@ def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)  # (...)
 
 
-def get_response_log_probs(model, input_ids, labels, return_token_entropy=False) -> dict:
-    """log p(label_t | tokens <= t) for every position: {"log_probs": (B, T), "token_entropy"?}."""
-    logits = model(input_ids).float()  # (B, T, V); fp32 for the log-softmax
+def get_response_log_probs(model, input_ids, labels, return_token_entropy=False, temperature=1.0) -> dict:
+    """log p(label_t | tokens <= t) for every position: {"log_probs": (B, T), "token_entropy"?}, at
+    the temperature the tokens were sampled at (the policy GRPO samples from is softmax(logits / T))."""
+    logits = model(input_ids).float() / temperature  # (B, T, V); fp32 for the log-softmax
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
     out = {"log_probs": logp}
     if return_token_entropy:
@@ -306,6 +307,20 @@ def sft_microbatch_train_step(policy_log_probs, response_mask, gradient_accumula
                            "response_tokens": response_mask.sum()}
 
 
+def sft_step(model, tok, batches: list, device) -> dict:
+    """Backward on k microbatches (lists of problems) as one batch: every microbatch's summed
+    response log-prob is divided by the response-token count of all k together, so the gradient
+    is the big batch's per-token mean (a microbatch's own count would weight short ones up)."""
+    bs = [tokenize_prompt_and_output([chat_prompt(p["prompt"]) for p in rows], [p["response"] + EOT for p in rows], tok)
+          for rows in batches]
+    n_tok = sum(b["response_mask"].sum().item() for b in bs)
+    for b, rows in zip(bs, batches):
+        lp = get_response_log_probs(model, b["input_ids"].to(device), b["labels"].to(device))["log_probs"]  # (B, T)
+        # the step divides the summed log-prob by B * c * k; with c = n_tok / (B k) that is n_tok
+        loss, meta = sft_microbatch_train_step(lp, b["response_mask"].to(device), len(bs), n_tok / (len(rows) * len(bs)))
+    return meta
+
+
 def run_sft(model, tok, args, log):
     # Fresh train-split problems every step: the generator is unlimited, so there are no epochs.
     opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)  # LoRA: adapters only
@@ -317,15 +332,10 @@ def run_sft(model, tok, args, log):
         for g in opt.param_groups:
             g["lr"] = lr
         t0 = time.time()
-        for _ in range(args.grad_accum):
-            batch = (rng.sample(data, min(args.batch_size, len(data))) if data else
-                     sample_problems("train", args.batch_size, args.levels, rng.randrange(2**31), args.test_percent))
-            b = tokenize_prompt_and_output([chat_prompt(p["prompt"]) for p in batch],
-                                           [p["response"] + EOT for p in batch], tok)
-            lp = get_response_log_probs(model, b["input_ids"].to(args.device), b["labels"].to(args.device))["log_probs"]  # (B, T)
-            mask = b["response_mask"].to(args.device)  # (B, T)
-            # normalize by the batch's mean response length: a per-token mean over the batch
-            loss, meta = sft_microbatch_train_step(lp, mask, args.grad_accum, mask.sum().item() / len(batch))
+        batches = [rng.sample(data, min(args.batch_size, len(data))) if data else
+                   sample_problems("train", args.batch_size, args.levels, rng.randrange(2**31), args.test_percent)
+                   for _ in range(args.grad_accum)]
+        meta = sft_step(model, tok, batches, args.device)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == args.steps:
@@ -521,9 +531,9 @@ def compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards=None, 
 
 def grpo_microbatch_train_step(policy_log_probs, response_mask, gradient_accumulation_steps, loss_type,
                                raw_rewards=None, advantages=None, old_log_probs=None, cliprange=None,
-                               ref_log_probs=None, kl_coef=0.0):
-    """Per-token loss -> mean over each response's tokens (the 1/|o| that Dr. GRPO replaces with a
-    constant, as it shrinks the penalty on long wrong answers) -> mean over the batch -> backward.
+                               ref_log_probs=None, kl_coef=0.0, normalize_constant=None):
+    """Per-token loss -> mean over each response's tokens -> mean over the batch -> backward. The
+    1/|o| shrinks the penalty on long wrong answers; Dr. GRPO sums over a normalize_constant instead.
     Optional KL penalty to a reference with the k3 estimator (Schulman 2020): with d = log ref -
     log pi on tokens sampled from pi, E[e^d] = 1, so E[e^d - d - 1] = E[-d] = KL(pi || ref):
     unbiased like plain -d, but every sample is >= 0 (e^d >= 1 + d) and, near ref, less noisy."""
@@ -533,22 +543,26 @@ def grpo_microbatch_train_step(policy_log_probs, response_mask, gradient_accumul
         kl = torch.exp(d) - d - 1  # (B, T), k3 >= 0
         loss = loss + kl_coef * kl
         meta["kl"] = masked_mean(kl.detach(), response_mask)
-    loss = masked_mean(loss, response_mask, dim=-1).mean() / gradient_accumulation_steps  # (B, T) -> (B,) -> ()
+    per_seq = (masked_mean(loss, response_mask, dim=-1) if normalize_constant is None else
+               masked_normalize(loss, response_mask, dim=-1, normalize_constant=normalize_constant))  # (B, T) -> (B,)
+    loss = per_seq.mean() / gradient_accumulation_steps
     loss.backward()
     return loss.detach(), meta
 
 
 @torch.no_grad()
-def batched_log_probs(model, ids, labels, mb: int) -> torch.Tensor:
+def batched_log_probs(model, ids, labels, mb: int, temperature: float) -> torch.Tensor:
     """log model(token) over a whole rollout batch, mb sequences at a time: (N, T)."""
-    return torch.cat([get_response_log_probs(model, ids[i:i + mb], labels[i:i + mb])["log_probs"]
+    return torch.cat([get_response_log_probs(model, ids[i:i + mb], labels[i:i + mb], temperature=temperature)["log_probs"]
                       for i in range(0, len(ids), mb)])
 
 
-def grpo_step(policy, optimizer, prompt_ids, completion_ids, texts, ground_truths, reward_fn, args, ref=None):
+def grpo_step(policy, optimizer, prompt_ids, completion_ids, texts, ground_truths, reward_fn, args, ref=None,
+              max_new_tokens=None):
     """One GRPO step on G-grouped rollouts (prompt-major, already sampled): score, normalize
     within groups, then `epochs` passes of microbatch updates against the sampling policy's
-    log-probs (epochs=1 is on-policy; epochs>1 is the off-policy reuse the clip makes safe)."""
+    log-probs (epochs=1 is on-policy; epochs>1 is the off-policy reuse the clip makes safe).
+    --no-std-norm (Dr. GRPO) also sums each response's loss over a constant, max_new_tokens."""
     dev = next(policy.parameters()).device
     adv, raw, meta = compute_group_normalized_rewards(reward_fn, texts, ground_truths, args.group_size,
                                                       1e-6, not args.no_std_norm)
@@ -559,17 +573,19 @@ def grpo_step(policy, optimizer, prompt_ids, completion_ids, texts, ground_truth
     with torch.no_grad():  # pi_old (the sampler) and the reference, scored once per rollout batch
         # On-policy, pi_old is the policy we are about to differentiate, so its log-probs are the
         # detached forward of the training pass itself (ratio == 1 exactly): one forward saved.
-        old = None if on_policy else batched_log_probs(policy, ids, labels, mb)
-        ref_lp = batched_log_probs(ref, ids, labels, mb) if ref is not None and args.kl_coef else None
+        old = None if on_policy else batched_log_probs(policy, ids, labels, mb, args.temperature)
+        ref_lp = batched_log_probs(ref, ids, labels, mb, args.temperature) if ref is not None and args.kl_coef else None
     accum = math.ceil(N / mb)  # microbatches per optimizer step: one step per pass over the batch
+    const = (max_new_tokens or mask.shape[1]) if args.no_std_norm else None
     clip, ent = [], []
     for _ in range(args.epochs_per_rollout):
         for i in range(0, N, mb):
             s = slice(i, i + mb)
-            out = get_response_log_probs(policy, ids[s], labels[s], return_token_entropy=True)
+            out = get_response_log_probs(policy, ids[s], labels[s], return_token_entropy=True, temperature=args.temperature)
             loss, m = grpo_microbatch_train_step(
                 out["log_probs"], mask[s], accum, args.loss_type, raw[s, None].to(dev), adv[s, None].to(dev),
-                out["log_probs"].detach() if on_policy else old[s], args.cliprange, None if ref_lp is None else ref_lp[s], args.kl_coef)
+                out["log_probs"].detach() if on_policy else old[s], args.cliprange, None if ref_lp is None else ref_lp[s], args.kl_coef,
+                const)
             ent.append(masked_mean(out["token_entropy"], mask[s]).item())
             if "clipped" in m:  # grpo_clip only: share of response tokens whose gradient the clip cut
                 clip.append(masked_mean(m["clipped"].float(), mask[s]).item())
@@ -601,7 +617,7 @@ def run_grpo(model, tok, args, log):
         P, C, texts = sample_responses(model, tok, [p["prompt"] for p in batch], args.group_size,
                                        args.temperature, T, gen)
         gts = [p["answer"] for p in batch for _ in range(args.group_size)]
-        m = grpo_step(model, opt, P, C, texts, gts, rf, args, ref)
+        m = grpo_step(model, opt, P, C, texts, gts, rf, args, ref, max_new_tokens=T)
         if step % args.log_every == 0 or step == args.steps:
             log(dict(step=step, **m, ms=1000 * (time.time() - t0)),
                 f"grpo step {step}/{args.steps} | reward {m['reward']:.3f} | acc {m['answer_reward']:.3f} | "
