@@ -53,8 +53,8 @@ clusters, sizes and timings.
 
 Known limits: the corpus-level stages (MinHash, line dedup, classifiers) hold the surviving texts
 in memory. A bare 10-digit number that starts with 2-9 is masked as a phone number, so a few
-integer constants in the stdlib docs become |||PHONE_NUMBER|||. The default classifiers are toys
-trained on ~70 embedded sentences; see Stage 5.
+integer constants in the stdlib docs become |||PHONE_NUMBER|||. The default classifiers are small
+(a few hundred labeled lines, fixtures/); see Stage 5.
 """
 import argparse
 import codecs
@@ -361,11 +361,51 @@ def gopher_quality_filter(text):
 # `num_buckets` rows of an embedding table (the hashing trick: no vocabulary, fixed memory; bigrams
 # give a little word order), average the rows (EmbeddingBag), one linear layer on top. A linear
 # model on a bag of n-grams trains in seconds and is hard to beat for such questions, which is why
-# Dolma and DCLM still filter with fastText. We train the defaults at build time from the tiny
-# labeled sets in fixtures/classifier_seeds.txt. They are honest toys: they catch navigation/boilerplate and blatant
-# insults or explicit-content spam phrased like the examples, and little else (they see only word
-# identity: no paraphrase, no context; the README lists probes). Bring your own labeled .jsonl
-# (`train-classifier`) for real filtering, e.g. Wikipedia-cited pages vs. random Common Crawl.
+# Dolma and DCLM still filter with fastText. We train the defaults at build time on a few hundred
+# labeled lines written for this repo (fixtures/classifier_train.tsv: forum comments, reviews, chat,
+# code, prose, and clean texts that mention sex, insults or violence neutrally); the README gives
+# their precision and recall on a held-out set (`python data.py eval-classifiers`). They see only
+# words, so no paraphrase and no context. Bring your own labeled .jsonl (`train-classifier`) for real
+# filtering, e.g. Wikipedia-cited pages vs. random Common Crawl.
+#
+# Toxic and NSFW also get C4's rule (Raffel et al. 2020, arXiv:1910.10683), which drops every page
+# that contains a word of the "List of Dirty, Naughty, Obscene, and Otherwise Bad Words". Our lists
+# are short and tame: only words that are hardly ever neutral ("idiot" and "nude" are the model's
+# call: "the idiot light", "a nude statue"). Both the rule and the model first undo the spellings
+# that dodge a list: f*ck, sh1t, b!tch, stuuupid, f.u.c.k.
+
+_TOKEN = re.compile(r"[\w*@$!#.\-]+")
+_LEET = str.maketrans("013457@$!", "oieastasi")  # digits and symbols that stand in for letters
+
+
+def _unmask(word, listed):
+    """'f*ck' -> 'fuck' if its wildcard spelling (* and # stand for letters) matches a listed word."""
+    if len(word) < 4 or sum(c.isalpha() for c in word) < 2:  # "s*t" is code, not a disguise
+        return word
+    pattern = re.compile("".join("[a-z]*" if c in "*#" else re.escape(c) for c in word))
+    return next((w for w in sorted(listed) if pattern.fullmatch(w)), word)
+
+
+def deobfuscate(text):
+    """Lowercase words with their disguises undone: digits/symbols read as letters, inner dots and
+    dashes dropped, repeated letters collapsed (so 'stuuupid' == 'stupid', and 'asshole' is 'ashole')."""
+    out = []
+    for tok in _TOKEN.findall(text.lower()):
+        if not tok.isalpha():  # (most words are: they only need the repeats collapsed, below)
+            tok = tok.strip(".-!*#")  # punctuation, *emphasis*, #tags; inside a word each is a disguise
+            if any(c.isalpha() for c in tok):  # (a plain number stays a number)
+                tok = re.sub(r"[.\-](?=\w)", "", tok.translate(_LEET))
+                tok = _unmask(re.sub(r"(\w)\1+", r"\1", tok), _LISTED) if "*" in tok or "#" in tok else tok
+        if tok:
+            out.append(tok)
+    return re.sub(r"(\w)\1+", r"\1", " ".join(out))
+
+
+_BAD_WORDS = {kind: {deobfuscate(w) for w in words.split()} for kind, words in (
+    ("toxic", "fuck fucking fucker fucked motherfucker shit shitty bullshit bitch asshole dickhead douchebag "
+              "jackass dumbass stfu wanker"),
+    ("nsfw", "porn porno porns pornstar hentai blowjob handjob camgirl camgirls milf dildo"))}
+_LISTED = set().union(*_BAD_WORDS.values())
 
 def _hashed_features(text, num_buckets, max_words=2000):
     """Word unigrams + bigrams -> bucket ids (crc32 is stable across runs, unlike hash())."""
@@ -415,26 +455,34 @@ def train_classifier(texts, labels, label_names, num_buckets=2**14, dim=16, epoc
 
 
 _CLASSIFIERS = {}  # kind -> (model, labels, num_buckets); trained/loaded once per process
-SEEDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "classifier_seeds.txt")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+TRAIN_SET, HELDOUT_SET = (os.path.join(FIXTURES, f"classifier_{s}.tsv") for s in ("train", "heldout"))
 
 
-def default_training_sets(kind, path=SEEDS):
-    """-> (label names, one list of texts per label) for the default `kind` classifier, from SEEDS."""
+def read_labeled(path):
+    """A "label<TAB>text" file -> {label: [texts]} (lines starting with # are comments)."""
     try:
         with open(path, encoding="utf-8") as f:
             rows = [line.rstrip("\n").split("\t", 1) for line in f if line.strip() and not line.startswith("#")]
     except OSError as e:
-        raise SystemExit(f"error: the default classifiers train on {path} ({e}); pass --{kind}-model or --no-{kind}")
+        raise SystemExit(f"error: cannot read labeled set {path} ({e}); pass --*-model or --no-* to do without it")
     by = {}
     for label, text in rows:
         by.setdefault(label, []).append(text)
+    return by
+
+
+def default_training_sets(kind, path=TRAIN_SET):
+    """-> (label names, one list of texts per label) for the default `kind` classifier."""
+    by = read_labeled(path)
     if kind == "quality":
         return ["low", "high"], [by["low"], by["high"]]
-    return ["clean", kind], [by["high"] + by["clean"], by[kind]]  # clean: the prose above plus everyday chat
+    other = [t for label in ("high", "clean", "toxic", "nsfw") if label != kind for t in by[label]]
+    return ["clean", kind], [other, by[kind]]  # everything that is not `kind` counts as clean
 
 
 def set_classifier(kind, path=None):
-    """Load `path` (a train-classifier output) for `kind`, or train the default on SEEDS."""
+    """Load `path` (a train-classifier output) for `kind`, or train the default on TRAIN_SET."""
     import torch
     if path:
         try:
@@ -443,22 +491,42 @@ def set_classifier(kind, path=None):
             raise SystemExit(f"error: cannot load classifier {path}: {e}")
     else:
         names, sets = default_training_sets(kind)
-        blob = train_classifier([t for s in sets for t in s], [i for i, s in enumerate(sets) for _ in s], names)
+        texts = [deobfuscate(t) if kind in _BAD_WORDS else t for s in sets for t in s]  # as classify_batch sees them
+        blob = train_classifier(texts, [i for i, s in enumerate(sets) for _ in s], names)
     model = _fasttext_model(blob["num_buckets"], blob["dim"], len(blob["labels"]))
     model.load_state_dict(blob["state_dict"])
     _CLASSIFIERS[kind] = (model.eval(), blob["labels"], blob["num_buckets"])
 
 
 def classify_batch(kind, texts):
-    """-> list of (label, probability of that label) for each text."""
+    """-> list of (label, probability of that label) for each text. Toxic and NSFW: the model reads
+    de-obfuscated text, and a listed bad word decides outright (label `kind`, probability 1.0)."""
     import torch
     if kind not in _CLASSIFIERS:
         set_classifier(kind)
     model, names, nb = _CLASSIFIERS[kind]
+    texts = [deobfuscate(t) for t in texts] if kind in _BAD_WORDS else texts
     with torch.no_grad():
         probs = torch.softmax(_logits(model, [_hashed_features(t, nb) for t in texts]), dim=-1)  # (N, num_labels)
     p, i = probs.max(dim=-1)
-    return [(names[j], round(float(q), 4)) for j, q in zip(i.tolist(), p.tolist())]
+    out = [(names[j], round(float(q), 4)) for j, q in zip(i.tolist(), p.tolist())]
+    if kind in _BAD_WORDS:
+        out = [(kind, 1.0) if _BAD_WORDS[kind].intersection(t.split()) else o for t, o in zip(texts, out)]
+    return out
+
+
+def evaluate_classifiers(path=HELDOUT_SET, threshold=0.9):
+    """Precision and recall of the toxic and NSFW filters (as the pipeline applies them) on a labeled set."""
+    by = read_labeled(path)
+    texts = [t for rows in by.values() for t in rows]
+    gold = [label for label, rows in by.items() for _ in rows]
+    report = {}
+    for kind in ("toxic", "nsfw"):
+        flagged = [lbl == kind and p >= threshold for lbl, p in classify_batch(kind, texts)]
+        tp = sum(f and g == kind for f, g in zip(flagged, gold))
+        report[kind] = {"precision": round(tp / max(1, sum(flagged)), 3), "recall": round(tp / gold.count(kind), 3),
+                        "positives": gold.count(kind), "negatives": len(gold) - gold.count(kind)}
+    return report
 
 
 def classify_quality(text):
@@ -1013,13 +1081,13 @@ def build_parser():
     p.add_argument("--no-gopher", action="store_true", help="skip the Gopher quality rules")
     # stage 5: classifiers
     p.add_argument("--no-quality", action="store_true", help="skip the quality classifier")
-    p.add_argument("--quality-model", default=None, help="quality classifier .pt (default: train the embedded toy)")
+    p.add_argument("--quality-model", default=None, help="quality classifier .pt (default: train on fixtures/)")
     p.add_argument("--quality-threshold", type=float, default=0.9, help="drop when P(low) >= this")
     p.add_argument("--no-toxic", action="store_true", help="skip the toxic-speech classifier")
-    p.add_argument("--toxic-model", default=None, help="toxic-speech classifier .pt (default: train the embedded toy)")
+    p.add_argument("--toxic-model", default=None, help="toxic-speech classifier .pt (default: train on fixtures/)")
     p.add_argument("--toxic-threshold", type=float, default=0.9, help="drop when P(toxic) >= this")
     p.add_argument("--no-nsfw", action="store_true", help="skip the NSFW classifier")
-    p.add_argument("--nsfw-model", default=None, help="NSFW classifier .pt (default: train the embedded toy)")
+    p.add_argument("--nsfw-model", default=None, help="NSFW classifier .pt (default: train on fixtures/)")
     p.add_argument("--nsfw-threshold", type=float, default=0.9, help="drop when P(nsfw) >= this")
     # stage 7: MinHash
     p.add_argument("--no-dedup", action="store_true", help="skip MinHash near-duplicate removal")
@@ -1034,6 +1102,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train-classifier"]:
         return train_classifier_main(argv[1:])
+    if argv[:1] == ["eval-classifiers"]:  # precision / recall of the default toxic and NSFW filters, held out
+        p = argparse.ArgumentParser(prog="data.py eval-classifiers", description=evaluate_classifiers.__doc__)
+        p.add_argument("--heldout", default=HELDOUT_SET, help="label<TAB>text file (labels clean, toxic, nsfw)")
+        p.add_argument("--threshold", type=float, default=0.9, help="drop when P(bad) >= this, as --toxic-threshold")
+        a = p.parse_args(argv[1:])
+        return print(json.dumps(evaluate_classifiers(a.heldout, a.threshold), indent=1))
     args = build_parser().parse_args(argv)
     args.workers = max(1, args.workers)
     for path in args.input:
