@@ -643,6 +643,7 @@ def test_data_warc_http_charset_and_status(tmp_path, monkeypatch):
     assert data.process_document(items[0])[1] == "Grüße aus München"
 
 
+@pytest.mark.slow
 def test_data_lone_surrogate_in_jsonl_is_replaced_and_counted(tmp_path):
     """A jsonl "\\ud800" escape cannot be encoded: it becomes U+FFFD (counted), the build finishes, no .tmp left."""
     src = tmp_path / "s.jsonl"
@@ -664,6 +665,7 @@ def test_data_atomic_write_leaves_no_tmp_on_error(tmp_path):
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
 
 
+@pytest.mark.slow
 def test_data_special_tokens_in_documents_are_neutralized(tmp_path):
     """Literal <|endoftext|>, <|user|>, <|assistant|> in a document never reach the corpus as special tokens."""
     text, n = data.neutralize_special_tokens("a <|endoftext|> b <|user|> c <|assistant|> d <|x")
@@ -716,7 +718,8 @@ def test_data_bad_word_rule_sees_through_obfuscation():
         assert data.classify_toxic_speech(t) == ("toxic", 1.0), t
     assert data.classify_nsfw("free p0rn here") == ("nsfw", 1.0)
     for t in ["The idiot light on the dashboard came on.", "A nude marble statue from ancient Greece.",
-              "Use kill -9 only if the process ignores SIGTERM.", "def f(*args, **kwargs): pass"]:
+              "Use kill -9 only if the process ignores SIGTERM.", "def f(*args, **kwargs): pass",
+              "Return *x* *or* *other*, see *n*-1 and *lo* *nd*."]:  # reST emphasis is not a disguise
         assert data.classify_toxic_speech(t)[0] == "clean" and data.classify_nsfw(t)[0] == "clean", t
 
 
@@ -1223,15 +1226,15 @@ def _algo_corpus():
 def algo_toks(tmp_path_factory):
     d = tmp_path_factory.mktemp("algos")
     (d / "corpus.txt").write_text(_algo_corpus(), encoding="utf-8")
-    toks = {a: BA.train_tokenizer(a, str(d / "corpus.txt"), 420, ALGO_SPECIALS, workers=1) for a in ("bpe", "wordpiece")}
+    toks = {a: BA.train_tokenizer(a, str(d / "corpus.txt"), 420, ALGO_SPECIALS, workers=1)
+            for a in ("bpe", "wordpiece")}
     toks["unigram"] = BA.train_tokenizer("unigram", str(d / "corpus.txt"), 420, ALGO_SPECIALS, workers=1,
                                          seed_size=1500, shrink=0.6)  # fewer rounds: a faster test
     return toks
 
 
 def _random_unicode(rng, n):
-    """Random code points: ASCII, Latin-1, combining marks, Cyrillic, CJK, astral emoji, digits,
-    whitespace runs, and the special tokens."""
+    """Random code points: ASCII, Latin-1, combining marks, Cyrillic, CJK, astral, digits, whitespace runs, specials."""
     ranges = [(0x20, 0x7E), (0xA0, 0xFF), (0x300, 0x36F), (0x400, 0x4FF), (0x4E00, 0x4E80), (0x1F300, 0x1F6FF),
               (0x10000, 0x1007F), (0x30, 0x39)]
     out = []
@@ -1262,8 +1265,7 @@ def _toy_logp(rng, pieces):
 
 
 def test_bpe_digit_groups_pattern():
-    """digit_groups_pattern cuts every number into 3-digit groups left to right (naive chunking of
-    each digit run), loses no text, and with n=1 pre-tokenizes exactly like SPLIT_DIGITS_PATTERN."""
+    """Digit groups = naive left-to-right 3-chunks of every digit run, no text lost; n=1 == SPLIT_DIGITS_PATTERN."""
     p3 = BA.digit_groups_pattern(bpe.GPT2_PATTERN, 3)
     assert regex.findall(p3, "1234567") == ["123", "456", "7"]
     assert regex.findall(p3, "x 2024.5") == ["x", " ", "202", "4", ".", "5"]
@@ -1275,14 +1277,14 @@ def test_bpe_digit_groups_pattern():
         assert [t for t in got if regex.fullmatch(r"\p{N}+", t)] == want
         assert all(not regex.search(r"\p{N}", t) for t in got if not regex.fullmatch(r"\p{N}+", t))
         assert "".join(got) == s
-        assert regex.findall(BA.digit_groups_pattern(bpe.GPT2_PATTERN, 1), s) == regex.findall(bpe.SPLIT_DIGITS_PATTERN, s)
+        p1 = BA.digit_groups_pattern(bpe.GPT2_PATTERN, 1)
+        assert regex.findall(p1, s) == regex.findall(bpe.SPLIT_DIGITS_PATTERN, s)
     with pytest.raises(ValueError):
         BA.digit_groups_pattern(bpe.SPLIT_DIGITS_PATTERN, 3)
 
 
 def test_bpe_wordpiece_maxmatch_by_hand():
-    """WordPiece encodes by greedy longest match (worked by hand), not fewest tokens, falling back
-    to single bytes; a word-initial " the" and a word-internal "the" are different pieces."""
+    """WordPiece = greedy longest match (worked by hand), byte fallback; word-initial " the" != internal "the"."""
     vocab = {i: bytes([i]) for i in range(256)}
     for p in [b"xa", b"xab", b"bcd", b" the", b"the", b"\xc3\xa9t\xc3\xa9"]:
         vocab[len(vocab)] = p
@@ -1296,8 +1298,7 @@ def test_bpe_wordpiece_maxmatch_by_hand():
 
 
 def test_bpe_unigram_viterbi_equals_brute_force():
-    """unigram_segment returns the most probable segmentation, as found by enumerating every
-    segmentation of short strings (random piece scores, so the best is unique)."""
+    """Viterbi == the best of all enumerated segmentations of short strings (random scores: a unique best)."""
     rng = random.Random(1)
     for trial in range(30):
         pieces = {bytes([c]) for c in b"abc"} | {bytes(rng.choice(b"abc") for _ in range(rng.randint(2, 4)))
@@ -1310,9 +1311,7 @@ def test_bpe_unigram_viterbi_equals_brute_force():
 
 
 def test_bpe_unigram_em_step_by_hand():
-    """One EM step equals its definition: expected piece counts from enumerating every segmentation
-    of each toy word (weights prod p, normalized per word, times the word count), then p = count / total;
-    the reported log-likelihood is sum_w c_w log sum_seg prod p."""
+    """One EM step == its definition on a toy corpus: counts and log-likelihood by enumerating segmentations."""
     rng = random.Random(2)
     pieces = {b"a", b"b", b"c", b"ab", b"bc", b"abc", b"ca"}
     logp = _toy_logp(rng, pieces)
@@ -1334,8 +1333,7 @@ def test_bpe_unigram_em_step_by_hand():
 
 
 def test_bpe_unigram_sampling_matches_enumeration():
-    """unigram_segment(rng=...) draws segmentations with probability P(seg)^alpha / Z (enumerated exactly),
-    and a large alpha gives the Viterbi segmentation."""
+    """Sampled segmentations follow P(seg)^alpha / Z (enumerated exactly); a large alpha gives Viterbi's."""
     rng = random.Random(3)
     pieces = {b"a", b"b", b"c", b"d", b"ab", b"bc", b"cd", b"abc", b"bcd"}
     logp = _toy_logp(rng, pieces)
@@ -1351,8 +1349,7 @@ def test_bpe_unigram_sampling_matches_enumeration():
 
 
 def test_bpe_unigram_prune_by_loss():
-    """Pruning keeps every single byte and the pieces whose loss freq(x) * (log p(x) - log p(alt(x)))
-    is largest (computed by hand here: "ab" costs 10 * log(p(ab) / p(a) p(b)), "cd" only 1 * ...)."""
+    """Pruning keeps all bytes and the piece of largest loss freq(x) (log p(x) - log p(alt(x))), worked by hand."""
     logp = {bytes([i]): math.log(1 / 1000) for i in range(256)}
     logp.update({b"ab": math.log(0.2), b"cd": math.log(0.1), b"zz": math.log(0.05)})
     pruned = BA.unigram_prune({b"ab": 10, b"cd": 1, b"xy": 5}, logp, 2, keep=1)
@@ -1361,8 +1358,7 @@ def test_bpe_unigram_prune_by_loss():
 
 
 def test_bpe_algos_round_trip_random_unicode(algo_toks):
-    """decode(encode(x)) == x for random Unicode (astral, combining marks, whitespace runs, specials)
-    for WordPiece and Unigram, and sampled Unigram encodings decode back too."""
+    """decode(encode(x)) == x on random Unicode (astral, combining, whitespace runs, specials), sampled Unigram too."""
     rng = random.Random(4)
     texts = [_random_unicode(rng, rng.randint(0, 300)) for _ in range(40)] + ["", " ", "\n\n\n", "<|user|" ">"]
     uni = algo_toks["unigram"]
@@ -1374,8 +1370,7 @@ def test_bpe_algos_round_trip_random_unicode(algo_toks):
 
 
 def test_bpe_algos_specials_never_split(algo_toks):
-    """Special tokens encode to their own id wherever they stand (longest match first), exactly as
-    often as they occur, and a stream (encode_iterable) gives the same ids as one call."""
+    """Specials are one id each wherever they stand, as often as they occur; encode_iterable == encode."""
     text = "a<|endoftext|><|endoftext|>b <|user|>x<|assistant|>\n\nend<|endoftext|>"
     lines = [text[i:i + 7] for i in range(0, len(text), 7)]
     for name in ("wordpiece", "unigram"):
@@ -1390,8 +1385,7 @@ def test_bpe_algos_specials_never_split(algo_toks):
 
 
 def test_bpe_algos_save_load(algo_toks, tmp_path):
-    """save -> load_any restores the same class, vocab, scores and ids; a BPE directory still loads
-    as bpe.Tokenizer; a broken pieces.json is a one-line ValueError."""
+    """save -> load_any round trip (class, vocab, scores, ids) for all three; a bad pieces.json is a ValueError."""
     text = _algo_corpus()[:5000]
     for name, tok in algo_toks.items():
         tok.save(tmp_path / name)
@@ -1406,8 +1400,7 @@ def test_bpe_algos_save_load(algo_toks, tmp_path):
 
 
 def test_bpe_unigram_compresses(algo_toks):
-    """On its own training text the Unigram LM compresses (bytes/token within 25% of BPE's at the same
-    vocab size), learns whole frequent words, and its pieces are sorted by probability."""
+    """Unigram compresses within 25% of BPE (same vocab, same text), keeps " the" whole, sorts pieces by p."""
     tok, ref, text = algo_toks["unigram"], algo_toks["bpe"], _algo_corpus()
     n = len(text.encode())
     assert n / len(tok.encode(text)) > 0.75 * n / len(ref.encode(text))
@@ -1590,6 +1583,48 @@ def test_model_flops_and_mfu_closed_form():
     assert 80e6 < n < 130e6  # a GPT-2-small-class model
     assert M.estimate_mfu(cfg, 1000.0, peak_flops=1e12) == pytest.approx(M.flops_per_token(cfg) * 1000 / 1e12)
     assert M.estimate_mfu(cfg, 1000.0, device="cpu") is None
+
+
+@pytest.mark.parametrize("vocab_size", [8192, 50304])
+def test_model_gpt2_small_config_on_meta_device(vocab_size, capsys):
+    """The 124M-class / --preset gpu config (d768 L12 H12 T1024) built on the meta device has count_params parameters, and `info` prints them with FLOPs and bf16 memory."""
+    cfg = M.ModelConfig(vocab_size=vocab_size, context_length=1024, d_model=768, num_layers=12, num_heads=12)
+    m = M.TransformerLM(cfg, device="meta")  # no memory, no init cost: shapes only
+    assert next(m.parameters()).is_meta
+    assert sum(p.numel() for p in m.parameters()) == m.num_params() == M.count_params(cfg)
+    assert m.num_params(non_embedding=True) == M.count_params(cfg, non_embedding=True)
+    assert M.count_params(cfg, non_embedding=True) == 12 * (4 * 768 * 768 + 3 * 768 * 2048 + 2 * 768) + 768 + vocab_size * 768
+    M.main(["info", "--vocab-size", str(vocab_size), "--context-length", "1024", "--d-model", "768", "--num-layers", "12",
+            "--num-heads", "12", "--batch-size", "8"])
+    out = capsys.readouterr().out
+    assert f"params {M.count_params(cfg):,}" in out and f"train FLOPs/token {M.flops_per_token(cfg):.3e}" in out
+    mem = M.memory_bytes(cfg, 8)
+    assert mem["weights"] == mem["grads"] == 2 * M.count_params(cfg) and mem["optimizer"] == 12 * M.count_params(cfg)
+    assert "training memory at bf16, batch 8 x 1024" in out and f"activations {mem['activations'] / 2**30:.2f} GiB" in out
+
+
+def _saved_tensor_bytes(m, idx):
+    """Bytes of the distinct non-parameter storages autograd saves for the backward of forward + loss."""
+    params, seen = {p.untyped_storage().data_ptr() for p in m.parameters()}, {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(m(idx).float().flatten(0, 1), idx.flatten())
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_kv_heads=2, d_ff=96), dict(d_model=128, num_layers=3, vocab_size=1024)])
+def test_model_activation_memory_matches_saved_tensors(kw):
+    """memory_bytes' activation count is within 5% of the bytes autograd really saves in a bf16 forward + loss."""
+    base = dict(vocab_size=256, context_length=32, d_model=64, num_layers=2, num_heads=4)
+    cfg = M.ModelConfig(**{**base, **kw})
+    m = M.TransformerLM(cfg, dtype=torch.bfloat16)
+    measured = _saved_tensor_bytes(m, torch.randint(0, cfg.vocab_size, (2, 32)))
+    assert M.memory_bytes(cfg, 2)["activations"] == pytest.approx(measured, rel=0.05)
 
 
 # ---------------------------------------------------------------
@@ -2980,7 +3015,8 @@ def _train_losses(proc, out):
         raise
     assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in recs if "loss" in r], stdout
+    pick = lambda key: [r[key] for r in recs if key in r and not r.get("final")]
+    return {"loss": pick("loss"), "grad_norm": pick("grad_norm"), "val_loss": pick("val_loss")}, stdout
 
 
 @pytest.mark.slow
@@ -2996,10 +3032,14 @@ def test_parallel_torchrun_train_matches_single_process(tmp_path):
             "ddp": _launch_train(tmp_path, "ddp", 2, accum=2),               # 2 ranks x accum 2: exercises no_sync
             "fsdp": _launch_train(tmp_path, "fsdp", 2, accum=2, extra=["--fsdp"])}  # torch's fully_shard
     (one, _), (ddp, log), (fsdp, _) = (_train_losses(p, tmp_path / k) for k, p in runs.items())
-    assert len(one) == len(ddp) == len(fsdp) == 3
-    assert max(abs(a - b) for a, b in zip(one, ddp)) < 1e-4, (one, ddp)
-    assert max(abs(a - b) for a, b in zip(one, fsdp)) < 1e-4, (one, fsdp)
-    assert one[0] != one[-1]                                         # it really trained
+    assert len(one["loss"]) == len(ddp["loss"]) == len(fsdp["loss"]) == 3
+    # losses; pre-clip grad norms (scale-sensitive: a missing 1/accum or 1/world shows here, not in AdamW's
+    # scale-invariant update); and val loss, which must not depend on the number of ranks
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert len(one[key]) == len(ddp[key]) == len(fsdp[key]) > 0, key
+        for other in (ddp, fsdp):
+            assert max(abs(a - b) / abs(a) for a, b in zip(one[key], other[key])) < 1e-4, (key, one[key], other[key])
+    assert one["loss"][0] != one["loss"][-1]                         # it really trained
     assert log.count("step 1/3") == 1                                # only rank 0 prints
     assert (tmp_path / "ddp" / "ckpt.pt").exists() and (tmp_path / "fsdp" / "ckpt.pt").exists()
 
@@ -3085,6 +3125,60 @@ def test_scaling_load_runs_csv_with_C_column(tmp_path):
     np.testing.assert_allclose(r["budget"], [6e12, 6e12])
 
 
+def test_scaling_jittered_flops_group_into_their_budgets(tmp_path):
+    """Runs whose C is jittered by ~2% still fall into their 5 IsoFLOP budgets (rounding C to 2 digits split them) and approach 2 recovers a."""
+    runs = synthetic_isoflop(seed=3)
+    C = runs["C"] * np.exp(np.random.default_rng(0).normal(0, 0.02, len(runs["C"])))
+    p = tmp_path / "jittered.csv"
+    p.write_text("N,C,loss\n" + "".join(f"{n},{c},{l}\n" for n, c, l in zip(runs["N"], C, runs["loss"])))
+    r = scaling.load_runs(str(p))
+    assert len(np.unique(r["budget"])) == 5
+    for c in np.unique(r["budget"]):
+        assert len(np.unique(r["N"][r["budget"] == c])) == 7
+    assert abs(scaling.approach2(r, n_boot=5)["a"] - TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])) < 0.03
+
+
+def test_scaling_too_few_sizes_per_budget_warns(capsys):
+    """When most budgets have < 3 model sizes approach 2 says so (and why) before giving up."""
+    runs = synthetic_isoflop(seed=4)
+    keep = np.arange(len(runs["N"])) % 7 < 2   # 2 sizes per budget
+    with pytest.raises(SystemExit, match="approach 2 needs"):
+        scaling.approach2({k: v[keep] for k, v in runs.items()}, n_boot=2)
+    assert "warning: 5 of 5 budgets have fewer than 3 model sizes" in capsys.readouterr().out
+
+
+def test_scaling_non_numeric_cell_is_one_line_error(tmp_path):
+    """A CSV cell that is not a number is a one-line error naming the row and column, not a ValueError traceback."""
+    p = tmp_path / "bad.csv"
+    p.write_text("N,C,loss\n1e6,6e12,3.1\n2e6,6e12,n/a\n")
+    with pytest.raises(SystemExit, match=r"^error: .*bad.csv row 2: loss = 'n/a' is not a number$"):
+        scaling.load_runs(str(p))
+
+
+def _fake_train(cmd, cwd=None, stdout=None, stderr=None, env=None):
+    """Stands in for the train.py subprocess: a finished metrics.jsonl whose val_loss is the --lr it was given."""
+    run_dir = cmd[cmd.index("--out-dir") + 1]
+    os.makedirs(run_dir, exist_ok=True)
+    rec = {"final": True, "step": int(cmd[cmd.index("--max-steps") + 1]), "val_loss": float(cmd[cmd.index("--lr") + 1])}
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps(rec) + "\n")
+    return 0
+
+
+def test_scaling_sweep_rerun_with_other_lr_trains_new_runs(tmp_path, monkeypatch, capsys):
+    """A rerun with another --lr into the same --out-dir trains new runs (names hash the training flags), never reuses the old ones, and never mixes both in one results file."""
+    monkeypatch.setattr(scaling.subprocess, "call", _fake_train)
+    base = ["sweep", "--data", str(tmp_path), "--vocab-size", "256", "--out-dir", str(tmp_path / "runs"), "--budgets", "1e8",
+            "--sizes", "8", "--num-layers", "1", "--context-length", "16", "--batch-size", "4", "--min-steps", "1"]
+    first = [json.loads(l) for l in open(scaling.sweep(scaling.build_parser().parse_args(base + ["--lr", "0.01"])))]
+    again = base + ["--lr", "0.02", "--results", str(tmp_path / "lr2.jsonl")]
+    second = [json.loads(l) for l in open(scaling.sweep(scaling.build_parser().parse_args(again)))]
+    assert "reusing" not in capsys.readouterr().out
+    assert first[0]["loss"] == 0.01 and second[0]["loss"] == 0.02 and first[0]["run"] != second[0]["run"]
+    with pytest.raises(SystemExit, match="other training flags"):  # lr 0.02 into lr 0.01's results.jsonl
+        scaling.sweep(scaling.build_parser().parse_args(base + ["--lr", "0.02"]))
+
+
 def test_scaling_approach3_recovers_known_law(fit3):
     """The parametric fit recovers Chinchilla's published E, A, B, alpha, beta within 5% from noisy synthetic runs."""
     fit, _, _ = fit3
@@ -3140,7 +3234,7 @@ def test_scaling_sweep_end_to_end_and_resumable(tmp_path, capsys):
     path = scaling.sweep(args)
     first = capsys.readouterr().out
     rows = [json.loads(l) for l in open(path)]
-    assert len(rows) == 3 and "C2.0e+07_d16_L1: only 7 steps" in first   # < --min-steps
+    assert len(rows) == 3 and re.search(r"C2\.0e\+07_d16_L1_[0-9a-f]{8}: only 7 steps", first)   # < --min-steps
     for r in rows:
         cfg = M.ModelConfig(vocab_size=256, d_model=r["d_model"], num_layers=1, num_heads=r["d_model"] // 8,
                             d_ff=max(8, 8 * round(r["d_model"] / 3)))
@@ -3391,7 +3485,9 @@ def test_align_grpo_step_dr_grpo_constant_normalizer_and_temperature():
         per_seq.mean().backward()
         for g, ref in zip(opt.grads, [p.grad for p in model.parameters()]):
             torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
-        assert meta["loss"] == pytest.approx(per_seq.mean().item(), abs=1e-5)  # Dr. GRPO: not 0 with ragged lengths
+        # the clipped loss's value on policy is -A per token: a per-response mean over a group is 0, a constant-normalized sum is not
+        want = (-adv * m.sum(-1) / 6).mean().item() if no_std_norm else 0.0
+        assert meta["loss"] == pytest.approx(want, abs=1e-6) and (want != 0) == no_std_norm
 
 
 def test_align_get_response_log_probs_matches_cross_entropy():
