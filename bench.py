@@ -460,9 +460,9 @@ def add_args_kernels(parser):
                              "sizes on whatever device is here (CPU: Triton's interpreter): a smoke test, not a number")
 
 
-def _time_ms(fn, iters=10):
+def _time_ms(fn, iters=10, warmup=3):
     """Median milliseconds per call: triton's do_bench on a GPU, wall clock on a CPU."""
-    for _ in range(3):  # warm-up outside the timer: torch.compile and autotuning happen here,
+    for _ in range(warmup):  # warm-up outside the timer: torch.compile and autotuning happen here,
         fn()            # else do_bench would size its repeat count from a 30-second first call
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -506,7 +506,7 @@ def sdpa_flash(q, k, v, is_causal):
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
 
 
-def bench_rmsnorm(N, D, device, bw_peak):
+def bench_rmsnorm(N, D, device, bw_peak, iters=10, warmup=3):
     """RMSNorm fwd+bwd, bf16. Bytes that must cross HBM: forward reads x, writes y; backward reads
     x and dy, writes dx -> 5 * numel * 2 bytes (w, rstd and the dw partials are noise)."""
     x = torch.randn(N, D, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -515,7 +515,7 @@ def bench_rmsnorm(N, D, device, bw_peak):
     nbytes = 5 * x.numel() * x.element_size()
     impls = {"triton": kernels.RMSNormTriton.apply, "torch.compile": torch.compile(kernels.rmsnorm_ref),
              "eager": kernels.rmsnorm_ref}
-    t = {name: _time_ms(functools.partial(_fwd_bwd, f, (x, w), dy)) for name, f in impls.items()}
+    t = {name: _time_ms(functools.partial(_fwd_bwd, f, (x, w), dy), iters, warmup) for name, f in impls.items()}
     gbs = {name: nbytes / (ms * 1e-3) for name, ms in t.items()}
     note = f"{gbs['triton'] / 1e9:.0f} GB/s{_pct(gbs['triton'], bw_peak)}"
     print(f"rmsnorm fwd+bwd {N}x{D} bf16: " + ", ".join(
@@ -524,7 +524,7 @@ def bench_rmsnorm(N, D, device, bw_peak):
             _row("rmsnorm_fwd_bwd_vs_eager", t["triton"], t["eager"], "torch eager", "", note)]
 
 
-def bench_flash_attention(B, H, T, d, device, flops_peak):
+def bench_flash_attention(B, H, T, d, device, flops_peak, iters=10, warmup=3):
     """FlashAttention-2, causal, bf16. FLOPs: QK^T and PV are 2*T*T*d each per head, so 4*B*H*T^2*d,
     halved by the causal mask (we and SDPA skip the masked half); the backward is counted as 2.5x
     the forward (5 matmuls instead of 2), as the FA2 paper does, even though our two-kernel
@@ -540,7 +540,7 @@ def bench_flash_attention(B, H, T, d, device, flops_peak):
         for name, f in impls.items():
             attend = functools.partial(_causal, f)  # f(q, k, v, True)
             t[name] = _time_ms(functools.partial(attend, q, k, v) if label == "fwd"
-                               else functools.partial(_fwd_bwd, attend, (q, k, v), do))
+                               else functools.partial(_fwd_bwd, attend, (q, k, v), do), iters, warmup)
         tf = {name: mult * fwd_flops / (ms * 1e-3) for name, ms in t.items()}
         note = f"{tf['triton'] / 1e12:.0f} TFLOP/s{_pct(tf['triton'], flops_peak)}"
         print(f"flash-attn {label} causal B{B} H{H} T{T} d{d} bf16: " + ", ".join(
@@ -563,10 +563,11 @@ def bench_kernels_gpu(quick, tiny=False):
     print(f"{name} | torch {torch.__version__}, triton {triton.__version__} | peaks: "
           + (f"{flops_peak / 1e12:.0f} bf16 TFLOP/s" if flops_peak else "FLOP/s unknown") + ", "
           + (f"{bw_peak / 1e12:.2f} TB/s" if bw_peak else "HBM bandwidth unknown"))
-    N, D = (64, 256) if tiny else (4096, 4096) if quick else (16384, 4096)
-    rows = bench_rmsnorm(N, D, device, bw_peak)
+    timing = (1, 1) if tiny else (10, 3)  # (timed calls, warm-up calls) off the GPU; do_bench decides on one
+    N, D = (16, 256) if tiny else (4096, 4096) if quick else (16384, 4096)
+    rows = bench_rmsnorm(N, D, device, bw_peak, *timing)
     B, H, T, d = (1, 2, 64, 64) if tiny else (2, 8, 2048, 64) if quick else (4, 16, 4096, 64)
-    return rows + bench_flash_attention(B, H, T, d, device, flops_peak)
+    return rows + bench_flash_attention(B, H, T, d, device, flops_peak, *timing)
 
 
 def bench_kernels_cpu(quick):
