@@ -27,8 +27,8 @@ Where GRPO here departs from DeepSeekMath:
 2. No KL penalty by default (`--kl-coef 0`; the paper uses 0.04 with the same k3 estimator).
 3. One gradient step per rollout batch (`--epochs-per-rollout 1`): on-policy, so the clip never
    binds (ratio = 1); more epochs make it bind.
-4. Linear lr warmup and AdamW betas (0.9, 0.95); `--no-std-norm` drops the std division as in
-   Dr. GRPO (Liu et al. 2025, arXiv:2503.20783).
+4. Linear lr warmup, AdamW betas (0.9, 0.95). `--no-std-norm` is Dr. GRPO (Liu et al. 2025,
+   arXiv:2503.20783): no std division, and each response's loss summed over a constant, not |o|.
 
 Run it (CPU, a few minutes; `python pipeline.py` runs exactly this after pretraining):
     python align.py all --ckpt runs/cpu/base/ckpt.pt --tokenizer runs/cpu/data/tokenizer --out-dir runs/cpu/align
@@ -38,14 +38,12 @@ them; the tokenizer is found through the checkpoint; outputs go to runs/align):
     python align.py sft  --ckpt runs/cpu/base/ckpt.pt             # -> runs/align/sft.pt
     python align.py dpo  --ckpt runs/align/sft.pt --beta 0.1      # -> runs/align/dpo.pt
     python align.py grpo --ckpt runs/align/dpo.pt --group-size 8  # -> runs/align/grpo.pt
-    python align.py eval --ckpt runs/align/grpo.pt
     python align.py sft  --ckpt runs/cpu/base/ckpt.pt --lora-rank 8  # LoRA; the saved sft.pt is merged
     python align.py rm   --ckpt runs/align/sft.pt                 # -> runs/align/rm.pt, rm_metrics.jsonl
 One GPU: the same commands (cuda is autodetected); no torchrun mode. Smoke test: `--tiny`.
 Your own data: `--data-jsonl FILE` with prompt/response (SFT), prompt/chosen/rejected (DPO) or
-prompt/answer (GSM8K-style; SFT, GRPO and eval) lines. Outputs in OUT_DIR: {sft,dpo,grpo}.pt,
-{stage}_metrics.jsonl (one record per logged step) and eval.json (per stage: acc, Wilson ci_lo /
-ci_hi, by_difficulty, correct = 0/1 per problem; "paired": the gains; fields in the README).
+prompt/answer (GSM8K-style; SFT, GRPO and eval) lines; train rows train, test rows evaluate.
+Outputs in OUT_DIR: {sft,dpo,grpo}.pt, {stage}_metrics.jsonl, eval.json (fields: README).
 """
 import argparse
 import copy
@@ -409,11 +407,6 @@ def sequence_log_probs(model, tok, prompts, responses, device) -> torch.Tensor:
     return masked_normalize(lp, b["response_mask"].to(device), dim=-1)
 
 
-def pair_log_probs(model, tok, rows, side: int, device) -> torch.Tensor:
-    """log model(y | x) of each (prompt, chosen, rejected) row's chosen (side 1) or rejected (side 2) answer, (B,)."""
-    return sequence_log_probs(model, tok, [r[0] for r in rows], [r[side] for r in rows], device)
-
-
 def perturb(problem: dict, rng: random.Random) -> str:
     """A wrong version of the gold response: the same text with the final number moved by 1-3."""
     wrong = problem["answer"] + rng.choice([-3, -2, -1, 1, 2, 3])
@@ -453,14 +446,14 @@ def run_dpo(model, tok, args, log):
     opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     rng = random.Random(args.seed)
     with torch.no_grad():  # the reference never changes: score all P pairs once, 64 at a time -> (P,) each
-        ref_c, ref_r = (torch.cat([pair_log_probs(ref, tok, pairs[i:i + 64], side, args.device)
-                                   for i in range(0, len(pairs), 64)]) for side in (1, 2))
+        ref_c, ref_r = (torch.cat([sequence_log_probs(ref, tok, [r[0] for r in pairs[i:i + 64]], [r[side] for r in pairs[i:i + 64]],
+                                                      args.device) for i in range(0, len(pairs), 64)]) for side in (1, 2))
     # |y_w| for the per-token NLL, tokenized alone as in tokenize_prompt_and_output: the masked count
     len_c = torch.tensor([len(tok.encode(c + EOT)) for _, c, _ in pairs], dtype=torch.float, device=args.device)
     for step in range(1, args.steps + 1):
         i = rng.sample(range(len(pairs)), min(args.batch_size, len(pairs)))
         rows = [pairs[j] for j in i]
-        pc, pr = (pair_log_probs(model, tok, rows, side, args.device) for side in (1, 2))  # (B,) each, with grad
+        pc, pr = (sequence_log_probs(model, tok, [r[0] for r in rows], [r[side] for r in rows], args.device) for side in (1, 2))
         loss, rc, rr = dpo_loss(pc, pr, ref_c[i], ref_r[i], args.beta, args.dpo_nll, len_c[i])
         loss = loss.mean()
         loss.backward()
@@ -954,11 +947,11 @@ def build_parser(tiny=False):
     sub = ap.add_subparsers(dest="stage", required=True, metavar="{sft,dpo,grpo,rm,eval,all}")
     # steps / lr / batch size per stage, sized so sft+dpo+grpo+4 evals fit in ~8 CPU minutes
     p = sub.add_parser("sft", parents=[common, single, sft, lora], help="supervised fine-tuning -> OUT_DIR/sft.pt")
-    add_optim_flags(p, tiny, 150, 1e-3, 32, "sequences per microbatch")
+    add_optim_flags(p, tiny, 600, 1e-3, 32, "sequences per microbatch")
     p = sub.add_parser("dpo", parents=[common, single, pairs, dpo, lora], help="DPO (+ RPO NLL) -> OUT_DIR/dpo.pt")
     add_optim_flags(p, tiny, 30, 5e-5, 16, "preference pairs per step")
     p = sub.add_parser("grpo", parents=[common, single, grpo], help="GRPO against the verifier -> OUT_DIR/grpo.pt")
-    add_optim_flags(p, tiny, 200, 3e-4, 16, "unused by GRPO (see --prompts-per-step)")
+    add_optim_flags(p, tiny, 100, 3e-4, 16, "unused by GRPO (see --prompts-per-step)")
     p = sub.add_parser("rm", parents=[common, single, pairs], help="Bradley-Terry reward model (an aside) -> OUT_DIR/rm.pt")
     add_optim_flags(p, tiny, 40, 1e-4, 16, "preference pairs per step")
     p = sub.add_parser("eval", parents=[common], help="greedy held-out accuracy of --ckpt -> OUT_DIR/eval.json")
