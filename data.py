@@ -207,8 +207,9 @@ def extract_text_from_html_bytes(html_bytes, http_charset=None):
         return None
     try:
         parser = _parse(text)
-        if parser.open_skips:  # never closed: parse again, this time showing those elements
-            parser = _parse(text, ignore={n for _, n in parser.open_skips})
+        unclosed = {n for tag, n in parser.open_skips if tag not in ("script", "style")}  # (code, closed or not)
+        if unclosed:  # never closed: parse again, this time showing those elements
+            parser = _parse(text, ignore=unclosed)
     except Exception:  # HTMLParser is forgiving, but one pathological page must not end a crawl
         return None
     # Leading plain spaces come from collapsed source newlines; leading U+00A0 are real indentation.
