@@ -406,7 +406,8 @@ _BAD_WORDS = {kind: {deobfuscate(w) for w in words.split()} for kind, words in (
     ("toxic", "fuck fucking fucker fucked motherfucker shit shitty bullshit bitch asshole dickhead douchebag "
               "jackass dumbass stfu wanker"),
     ("nsfw", "porn porno porns pornstar hentai blowjob handjob camgirl camgirls milf dildo"))}
-_LISTED = set().union(*_BAD_WORDS.values())
+_LISTED = set().union(*_BAD_WORDS.values())  # what a wildcard spelling may stand for
+
 
 def _hashed_features(text, num_buckets, max_words=2000):
     """Word unigrams + bigrams -> bucket ids (crc32 is stable across runs, unlike hash())."""
