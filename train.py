@@ -515,23 +515,40 @@ def train_step(model, optimizers, draw, data, gen, args, autocast):
     return loss, norm, ok
 
 
+def mask_fill_counts(logits, labels, k=5):
+    """BERT's held-out mask-fill accuracy, as counts: (top-1 hits, top-k hits, masked positions) of one MLM batch.
+    A masked position (label != -100) is a top-1 hit when its true token has the largest logit, a top-k hit when
+    it is among the k largest. Counts, not fractions: summed over batches and ranks, then divided once."""
+    keep = labels != -100  # (B, T)
+    top = logits[keep].topk(k, dim=-1).indices  # (n, k), largest first
+    hit = top == labels[keep].unsqueeze(-1)  # (n, k)
+    return torch.stack([hit[:, 0].sum(), hit.any(dim=-1).sum(), keep.sum()]).float()
+
+
 @torch.no_grad()
 def evaluate(model, draw, val_data, args, autocast, rank, world):
     """Mean val loss over fixed batches (own generator: eval never perturbs training RNG), the same for any number of
-    ranks: every rank draws the same --eval-steps batches (draw: one rank's B windows) and scores every world-th."""
+    ranks: every rank draws the same --eval-steps batches (draw: one rank's B windows) and scores every world-th.
+    Returns {"val_loss"}, plus "mlm_top1" and "mlm_top5" (mask-fill accuracy over all masked positions) for MLM."""
     model.eval()
     gen = torch.Generator().manual_seed(10_000)  # the same val batches every eval: curves compare
-    total = 0.0
+    total = torch.zeros(4, device=next(model.parameters()).device)  # loss sum; MLM top-1 hits, top-5 hits, masked
     for i in range(-(-args.eval_steps // world) * world):  # whole rounds: FSDP ranks must run as many forwards
         x, y = draw(val_data, gen)
         if i % world == rank:
             with autocast:
-                total += cross_entropy(model(x), y).float() * (i < args.eval_steps)  # a padding batch weighs 0
+                logits = model(x)
+            w = float(i < args.eval_steps)  # a padding batch weighs 0
+            total[0] += cross_entropy(logits, y).float() * w
+            if args.objective == "mlm":
+                total[1:] += mask_fill_counts(logits.float(), y) * w
     model.train()
-    total = total / args.eval_steps
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)  # the sum of every rank's share of the mean
-    return total.item()
+        torch.distributed.all_reduce(total)  # the sum of every rank's share
+    out = {"val_loss": (total[0] / args.eval_steps).item()}
+    if args.objective == "mlm":
+        out.update(mlm_top1=(total[1] / total[3]).item(), mlm_top5=(total[2] / total[3]).item())
+    return out
 
 
 def skip_or_stop(step, loss, norm, last_ok, skipped, args):
@@ -548,6 +565,11 @@ def skip_or_stop(step, loss, norm, last_ok, skipped, args):
 def ppl_bpb(loss, bpt):
     """ppl = e^loss (capped: a diverged run must log, not overflow); bpb = loss / ln 2 / bytes per token."""
     return math.exp(min(loss, 50)), (loss / math.log(2) / bpt if bpt else None)
+
+
+def mlm_text(ev):
+    """The log line's mask-fill accuracy for MLM, "" otherwise."""
+    return f" | mask-fill top-1 {ev['mlm_top1']:.3f}, top-5 {ev['mlm_top5']:.3f}" if "mlm_top1" in ev else ""
 
 
 def sample_text(model, tok, val_data, args, device):
@@ -588,7 +610,7 @@ def train(args):
     log(f"model: {raw_model.num_params() / 1e6:.2f}M params ({raw_model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding) | "
         f"{tokens_per_step} tokens/step | device {device} x{world} | unigram entropy {H_train:.3f} nats")  # fmt: skip
 
-    val_loss, last_ok, skipped = None, None, 0
+    ev, last_ok, skipped = None, None, 0
     for step in range(start + 1, args.max_steps + 1):
         lr = set_lr(optimizers, step, args)
         t0 = time.perf_counter()
@@ -604,35 +626,35 @@ def train(args):
                 + (f"{100 * mfu:.1f}%" if mfu is not None else "n/a"), metrics,
                 dict(step=step, loss=loss, lr=lr, grad_norm=norm.item(), ms=dt * 1000, tok_per_s=tps, mfu=mfu, tokens=step * tokens_per_step))  # fmt: skip
         if step % args.eval_every == 0 or step == args.max_steps:
-            val_loss = evaluate(model, val_draw, val_data, args, autocast, rank, world)
-            ppl, bpb = ppl_bpb(val_loss, bpt)
-            log(f"eval step {step} | val loss {val_loss:.3f} | ppl {ppl:.1f}" + (f" | bpb {bpb:.3f}" if bpb else ""), metrics,
-                dict(step=step, val_loss=val_loss, val_ppl=ppl, val_bpb=bpb))  # fmt: skip
+            ev = evaluate(model, val_draw, val_data, args, autocast, rank, world)
+            val_loss, (ppl, bpb) = ev["val_loss"], ppl_bpb(ev["val_loss"], bpt)
+            log(f"eval step {step} | val loss {val_loss:.3f} | ppl {ppl:.1f}" + (f" | bpb {bpb:.3f}" if bpb else "") + mlm_text(ev),
+                metrics, dict(step=step, val_loss=val_loss, val_ppl=ppl, val_bpb=bpb) | ev)  # fmt: skip
         if args.sample_every and step % args.sample_every == 0 and is_master() and (text := sample_text(raw_model, tok, val_data, args, device)) is not None:
             log("sample: " + repr(text[:300]))
         if step % args.ckpt_every == 0 or step == args.max_steps:
             save(raw_model, optimizers, step, batch_gen, args, wall_before + time.time() - t_start)
 
-    if val_loss is None:  # resumed at or past max-steps: nothing ran, still report
-        val_loss = evaluate(model, val_draw, val_data, args, autocast, rank, world)
-    final = report(raw_model, val_loss, bpt, (H_train, H_val), tokens_per_step, wall_before + time.time() - t_start, args, metrics)
+    if ev is None:  # resumed at or past max-steps: nothing ran, still report
+        ev = evaluate(model, val_draw, val_data, args, autocast, rank, world)
+    final = report(raw_model, ev, bpt, (H_train, H_val), tokens_per_step, wall_before + time.time() - t_start, args, metrics)
     if world > 1:
         parallel.cleanup_distributed()
     return final
 
 
-def report(model, val_loss, bpt, entropies, tokens_per_step, wall, args, metrics):
-    """Log the final line and the final metrics record; returns the record."""
-    tokens = args.max_steps * tokens_per_step
+def report(model, ev, bpt, entropies, tokens_per_step, wall, args, metrics):
+    """Log the final line and the final metrics record (ev: the last evaluate's); returns the record."""
+    tokens, val_loss = args.max_steps * tokens_per_step, ev["val_loss"]
     ppl, bpb = ppl_bpb(val_loss, bpt)
     final = dict(final=True, step=args.max_steps, val_loss=val_loss, val_ppl=ppl, val_bpb=bpb, params=model.num_params(),
                  non_embedding_params=model.num_params(non_embedding=True), tokens=tokens, flops=flops_per_token(model.cfg) * tokens,
-                 unigram_entropy=entropies[0], val_unigram_entropy=entropies[1], objective=args.objective, wall_s=wall)  # fmt: skip
+                 unigram_entropy=entropies[0], val_unigram_entropy=entropies[1], objective=args.objective, wall_s=wall) | ev  # fmt: skip
     # The unigram entropy is the loss of the best model that ignores context (it only knows token
     # frequencies); getting well below it is the evidence that the model uses its context at all.
     log(f"done: val loss {val_loss:.3f} nats (ppl {ppl:.1f}" + (f", {bpb:.3f} bits/byte" if bpb else "")
         + f") vs unigram entropy {entropies[0]:.3f} (train) / {entropies[1]:.3f} (val) nats | {args.max_steps} steps, "
-        f"{tokens / 1e6:.2f}M tokens in {wall:.0f}s", metrics, final)  # fmt: skip
+        f"{tokens / 1e6:.2f}M tokens in {wall:.0f}s" + mlm_text(ev), metrics, final)  # fmt: skip
     return final
 
 
