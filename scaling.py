@@ -18,15 +18,12 @@ The paper gets a = 0.50, 0.49, 0.46. Besiroglu et al. (2024, arXiv:2404.10102) r
 confidence intervals implausibly narrow; their lesson (fit so the optimizer can converge, then
 bootstrap) is why every number here comes with a CI.
 
-This file does the whole loop at toy scale:
-  1. FLOP accounting: C ~= 6ND, our TransformerLM's exact count, and where 6ND is off.
-  2. Reading runs (our sweep's JSONL, or any published CSV/JSONL table).
-  3, 4. Approach 2 and approach 3, each with bootstrap CIs.
-  5. A sweep that drives train.py (subprocess) for each (budget, size).  6. The fit report.
+This file does the whole loop at toy scale: 1. FLOP accounting (C ~= 6ND, our exact count, where
+6ND is off); 2. reading runs (our sweep's JSONL or any published CSV/JSONL); 3, 4. approaches 2
+and 3 with bootstrap CIs; 5. a sweep that drives train.py per (budget, size); 6. the fit report.
 
-Run it on CPU (byte-level pydocs; the sweep below is the one in the README, 16 runs, ~30 min on
-a 2-core box shared with other jobs). Each budget gets the sizes that bracket its optimum; the
-sweep is resumable, so several invocations fill one results.jsonl:
+Run it on CPU (byte-level pydocs; the README's sweep, its cost measured there). Each budget gets the
+sizes that bracket its optimum; the sweep is resumable, so several invocations fill one results.jsonl:
     python scaling.py flops --vocab-size 256 --context-length 64   # exact FLOPs vs 6ND table
     python data.py                                                  # -> data/pydocs/{train,val}.txt
     python scaling.py bytes --text data/pydocs --out data/pydocs-bytes   # vocab-256 token files
@@ -75,20 +72,16 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 #     N; the lm_head (d_model x vocab) is a real matmul and stays in. For small models with a
 #     big vocabulary the lm_head IS most of N, and 6 * N_total (Chinchilla counts every
 #     parameter) overstates the cost ~2x (the exact/6N_tot column).
-#   * The RMSNorm gains are parameters but cost O(d) elementwise work, not 2 FLOPs each: an exact
-#     count leaves them out (model.flops_per_token keeps them inside its 6N, a <1% difference).
-# The parameter count itself is model.py's (count_params): one home, so the two cannot drift.
+#   * RMSNorm gains cost O(d), not 2 FLOPs each: we leave them out (model.flops_per_token keeps
+#     them in its 6N). The parameter count itself is model.count_params: one home, no drift.
 
 
 def forward_flops_per_token(cfg: ModelConfig, causal=True):
-    """Exact matmul FLOPs of one forward pass per token for a model.py config (norms, softmax and
-    SiLU ignored: O(d) each). 2 FLOPs per matmul weight -- every non-embedding parameter except
-    the RMSNorm gains -- plus the attention matmuls QK^T and AV, 2·t·d each per layer for t keys.
-
-    causal=True counts only the unmasked keys, the work a causal flash kernel does (query t sees
-    t keys, (T+1)/2 on average); causal=False counts the full T x T square, which is what a plain
-    masked matmul computes, what torch's FlopCounterMode reports, and what model.flops_per_token
-    (PaLM's 6N + 12LdT) assumes -- test_all.py checks our count against both."""
+    """Exact matmul FLOPs of one forward pass per token (norms, softmax, SiLU ignored: O(d) each):
+    2 per matmul weight (every non-embedding parameter but the RMSNorm gains), plus QK^T and AV,
+    2·t·d each per layer for t keys. causal=True counts the unmasked keys only, a causal flash
+    kernel's work (query t sees t keys: (T+1)/2 on average); causal=False the full T x T square, as
+    a plain masked matmul, torch's FlopCounterMode and model.flops_per_token (PaLM's 6N + 12LdT) do."""
     L, d, T = cfg.num_layers, cfg.d_model, cfg.context_length
     matmul_params = count_params(cfg, non_embedding=True) - (2 * L + 1) * d   # minus ln1, ln2, ln_final
     t_att = (T + 1) / 2 if causal else T
@@ -157,7 +150,8 @@ def load_runs(path):
             out[k].append(v)
     runs = {k: np.array(v, dtype=np.float64) for k, v in out.items()}
     missing = np.isnan(runs["budget"])
-    runs["budget"][missing] = isoflop_budgets(runs["C"][missing])
+    if missing.any():
+        runs["budget"][missing] = isoflop_budgets(runs["C"][missing])
     return runs
 
 
@@ -744,16 +738,13 @@ def plot(runs, a2, a3, targets, out_dir):
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    # flops: the exact-vs-6N table of section 1
     p = sub.add_parser("flops", help="exact training FLOPs per token vs 6N")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size")
     p.add_argument("--context-length", type=int, default=256, help="tokens per sequence")
-    # bytes: a vocab-256 dataset, so tiny models are mostly Transformer body, not lm_head
     p = sub.add_parser("bytes", help="byte-level train.bin/val.bin from a corpus dir (vocab 256)")
     p.add_argument("--text", default="data/pydocs", help="dir with train.txt and val.txt")
     p.add_argument("--out", default="data/pydocs-bytes", help="output dir for train.bin, val.bin")
-    # sweep: one train.py run per (budget, size), resumable
-    p = sub.add_parser("sweep", help="train each (budget, size) with train.py")
+    p = sub.add_parser("sweep", help="train each (budget, size) with train.py (resumable)")
     # what to sweep
     p.add_argument("--data", default="data/pydocs", help="dir with train.bin, val.bin, tokenizer/")
     p.add_argument("--vocab-size", type=int, default=None, help="vocab size (default: from DATA/tokenizer)")
@@ -776,7 +767,6 @@ def build_parser():
     p.add_argument("--train-args", default="", help="extra flags passed to train.py verbatim")
     p.add_argument("--fit", action="store_true", help="fit the results afterwards (writes fit.json)")
     p.add_argument("--target", type=float, nargs="*", default=None, help="budgets to extrapolate to")
-    # fit: approaches 2 and 3 on any results table
     p = sub.add_parser("fit", help="fit approaches 2 and 3 to a results file (CSV or JSONL)")
     p.add_argument("--runs", required=True, help="results.jsonl from sweep, or CSV/JSONL: N, D|C, loss")
     p.add_argument("--target", type=float, nargs="+", default=None, help="budgets to extrapolate to")
