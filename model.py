@@ -20,18 +20,14 @@ Why
     Triton FlashAttention ("triton", in kernels.py); all three compute the same function.
 
 Papers
-    Vaswani et al. 2017, Attention Is All You Need, arXiv:1706.03762
-    Zhang & Sennrich 2019, Root Mean Square Layer Normalization, arXiv:1910.07467
-    Shazeer 2020, GLU Variants Improve Transformer, arXiv:2002.05202
-    Su et al. 2021, RoFormer: Rotary Position Embedding, arXiv:2104.09864
-    Ainslie et al. 2023, GQA: Grouped-Query Attention, arXiv:2305.13245
-    Touvron et al. 2023, LLaMA, arXiv:2302.13971
+    Vaswani et al. 2017, Attention Is All You Need, arXiv:1706.03762; Touvron et al. 2023, LLaMA, arXiv:2302.13971
+    Zhang & Sennrich 2019, RMSNorm, arXiv:1910.07467; Shazeer 2020, GLU Variants (SwiGLU), arXiv:2002.05202
+    Su et al. 2021, RoFormer (RoPE), arXiv:2104.09864; Ainslie et al. 2023, GQA, arXiv:2305.13245
     Devlin et al. 2018, BERT (masked-LM objective), arXiv:1810.04805
-    Holtzman et al. 2019, nucleus (top-p) sampling, arXiv:1904.09751
-    Nguyen et al. 2024, min-p sampling, arXiv:2407.01082
-    Leviathan et al. 2022, Fast Inference via Speculative Decoding, arXiv:2211.17192
-    Chen et al. 2023, Accelerating LLM Decoding with Speculative Sampling, arXiv:2302.01318
+    Holtzman et al. 2019, nucleus (top-p) sampling, arXiv:1904.09751; Nguyen et al. 2024, min-p, arXiv:2407.01082
+    Leviathan et al. 2022, speculative decoding, arXiv:2211.17192; Chen et al. 2023, speculative sampling, arXiv:2302.01318
     Kaplan et al. 2020 (6N FLOPs/token), arXiv:2001.08361; Chowdhery et al. 2022 (PaLM, MFU), arXiv:2204.02311
+    Rajbhandari et al. 2019, ZeRO (16 bytes per parameter of mixed-precision Adam), arXiv:1910.02054
 
 Run it
     python model.py info --d-model 768 --num-layers 12 --num-heads 12 --vocab-size 50304 --context-length 1024
@@ -40,7 +36,6 @@ Run it
 """
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -53,7 +48,6 @@ import torch.nn.functional as F  # only for the fused attention backend and one_
 
 # ---------------------------------------------------------------
 # Configuration
-# ---------------------------------------------------------------
 
 
 def default_d_ff(d_model: int) -> int:
@@ -96,7 +90,6 @@ class ModelConfig:
 
 # ---------------------------------------------------------------
 # Primitives: Linear, Embedding, RMSNorm, SiLU, SwiGLU, softmax
-# ---------------------------------------------------------------
 
 
 class Linear(nn.Module):
@@ -171,7 +164,6 @@ def softmax(x, dim: int = -1):
 
 # ---------------------------------------------------------------
 # Attention: scaled dot product, RoPE, multi-head / grouped-query
-# ---------------------------------------------------------------
 
 
 def scaled_dot_product_attention(Q, K, V, mask=None):
@@ -291,7 +283,6 @@ def _triton_attention(q, k, v, causal):
 
 # ---------------------------------------------------------------
 # The Transformer block and the language model
-# ---------------------------------------------------------------
 
 
 class TransformerBlock(nn.Module):
@@ -370,7 +361,6 @@ class TransformerLM(nn.Module):
 
 # ---------------------------------------------------------------
 # Masked-LM corruption (BERT): the encoder's training objective
-# ---------------------------------------------------------------
 
 
 def mlm_corrupt(idx, mask_token_id: int, vocab_size: int, generator=None, mask_prob: float = 0.15):
@@ -389,7 +379,6 @@ def mlm_corrupt(idx, mask_token_id: int, vocab_size: int, generator=None, mask_p
 
 # ---------------------------------------------------------------
 # Counting: parameters, FLOPs, MFU
-# ---------------------------------------------------------------
 
 
 def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
@@ -415,14 +404,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
 
 
 def memory_bytes(cfg: ModelConfig, batch_size: int) -> dict:
-    """Training memory in bf16 mixed precision for one batch of batch_size x context_length:
-    weights and grads 2 bytes per parameter each, AdamW 12 (an fp32 master copy and two fp32
-    moments: the 16 bytes/parameter of ZeRO, Rajbhandari et al. 2019, arXiv:1910.02054), and the
-    activations autograd keeps for the backward of a bf16 forward, counted from our own code (a
-    test checks the count against the tensors autograd really saves). Per token and layer: each
-    RMSNorm keeps its fp32 input and output, every projection its bf16 input, attention q, k, v
-    and its output plus RoPE's cos/sin rows, SwiGLU five d_ff-wide tensors; the fused attention
-    keeps no T x T matrix. After the last layer: the final norm and the fp32 logits of the loss."""
+    """Training memory (bytes) in bf16 mixed precision for one batch_size x context_length batch:
+    weights and grads 2 bytes per parameter, AdamW 12 (fp32 master copy + two moments: ZeRO's 16
+    bytes/parameter), and the activations autograd keeps for a bf16 forward's backward, counted
+    from our code (a test checks it against the tensors autograd really saves). Per token and
+    layer: each RMSNorm keeps fp32 input and output, each projection its bf16 input, attention
+    q, k, v, its output and RoPE's cos/sin rows (no T x T matrix: fused kernel), SwiGLU five
+    d_ff-wide tensors. After the last layer: the final norm and the fp32 logits of the loss."""
     n, d, f, d_k = count_params(cfg), cfg.d_model, cfg.d_ff, cfg.d_model // cfg.num_heads
     norms, inputs, attn = 2 * (4 * d + 4 * d + 4), 2 * 2 * d, 2 * 4 * d + 4 * cfg.num_heads + 2 * 4 * d_k
     per_layer = norms + inputs + attn + 2 * 5 * f  # bytes per token
@@ -461,7 +449,6 @@ def estimate_mfu(cfg: ModelConfig, tokens_per_s: float, peak_flops: float | None
 
 # ---------------------------------------------------------------
 # Sampling with a KV cache
-# ---------------------------------------------------------------
 
 
 def logits_to_probs(logits, temperature: float = 1.0, top_k=None, top_p=None, min_p=None):
@@ -527,7 +514,6 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k=No
 
 # ---------------------------------------------------------------
 # Speculative decoding
-# ---------------------------------------------------------------
 
 
 def speculative_accept(p, q, draft_tokens, generator=None):
@@ -600,7 +586,6 @@ def speculative_generate(target, draft, idx, max_new_tokens: int, k: int = 4, te
 
 # ---------------------------------------------------------------
 # Devices and checkpoints: the one home of both (train.py, align.py, pipeline.py import them)
-# ---------------------------------------------------------------
 
 
 def pick_device(name=None) -> str:
@@ -644,7 +629,6 @@ def load_model(src, device="cpu"):
 
 # ---------------------------------------------------------------
 # Export to Hugging Face Llama
-# ---------------------------------------------------------------
 
 
 def _rope_rows_to_hf(w, num_heads: int):
@@ -673,10 +657,12 @@ def to_hf_llama(model):
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.d_model // cfg.num_heads,
         max_position_embeddings=cfg.context_length, rms_norm_eps=1e-5, tie_word_embeddings=cfg.tie_embeddings,
-        rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},  # 4.x | 5.x
-        hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, hidden_act="silu",
         bos_token_id=None, eos_token_id=None,
     )
+    # transformers 4.x reads only a top-level rope_theta (and ignores rope_parameters); 5.x folds
+    # that key into rope_parameters at init, but saves it when set afterwards: so both forms go out.
+    hf_cfg.rope_theta = cfg.rope_theta
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     hf = {"model.embed_tokens.weight": sd["token_embeddings.weight"], "model.norm.weight": sd["ln_final.weight"], "lm_head.weight": sd["lm_head.weight"]}
     for i in range(cfg.num_layers):
@@ -706,12 +692,6 @@ def export_hf(ckpt_path: str, out_dir: str):
     tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
     try:
         hf_model.save_pretrained(tmp)
-        # transformers 5 reads RoPE's theta from rope_parameters, 4.x only from a top-level
-        # rope_theta (5.x drops that key on save): we write both, so either version loads our RoPE.
-        with open(os.path.join(tmp, "config.json")) as f:
-            config = json.load(f)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({**config, "rope_theta": model.cfg.rope_theta}, f, indent=2)
         _swap_in_dir(tmp, out_dir)
     except OSError as e:
         raise SystemExit(f"error: cannot write {out_dir} ({e}); a previous export there is untouched")
@@ -721,9 +701,8 @@ def export_hf(ckpt_path: str, out_dir: str):
 
 
 def _swap_in_dir(new, dst):
-    """Make directory `new` become `dst`. A rename is atomic but cannot replace a non-empty
-    directory, so: fsync the new files, move the old dir aside, move the new one in (the old one
-    goes back if that fails), then delete the old one."""
+    """Make directory `new` become `dst`. A rename is atomic but cannot replace a non-empty dir, so:
+    fsync the new files, move the old dir aside, move the new one in (or the old one back), delete the old."""
     for name in os.listdir(new):
         with open(os.path.join(new, name), "rb") as f:
             os.fsync(f.fileno())
@@ -741,7 +720,6 @@ def _swap_in_dir(new, dst):
 
 # ---------------------------------------------------------------
 # CLI
-# ---------------------------------------------------------------
 
 
 def _info(args):
@@ -777,10 +755,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     args = parser.parse_args(argv)
     try:
-        if args.cmd == "info":
-            _info(args)
-        else:
-            export_hf(args.ckpt, args.out)
+        _info(args) if args.cmd == "info" else export_hf(args.ckpt, args.out)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
 
