@@ -11,7 +11,8 @@ change it:
                              Hutter 2017, arXiv:1711.05101); momentum + Newton-Schulz orthogonalization for 2-D
                              hidden weights (Jordan et al. 2024, modded-nanogpt; Liu et al. 2025, arXiv:2502.16982).
   3. `lr_cosine_schedule` -- linear warmup (Goyal et al. 2017, arXiv:1706.02677), then cosine decay (Loshchilov &
-                             Hutter 2016, arXiv:1608.03983); `clip_grad_norm` caps the global gradient norm.
+                             Hutter 2016, arXiv:1608.03983), or `lr_wsd_schedule` (warmup-stable-decay);
+                             `clip_grad_norm` caps the global gradient norm.
   4. `get_batch`          -- random windows from a flat memmapped token file.
   5. checkpoints          -- everything a *bitwise* resume needs: weights, optimizer moments, step, RNG states.
   6. the loop             -- gradient accumulation, bf16 autocast, eval (loss / perplexity / bits per byte), samples,
@@ -214,6 +215,17 @@ def lr_cosine_schedule(it, max_lr, min_lr, warmup_iters, cosine_cycle_iters):
         return min_lr
     progress = (it - warmup_iters) / max(1, cosine_cycle_iters - warmup_iters)  # 0 -> 1
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def lr_wsd_schedule(it, max_lr, min_lr, warmup_iters, decay_start, total_iters):
+    """Warmup-stable-decay (Hu et al. 2024, MiniCPM, arXiv:2404.06395): linear warmup, max_lr until decay_start, then
+    the "1-sqrt" cooldown max_lr - (max_lr - min_lr) sqrt(progress), which Hägele et al. 2024 (arXiv:2405.18392) find
+    beats a linear one, to min_lr at total_iters. The stable phase does not depend on the run's length: a checkpoint
+    taken in it can start a decay to any later length, so one long run gives the loss at many token counts."""
+    if it < warmup_iters:
+        return it / warmup_iters * max_lr
+    progress = min(1.0, max(0, it - decay_start) / max(1, total_iters - decay_start))  # 0 while stable -> 1
+    return max_lr - (max_lr - min_lr) * math.sqrt(progress)
 
 
 @torch.no_grad()
@@ -472,11 +484,18 @@ def all_mean(t):
 def set_lr(optimizers, step, args):
     """Set every group's lr for this step; one schedule shape, each group from its own peak (AdamW's,
     Muon's). Returns AdamW's lr as used. 1-based step: the first update already moves, the last uses min_lr."""
-    factor = lr_cosine_schedule(step, 1.0, args.min_lr / args.lr, args.warmup_steps, args.max_steps)
+    if args.lr_schedule == "wsd":  # the decay is the last --decay-frac of *this* run's --max-steps (a resumed branch's too)
+        factor = lr_wsd_schedule(step, 1.0, args.min_lr / args.lr, args.warmup_steps, wsd_decay_start(args), args.max_steps)
+    else:
+        factor = lr_cosine_schedule(step, 1.0, args.min_lr / args.lr, args.warmup_steps, args.max_steps)
     for opt in optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
     return optimizers[-1].param_groups[0]["lr"]
+
+
+def wsd_decay_start(args):
+    return args.max_steps - round(args.decay_frac * args.max_steps)
 
 
 def train_step(model, optimizers, draw, data, gen, args, autocast):
@@ -717,6 +736,8 @@ def build_parser():
     p.add_argument("--muon-lr", type=float, default=0.02, help="peak Muon learning rate")
     p.add_argument("--min-lr", type=float, default=2e-4, help="final learning rate (Muon scaled alike)")
     p.add_argument("--warmup-steps", type=int, default=30, help="linear warmup steps")
+    p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "wsd"], help="after warmup: cosine decay, or warmup-stable-decay")
+    p.add_argument("--decay-frac", type=float, default=0.2, help="wsd: decay (1-sqrt) to --min-lr over this last fraction of --max-steps")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay (matrices only)")
     p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
@@ -753,6 +774,8 @@ def main(argv=None):
         if os.environ.get("RANK", "0") == "0":
             print(f"warning: --warmup-steps {args.warmup_steps} >= --max-steps {args.max_steps}; using {args.max_steps // 10}")
         args.warmup_steps = args.max_steps // 10
+    if args.lr_schedule == "wsd" and not (0 <= args.decay_frac <= 1 and args.warmup_steps <= wsd_decay_start(args)):
+        raise SystemExit(f"error: --decay-frac {args.decay_frac} must be in [0, 1] and start the decay after --warmup-steps {args.warmup_steps}")
     return sample(args) if args.command == "sample" or args.sample else train(args)
 
 
