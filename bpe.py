@@ -14,16 +14,19 @@ first cuts text into word-like pre-tokens (" the", "123", "\\n\\n") that merges 
 anything else, so they are never split or merged with their neighbours.
 
 The file reads in that order: the pattern, counting pre-tokens, the merge loop (`train_bpe`), the
-`Tokenizer` (encode, decode, GPT-2's files), the token file. Then "Making it fast": the ASCII regex
-twin, safe cuts and parallel chunks, the cache and long words, each tested equal to the plain code.
+`Tokenizer` (encode, decode, GPT-2's files); WordPiece and the Unigram LM (Kudo 2018, arXiv:1804.10959)
+on the same plumbing; the token file. Then "Making it fast": the ASCII regex twin, safe cuts and
+parallel chunks, the cache and long words, each tested equal to the plain code; `stats` last.
 Departures: (1) ties between equally frequent pairs go to the greatest bytes (CS336's rule);
 (2) `merge_score="pmi"` ranks pairs by count(ab)/(count(a)count(b)), the WordPiece criterion
 (Schuster & Nakajima 2012; Wu et al. 2016, arXiv:1609.08144); (3) `split_digits=True` makes each
-digit a pre-token (LLaMA, Touvron et al. 2023, arXiv:2302.13971), so numbers tokenize uniformly.
+digit a pre-token (LLaMA, Touvron et al. 2023, arXiv:2302.13971), `--digit-groups 3` cuts numbers
+into runs of <= 3 digits (Llama 3); (4) WordPiece marks no "##": our pre-tokens keep their space.
 
 Run it:
     python bpe.py train --input data/pydocs/train.txt --vocab-size 4096 \\
         --special-tokens '<|endoftext|>' '<|user|>' '<|assistant|>' --out data/pydocs/tokenizer
+    python bpe.py train --algorithm unigram ...    # or wordpiece; --digit-groups 3; all load the same way
     python bpe.py encode --tokenizer data/pydocs/tokenizer --input data/pydocs/train.txt --out data/pydocs/train.bin
     python bpe.py stats --tokenizer data/pydocs/tokenizer --input data/pydocs/val.txt
     python bench.py --only bpe              # train vs HF tokenizers, encode vs tiktoken (CPU only)
@@ -35,6 +38,7 @@ import functools
 import gc
 import heapq
 import json
+import math
 import multiprocessing as mp
 import os
 import re
@@ -56,6 +60,18 @@ import regex
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Same, but every digit stands alone: "2024" -> "2","0","2","4" (LLaMA-style).
 SPLIT_DIGITS_PATTERN = GPT2_PATTERN.replace(r" ?\p{N}+", r"\p{N}")
+
+
+def digit_groups_pattern(base=GPT2_PATTERN, n=3):
+    r"""`base` with numbers cut into runs of at most n digits, left to right: "1234567" -> "123",
+    "456", "7" (Llama 3, n=3). As in SPLIT_DIGITS_PATTERN a number no longer takes the space before it."""
+    if r" ?\p{N}+" not in base or n < 1:
+        raise ValueError(f"digit groups need a GPT-2 style pattern and n >= 1, got n={n}")
+    return base.replace(r" ?\p{N}+", r"\p{N}{1,%d}" % n)
+
+
+# The patterns whose safe cuts ("Making it fast", 2) and ASCII twin we have checked.
+KNOWN_PATTERNS = {GPT2_PATTERN, SPLIT_DIGITS_PATTERN} | {digit_groups_pattern(GPT2_PATTERN, n) for n in range(1, 10)}
 
 
 def _special_splitter(special_tokens):
@@ -194,7 +210,7 @@ def _apply_merge(best, new, words, counts, pair_count, pair_words, sym_count, pm
 
 
 def train_bpe(input_path, vocab_size, special_tokens=(), merge_score="count", split_digits=False,
-              workers=None, verbose=False, **kwargs):
+              workers=None, verbose=False, pattern=None, **kwargs):
     """Learn a byte-level BPE from a text file: (vocab {id: bytes}, merges [(bytes, bytes), ...]). Ids:
     0..255 the bytes, then the specials in order, then one per merge; stops early when no pair is left."""
     special_tokens = list(dict.fromkeys(special_tokens or []))  # dedupe, keep order
@@ -202,7 +218,8 @@ def train_bpe(input_path, vocab_size, special_tokens=(), merge_score="count", sp
         raise ValueError(f"merge_score must be 'count' or 'pmi', got {merge_score!r}")
     if vocab_size < 256 + len(special_tokens):
         raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(special_tokens)} special tokens")
-    pattern, pmi, t0 = SPLIT_DIGITS_PATTERN if split_digits else GPT2_PATTERN, merge_score == "pmi", time.time()
+    pattern = pattern or (SPLIT_DIGITS_PATTERN if split_digits else GPT2_PATTERN)
+    pmi, t0 = merge_score == "pmi", time.time()
     word_counts = count_file_words(input_path, special_tokens, pattern, workers, verbose=verbose, **kwargs)
     vocab = {i: bytes([i]) for i in range(256)} | {256 + k: s.encode("utf-8") for k, s in enumerate(special_tokens)}
     num_merges = vocab_size - len(vocab)  # vocab = 256 bytes + specials + one token per merge
@@ -305,8 +322,8 @@ class Tokenizer:
     merge list). With no special tokens, "<|endoftext|>" is plain text. `fast=False`: the plain loop."""
 
     def __init__(self, vocab: dict, merges: list, special_tokens=None, pattern=GPT2_PATTERN, fast=True):
-        if pattern not in (GPT2_PATTERN, SPLIT_DIGITS_PATTERN):  # chunked encoding relies on their safe cuts
-            raise ValueError("pattern must be GPT2_PATTERN or SPLIT_DIGITS_PATTERN")
+        if pattern not in KNOWN_PATTERNS:  # chunked encoding relies on their safe cuts
+            raise ValueError("pattern must be GPT2_PATTERN, SPLIT_DIGITS_PATTERN or a digit_groups_pattern")
         self.vocab, self.merges, self.pattern, self.fast = dict(vocab), list(merges), pattern, fast  # id -> bytes
         self.special_tokens = list(dict.fromkeys(special_tokens or []))
         self.byte_to_id = {b: i for i, b in self.vocab.items()}
@@ -416,6 +433,8 @@ class Tokenizer:
         for name, text in files.items():
             with _atomic_open(os.path.join(out_dir, name)) as f:
                 f.write(text)
+        if os.path.exists(p := os.path.join(out_dir, "pieces.json")):  # else the dir still loads as Unigram
+            os.remove(p)
 
     @classmethod
     def from_files(cls, vocab_path, merges_path, special_tokens=None, pattern=GPT2_PATTERN):
@@ -440,7 +459,9 @@ class Tokenizer:
 
     @classmethod
     def load(cls, tokenizer_dir):
-        """Read a directory written by `save`."""
+        """Read a directory written by `save`, of any algorithm (pieces.json: WordPiece or Unigram)."""
+        if os.path.isfile(pieces := os.path.join(tokenizer_dir, "pieces.json")):
+            return _load_pieces(pieces)
         if not os.path.isdir(tokenizer_dir):
             raise FileNotFoundError(f"tokenizer directory not found: {tokenizer_dir}")
         sp = os.path.join(tokenizer_dir, "special_tokens.json")
@@ -451,8 +472,227 @@ class Tokenizer:
         if os.path.isfile(pp):
             with open(pp, encoding="utf-8") as f:
                 pattern = f.read()
-        return cls.from_files(os.path.join(tokenizer_dir, "vocab.json"),
-                              os.path.join(tokenizer_dir, "merges.txt"), specials, pattern)
+        return Tokenizer.from_files(os.path.join(tokenizer_dir, "vocab.json"),
+                                    os.path.join(tokenizer_dir, "merges.txt"), specials, pattern)
+
+
+# ---------------------------------------------------------------
+# Other tokenizers: WordPiece and the Unigram LM. BPE learns bottom-up by pair count and encodes by
+# replaying merges; the other two families each change one of those choices.
+# WordPiece (Schuster & Nakajima 2012; BERT's, Wu et al. 2016, arXiv:1609.08144) merges the pair
+# with the highest count(ab) / (count(a) count(b)) -- train_bpe(merge_score="pmi") -- and encodes
+# with the vocabulary alone: the longest piece that starts here, then again after it (MaxMatch).
+# BERT marks word-internal pieces "##" as its pre-tokenizer drops spaces; our pre-tokens keep their
+# leading space, so the mark sits on the other side: " the" (word start) and "the" (in " bathe") are
+# two entries, SentencePiece's "▁" (Kudo & Richardson 2018, arXiv:1808.06226); decoding concatenates.
+# The Unigram LM (Kudo 2018, arXiv:1804.10959) works top-down: a word is a sequence of pieces drawn
+# independently, P(x1..xk) = prod_i p(xi). From a large seed vocabulary, fit p by EM over all
+# segmentations, drop the pieces the likelihood misses least, repeat down to the target size.
+# Encoding is the most probable segmentation (Viterbi); drawing one from P(seg)^alpha instead is
+# subword regularization. Both keep the 256 single bytes, so decode(encode(x)) == x for any text.
+
+class WordPieceTokenizer(Tokenizer):
+    """A vocabulary and a rule to cut each pre-token into pieces (`_bpe`, here MaxMatch), no merges.
+    Specials, pre-tokenization, the cache, encode_iterable and decode are Tokenizer's."""
+    algorithm = "wordpiece"
+
+    def __init__(self, vocab, special_tokens=None, pattern=GPT2_PATTERN, scores=None, fast=True):
+        super().__init__(vocab, [], special_tokens, pattern, fast)  # no merges: the vocabulary is all we use
+        self._piece_id = {b: i for i, b in sorted(self.vocab.items(), reverse=True)  # lowest id wins a tie
+                          if i not in self.special_ids.values()}  # specials are cut out before, never matched
+        self._max_len = max(map(len, self._piece_id))  # the longest piece, in bytes, bounds every search
+        self.scores = dict(scores or {})                # id -> log p (the Unigram LM's; empty otherwise)
+
+    def _bpe(self, piece: str) -> list:  # the name Tokenizer.encode (and its cache) call per pre-token
+        """MaxMatch: the longest piece starting at i, then on from its end. Greedy, so not always fewest
+        (xa, xab, bcd cut "xabcd" xab|c|d, not xa|bcd); a single byte always matches: no [UNK]."""
+        b, ids, i = piece.encode("utf-8"), [], 0
+        while i < len(b):
+            for j in range(min(len(b), i + self._max_len), i, -1):  # <= max_len lookups per token
+                if (t := self._piece_id.get(b[i:j])) is not None:
+                    break
+            ids.append(t)
+            i = j
+        return ids
+
+    def save(self, out_dir):
+        """Write pieces.json: algorithm, pattern, special tokens, [token, id, score] per id (GPT-2 spelling)."""
+        os.makedirs(out_dir, exist_ok=True)
+        pieces = [[_to_str(b), i, self.scores.get(i)] for i, b in sorted(self.vocab.items())]
+        with _atomic_open(os.path.join(out_dir, "pieces.json")) as f:
+            f.write(json.dumps({"algorithm": self.algorithm, "pattern": self.pattern, "pieces": pieces,
+                                "special_tokens": self.special_tokens}, ensure_ascii=False, indent=0))
+
+
+# ---------------------------------------------------------------
+# The Unigram LM on one word. The segmentations of a word w (bytes) are the paths of a lattice: node j
+# is "the first j bytes are spelled", each piece w[i:j] an edge i -> j of weight log p(w[i:j]). Summing
+# over paths (forward-backward) gives EM its counts, maximizing (Viterbi) the encoding.
+
+def _lattice(word, logp, max_len):
+    """ends[j] = [(i, log p(word[i:j])) for each vocabulary piece that ends at byte j]."""
+    return [[(i, lp) for i in range(max(0, j - max_len), j) if (lp := logp.get(word[i:j])) is not None]
+            for j in range(len(word) + 1)]
+
+
+def _logsumexp(xs):  # log sum exp(x), shifted by the max so no exp overflows; one way in costs no exp
+    m = max(xs)
+    return m if len(xs) == 1 else m + math.log(sum([math.exp(x - m) for x in xs]))
+
+
+def _forward(ends, alpha=1.0, plus=_logsumexp):
+    """a[j] = log of the total (plus=_logsumexp) or the best (plus=max) weight of the paths 0 -> j, an
+    edge weighing p^alpha: the forward sums and Viterbi are one recursion in two semirings."""
+    a = [0.0] + [-math.inf] * (len(ends) - 1)
+    for j in range(1, len(ends)):
+        a[j] = plus([a[i] + alpha * lp for i, lp in ends[j]])  # a[j] = log sum_i a[i] p(w[i:j])^alpha
+    return a
+
+
+def _backtrack(word, ends, a, alpha=1.0, rng=None):
+    """One path, walked back from the end: the best edge into each node (a from max), or, with rng,
+    an edge drawn with probability a[i] p(w[i:j])^alpha / a[j] (forward-filtering backward-sampling)."""
+    pieces, j = [], len(word)
+    while j > 0:
+        u = rng.random() if rng else 0.0
+        for i, lp in ends[j]:
+            u -= math.exp(a[i] + alpha * lp - a[j])  # P(the last edge is i -> j | a path reaches j)
+            if (u <= 0) if rng else (a[i] + alpha * lp == a[j]):  # drawn, or the argmax edge
+                break
+        pieces.append(word[i:j])
+        j = i
+    return pieces[::-1]
+
+
+def unigram_segment(word, logp, max_len, alpha=1.0, rng=None):
+    """argmax_seg prod p(x) over the cuts of `word` (bytes), as pieces; with rng (numpy), one drawn from
+    P(seg)^alpha / Z instead (Kudo 2018): alpha -> inf is Viterbi again, alpha -> 0 uniform."""
+    ends = _lattice(word, logp, max_len)
+    return _backtrack(word, ends, _forward(ends, alpha, _logsumexp if rng else max), alpha, rng)
+
+
+# ---------------------------------------------------------------
+# Training the Unigram LM (Kudo 2018, section 3.2): a seed vocabulary, then EM and pruning in turns.
+
+def unigram_seed(word_counts, max_len, size):
+    """{piece: log p ~ count}: the 256 bytes and the `size` substrings of pre-tokens (whole characters,
+    2..max_len bytes, seen twice or more) that cover most bytes, count x length (as SentencePiece)."""
+    freq = Counter()
+    for w, c in word_counts.items():
+        cuts = [k for k in range(len(w)) if w[k] & 0xC0 != 0x80] + [len(w)]  # where characters start
+        for s, lo in enumerate(cuts):
+            for hi in cuts[s + 1:]:
+                if hi - lo > max_len:
+                    break
+                freq[w[lo:hi]] += c
+    counts = {x: freq[x] for x in sorted((x for x in freq if len(x) > 1 and freq[x] > 1),
+                                         key=lambda x: (-freq[x] * len(x), x))[:size]}
+    counts.update({bytes([x]): freq[bytes([x])] + 1 for x in range(256)})
+    total = sum(counts.values())
+    return {x: math.log(c / total) for x, c in counts.items()}
+
+
+def unigram_em_step(word_counts, logp, max_len, floor=1e-3):
+    """One EM iteration. E: expected piece counts over all segmentations, E[n_x] = sum_w c_w
+    sum_seg P(seg | w) n_x(seg), by forward-backward. M: p(x) = E[n_x] / sum_y E[n_y]. An unused piece
+    keeps `floor` count, so unseen bytes stay encodable. Returns (new logp, old log-likelihood)."""
+    counts, loglik = defaultdict(float), 0.0
+    backward = {x[::-1]: lp for x, lp in logp.items()}  # paths i -> n of w are paths 0 -> n-i of w reversed
+    for w, c in word_counts.items():
+        ends, n = _lattice(w, logp, max_len), len(w)
+        a = _forward(ends)                                          # a[j]: log weight of all paths 0 -> j
+        b = _forward(_lattice(w[::-1], backward, max_len))[::-1]    # b[i]: log weight of all paths i -> n
+        for j in range(1, n + 1):  # P(edge i -> j | w) = a[i] p(w[i:j]) b[j] / P(w), P(w) = a[n]
+            for i, lp in ends[j]:
+                counts[w[i:j]] += c * math.exp(a[i] + lp + b[j] - a[n])
+        loglik += c * a[n]
+    new = {x: max(counts.get(x, 0.0), floor) for x in logp}
+    total = sum(new.values())
+    return {x: math.log(v / total) for x, v in new.items()}, loglik
+
+
+def unigram_prune(word_counts, logp, max_len, keep):
+    """Every byte, and the `keep` longer pieces whose removal costs the most likelihood: without x, each
+    Viterbi use of x is spelled by x's own best cut alt(x), so loss(x) = freq(x) (log p(x) - log p(alt(x))),
+    other p fixed (Kudo's loss_i, p re-estimated by the next EM step rather than inside the loss)."""
+    freq = Counter()
+    for w, c in word_counts.items():
+        for p in unigram_segment(w, logp, max_len):
+            freq[p] += c
+    others, loss = dict(logp), {}
+    for x, lp in logp.items():
+        if len(x) > 1:
+            del others[x]  # the vocabulary without x, for x's alternative
+            loss[x] = freq[x] * (lp - sum(others[y] for y in unigram_segment(x, others, max_len)))
+            others[x] = lp
+    kept = set(sorted(loss, key=lambda x: (-loss[x], x))[:keep])
+    return {x: lp for x, lp in logp.items() if len(x) == 1 or x in kept}
+
+
+def train_unigram(input_path, vocab_size, special_tokens=(), pattern=GPT2_PATTERN, max_len=16,
+                  seed_size=None, shrink=0.75, em_iters=2, workers=None, verbose=False):
+    """(vocab {id: bytes}, scores {id: log p}): bytes, specials, then pieces, most probable first. Each
+    round: `em_iters` EM steps, then prune to `shrink` of the pieces (SentencePiece's 0.75) until the target."""
+    special_tokens = list(dict.fromkeys(special_tokens or []))
+    n_multi = vocab_size - 256 - len(special_tokens)  # multi-byte pieces wanted
+    if n_multi < 0:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(special_tokens)} special tokens")
+    t0, words = time.time(), count_file_words(input_path, special_tokens, pattern, workers, verbose=verbose)
+    logp = unigram_seed(words, max_len, seed_size or 8 * vocab_size)
+    while True:
+        for _ in range(em_iters):
+            logp, loglik = unigram_em_step(words, logp, max_len)
+        if verbose:
+            print(f"unigram: {len(logp) - 256} pieces | log-lik {loglik:.5g} | {time.time() - t0:.0f}s", file=sys.stderr)
+        if len(logp) - 256 <= n_multi:
+            break
+        logp = unigram_prune(words, logp, max_len, max(n_multi, int((len(logp) - 256) * shrink)))
+    pieces = [bytes([x]) for x in range(256)] + sorted((x for x in logp if len(x) > 1), key=lambda x: (-logp[x], x))
+    vocab = dict(enumerate(pieces[:256] + [s.encode("utf-8") for s in special_tokens] + pieces[256:]))
+    return vocab, {i: logp[b] for i, b in vocab.items() if not 256 <= i < 256 + len(special_tokens)}
+
+
+class UnigramTokenizer(WordPieceTokenizer):
+    """WordPiece's plumbing with Viterbi for MaxMatch, cached per pre-token. With alpha, every encode
+    draws each pre-token's cut from P(seg)^alpha instead (subword regularization; no cache)."""
+    algorithm = "unigram"
+
+    def __init__(self, vocab, special_tokens=None, pattern=GPT2_PATTERN, scores=None, alpha=None, seed=None):
+        super().__init__(vocab, special_tokens, pattern, scores, fast=alpha is None)
+        self._logp = {b: self.scores[i] for b, i in self._piece_id.items()}  # KeyError: a piece without a score
+        self._alpha, self._rng = (1.0, None) if alpha is None else (alpha, np.random.default_rng(seed))
+
+    def _bpe(self, piece: str) -> list:
+        cut = unigram_segment(piece.encode("utf-8"), self._logp, self._max_len, self._alpha, self._rng)
+        return [self._piece_id[p] for p in cut]
+
+
+def _load_pieces(path):
+    """Tokenizer.load of a pieces.json written by WordPieceTokenizer.save: it names the class."""
+    state = _read_json(path)
+    try:
+        cls = {"wordpiece": WordPieceTokenizer, "unigram": UnigramTokenizer}[state["algorithm"]]
+        vocab = {int(i): _to_bytes(s, path) for s, i, _ in state["pieces"]}
+        scores = {int(i): float(x) for _, i, x in state["pieces"] if x is not None}
+        return cls(vocab, state["special_tokens"], state["pattern"], scores)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a tokenizer written by save ({type(e).__name__}: {e})") from None
+
+
+def train_tokenizer(algorithm, input_path, vocab_size, special_tokens=(), pattern=GPT2_PATTERN,
+                    merge_score=None, workers=None, verbose=False, **unigram_options):
+    """`bpe.py train --algorithm`: returns the trained tokenizer (call .save). merge_score defaults to
+    count for bpe, pmi for wordpiece; unigram_options go to train_unigram (seed_size, shrink, ...)."""
+    if algorithm == "unigram":
+        vocab, scores = train_unigram(input_path, vocab_size, special_tokens, pattern, workers=workers,
+                                      verbose=verbose, **unigram_options)
+        return UnigramTokenizer(vocab, special_tokens, pattern, scores)
+    if algorithm not in ("bpe", "wordpiece"):
+        raise ValueError(f"algorithm must be bpe, wordpiece or unigram, got {algorithm!r}")
+    vocab, merges = train_bpe(input_path, vocab_size, special_tokens, workers=workers, verbose=verbose,
+                              merge_score=merge_score or {"bpe": "count", "wordpiece": "pmi"}[algorithm], pattern=pattern)
+    return Tokenizer(vocab, merges, special_tokens, pattern) if algorithm == "bpe" else \
+        WordPieceTokenizer(vocab, special_tokens, pattern)
 
 
 # ---------------------------------------------------------------
@@ -491,10 +731,10 @@ _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 
 
 def ascii_twin(pattern):
-    r"""The same pattern for ASCII input and `re` (None for patterns other than our two; a test
+    r"""The same pattern for ASCII input and `re` (None for patterns other than ours; a test
     checks both on random ASCII). In ASCII, \p{L} is [A-Za-z], \p{N} is [0-9], and `regex`'s \s
     is [\t\n\v\f\r ] (without the \x1c-\x1f that `re`'s \s holds, so we spell the class out)."""
-    if pattern not in (GPT2_PATTERN, SPLIT_DIGITS_PATTERN):
+    if pattern not in KNOWN_PATTERNS:
         return None
     ws = r"\t\n\x0b\x0c\r "  # regex's \s on ASCII, spelled out
     for a, b in [(r"[^\s\p{L}\p{N}]", f"[^{ws}A-Za-z0-9]"), (r"(?!\S)", f"(?![^{ws}])"),  # compound classes first
@@ -796,16 +1036,21 @@ def print_stats(tok, text):
 # ---------------------------------------------------------------
 # CLI
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Byte-level BPE tokenizer: train, encode, stats.")
+def _parser():
+    ap = argparse.ArgumentParser(description="Tokenizers (byte-level BPE, WordPiece, Unigram LM): train, encode, stats.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="learn merges from a text file")
+    t = sub.add_parser("train", help="learn a vocabulary from a text file")
     t.add_argument("--input", required=True, help="UTF-8 text file")
-    t.add_argument("--vocab-size", type=int, required=True, help="256 bytes + specials + merges")
+    t.add_argument("--vocab-size", type=int, required=True, help="256 bytes + specials + learned tokens")
     t.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"], help="never split or merged")
-    t.add_argument("--out", required=True, help="directory for vocab.json, merges.txt, special_tokens.json")
-    t.add_argument("--merge-score", choices=["count", "pmi"], default="count", help="pair selection rule")
+    t.add_argument("--out", required=True, help="directory for the tokenizer's files")
+    t.add_argument("--algorithm", choices=["bpe", "wordpiece", "unigram"], default="bpe",
+                   help="bpe: count merges; wordpiece: PMI merges, longest-match encode; unigram: EM + pruning, Viterbi")
+    t.add_argument("--merge-score", choices=["count", "pmi"], default=None,
+                   help="pair selection rule (default: count for bpe, pmi for wordpiece)")
     t.add_argument("--split-digits", action="store_true", help="each digit is its own pre-token")
+    t.add_argument("--digit-groups", type=int, default=0, metavar="N",
+                   help="numbers pre-tokenized in groups of at most N digits, left to right (Llama 3: 3)")
     t.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: CPUs)")
     e = sub.add_parser("encode", help="encode a text file to a flat uint16/uint32 .bin")
     e.add_argument("--tokenizer", required=True, help="directory written by train")
@@ -815,17 +1060,27 @@ def main(argv=None):
     s = sub.add_parser("stats", help="compression and pathologies of a tokenizer on a text")
     s.add_argument("--tokenizer", required=True, help="directory written by train")
     s.add_argument("--input", required=True, help="UTF-8 text file (first 4 MB are used)")
-    args, t0 = ap.parse_args(argv), time.time()
+    return ap
+
+
+def _cmd_train(args, t0):
+    if args.split_digits and args.digit_groups:
+        raise ValueError("--split-digits and --digit-groups exclude each other")
+    pattern = (digit_groups_pattern(GPT2_PATTERN, args.digit_groups) if args.digit_groups else
+               SPLIT_DIGITS_PATTERN if args.split_digits else GPT2_PATTERN)
+    tok = train_tokenizer(args.algorithm, args.input, args.vocab_size, args.special_tokens, pattern,
+                          merge_score=args.merge_score, workers=args.workers, verbose=True)
+    tok.save(args.out)
+    st = tokenizer_stats(tok, _read_text(args.input, 0, min(os.path.getsize(args.input), 1 << 20)))
+    print(f"{args.algorithm}: vocab {len(tok)} -> {args.out} | {time.time() - t0:.1f}s | "
+          f"{st['bytes_per_token']:.2f} bytes/token on the first MB of input")
+
+
+def main(argv=None):
+    args, t0 = _parser().parse_args(argv), time.time()
     try:
         if args.cmd == "train":
-            vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens, merge_score=args.merge_score,
-                                      split_digits=args.split_digits, workers=args.workers, verbose=True)
-            pattern = SPLIT_DIGITS_PATTERN if args.split_digits else GPT2_PATTERN
-            tok = Tokenizer(vocab, merges, args.special_tokens, pattern)
-            tok.save(args.out)
-            st = tokenizer_stats(tok, _read_text(args.input, 0, min(os.path.getsize(args.input), 1 << 20)))
-            print(f"vocab {len(tok)} ({len(merges)} merges) -> {args.out} | {time.time() - t0:.1f}s | "
-                  f"{st['bytes_per_token']:.2f} bytes/token on the first MB of input")
+            _cmd_train(args, t0)
         elif args.cmd == "encode":
             encode_file(args.tokenizer, args.input, args.out, workers=args.workers)
         else:
