@@ -396,9 +396,8 @@ def approach3(runs, n_boot=100, seed=0, targets=()):
         for k in keys:
             samples[k].append(f[k])
         for C in targets:
-            N_opt, D_opt = compute_optimal(f, C)
-            samples[f"N_opt@{C:g}"].append(N_opt)
-            samples[f"D_opt@{C:g}"].append(D_opt)
+            for k, v in zip(("N_opt", "D_opt"), compute_optimal(f, C)):
+                samples[f"{k}@{C:g}"].append(v)
     fit["ci"] = {k: _ci(v) for k, v in samples.items() if v}
     fit["a"] = fit["beta"] / (fit["alpha"] + fit["beta"])
     fit["predict"] = {}
@@ -441,9 +440,8 @@ def data_vocab_size(data_dir):
 
 
 def write_atomic(path, data):
-    """Write PATH.tmp (str or bytes), fsync it, then rename it over PATH: a killed sweep leaves the
-    old file or the new one, never half of one (the rename is atomic; the fsync puts the bytes on
-    disk before the name points at them, so a power cut cannot leave an empty file either)."""
+    """Write PATH.tmp (str or bytes), fsync it, rename it over PATH: a killed sweep leaves the old file
+    or the new one, never half of one (and after the fsync not an empty one after a power cut)."""
     with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
         f.flush()
@@ -557,11 +555,9 @@ def sweep(args):
         # budget buys fewer than --min-steps steps would measure only the warmup, so we skip them.
         name, steps = run_name(C, d, args, flags), int(round(C / (per_tok * tokens_per_step)))
         run_dir, tag = os.path.join(args.out_dir, name), f"[{i + 1}/{len(plan)}] {name}"
-        if name in done:
-            print(f"{tag}: done, skipping")
-            continue
-        if steps < args.min_steps:
-            print(f"{tag}: only {steps} steps at this budget, skipping")
+        skip = "done" if name in done else f"only {steps} steps at this budget" if steps < args.min_steps else None
+        if skip:
+            print(f"{tag}: {skip}, skipping")
             continue
         # A run dir with a finished metrics.jsonl (e.g. results.jsonl was deleted) is reused.
         final = read_final(os.path.join(run_dir, "metrics.jsonl"))
@@ -587,11 +583,9 @@ def sweep(args):
 
 
 def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0, min_budget=0.0):
-    """Fit both approaches, print parameters + CIs + the allocation at each target budget,
-    write fit.json (read by pipeline.py's report) and scaling.png next to the runs.
-
-    The two approaches answer the same question from different angles; when they disagree (they
-    usually do at toy scale) the honest output is both numbers and their CIs."""
+    """Fit both approaches, print parameters + CIs + the allocation at each target, write fit.json
+    (pipeline.py's report reads it) and scaling.png. When the approaches disagree (they usually do
+    at toy scale) the honest output is both numbers and their CIs."""
     runs = load_runs(runs_path)
     # The smallest budgets are a few dozen optimizer steps: loss there measures warmup, not
     # capacity. --min-budget drops them (say so when you report the fit: it is a choice).
@@ -609,9 +603,9 @@ def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0, min_budget=
         raise SystemExit(f"error: {len(runs['N'])} runs; the parametric fit has 5 parameters, need >= 5")
     a3 = report["approach3"] = approach3(runs, n_boot=n_boot, seed=seed, targets=targets)
     print_approach3(a3, runs)
-    family = sweep_family(runs_path)
-    if family:
-        report["family"] = print_family(family, a3, targets)
+    family = print_family(runs_path, a3, targets)
+    if family is not None:
+        report["family"] = family
     resid = np.log(predict_loss(a3, runs["N"], runs["D"])) - np.log(runs["loss"])
     print(f"  fit residual (log loss): rms {np.sqrt(np.mean(resid ** 2)):.4f}, max {np.abs(resid).max():.4f}")
     os.makedirs(out_dir, exist_ok=True)
@@ -649,10 +643,14 @@ def print_approach3(a3, runs):
               f"  tokens/param={p['D_opt'] / p['N_opt']:.1f}  predicted loss={p['loss']:.4f}")
 
 
-def print_family(family, a3, targets):
+def print_family(runs_path, a3, targets):
     """The closed form assumes C = 6ND; our runs spend exact FLOPs, so for runs from our own sweep
-    we also search the sweep's actual model family: the width whose exact-FLOP budget split
-    minimizes the fitted L(N, D). This is what `sweep` would train next. -> {C: best row}."""
+    we also search the sweep's actual model family (its knobs are in every results.jsonl row): the
+    width whose exact-FLOP budget split minimizes the fitted L(N, D), what `sweep` would train
+    next. -> {C: best row}, or None for a table our sweep did not write."""
+    family = json.loads(open(runs_path).readline()) if runs_path.endswith(".jsonl") else {}
+    if not all(k in family for k in ("vocab_size", "num_layers", "head_dim", "context_length")):
+        return None
     print(f"  in the sweep's family (L={family['num_layers']}, head_dim {family['head_dim']}, "
           f"T={family['context_length']}, exact FLOPs):")
     best_rows = {}
@@ -664,15 +662,6 @@ def print_family(family, a3, targets):
             print(f"    C={C:.2e} d_model={r['d_model']:4d}  N={r['N']:>9,}  D={r['D']:.3g}  "
                   f"predicted loss={r['loss']:.4f}" + ("   <- optimum" if r is rows[best] else ""))
     return best_rows
-
-
-def sweep_family(runs_path):
-    """The model-family knobs stored in our sweep's results.jsonl rows (None for other tables)."""
-    if not runs_path.endswith(".jsonl"):
-        return None
-    row = json.loads(open(runs_path).readline())
-    keys = ("vocab_size", "num_layers", "head_dim", "context_length")
-    return {k: row[k] for k in keys} if all(k in row for k in keys) else None
 
 
 def family_table(family, fit, C, widths=range(8, 257, 4)):
