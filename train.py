@@ -513,7 +513,7 @@ def train_step(model, optimizers, draw, data, gen, args, autocast):
         if fsdp:
             model.set_requires_gradient_sync(last)
         with model.no_sync() if ddp and not last else contextlib.nullcontext():
-            with autocast:  # bf16 matmuls on CUDA; cross_entropy upcasts to fp32 itself
+            with autocast:  # bf16 matmuls (--dtype); cross_entropy upcasts to fp32 itself
                 loss = cross_entropy(model(x), y)
             # the loss is a mean over one micro-batch and .backward() *adds* into p.grad, so
             # grad = sum_k grad(loss_k / k) = grad(mean of the k losses): B x grad_accum
@@ -622,9 +622,9 @@ def train(args):
     reset_metrics(metrics, start)
     draw = functools.partial(next_batch, args=args, rank=rank, world=world, device=device, mask_id=mask_id)
     val_draw = functools.partial(next_batch, args=args, rank=0, world=1, device=device, mask_id=mask_id)  # see evaluate
-    # bf16 matmuls on CUDA: fp32's exponent range, so no loss scaling (unlike fp16); weights and updates stay fp32
-    bf16 = str(device).startswith("cuda") and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    # bf16 matmuls (auto: on CUDA): fp32's exponent range, so no loss scaling (unlike fp16); weights and updates stay fp32
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and str(device).startswith("cuda") and torch.cuda.is_bf16_supported())
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     tokens_per_step = args.batch_size * args.context_length * args.grad_accum * world
     log(f"model: {raw_model.num_params() / 1e6:.2f}M params ({raw_model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding) | "
         f"{tokens_per_step} tokens/step | device {device} x{world} | unigram entropy {H_train:.3f} nats")  # fmt: skip
@@ -755,6 +755,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=1337, help="random seed (all ranks share one batch stream; rank r keeps slice r)")
     p.add_argument("--device", default=None, help="cuda | mps | cpu (default: autodetect)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="matmul precision (autocast); auto = bf16 on CUDA that has it")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with torch fully_shard instead of DDP")
     # sampling: python train.py sample --ckpt PATH (old spelling: --sample)
     p.add_argument("--sample", action="store_true", help="same as the sample subcommand")
