@@ -548,7 +548,7 @@ def mask_fill_counts(logits, labels, k=5):
 def evaluate(model, draw, val_data, args, autocast, rank, world):
     """Mean val loss over fixed batches (own generator: eval never perturbs training RNG), the same for any number of
     ranks: every rank draws the same --eval-steps batches (draw: one rank's B windows) and scores every world-th.
-    Returns {"val_loss"}, plus "mlm_top1" and "mlm_top5" (mask-fill accuracy over all masked positions) for MLM."""
+    Returns {"val_loss"}, plus "mlm_top1" and "mlm_top5" (mask-fill accuracy over the [MASK] positions) for MLM."""
     model.eval()
     gen = torch.Generator().manual_seed(10_000)  # the same val batches every eval: curves compare
     total = torch.zeros(4, device=next(model.parameters()).device)  # loss sum; MLM top-1 hits, top-5 hits, masked
@@ -559,8 +559,8 @@ def evaluate(model, draw, val_data, args, autocast, rank, world):
                 logits = model(x)
             w = float(i < args.eval_steps)  # a padding batch weighs 0
             total[0] += cross_entropy(logits, y).float() * w
-            if args.objective == "mlm":
-                total[1:] += mask_fill_counts(logits.float(), y) * w
+            if args.objective == "mlm":  # scored where the input is [MASK] (the last id), not at the 10% kept or 10% random
+                total[1:] += mask_fill_counts(logits.float(), torch.where(x == logits.size(-1) - 1, y, -100)) * w
     model.train()
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)  # the sum of every rank's share
