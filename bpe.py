@@ -234,9 +234,7 @@ def train_bpe(input_path, vocab_size, special_tokens=(), merge_score="count", sp
     merges, t1 = [], time.time()
     for m in range(num_merges):
         best = _best_pmi(pair_count, sym_count, vocab) if pmi else _pop_best(heap, pair_count, inv)
-        if best is None:                                  # every word is a single token
-            if verbose:
-                print(f"no pairs left after {m} merges; vocab is {len(vocab)}", file=sys.stderr)
+        if best is None:                                  # every word is a single token: a smaller vocab
             break
         a, b = best
         new = len(vocab)                                  # the next free id
@@ -253,7 +251,7 @@ def train_bpe(input_path, vocab_size, special_tokens=(), merge_score="count", sp
                   f"ETA {dt / (m + 1) * (num_merges - m - 1):.0f}s",
                   end="\n" if m + 1 == num_merges else "", file=sys.stderr, flush=True)
     if verbose:
-        print(f"trained {len(merges)} merges in {time.time() - t0:.2f}s", file=sys.stderr)
+        print(f"trained {len(merges)} merges (vocab {len(vocab)}) in {time.time() - t0:.2f}s", file=sys.stderr)
     return vocab, merges
 
 
@@ -348,12 +346,10 @@ class Tokenizer:
         self._cache = _Cache(self)                     # pre-token -> ids, for the fast path
         self._id_bytes = [self.vocab.get(i, b"") for i in range(max(self.vocab) + 1)]  # ids may have gaps
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self._id_bytes)
-
     def __len__(self) -> int:
-        return self.vocab_size
+        return len(self._id_bytes)  # the largest id + 1
+
+    vocab_size = property(__len__)
 
     def _bpe(self, piece: str) -> list:
         """Merge one pre-token: repeatedly merge the adjacent pair with the lowest rank, leftmost first.
@@ -867,12 +863,10 @@ def _progress(what, done, total, t0):
           end="\n" if done >= total else "", file=sys.stderr, flush=True)
 
 
-def _map_chunks(fn, path, special_tokens, args, workers, chunk_bytes, what, verbose,
-                initializer=None, initargs=()):
+def _map_chunks(fn, path, special_tokens, args, workers, chunk_bytes, what, verbose, initializer=None, initargs=()):
     """Yield fn((path, start, end, *args)) for each safe chunk of the file, in file order."""
     size = os.path.getsize(path)
-    bounds = _chunk_boundaries(path, max(1, -(-size // chunk_bytes)), special_tokens,
-                               scan=min(1 << 20, chunk_bytes))
+    bounds = _chunk_boundaries(path, max(1, -(-size // chunk_bytes)), special_tokens, scan=min(1 << 20, chunk_bytes))
     jobs = [(path, a, b, *args) for a, b in zip(bounds, bounds[1:])]
     workers = workers or min(os.cpu_count() or 1, 8)
     pool, t0 = None, time.time()
@@ -995,42 +989,49 @@ def _encode_fast(tok, parts):
 
 
 # ---------------------------------------------------------------
-# Diagnostics: bytes/token (the text a context window holds and the compute per byte scale with
-# it), and the known weak spots of a byte-level BPE trained on English: numbers, indentation,
-# other scripts, emoji.
+# Diagnostics: bytes/token, then four pathologies, a section each. Under-trained tokens: ids training rarely
+# saw stay near init and misbehave ("SolidGoldMagikarp"; Land & Bartolo 2024, arXiv:2405.05417). Multilingual
+# cost (Petrov et al. 2023, arXiv:2305.15425). Digits: how numbers are cut. Code: indentation, runs of spaces.
 
-STATS_PROBES = {
-    "numbers": ["2024", "3.14159", "1,000,000", "123456789", "0x7fff"],
-    "code indentation": ["    return x", "        if a:\n            b()", "\tpass"],
-    "non-English": ["Größenordnung", "l'élève français", "Привет, мир", "日本語のテキスト", "مرحبا بالعالم"],
-    "emoji": ["🙂🎉", "👩‍💻"],
-}
+def under_trained(tok, text, max_count=1):
+    """[(count, id)] of the multi-byte, non-special entries encode(text) uses <= max_count times, rarest first."""
+    n, specials = Counter(tok.encode(text)), set(tok.special_ids.values())
+    return sorted((n[i], i) for i, b in tok.vocab.items() if n[i] <= max_count and len(b) > 1 and i not in specials)
 
 
-def tokenizer_stats(tok, text):
-    ids, n_bytes, n_words = tok.encode(text), len(text.encode("utf-8")), len(text.split())
-    return {"bytes": n_bytes, "tokens": len(ids), "words": n_words,
-            "bytes_per_token": n_bytes / max(len(ids), 1), "tokens_per_word": len(ids) / max(n_words, 1)}
+def cost_by_group(tok, pairs):
+    """{group: [tokens, bytes, characters, strings]} summed over (group, string) pairs, each string encoded alone."""
+    cost = defaultdict(lambda: np.zeros(4, dtype=np.int64))
+    for group, s in pairs:
+        cost[group] += (len(tok.encode(s)), len(s.encode("utf-8")), len(s), 1)
+    return dict(cost)
 
 
-def _show(b: bytes) -> str:
-    """A token for display: its text if it is whole UTF-8, else its raw bytes (b"\\xc3")."""
-    try:
-        return repr(b.decode("utf-8"))[1:-1]
-    except UnicodeDecodeError:
-        return str(b)[2:-1]
-
-
-def print_stats(tok, text):
-    """Print compression on `text` and how the tokenizer cuts each probe of STATS_PROBES."""
-    s = tokenizer_stats(tok, text)
-    print(f"{s['bytes']:,} bytes -> {s['tokens']:,} tokens | {s['bytes_per_token']:.2f} bytes/token | "
-          f"{s['tokens_per_word']:.2f} tokens/word | vocab {len(tok)}")
-    for group, probes in STATS_PROBES.items():
-        print(f"\n{group}:")
-        for p in probes:
-            pieces = [_show(tok.vocab[i]) for i in tok.encode(p)]
-            print(f"  {p!r:34} {len(pieces):3d} tokens  {' | '.join(pieces)}")
+def print_stats(tok, text, ckpt=None, parallel=None):
+    """Compression on `text`, then the pathology sections: under-trained tokens, multilingual cost, digits, code."""
+    (t, b, _, _), rare = cost_by_group(tok, [(0, text)])[0], under_trained(tok, text)
+    print(f"{b:,} bytes -> {t:,} tokens | {b / max(t, 1):.2f} bytes/token | vocab {len(tok)}")
+    print(f"\nunder-trained tokens: {len(rare)} learned entries occur <= 1 time in the input "
+          f"({sum(c == 0 for c, _ in rare)} never): " + ", ".join(f"{tok.vocab[i]} x{c}" for c, i in rare[:12]))
+    if ckpt:  # model.py is imported here only: the rest of bpe.py needs nothing from the repo
+        import model
+        w = model.load_model(ckpt, "cpu")[0].token_embeddings.weight.detach().float().norm(dim=1)  # row norms
+        print(f"  embedding norms: median {w.median():.3f}, {w[[i for _, i in rare if i < len(w)]].median():.3f} under-trained")
+    with open(parallel or os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "parallel.txt"),
+              encoding="utf-8") as f:  # "language<TAB>sentence" lines, the same sentences in each language
+        cost = cost_by_group(tok, (line.rstrip("\n").split("\t", 1) for line in f if "\t" in line and line[0] != "#"))
+    print(f"\nmultilingual cost (the same sentences in {len(cost)} languages): tokens relative to English")
+    for lang, (t, b, ch, _) in sorted(cost.items(), key=lambda kv: kv[1][0]):
+        print(f"  {lang:4} {t:5d} tokens  {t / b:.3f} tokens/byte  {t / ch:.3f} tokens/char  {t / cost['en'][0]:.2f}x")
+    digits = cost_by_group(tok, ((min(len(r), 9), r) for r in regex.findall(r"\p{N}+", text)))  # 9: 9 or more
+    print("\ndigits: the input's numbers encoded alone, by length: tokens per number (bytes/token)\n  " + " | ".join(
+        f"{n}: {t / k:.2f} ({b / t:.2f})" for n, (t, b, _, k) in sorted(digits.items())))
+    lines = [(ln[:len(ln) - len(ln.lstrip(' \t'))], ln) for ln in text.splitlines() if ln.lstrip(" \t") and ln[0] in " \t"]
+    whole, rest = cost_by_group(tok, lines), cost_by_group(tok, ((ind, ln[len(ind):]) for ind, ln in lines))
+    runs = {k: len(tok.encode(f"x{' ' * k}y")) - 2 for k in (2, 4, 8, 16, 32)}
+    print(f"\ncode: tokens for a run of k spaces between words: {runs}\n  indentation (lines): tokens it adds a line: "
+          + " | ".join(f"{ind.replace(' ', '·')!r} ({n}): {(t - rest[ind][0]) / n:.2f}" for ind, (t, _, _, n) in
+                       sorted(whole.items(), key=lambda kv: -kv[1][3])[:6]))
 
 
 # ---------------------------------------------------------------
@@ -1046,10 +1047,10 @@ def _parser():
     t.add_argument("--out", required=True, help="directory for the tokenizer's files")
     t.add_argument("--algorithm", choices=["bpe", "wordpiece", "unigram"], default="bpe",
                    help="bpe: count merges; wordpiece: PMI merges, longest-match encode; unigram: EM + pruning, Viterbi")
-    t.add_argument("--merge-score", choices=["count", "pmi"], default=None,
-                   help="pair selection rule (default: count for bpe, pmi for wordpiece)")
-    t.add_argument("--split-digits", action="store_true", help="each digit is its own pre-token")
-    t.add_argument("--digit-groups", type=int, default=0, metavar="N",
+    t.add_argument("--merge-score", choices=["count", "pmi"], help="pair rule (default: count for bpe, pmi for wordpiece)")
+    g = t.add_mutually_exclusive_group()  # two ways to cut numbers
+    g.add_argument("--split-digits", action="store_true", help="each digit is its own pre-token")
+    g.add_argument("--digit-groups", type=int, default=0, metavar="N",
                    help="numbers pre-tokenized in groups of at most N digits, left to right (Llama 3: 3)")
     t.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: CPUs)")
     e = sub.add_parser("encode", help="encode a text file to a flat uint16/uint32 .bin")
@@ -1060,20 +1061,19 @@ def _parser():
     s = sub.add_parser("stats", help="compression and pathologies of a tokenizer on a text")
     s.add_argument("--tokenizer", required=True, help="directory written by train")
     s.add_argument("--input", required=True, help="UTF-8 text file (first 4 MB are used)")
+    s.add_argument("--ckpt", default=None, help="a model checkpoint: embedding norms of the under-trained tokens")
     return ap
 
 
 def _cmd_train(args, t0):
-    if args.split_digits and args.digit_groups:
-        raise ValueError("--split-digits and --digit-groups exclude each other")
     pattern = (digit_groups_pattern(GPT2_PATTERN, args.digit_groups) if args.digit_groups else
                SPLIT_DIGITS_PATTERN if args.split_digits else GPT2_PATTERN)
     tok = train_tokenizer(args.algorithm, args.input, args.vocab_size, args.special_tokens, pattern,
                           merge_score=args.merge_score, workers=args.workers, verbose=True)
     tok.save(args.out)
-    st = tokenizer_stats(tok, _read_text(args.input, 0, min(os.path.getsize(args.input), 1 << 20)))
+    t, b, _, _ = cost_by_group(tok, [(0, _read_text(args.input, 0, min(os.path.getsize(args.input), 1 << 20)))])[0]
     print(f"{args.algorithm}: vocab {len(tok)} -> {args.out} | {time.time() - t0:.1f}s | "
-          f"{st['bytes_per_token']:.2f} bytes/token on the first MB of input")
+          f"{b / t:.2f} bytes/token on the first MB of input")
 
 
 def main(argv=None):
@@ -1086,7 +1086,7 @@ def main(argv=None):
         else:
             _check_input(args.input)
             print_stats(Tokenizer.load(args.tokenizer),
-                        _read_text(args.input, 0, min(os.path.getsize(args.input), 4 << 20)))
+                        _read_text(args.input, 0, min(os.path.getsize(args.input), 4 << 20)), args.ckpt)
     except (ValueError, FileNotFoundError, OSError) as e:  # a user error: one line, no traceback
         raise SystemExit(f"error: {e}")
 
