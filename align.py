@@ -779,6 +779,7 @@ def paired_difference(a: list, b: list, z: float = 1.96) -> dict:
 
 def write_eval(path: str, stage: str, res: dict):
     """Merge {stage: result} into the eval JSON the pipeline report reads; atomic write."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     allres = json.load(open(path)) if os.path.exists(path) else {}
     allres[stage] = res
     with open(path + ".tmp", "w") as f:
@@ -842,9 +843,6 @@ def summarize(path: str):
     write_eval(path, "paired", ev["paired"])
 
 
-STAGES = {"sft": run_sft, "dpo": run_dpo, "grpo": run_grpo}
-
-
 def run_stage(stage, args):
     """Load args.ckpt, train one stage, save OUT_DIR/STAGE.pt (or --out), evaluate; -> the saved path."""
     torch.manual_seed(args.seed)
@@ -857,7 +855,7 @@ def run_stage(stage, args):
         log({"lora_rank": args.lora_rank, "trainable_params": n, "params": n_all},
             f"lora: rank {args.lora_rank}, alpha {args.lora_alpha:g}: {n:,} trainable of {n_all:,} params ({100 * n / n_all:.1f}%)")
     t0, c0 = time.time(), time.process_time()
-    model, opt = STAGES[stage](model, tok, args, log)
+    model, opt = {"sft": run_sft, "dpo": run_dpo, "grpo": run_grpo}[stage](model, tok, args, log)
     if lora:  # save an ordinary TransformerLM checkpoint; the adapters' Adam moments died with them
         opt = AdamW(merge_lora(model).parameters(), lr=args.lr)
     # CPU seconds next to wall seconds: on a shared machine the wall clock measures the neighbours
@@ -871,16 +869,10 @@ def run_stage(stage, args):
     return out
 
 
-def run_eval(args, stage):
-    model, tok = load_policy(args)
-    os.makedirs(args.out_dir, exist_ok=True)
-    run_eval_and_record(model, tok, args, stage)
-
-
 def run_all(args, stage_parsers):
     """eval base, then sft -> dpo -> grpo, each starting from the last one's checkpoint and run at
     its own subcommand's steps / lr / batch size, each evaluated; then the paired-gain table."""
-    run_eval(args, "base")
+    run_eval_and_record(*load_policy(args), args, "base")
     ckpt = args.ckpt
     for stage in ("sft", "dpo", "grpo"):
         own = {k: stage_parsers[stage].get_default(k) for k in ("steps", "lr", "batch_size")}
@@ -970,7 +962,7 @@ def main(argv=None):
     if args.stage == "all":
         run_all(args, stage_parsers)
     elif args.stage == "eval":
-        run_eval(args, args.stage_name or os.path.splitext(os.path.basename(args.ckpt))[0])
+        run_eval_and_record(*load_policy(args), args, args.stage_name or os.path.splitext(os.path.basename(args.ckpt))[0])
     elif args.stage == "rm":  # a lesson, not a pipeline stage: `all` never runs it
         torch.manual_seed(args.seed)
         model, tok = load_policy(args)
