@@ -1,38 +1,34 @@
 """
 data.py: from raw web pages (or the Python docs already on your disk) to a clean training corpus.
 
-A language model is mostly its data, and raw crawled text is mostly not what you want to train on:
-navigation menus, cookie banners, other languages, e-mail addresses, spam, a thousand copies of the
-same page and plain binary garbage. Every large pretraining set is the output of a filtering
-pipeline like this one. It runs the classic stages, one function each, in the order the data flows:
+A language model is mostly its data, and raw crawled text is mostly not what you want to train on: navigation
+menus, cookie banners, other languages, e-mail addresses, spam, a thousand copies of the same page and plain
+binary garbage. Every large pretraining set is the output of a filtering pipeline like this one. It runs the
+classic stages, one function each, in the order the data flows:
 
     source -> HTML to text -> language ID -> PII masking -> MinHash near-dedup
            -> exact-line (boilerplate) dedup -> Gopher rules -> quality / toxic / NSFW classifiers
            -> train.txt / val.txt (+ train.bin / val.bin with a bpe.py tokenizer)
 
-Every input document ends up kept or dropped *with a reason* ("stage:why"), and stats.json accounts
-for all of them: a filter that silently eats half the corpus is easy to write and hard to notice.
+Every input document ends up kept or dropped *with a reason* ("stage:why"), and stats.json accounts for all of
+them: a filter that silently eats half the corpus is easy to write and hard to notice.
 
-The default corpus needs no network: `python data.py` renders the documentation of the installed
-standard library with pydoc's HTML renderer (plus the `pydoc_data` topics) and pushes those pages
-through exactly the path a Common Crawl page takes. They are real English with real problems:
-author e-mail addresses, IP addresses in examples, the same boilerplate lines ("Methods defined
-here:") on every page, and near-duplicate pages (the `encodings.*` codecs are almost identical).
+The default corpus needs no network: `python data.py` renders the installed standard library's documentation with
+pydoc (plus the `pydoc_data` topics) and pushes those pages through exactly the path a Common Crawl page takes.
+They are real English with real problems: author e-mail addresses, IP addresses in examples, the same boilerplate
+("Methods defined here:") on every page, near-duplicate pages (the `encodings.*` codecs).
 
 Papers / references
 -------------------
-- Gopher quality rules: Rae et al. 2021, "Scaling Language Models: Methods, Analysis & Insights
-  from Training Gopher", arXiv:2112.11446, Appendix A.
-- fastText classifiers: Joulin et al. 2016, "Bag of Tricks for Efficient Text Classification",
-  arXiv:1607.01759.
-- MinHash: Broder 1997, "On the resemblance and containment of documents". LSH banding: Leskovec,
-  Rajaraman & Ullman, "Mining of Massive Datasets", ch. 3. Why dedup at all: Lee et al. 2021,
-  "Deduplicating Training Data Makes Language Models Better", arXiv:2107.06499.
-- Whole pipelines of this shape: CCNet (Wenzek et al. 2019, arXiv:1911.00359: fastText LID, line
-  dedup), RefinedWeb (Penedo et al. 2023, arXiv:2306.01116: MinHash on 5-grams), Dolma (Soldaini
-  et al. 2024, arXiv:2402.00159: Gopher rules, PII masks, toxic/NSFW classifiers), FineWeb
-  (Penedo et al. 2024, arXiv:2406.17557), and Stanford CS336 assignment 4, whose stage function
-  names we borrow.
+- Gopher quality rules: Rae et al. 2021, "Scaling Language Models: Methods, Analysis & Insights from Training
+  Gopher", arXiv:2112.11446, App. A. C4's bad-word rule: Raffel et al. 2020, arXiv:1910.10683.
+- fastText classifiers: Joulin et al. 2016, "Bag of Tricks for Efficient Text Classification", arXiv:1607.01759.
+- MinHash: Broder 1997, "On the resemblance and containment of documents". LSH banding: Leskovec, Rajaraman &
+  Ullman, "Mining of Massive Datasets", ch. 3. Why dedup: Lee et al. 2021, arXiv:2107.06499.
+- Whole pipelines of this shape: CCNet (Wenzek et al. 2019, arXiv:1911.00359: fastText LID, line dedup),
+  RefinedWeb (Penedo et al. 2023, arXiv:2306.01116: MinHash on 5-grams), Dolma (Soldaini et al. 2024,
+  arXiv:2402.00159: Gopher rules, PII masks, toxic/NSFW classifiers), FineWeb (Penedo et al. 2024,
+  arXiv:2406.17557), and Stanford CS336 assignment 4, whose stage function names we borrow.
 
 How to run (CPU only: no stage needs a GPU)
 ----------
@@ -43,27 +39,25 @@ How to run (CPU only: no stage needs a GPU)
     python data.py --url https://example.org/shard.jsonl --name web    # remote file (cached)
     python data.py --tokenizer data/pydocs/tokenizer                   # also write train/val.bin
     python data.py train-classifier --input labeled.jsonl --out quality.pt   # {"text", "label"}
-Each stage has an off switch (`--no-lang`, `--no-pii`, `--no-line-dedup`, `--no-gopher`,
-`--no-quality`, `--no-toxic`, `--no-nsfw`, `--no-dedup`).
+    python data.py eval-classifiers                  # precision / recall of the toxic and NSFW filters
+Each stage has an off switch (`--no-lang`, `--no-pii`, `--no-line-dedup`, `--no-gopher`, `--no-quality`,
+`--no-toxic`, `--no-nsfw`, `--no-dedup`). Output: train.txt / val.txt (each document followed by <|endoftext|>;
+the split is a hash of the document id, so it is stable) and stats.json (what each stage dropped and why, PII
+counts, languages, MinHash clusters, sizes, timings).
 
-Output: train.txt / val.txt (each document followed by <|endoftext|>; the split is a hash of the
-document id, so it is stable) and stats.json: what came in, what each stage dropped and why
-(dropped_by_reason, docs_after_stage, a few dropped_examples), PII counts, languages, MinHash
-clusters, sizes and timings.
-
-Known limits: the corpus-level stages (MinHash, line dedup, classifiers) hold the surviving texts
-in memory. A bare 10-digit number that starts with 2-9 is masked as a phone number, so a few
-integer constants in the stdlib docs become |||PHONE_NUMBER|||. The default classifiers are small
-(a few hundred labeled lines, fixtures/); see Stage 5.
+Known limits: the corpus-level stages hold the surviving texts in memory; a bare 10-digit number that starts with
+2-9 is masked as a phone number; the default classifiers are small (a few hundred labeled lines; see Stage 5).
 """
 import argparse
 import codecs
 import contextlib
+import functools
 import gzip
 import hashlib
 import html.parser
 import itertools
 import json
+import multiprocessing as mp
 import os
 import re
 import sys
@@ -76,16 +70,25 @@ from collections import Counter
 import numpy as np
 import regex
 
-from bpe import _progress  # bpe.py is the home of the MB/s + ETA progress line
+import bpe  # writes the token files; also the home of the MB/s + ETA progress line
 
 EOT = "<|endoftext|>"
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")  # data files data.py reads
+
+
+def _fixture(name):
+    """A table from fixtures/NAME.json (the long word lists live there, out of the lesson's way)."""
+    try:
+        with open(os.path.join(FIXTURES, name + ".json"), encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {e.filename} ({e.strerror}); data.py needs its fixtures/ directory")
 
 
 @contextlib.contextmanager
 def atomic_write(path, mode="w"):
-    """Write path.tmp, fsync, rename: a killed run leaves the old file or the new one, never half
-    (fsync first, or after a power cut the new name can point at blocks that never reached disk).
-    A write that fails midway removes its .tmp: the old file stays, and nothing half-written lingers."""
+    """Write path.tmp, fsync, rename: a killed run leaves the old file or the new one, never half (fsync first, or
+    after a power cut the new name can point at blocks that never reached disk). A failed write removes its .tmp."""
     try:
         with open(path + ".tmp", mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
@@ -99,20 +102,18 @@ def atomic_write(path, mode="w"):
 
 # ---------------------------------------------------------------
 # Stage 1: HTML -> text.
-# A page is a tree of tags; what we want is the prose. We walk it with the stdlib HTMLParser, drop
-# whole subtrees that are never content (script, style, nav, ...), turn block-level tags into
-# paragraph breaks and keep <pre> text verbatim. A tiny cousin of resiliparse / trafilatura: no
-# boilerplate scoring, just structure (menus and footers that survive are the line-dedup stage's job).
-# Real pages are broken: a skipped element whose end tag never comes (an omitted </head>, a <nav>
-# left open) would hide the rest of the page, so such elements are not skipped (a second parse).
-# <form> is not skipped at all: ASP.NET wraps the whole body in one.
+# A page is a tree of tags; what we want is the prose. We walk it with the stdlib HTMLParser, drop whole subtrees
+# that are never content (script, style, nav, ...), turn block tags into paragraph breaks and keep <pre> verbatim:
+# a tiny cousin of resiliparse / trafilatura, structure only (menus that survive are line dedup's job). Real pages
+# are broken: a skipped element whose end tag never comes (an omitted </head>, a <nav> left open) would hide the
+# rest of the page, so a second parse shows it. <form> is not skipped: ASP.NET wraps the whole body in one.
 
 _SKIP_TAGS = {"script", "style", "head", "title", "nav", "noscript", "template", "svg", "iframe", "footer", "aside",
               "select"}
 _BLOCK_TAGS = {"p", "div", "section", "article", "main", "header", "h1", "h2", "h3", "h4", "h5", "h6",
                "table", "ul", "ol", "dl", "pre", "blockquote", "hr", "figure", "body", "html"}
-# What an opening tag leaves in the text: a paragraph break for blocks, a line break for list
-# items and rows, a space between table cells. Closing a block breaks the paragraph again.
+# What an opening tag leaves in the text: blocks a paragraph break (closing one, again), list items and rows a
+# line break, table cells a space.
 _OPEN_BREAK = {**dict.fromkeys(_BLOCK_TAGS, "\n\n"), **dict.fromkeys(["br", "li", "tr", "dt", "dd", "caption"], "\n"),
                "td": " ", "th": " "}
 
@@ -144,45 +145,34 @@ class _TextExtractor(html.parser.HTMLParser):
             self.pre_depth = max(0, self.pre_depth - 1)
 
     def handle_data(self, data):
-        if self.open_skips:
-            return
-        # Outside <pre>, HTML whitespace is insignificant: collapse it. We leave U+00A0 (&nbsp;)
-        # alone here, so indentation written with &nbsp; (as pydoc does for code) survives; inside
-        # <pre> spaces become U+00A0 too, and every U+00A0 turns back into a space at the end.
-        self.parts.append(data.replace(" ", "\xa0") if self.pre_depth else re.sub(r"[ \t\r\n\f]+", " ", data))
+        # Outside <pre>, HTML whitespace is insignificant: collapse it, but not U+00A0 (&nbsp;, pydoc's code
+        # indentation). Inside <pre> spaces become U+00A0 too; every U+00A0 turns back into a space at the end.
+        if not self.open_skips:
+            self.parts.append(data.replace(" ", "\xa0") if self.pre_depth else re.sub(r"[ \t\r\n\f]+", " ", data))
 
 
-# WHATWG Encoding Standard: a label -> the decoder browsers really use. Pages labelled latin-1 or
-# ASCII are written in windows-1252 (curly quotes, the euro sign); GB2312 pages are GBK.
-_WHATWG = {**dict.fromkeys(["iso-8859-1", "iso8859-1", "iso_8859-1", "latin1", "l1", "cp819", "ascii", "us-ascii",
-                            "x-cp1252"], "cp1252"), **dict.fromkeys(["iso-8859-9", "latin5", "l5"], "cp1254"),
-           **dict.fromkeys(["gb2312", "gbk", "x-gbk"], "gb18030"), "tis-620": "cp874", "ks_c_5601-1987": "cp949"}
-
-
-def _codec(label, from_meta):
-    """A charset label -> a Python codec name, or None for an unknown one."""
-    label = label.strip().lower()
-    if from_meta and label.startswith("utf-16"):  # a <meta> we could read as ASCII cannot be in UTF-16
-        return "utf-8"
-    try:
-        return codecs.lookup(_WHATWG.get(label, label)).name
-    except LookupError:  # <meta charset="no-such-codec">: the next source decides
-        return None
+# WHATWG Encoding Standard: a label -> the decoder browsers really use. Pages labelled latin-1 or ASCII are
+# written in windows-1252 (curly quotes, the euro sign); GB2312 pages are GBK (fixtures/whatwg_charsets.json).
+_WHATWG = _fixture("whatwg_charsets")
 
 
 def _decode_html(html_bytes, http_charset=None):
-    """Bytes -> str. The sniffing order is the HTML5 one, most to least authoritative: a byte-order
-    mark is the encoding itself, so it wins; then the HTTP Content-Type charset (WARC responses);
-    then a <meta charset> near the top (the spec scans 1024 bytes, we allow 4096); then UTF-8, which
-    >98% of the web uses, with replacement characters so a bad byte costs one character, not the page."""
+    """Bytes -> str, in HTML5's sniffing order: a byte-order mark (it is the encoding itself), the HTTP
+    Content-Type charset (WARC responses), a <meta charset> in the first 4096 bytes (the spec scans 1024), else
+    UTF-8 (>98% of the web), with replacement characters: a bad byte costs one character, not the page."""
     for bom, codec in ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")):
         if html_bytes.startswith(bom):
             return html_bytes[len(bom):].decode(codec, errors="replace")
     m = re.search(rb"""<meta[^>]*charset\s*=\s*["']?([A-Za-z0-9_\-:.]+)""", html_bytes[:4096], re.I)
     for label, from_meta in ((http_charset, False), (m and m.group(1).decode("ascii"), True)):
-        codec = label and _codec(label, from_meta)
-        if codec:
-            return html_bytes.decode(codec, errors="replace")
+        label = (label or "").strip().lower()
+        if from_meta and label.startswith("utf-16"):  # a <meta> we could read as ASCII cannot be in UTF-16
+            label = "utf-8"
+        try:
+            codec = codecs.lookup(_WHATWG.get(label, label)).name
+        except LookupError:  # no label, or <meta charset="no-such-codec">: the next source decides
+            continue
+        return html_bytes.decode(codec, errors="replace")
     return html_bytes.decode("utf-8", errors="replace")
 
 
@@ -219,32 +209,16 @@ def extract_text_from_html_bytes(html_bytes, http_charset=None):
 
 # ---------------------------------------------------------------
 # Stage 2: language identification without a downloaded model.
-# We keep one language because a model trained on a mix spends capacity on all of them, and a page
-# in another language is noise to an English model. CCNet runs fastText's lid.176.bin and keeps
-# pages above 0.5 confidence; we copy the threshold but not the model, because two cheap signals get
-# far: the Unicode *script* (Han, Kana, Cyrillic, ...) settles most non-Latin languages outright,
-# and among Latin-script languages the most frequent short words (stopwords) plus a few telltale
-# letters and suffixes are very distinctive. fastText is better on short or mixed text; pass it
-# with --fasttext-lid if you have it.
-
-_SCRIPTS = [("zh", r"[\u4e00-\u9fff\u3400-\u4dbf]"), ("ja", r"[\u3040-\u30ff]"), ("ko", r"[\uac00-\ud7af\u1100-\u11ff]"),
-            ("ru", r"[\u0400-\u04ff]"), ("el", r"[\u0370-\u03ff]"), ("ar", r"[\u0600-\u06ff]"),
-            ("he", r"[\u0590-\u05ff]"), ("hi", r"[\u0900-\u097f]"), ("th", r"[\u0e00-\u0e7f]")]
-_STOPWORDS = {
-    "en": "the of and to in is that for it as with was on be by this are from or an at not which have can you we if",
-    "de": "der die und das ist nicht ein eine zu den mit von sich des auf für im dem auch es wird werden bei oder wie",
-    "fr": "le la les et des est une un du dans que qui pour pas sur au avec ce il sont par plus ne se aux cette",
-    "es": "de el la los las y que en es un una por con para del se no al lo como más pero su sus este está",
-    "it": "il la di che è un una per non sono del della le con gli si da nel alla anche come questo più ha",
-    "pt": "de o a os as que e um uma do da em para com não por se são no na dos das mais ao como ou",
-    "nl": "de het een en van is dat niet op te in met voor zijn die er aan ook om als bij maar wordt",
-    "sv": "och att det som en är på av för med den till inte har de ett om var jag men så",
-    "pl": "i w na nie się z do to że jest jak po co ale od są przez dla tak już",
-}
-_STOPWORDS = {lang: set(words.split()) for lang, words in _STOPWORDS.items()}
-# Letters and suffixes that (almost) only one of the languages uses; each hit adds half a stopword.
-_MARKERS = {"de": r"ß|ä|ö|ü|sch|ung\b", "fr": r"ç|è|ê|œ|eux\b|\bqu'", "es": r"ñ|¿|¡|ción\b", "it": r"zione\b|gli\b|ò",
-            "pt": r"ã|õ|ção\b|ções\b", "nl": r"ij|aa|uu|\bvan\b", "sv": r"å", "pl": r"ą|ę|ł|ś|ż|ź|ń", "en": r"\bth|ing\b"}
+# We keep one language: a model trained on a mix spends capacity on all of them, and a page in another language is
+# noise to an English model. CCNet keeps pages that fastText's lid.176.bin gives > 0.5 confidence; we copy the
+# threshold but not the model, because two cheap signals get far: the Unicode *script* (Han, Kana, Cyrillic, ...)
+# settles most non-Latin languages outright, and among Latin-script ones the most frequent short words (stopwords)
+# plus a few telltale letters and suffixes are very distinctive. (fastText is better on short or mixed text:
+# --fasttext-lid.) fixtures/langid.json holds the script ranges, ~25 stopwords per Latin-script language, and the
+# letters and suffixes that (almost) only one language uses (each hit counts half a stopword).
+_LID = _fixture("langid")
+_SCRIPTS, _MARKERS = _LID["scripts"], _LID["markers"]
+_STOPWORDS = {lang: set(words.split()) for lang, words in _LID["stopwords"].items()}
 _FASTTEXT_LID = None  # set by load_fasttext_lid()
 
 
@@ -283,54 +257,40 @@ def identify_language(text):
     best, second = sorted(scores, key=scores.get, reverse=True)[:2]
     if scores[best] == 0:
         return "unk", 0.0
-    # Confidence = margin over the runner-up (related languages share many stopwords) x how much
-    # evidence there is at all: prose is ~40% stopwords; 10% already counts as full evidence.
+    # Confidence = margin over the runner-up (related languages share stopwords) x evidence (prose is ~40% stopwords;
+    # 10% already counts as full evidence).
     coverage = min(1.0, scores[best] / (0.10 * len(words) + 1))
     return best, round(scores[best] / (scores[best] + scores[second]) * coverage, 4)
 
 
 # ---------------------------------------------------------------
 # Stage 3: PII masking.
-# A model memorizes rare strings it sees verbatim, and an e-mail address or a phone number is
-# exactly such a string. Dolma replaces them with placeholders instead of dropping the page (the
-# prose around an address is fine). Each mask returns (masked_text, count). A placeholder such as
-# |||EMAIL_ADDRESS||| contains none of the characters the patterns need, so masking twice never
-# counts the same thing twice.
+# A model memorizes rare strings it sees verbatim, such as an e-mail address or a phone number. Dolma replaces them
+# with placeholders instead of dropping the page (the prose around an address is fine). Each mask is re.subn:
+# text -> (masked text, count); a placeholder contains none of the characters the patterns need, so masking twice
+# never counts twice.
 
-# An address needs a dotted domain ending in 2+ letters, so "user@localhost" and "a @ b" stay. The
-# lookbehind lets a match start only where a run of address characters starts: without it a long run
-# with no '@' is rescanned from each of its n positions, O(n²).
+# An address needs a dotted domain ending in 2+ letters ("user@localhost" stays). The lookbehind lets a match start
+# only where a run of address characters starts: else a long run with no '@' is rescanned n times, O(n²).
 _EMAIL_RE = re.compile(r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
-# US numbers: optional +1, area code with or without parentheses, then 3 + 4 digits separated by
-# nothing, '-', '.', or a space (not a newline: a column of numbers is not a phone). (283)-182-3829 and 2831823829 both match; digits glued to other
-# digits do not (so a long integer is not a phone number). Area codes never start with 0 or 1,
-# which keeps string.digits ('0123456789') and 1234567890 out.
+# US numbers: optional +1, area code with or without parentheses, 3 + 4 digits separated by nothing, '-', '.' or a
+# space (not a newline: a column of numbers is no phone). Digits glued to more digits do not match (a long integer),
+# and area codes never start with 0 or 1, which keeps string.digits ('0123456789') and 1234567890 out.
 _PHONE_RE = re.compile(r"(?<![\w.])(?:\+?1[ .\-]?)?(?:\([2-9]\d\d\)|[2-9]\d\d)[ .\-]?\d{3}[ .\-]?\d{4}(?![\w])")
-# An octet is 0-255, spelled out because a regex cannot compare numbers; the lookarounds refuse a
-# fifth group or more digits ("1.2.3.4.5" and "10.0.0.1a" are not addresses).
+# An octet is 0-255, spelled out (a regex cannot compare numbers); the lookarounds refuse "1.2.3.4.5", "10.0.0.1a".
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IP_RE = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\d)(?!\w)")
-
-
-def mask_emails(text):
-    return _EMAIL_RE.subn("|||EMAIL_ADDRESS|||", text)
-
-
-def mask_phone_numbers(text):
-    return _PHONE_RE.subn("|||PHONE_NUMBER|||", text)
-
-
-def mask_ips(text):
-    return _IP_RE.subn("|||IP_ADDRESS|||", text)
+mask_emails = functools.partial(_EMAIL_RE.subn, "|||EMAIL_ADDRESS|||")
+mask_phone_numbers = functools.partial(_PHONE_RE.subn, "|||PHONE_NUMBER|||")
+mask_ips = functools.partial(_IP_RE.subn, "|||IP_ADDRESS|||")
 
 
 # ---------------------------------------------------------------
 # Stage 4: Gopher quality rules (Rae et al. 2021, App. A).
-# Cheap heuristics that remove pages that are not prose, before anything costs a model call: too
-# short to carry meaning or too long to be a page, word salad (mean word length outside 3-10:
-# minified code, URL lists, tokens glued together), "read more..." link lists (over 30% of lines
-# ending in an ellipsis), and tables of numbers or symbols (under 80% of words with a letter). The
-# paper's symbol-to-word, bullet-line and stopword rules are left out; each would be one more `if`.
+# Cheap heuristics that remove pages that are not prose, before anything costs a model call: too short or too long,
+# word salad (mean word length outside 3-10: minified code, URL lists), "read more..." link lists (> 30% of lines
+# ending in an ellipsis), tables of numbers or symbols (< 80% of words with a letter). The paper's symbol-to-word,
+# bullet-line and stopword rules are left out; each would be one more `if`.
 
 def gopher_failure(text):
     """The name of the first Gopher rule `text` breaks, or None if it passes."""
@@ -357,23 +317,18 @@ def gopher_quality_filter(text):
 
 # ---------------------------------------------------------------
 # Stage 5: fastText-style classifiers (Joulin et al. 2016).
-# Rules catch what is easy to describe; "does this read like a reference page / an insult / porn
-# spam" is easier to show by example. fastText's recipe: hash every word and word bigram into one of
-# `num_buckets` rows of an embedding table (the hashing trick: no vocabulary, fixed memory; bigrams
-# give a little word order), average the rows (EmbeddingBag), one linear layer on top. A linear
-# model on a bag of n-grams trains in seconds and is hard to beat for such questions, which is why
-# Dolma and DCLM still filter with fastText. We train the defaults at build time on a few hundred
-# labeled lines written for this repo (fixtures/classifier_train.tsv: forum comments, reviews, chat,
-# code, prose, and clean texts that mention sex, insults or violence neutrally); the README gives
-# their precision and recall on a held-out set (`python data.py eval-classifiers`). They see only
-# words, so no paraphrase and no context. Bring your own labeled .jsonl (`train-classifier`) for real
-# filtering, e.g. Wikipedia-cited pages vs. random Common Crawl.
+# "Does this read like a reference page / an insult / porn spam" is easier to show by example than to write as a
+# rule. fastText's recipe: hash every word and word bigram into one of `num_buckets` rows of an embedding table
+# (the hashing trick: no vocabulary, fixed memory; bigrams give a little word order), average the rows
+# (EmbeddingBag), one linear layer on top: trains in seconds and is hard to beat, which is why Dolma and DCLM still
+# filter with fastText. The defaults train at build time on a few hundred lines written for this repo
+# (fixtures/classifier_train.tsv: comments, reviews, chat, code, prose, clean texts that mention sex, insults or
+# violence); the README gives their held-out precision and recall (`eval-classifiers`). They see only words: no
+# paraphrase, no context. For real filtering, `train-classifier` on your own labeled .jsonl.
 #
-# Toxic and NSFW also get C4's rule (Raffel et al. 2020, arXiv:1910.10683), which drops every page
-# that contains a word of the "List of Dirty, Naughty, Obscene, and Otherwise Bad Words". Our lists
-# are short and tame: only words that are hardly ever neutral ("idiot" and "nude" are the model's
-# call: "the idiot light", "a nude statue"). Both the rule and the model first undo the spellings
-# that dodge a list: f*ck, sh1t, b!tch, stuuupid, f.u.c.k.
+# Toxic and NSFW also get C4's rule (Raffel et al. 2020): drop every page that contains a listed bad word. Our lists
+# (fixtures/bad_words.json) hold only words that are hardly ever neutral ("idiot" and "nude" are the model's call:
+# "the idiot light", "a nude statue"). Rule and model first undo the spellings that dodge a list: f*ck, sh1t, b!tch.
 
 _TOKEN = re.compile(r"[\w*@$!#.\-]+")
 _LEET = str.maketrans("013457@$!", "oieastasi")  # digits and symbols that stand in for letters
@@ -388,8 +343,8 @@ def _unmask(word, listed):
 
 
 def deobfuscate(text):
-    """Lowercase words with their disguises undone: digits/symbols read as letters, inner dots and
-    dashes dropped, repeated letters collapsed (so 'stuuupid' == 'stupid', and 'asshole' is 'ashole')."""
+    """Lowercase words with their disguises undone: digits/symbols read as letters, inner dots and dashes dropped,
+    repeated letters collapsed (so 'stuuupid' == 'stupid', and 'asshole' is 'ashole')."""
     out = []
     for tok in _TOKEN.findall(text.lower()):
         if not tok.isalpha():  # (most words are: they only need the repeats collapsed, below)
@@ -402,10 +357,7 @@ def deobfuscate(text):
     return re.sub(r"(\w)\1+", r"\1", " ".join(out))
 
 
-_BAD_WORDS = {kind: {deobfuscate(w) for w in words.split()} for kind, words in (
-    ("toxic", "fuck fucking fucker fucked motherfucker shit shitty bullshit bitch asshole dickhead douchebag "
-              "jackass dumbass stfu wanker"),
-    ("nsfw", "porn porno porns pornstar hentai blowjob handjob camgirl camgirls milf dildo"))}
+_BAD_WORDS = {kind: {deobfuscate(w) for w in words.split()} for kind, words in _fixture("bad_words").items()}
 _LISTED = set().union(*_BAD_WORDS.values())  # what a wildcard spelling may stand for
 
 
@@ -419,15 +371,13 @@ def _hashed_features(text, num_buckets, max_words=2000):
 def _fasttext_model(num_buckets, dim, num_labels):
     import torch
     model = torch.nn.Sequential(torch.nn.EmbeddingBag(num_buckets, dim, mode="mean"), torch.nn.Linear(dim, num_labels))
-    # Zero-init the table: a bucket never seen in training then adds nothing (it stays neutral)
-    # instead of random noise; gradients still flow into it through the random linear layer.
+    # Zero-init the table: an unseen bucket adds nothing, not noise (gradients still reach it through the linear).
     torch.nn.init.zeros_(model[0].weight)
     return model
 
 
 def _logits(model, feats):
-    """(B, num_labels) logits of B feature lists. EmbeddingBag takes a ragged batch flat: every id
-    end to end, plus the offset where each row starts."""
+    """(B, num_labels) logits of B feature lists (EmbeddingBag takes the ragged batch flat, plus row offsets)."""
     import torch
     offsets = torch.tensor([0] + [len(x) for x in feats[:-1]]).cumsum(0)
     return model[1](model[0](torch.tensor([i for x in feats for i in x]), offsets))
@@ -457,7 +407,6 @@ def train_classifier(texts, labels, label_names, num_buckets=2**14, dim=16, epoc
 
 
 _CLASSIFIERS = {}  # kind -> (model, labels, num_buckets); trained/loaded once per process
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TRAIN_SET, HELDOUT_SET = (os.path.join(FIXTURES, f"classifier_{s}.tsv") for s in ("train", "heldout"))
 
 
@@ -474,17 +423,9 @@ def read_labeled(path):
     return by
 
 
-def default_training_sets(kind, path=TRAIN_SET):
-    """-> (label names, one list of texts per label) for the default `kind` classifier."""
-    by = read_labeled(path)
-    if kind == "quality":
-        return ["low", "high"], [by["low"], by["high"]]
-    other = [t for label in ("high", "clean", "toxic", "nsfw") if label != kind for t in by[label]]
-    return ["clean", kind], [other, by[kind]]  # everything that is not `kind` counts as clean
-
-
 def set_classifier(kind, path=None):
-    """Load `path` (a train-classifier output) for `kind`, or train the default on TRAIN_SET."""
+    """Load `path` (a train-classifier output) for `kind`, or train the default on TRAIN_SET: quality is low vs.
+    high, toxic (nsfw) is that label vs. every other text, which counts as clean."""
     import torch
     if path:
         try:
@@ -492,7 +433,10 @@ def set_classifier(kind, path=None):
         except (OSError, RuntimeError) as e:
             raise SystemExit(f"error: cannot load classifier {path}: {e}")
     else:
-        names, sets = default_training_sets(kind)
+        by = read_labeled(TRAIN_SET)
+        names = ["low", "high"] if kind == "quality" else ["clean", kind]
+        sets = [by["low"], by["high"]] if kind == "quality" else \
+            [[t for label in ("high", "clean", "toxic", "nsfw") if label != kind for t in by[label]], by[kind]]
         texts = [deobfuscate(t) if kind in _BAD_WORDS else t for s in sets for t in s]  # as classify_batch sees them
         blob = train_classifier(texts, [i for i, s in enumerate(sets) for _ in s], names)
     model = _fasttext_model(blob["num_buckets"], blob["dim"], len(blob["labels"]))
@@ -501,8 +445,8 @@ def set_classifier(kind, path=None):
 
 
 def classify_batch(kind, texts):
-    """-> list of (label, probability of that label) for each text. Toxic and NSFW: the model reads
-    de-obfuscated text, and a listed bad word decides outright (label `kind`, probability 1.0)."""
+    """-> list of (label, probability of that label) for each text. Toxic and NSFW: the model reads de-obfuscated
+    text, and a listed bad word decides outright (label `kind`, probability 1.0)."""
     import torch
     if kind not in _CLASSIFIERS:
         set_classifier(kind)
@@ -545,22 +489,14 @@ def classify_nsfw(text):
 
 # ---------------------------------------------------------------
 # Stage 6: exact line dedup.
-# A line that appears in many documents is almost always boilerplate (menus, footers, cookie
-# notices, pydoc's "Methods defined here:"): removing the line, not the page, keeps the prose
-# around it. CCNet does the same with paragraphs. Two passes: count the documents each line occurs
-# in, then keep only the rare lines. Memory grows with the number of *distinct* lines, not with the
-# text (at scale one keeps an 8-byte digest per line: n lines collide with probability ~ n²/2^65).
-# The pipeline runs this after MinHash (see corpus_stages for why).
+# A line found in many documents is boilerplate (menus, footers, pydoc's "Methods defined here:"): removing the
+# line, not the page, keeps the prose around it (CCNet does this with paragraphs). Memory grows with the *distinct*
+# lines (at scale, an 8-byte digest per line: n lines collide with probability ~ n²/2^65). Runs after MinHash.
 
 def exact_line_dedup_docs(texts, min_docs=2):
-    """Drop every line found in >= min_docs documents (all its copies); -> (texts, lines removed).
-
-    Counting documents (not occurrences) targets boilerplate, which repeats *across* pages. With
-    min_docs=2 a line shared by any two documents goes; on the stdlib docs that also deletes every
-    short code line ("{", "return x"), so the CLI default is 10.
-    Blank lines are paragraph separators, not content: always kept. (Python's hash() is fine here:
-    one process counts and filters.)"""
-    df = Counter(h for t in texts for h in {hash(line) for line in t.split("\n") if line.strip()})
+    """Drop every line found in >= min_docs documents; -> (texts, lines removed). Documents, not copies: boilerplate
+    repeats *across* pages (the CLI default is 10: with 2, every short code line goes). Blank lines stay."""
+    df = Counter(h for t in texts for h in {hash(line) for line in t.split("\n") if line.strip()})  # (one process)
     out, removed = [], 0
     for t in texts:
         lines = [line for line in t.split("\n") if not line.strip() or df[hash(line)] < min_docs]
@@ -571,30 +507,25 @@ def exact_line_dedup_docs(texts, min_docs=2):
 
 # ---------------------------------------------------------------
 # Stage 7: MinHash + LSH near-duplicate detection (Broder 1997; MMDS ch. 3).
-# Crawls are full of pages that are the same text with a different header, date or ad, and models
-# trained on repeats memorize them and generalize worse (Lee et al. 2021). Exact hashing misses a
-# one-word edit, so we measure overlap: Jaccard(A, B) = |A ∩ B| / |A ∪ B| over the sets of word
-# 5-grams ("shingles"). For a random hash h, P[min h(A) == min h(B)] = Jaccard(A, B): the minimum of
-# A ∪ B is equally likely to be any element, and both minima agree exactly when it lies in A ∩ B.
-# So K hashes give a K-dim signature whose agreement rate estimates Jaccard, std sqrt(J(1-J)/K).
+# Crawls are full of pages that are the same text with a different header, date or ad, and models trained on
+# repeats memorize them and generalize worse (Lee et al. 2021). Exact hashing misses a one-word edit, so we measure
+# overlap: Jaccard(A, B) = |A ∩ B| / |A ∪ B| over the sets of word 5-grams ("shingles"). For a random hash h,
+# P[min h(A) == min h(B)] = Jaccard(A, B): the minimum of A ∪ B is equally likely to be any element, and both
+# minima agree exactly when it lies in A ∩ B. So K hashes give a signature whose agreement rate estimates Jaccard.
 #
-# Comparing all pairs is O(N²). LSH cuts the signature into b bands of r rows and only compares
-# documents that agree on an entire band, found by hashing each band to a bucket. A pair at
-# similarity s agrees on one band with probability s^r, so it becomes a candidate with
+# Comparing all pairs is O(N²). LSH cuts the signature into b bands of r rows and only compares documents that
+# agree on an entire band (same bucket). A pair at similarity s agrees on one band with probability s^r, so
 #     P(candidate) = 1 - (1 - s^r)^b,
-# an S-curve that rises steeply around s ≈ (1/b)^(1/r). Our default b = 16, r = 8 (K = 128) puts
-# the knee at 0.71, below the 0.8 Jaccard threshold on purpose: P = 0.947 at s = 0.8, 0.9999 at
-# 0.9 and 0.06 at 0.5, so few true duplicates are missed and few dissimilar pairs cost a check.
-# (FineWeb uses 14 bands of 8.) More rows per band move the knee up, more bands move it down, and
-# a longer signature (both) makes the step sharper at the price of more hashing.
+# an S-curve that rises steeply around s ≈ (1/b)^(1/r). Our b = 16, r = 8 (K = 128) puts the knee at 0.71, below
+# the 0.8 threshold on purpose: P = 0.947 at s = 0.8, 0.9999 at 0.9, 0.06 at 0.5, so few duplicates are missed and
+# few dissimilar pairs cost a check (FineWeb: 14 bands of 8). More rows per band move the knee up, more bands move
+# it down, a longer signature (both) makes the step sharper.
 #
-# A candidate is only a candidate: one band agreeing says little, and even the full signature
-# estimate has std 0.035 at J = 0.8 with K = 128. So we verify every candidate pair with the exact
-# Jaccard of its shingle sets; what merges is then a true edge of the "J >= threshold" graph.
-# Near-duplication is not transitive (A ~ M ~ B with A !~ B), but we want one survivor per group,
-# so we take connected components, with union-find: near-O(1) merges, and the root is always the
-# earliest document, which is the one we keep. (The shingles are hashed to 64 bits, in numpy, by
-# shingle_hashes_batch under "Making it fast"; `shingles` is the readable definition.)
+# A candidate is only a candidate (the signature estimate has std sqrt(J(1-J)/K) = 0.035 at J = 0.8), so every
+# candidate pair is verified with the exact Jaccard of its shingle sets. Near-duplication is not transitive
+# (A ~ M ~ B with A !~ B), but we want one survivor per group: connected components, by union-find whose root is
+# always the earliest document, the one we keep. (`shingles` is the readable definition; shingle_hashes_batch,
+# under "Making it fast", hashes them to 64 bits in numpy.)
 
 _P = np.uint64(0x100000001B3)  # odd multiplier of the polynomial n-gram hash (the FNV-1 prime)
 _COMBINING = regex.compile(r"\p{Mn}")  # every nonspacing mark: accents, but also e.g. the kana dakuten
@@ -606,21 +537,20 @@ def _fold(text):
 
 
 def normalize_for_dedup(text):
-    """lowercase, NFD, drop accents (combining marks), punctuation -> space, collapse whitespace.
-    The readable definition; the pipeline does the same on bytes, in C (_TABLE below)."""
+    """Lowercase, drop accents, punctuation -> space, collapse whitespace (the pipeline: on bytes, _TABLE)."""
     return " ".join(re.sub(r"[^\w\s]|_", " ", _fold(text)).split())
 
 
 def shingles(text, ngrams=5):
-    """The set of word n-grams of normalize_for_dedup(text); a document shorter than n words is one
-    shingle, its whole word sequence (so two short copies still match), and an empty one has none."""
+    """The word n-grams of normalize_for_dedup(text); a document shorter than n words is one shingle (so two short
+    copies still match), an empty one has none."""
     w = normalize_for_dedup(text).split()
     return {" ".join(w[i:i + ngrams]) for i in range(max(1, len(w) - ngrams + 1))} if w else set()
 
 
 def minhash_params(num_hashes, seed=0):
-    """(a, b) for num_hashes affine permutations h(x) = (a·x + b) mod 2^32 of 32-bit words, a odd
-    (an odd a is invertible mod 2^32, so h is a bijection: no two shingles collide)."""
+    """(a, b) for num_hashes affine permutations h(x) = (a·x + b) mod 2^32 of 32-bit words, a odd (an odd a is
+    invertible mod 2^32, so h is a bijection: no two shingles collide)."""
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 2**32, size=num_hashes, dtype=np.uint32, endpoint=False) | np.uint32(1)
     b = rng.integers(0, 2**32, size=num_hashes, dtype=np.uint32, endpoint=False)
@@ -630,14 +560,11 @@ def minhash_params(num_hashes, seed=0):
 def minhash_signatures(shingle_list, a, b, chunk=4096):
     """list of (S_i,) uint64 shingle hashes -> (N, K) uint32 signatures, min_x h_k(x).
 
-    Why such a cheap hash family is enough: the inputs are already uniformly mixed 64-bit shingle
-    hashes, so each h_k is just a fresh random relabelling, and any bijection keeps
-    P[argmin over A ∪ B lies in A ∩ B] = Jaccard(A, B). We use the top 32 bits of x and 32-bit
-    arithmetic (half the memory traffic of 64-bit); the estimate's spread stays the binomial
-    sqrt(J(1-J)/K). (The textbook family is (a·x + b) mod (2^61 - 1); it needs 128-bit products.)
-    All documents' shingles are laid end to end and cut into (K, chunk) tiles that stay in cache;
-    np.minimum.reduceat takes the per-document minima inside a tile, and a document split across
-    two tiles gets the min of both halves."""
+    A cheap hash family is enough: the inputs are already well-mixed 64-bit hashes, so each h_k is a fresh random
+    relabelling, and any bijection keeps P[argmin over A ∪ B lies in A ∩ B] = Jaccard(A, B). 32-bit arithmetic on
+    the top 32 bits of x halves the memory traffic (the textbook (a·x + b) mod (2^61 - 1) needs 128-bit products).
+    The shingles are laid end to end and cut into (K, chunk) tiles that stay in cache; np.minimum.reduceat takes
+    the per-document minima in a tile (a document split across two tiles gets the min of both)."""
     K, N = len(a), len(shingle_list)
     sigs = np.full((N, K), 2**32 - 1, dtype=np.uint32)  # empty document: all max
     lens = np.array([len(s) for s in shingle_list], dtype=np.int64)
@@ -724,22 +651,20 @@ def minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_th
         groups.setdefault(_find(parent, i), []).append(i)
     return [_find(parent, i) == i for i in range(len(texts))], [g for g in groups.values() if len(g) > 1]
 
+
 # ---------------------------------------------------------------
-# The pipeline. Per-document stages (extract, language, PII) run in a process pool over the
-# stream; corpus-level stages (MinHash and line dedup, which need every document at once) and the
-# cheap batched classifiers run in the parent afterwards. Every document gets exactly one fate.
+# The pipeline. Per-document stages (extract, language, PII) run in a process pool over the stream; corpus-level
+# stages (MinHash, line dedup: they need every document at once) and the batched classifiers run in the parent.
+# Every document gets one fate, kept or dropped as "stage:why", so stats.json can give a funnel over STAGES.
 
 _CFG = {}  # the per-document stages' settings, in each worker (set by _doc_init)
-# The stages in pipeline order. Every drop reason is "stage:why", so stats.json can say, per
-# stage, how many documents came in, how many it kept and why it dropped the rest.
 STAGES = ["source", "extract", "lang", "pii", "minhash", "line_dedup", "gopher", "quality", "toxic", "nsfw"]
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON "\ud800" escape decodes to one; UTF-8 cannot encode it
 _SPECIAL_TOKEN = re.compile(r"<\|([\w\-]+)\|>")  # <|endoftext|>, <|user|>, <|assistant|>, <|im_start|>, ...
 
 
 def neutralize_special_tokens(text):
-    """<|user|> -> <user>: -> (text, count). A page that quotes a special token must not become one
-    (bpe.py encodes the literal string as the special id, which would fake a document end or a turn)."""
+    """<|user|> -> <user>: -> (text, count). A quoted special token must not become one (a fake end or turn)."""
     return _SPECIAL_TOKEN.subn(r"<\1>", text)
 
 
@@ -750,12 +675,9 @@ def _doc_init(cfg):
 
 
 def process_document(item):
-    """(doc_id, kind, payload) -> (doc_id, text | None, drop_reason | None, counts, lang, n_bytes);
-    counts: PII masked and repairs made (lone surrogates, special tokens).
-
-    Language ID runs on the extracted text (the tags of any page are English) and before masking
-    (masking a page we then drop is wasted work). Masking runs before dedup, so copies of a page
-    that differ only in an address become exact duplicates."""
+    """(doc_id, kind, payload) -> (doc_id, text | None, drop_reason | None, counts, lang, n_bytes); counts: PII
+    masked and repairs made. Language ID runs on the extracted text (tags are English) and before masking (no work
+    on pages we drop); masking runs before dedup, so copies that differ only in an address become duplicates."""
     doc_id, kind, payload, http_charset = (*item, None)[:4]  # (WARC responses add their HTTP charset)
     if kind == "bad":
         return doc_id, None, f"source:{payload}", {}, None, 0
@@ -803,12 +725,9 @@ def document_stages(items, args, workers, stats):
     """Stages 1-3 (extract, language, PII) over the stream, in a pool of `workers` processes if > 1."""
     cfg = {"lang": None if args.no_lang else args.lang, "min_lang_confidence": args.min_lang_confidence,
            "pii": not args.no_pii, "fasttext_lid": args.fasttext_lid}
-    pool = None
-    if workers > 1:
-        import multiprocessing as mp
-        # spawn, not fork: a forked child inherits the parent's threads' locks (torch, if loaded)
-        pool = mp.get_context("spawn").Pool(workers, initializer=_doc_init, initargs=(cfg,))
-    else:
+    # spawn, not fork: a forked child inherits the parent's threads' locks (torch, if loaded)
+    pool = mp.get_context("spawn").Pool(workers, initializer=_doc_init, initargs=(cfg,)) if workers > 1 else None
+    if pool is None:
         _doc_init(cfg)
     ids, texts, items, t0 = [], [], iter(items), time.time()
     try:
@@ -840,8 +759,7 @@ def document_stages(items, args, workers, stats):
 
 def corpus_stages(ids, texts, args, stats):
     """Stages that need every document at once, then the classifiers: -> the survivors (ids, texts)."""
-    # Near-duplicates first: line dedup would otherwise strip the shared lines of near-identical
-    # pages (the encodings.* codecs) and leave husks that Gopher drops for the wrong reason.
+    # Near-duplicates first: line dedup would strip the shared lines of near-identical pages and leave husks.
     if not args.no_dedup and texts:
         t1 = time.time()
         keep, clusters = minhash_dedup_docs(texts, args.num_hashes, args.num_bands, args.ngrams, args.jaccard_threshold)
@@ -860,15 +778,13 @@ def corpus_stages(ids, texts, args, stats):
                                       ("nsfw", "nsfw", args.no_nsfw, args.nsfw_model, args.nsfw_threshold)):
         if not off and texts:
             set_classifier(kind, path)
-            preds = classify_batch(kind, texts)
             ids, texts = _keep_only(stats, ids, texts, [f"{kind}:{lbl}" if lbl == bad and p >= thr else None
-                                                        for lbl, p in preds])
+                                                        for lbl, p in classify_batch(kind, texts)])
     return ids, texts
 
 
 def split_train_val(ids, val_fraction):
-    """-> in_val per document, by a hash of its id: stable across runs and independent of document
-    order (a document never moves between train and val when others are added). Never an empty val."""
+    """-> in_val per document, by a hash of its id (stable, whatever else is added); never an empty val."""
     in_val = [int(hashlib.sha1(d.encode()).hexdigest()[:8], 16) % 10000 < val_fraction * 10000 for d in ids]
     if ids and not any(in_val):
         in_val[min(range(len(ids)), key=lambda i: hashlib.sha1(ids[i].encode()).hexdigest())] = True
@@ -885,16 +801,14 @@ def write_splits(out_dir, texts, in_val, tokenizer, workers, stats):
             f.write("".join(t + "\n" + EOT for t in docs))
         stats[f"{split}_docs"] = len(docs)
         stats[f"{split}_bytes"] = os.path.getsize(path)
-    if tokenizer:
-        import bpe  # lazy: only needed to write token files
-        for split in ("train", "val"):
-            src, dst = os.path.join(out_dir, f"{split}.txt"), os.path.join(out_dir, f"{split}.bin")
-            if stats[f"{split}_docs"] == 0:  # bpe.encode_file refuses an empty input: write an empty file
-                with atomic_write(dst, "wb"):
-                    pass
-                stats[f"{split}_tokens"] = 0
-            else:
-                stats[f"{split}_tokens"] = int(bpe.encode_file(tokenizer, src, dst, workers=workers))
+    for split in ("train", "val") if tokenizer else ():
+        src, dst = os.path.join(out_dir, f"{split}.txt"), os.path.join(out_dir, f"{split}.bin")
+        if stats[f"{split}_docs"] == 0:  # bpe.encode_file refuses an empty input: write an empty file
+            with atomic_write(dst, "wb"):
+                pass
+            stats[f"{split}_tokens"] = 0
+        else:
+            stats[f"{split}_tokens"] = int(bpe.encode_file(tokenizer, src, dst, workers=workers))
 
 
 def build_corpus(items, args, doc_workers=None):
@@ -929,33 +843,30 @@ def print_corpus_stats(stats, out_dir):
         why = ", ".join(f"{r.split(':', 1)[1]}: {n}" for r, n in sorted(stats["dropped_by_reason"].items())
                         if r.split(":")[0] == stage)
         print(f"{stage:<14}{alive:>10}   {why}")
-    print(f"PII masked: {dict(stats['pii'])}; lines removed by line dedup: {stats.get('lines_removed_by_line_dedup', 0)}")
+    print(f"PII masked: {dict(stats['pii'])}; lines removed by line dedup: "
+          f"{stats.get('lines_removed_by_line_dedup', 0)}")
     print(f"train: {stats['train_docs']} docs, {stats['train_bytes'] / 1e6:.2f} MB | val: {stats['val_docs']} docs, "
-          f"{stats['val_bytes'] / 1e6:.2f} MB | {stats['bytes_in'] / 1e6:.1f} MB in | {stats['seconds_total']:.1f} s -> {out_dir}")
+          f"{stats['val_bytes'] / 1e6:.2f} MB | {stats['bytes_in'] / 1e6:.1f} MB in | {stats['seconds_total']:.1f} s"
+          f" -> {out_dir}")
 
 
 # ---------------------------------------------------------------
 # Making it fast: the shingle hashes.
-# The MinHash stage above needs every document's shingles as 64-bit hashes. Hashing strings one
-# shingle at a time in Python is what makes naive dedup slow, so here we never loop in Python per
-# document, word, shingle or hash function: a batch of documents is normalized by one
-# bytes.translate and one regex, and word hashes and n-grams are numpy array operations over the
-# whole batch (uint64 arithmetic wraps around mod 2^64, silently). The README has the benchmark
-# against datasketch (`python bench.py data`); the tests check these hashes against `shingles`.
+# MinHash needs every document's shingles as 64-bit hashes, and hashing strings one at a time in Python is what
+# makes naive dedup slow. Here nothing loops in Python per document, word, shingle or hash: a batch is normalized
+# by one bytes.translate and one regex, and word and n-gram hashes are numpy operations over the whole batch
+# (uint64 wraps mod 2^64). README: the benchmark against datasketch (`python bench.py data`).
 
 def _mix64(h):
-    """splitmix64's finalizer (Steele, Lea & Flood 2014; Stafford's "Mix13" constants): every input
-    bit flips each output bit with probability ~1/2. The word and n-gram hashes below are linear
-    (xor, multiply-add), so without this, similar inputs give related outputs and "random" minima
-    stop being random."""
+    """splitmix64's finalizer (Steele, Lea & Flood 2014; Stafford's "Mix13"): each input bit flips each output bit
+    with probability ~1/2. The hashes below are linear, so without it similar inputs give related minima."""
     h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return h ^ (h >> np.uint64(31))
 
 
-# normalize_for_dedup on bytes, in C: a 256-byte table lowercases ASCII letters, keeps digits and
-# the UTF-8 bytes of non-ASCII word characters, and maps everything else to a space; runs of spaces
-# then collapse. Non-ASCII text first loses accents and non-word symbols (a regex, in C).
+# normalize_for_dedup on bytes, in C: a 256-byte table lowercases ASCII letters, keeps digits and non-ASCII bytes,
+# and maps the rest to a space. Non-ASCII text first loses accents and non-word symbols (a regex).
 _TABLE = bytes([c | 0x20 if chr(c).isalpha() else c if chr(c).isdigit() else 32 for c in range(128)]
                + list(range(128, 256)))
 _NON_ASCII_SYMBOL = re.compile(r"[^\x00-\x7f\w]")
@@ -977,13 +888,11 @@ def shingle_hashes(text, ngrams):
 
 
 def shingle_hashes_batch(texts, ngrams, batch_docs=2000):
-    """64-bit hashes of every document's word n-grams, repeats included (a repeat cannot change a
-    minimum, so only the few candidate pairs that reach the exact Jaccard check pay for np.unique).
-    A constant number of numpy calls per batch of documents: none per document, word or shingle."""
-    return [x for i in range(0, len(texts), batch_docs) for x in _shingles_of_batch(texts[i:i + batch_docs], ngrams)]
-
-
-def _shingles_of_batch(texts, ngrams):
+    """64-bit hashes of every document's word n-grams, repeats included (a repeat cannot change a minimum; only
+    candidate pairs pay for np.unique). A constant number of numpy calls per batch of documents."""
+    if not 0 < len(texts) <= batch_docs:  # one batch at a time (and no batch at all for no texts)
+        return [x for i in range(0, len(texts), batch_docs)
+                for x in shingle_hashes_batch(texts[i:i + batch_docs], ngrams, batch_docs)]
     # Normalize the whole batch in one pass, documents joined by "\xff" words (a byte UTF-8 never uses).
     b = np.frombuffer(b" \xff ".join(map(_ascii_or_stripped, texts)).translate(_TABLE), dtype=np.uint8)
     space = b == 32
@@ -994,10 +903,9 @@ def _shingles_of_batch(texts, ngrams):
     b = np.concatenate([b[:n], np.zeros(40, dtype=np.uint8)])  # padding: 8-byte loads may run past the end
     starts = np.concatenate([[0], np.flatnonzero(b[:n] == 32) + 1])  # (W,) first byte of each word
     lengths = np.diff(np.concatenate([starts, [n + 1]])) - 1  # (W,)
-    # Word hash from the word's bytes read as little-endian 64-bit integers, one load per 8-byte
-    # piece (per word, not per byte): mix in the length and the first piece, then the 2nd, 3rd and
-    # 4th pieces only for the words that long, then the last 8 bytes of words over 32 bytes (so
-    # those are told apart by length, head and tail only: a deliberate shortcut).
+    # Word hash: the word's bytes as little-endian 64-bit loads, one per 8-byte piece: the length and 1st piece,
+    # then the 2nd-4th pieces for words that long, then the last 8 bytes of longer words (told apart by length,
+    # head and tail only: a deliberate shortcut).
     u64 = np.ndarray((len(b) - 7,), dtype="<u8", buffer=b, strides=(1,))  # unaligned: bytes i..i+7
     wh = _mix64(lengths.astype(np.uint64) ^ (u64[starts] & _MASKS[np.minimum(lengths, 8)]))  # (W,)
     for k in (1, 2, 3):
@@ -1010,10 +918,9 @@ def _shingles_of_batch(texts, ngrams):
     nw = np.diff(np.concatenate([[-1], np.flatnonzero(is_sep), [len(starts) if n else 0]])) - 1
     wh = wh[~is_sep] if n else np.zeros(0, dtype=np.uint64)
     W, ws = len(wh), np.cumsum(nw) - nw
-    # n-gram hash = the polynomial w_0·P^(n-1) + w_1·P^(n-2) + ... + w_(n-1) (mod 2^64) of its word
-    # hashes, grown one word at a time at every position at once (Horner); windows that run into the
-    # next document are masked out. A document shorter than n words is a single shingle, its whole
-    # word sequence: we save that value while the polynomial has exactly as many words.
+    # n-gram hash = w_0·P^(n-1) + w_1·P^(n-2) + ... + w_(n-1) (mod 2^64), grown one word at a time at every position
+    # at once (Horner); windows that run into the next document are masked out. A document shorter than n words is
+    # one shingle: we save its value while the polynomial has exactly as many words.
     h, inside = wh.copy(), np.arange(W) + ngrams - 1 < np.repeat(ws + nw, nw)  # (W,) window fits
     short = []
     for j in range(1, ngrams):
@@ -1024,7 +931,6 @@ def _shingles_of_batch(texts, ngrams):
         h[where], inside[where] = val, True
     counts = np.where(nw >= ngrams, nw - ngrams + 1, np.minimum(nw, 1))  # shingles per document
     return np.split(_mix64(h[inside]), np.cumsum(counts)[:-1])
-
 
 
 # ---------------------------------------------------------------
@@ -1081,16 +987,11 @@ def build_parser():
     p.add_argument("--no-line-dedup", action="store_true", help="skip exact line dedup")
     p.add_argument("--line-dedup-min-docs", type=int, default=10, help="a line in >= this many documents is boilerplate")
     p.add_argument("--no-gopher", action="store_true", help="skip the Gopher quality rules")
-    # stage 5: classifiers
-    p.add_argument("--no-quality", action="store_true", help="skip the quality classifier")
-    p.add_argument("--quality-model", default=None, help="quality classifier .pt (default: train on fixtures/)")
-    p.add_argument("--quality-threshold", type=float, default=0.9, help="drop when P(low) >= this")
-    p.add_argument("--no-toxic", action="store_true", help="skip the toxic-speech classifier")
-    p.add_argument("--toxic-model", default=None, help="toxic-speech classifier .pt (default: train on fixtures/)")
-    p.add_argument("--toxic-threshold", type=float, default=0.9, help="drop when P(toxic) >= this")
-    p.add_argument("--no-nsfw", action="store_true", help="skip the NSFW classifier")
-    p.add_argument("--nsfw-model", default=None, help="NSFW classifier .pt (default: train on fixtures/)")
-    p.add_argument("--nsfw-threshold", type=float, default=0.9, help="drop when P(nsfw) >= this")
+    # stage 5: classifiers: --no-quality, --quality-model, --quality-threshold, the same for toxic and nsfw
+    for kind, name, bad in (("quality", "quality", "low"), ("toxic", "toxic-speech", "toxic"), ("nsfw", "NSFW", "nsfw")):
+        p.add_argument(f"--no-{kind}", action="store_true", help=f"skip the {name} classifier")
+        p.add_argument(f"--{kind}-model", default=None, help=f"{name} classifier .pt (default: train on fixtures/)")
+        p.add_argument(f"--{kind}-threshold", type=float, default=0.9, help=f"drop when P({bad}) >= this")
     # stage 7: MinHash
     p.add_argument("--no-dedup", action="store_true", help="skip MinHash near-duplicate removal")
     p.add_argument("--num-hashes", type=int, default=128, help="MinHash signature length")
@@ -1121,28 +1022,22 @@ def main(argv=None):
     modules = args.modules.split(",") if args.modules else stdlib_modules(args.max_submodules)
     docs = iter_stdlib_docs(modules, args.workers, args.render_timeout)
     items = docs if not args.no_topics else (d for d in docs if not d[0].startswith("topic:"))
-    # Rendering is the expensive part and already has the workers: processing the pages in this
-    # process is faster than a second pool competing for the same cores.
+    # Rendering is the expensive part and already has the workers: processing the pages in this process is faster
+    # than a second pool competing for the same cores.
     return build_corpus(items, args, doc_workers=1)
 
 
-
 # ---------------------------------------------------------------
-# Appendix A: sources. Everything becomes a stream of (doc_id, kind, payload) with kind "html"
-# (bytes; a WARC response adds a 4th item, its HTTP charset), "text" (str) or "bad" (payload = the
-# reason), so broken inputs are counted, never fatal: a crawl of a billion pages always contains a
-# truncated file, and it must cost one record, not the run.
+# Appendix A: sources -> a stream of (doc_id, kind, payload), kind "html" (bytes; WARC responses add their HTTP
+# charset), "text" or "bad" (payload = the reason): a billion-page crawl has truncated files; each costs a record.
 
 def iter_warc(path):
-    """Records of a WARC/WET file (.gz or plain). Survives truncation and malformed records.
-
-    A WARC record (ISO 28500) is a "WARC/1.0" line, "Key: value" headers, a blank line, then exactly
-    Content-Length bytes of body. Common Crawl gzips each record separately, so everything before a
-    cut still decompresses. WARC files hold raw HTTP responses; WET files the extracted text."""
-    opener = gzip.open if path.endswith(".gz") else open
+    """Records of a WARC (raw HTTP responses) or WET (extracted text) file, .gz or plain. A record (ISO 28500) is a
+    "WARC/1.0" line, "Key: value" headers, a blank line, Content-Length bytes of body. Common Crawl gzips each
+    record separately, so everything before a cut still decompresses."""
     n = 0
     try:
-        with opener(path, "rb") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             resync = False
             for line in iter(f.readline, b""):
                 if not line.startswith(b"WARC/"):  # the blank lines between records, or garbage
@@ -1151,12 +1046,9 @@ def iter_warc(path):
                         resync = True
                     continue
                 resync = False
-                headers = {}
-                for line in iter(f.readline, b""):
-                    if not line.strip():
-                        break
-                    key, _, value = line.decode("utf-8", "replace").partition(":")
-                    headers[key.strip().lower()] = value.strip()
+                lines = itertools.takewhile(bytes.strip, iter(f.readline, b""))  # the headers end at a blank line
+                headers = {k.strip().lower(): v.strip() for k, _, v in (x.decode("utf-8", "replace").partition(":")
+                                                                         for x in lines)}
                 n += 1
                 doc_id = headers.get("warc-record-id") or f"{path}#{n}"
                 try:
@@ -1184,7 +1076,8 @@ def iter_warc(path):
                 else:  # warcinfo, request, metadata, ...: records, but not documents (still counted)
                     yield doc_id, "bad", "not_a_document"
     except (EOFError, OSError, zlib.error) as e:  # truncated gzip stream, bad CRC, not gzip...
-        yield f"{path}#{n + 1}", "bad", "truncated" if isinstance(e, EOFError) or "end" in str(e).lower() else "corrupt_file"
+        truncated = isinstance(e, EOFError) or "end" in str(e).lower()
+        yield f"{path}#{n + 1}", "bad", "truncated" if truncated else "corrupt_file"
 
 
 def iter_source(path):
@@ -1226,15 +1119,14 @@ def download(url, cache_dir):
     have = os.path.getsize(part) if os.path.exists(part) else 0
     req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        # Append only if the server answered 206 Partial Content; a 200 (Range ignored, as file://
-        # does) resends the whole file, so the stale part is rewritten from scratch.
+        # Append only on 206 Partial Content; a 200 (Range ignored, as file:// does) resends the whole file.
         with urllib.request.urlopen(req, timeout=60) as r, open(part, "ab" if have and r.status == 206 else "wb") as f:
             total, done, t0 = int(r.headers.get("Content-Length") or 0), 0, time.time()
             while chunk := r.read(1 << 20):
                 f.write(chunk)
                 done += len(chunk)
                 if total:
-                    _progress(f"download {base}", done, total, t0)
+                    bpe._progress(f"download {base}", done, total, t0)
             f.flush()
             os.fsync(f.fileno())  # as in atomic_write (which cannot keep a .part to resume from)
     except OSError as e:
@@ -1245,12 +1137,10 @@ def download(url, cache_dir):
 
 # ---------------------------------------------------------------
 # Appendix B: the default corpus. The standard library renders its own documentation.
-# We want a corpus that needs no download and comes out byte-identical on every run, so that tests
-# and benchmarks can compare outputs. Importing a module can have side effects, so rendering
-# happens in worker processes that we can time-box (SIGALRM inside the task, plus a hard timeout
-# from the parent), with stdout/stderr silenced and a scrubbed environment (pydoc prints
-# module-level data such as os.environ!). The rest of this section removes, one by one, every way
-# the machine or the run leaks into a page.
+# A corpus that needs no download and is byte-identical on every run, so tests and benchmarks can compare outputs.
+# Importing a module can have side effects, so rendering runs in time-boxed workers (SIGALRM, plus a timeout from
+# the parent), output silenced, environment scrubbed (pydoc prints module data such as os.environ!). The rest of
+# this section removes, one by one, every way the machine or the run leaks into a page.
 
 # Opens windows, prints on import, or exists only on Windows.
 _SKIP_MODULES = {"antigravity", "this", "tkinter", "turtle", "turtledemo", "idlelib", "pydoc_data",
@@ -1258,8 +1148,7 @@ _SKIP_MODULES = {"antigravity", "this", "tkinter", "turtle", "turtledemo", "idle
 
 
 def stdlib_modules(max_submodules=300):
-    """Sorted public stdlib modules plus (bounded) submodules of packages, found without importing
-    (an import runs module code; that happens later, in a time-boxed worker)."""
+    """Sorted public stdlib modules plus (bounded) submodules of packages, found without importing them."""
     import importlib.util
     import pkgutil
     names = []
@@ -1274,8 +1163,7 @@ def stdlib_modules(max_submodules=300):
         if spec is None or not spec.submodule_search_locations:
             continue
         subs, stack = [], [(list(spec.submodule_search_locations), top)]
-        # Breadth-first over the package directories, capped: the shallow, documented modules come
-        # first, and no one package (encodings has ~120 near-identical codecs) swamps the corpus.
+        # Breadth-first, capped: shallow modules first, and no package (encodings: ~120 codecs) swamps the corpus.
         while stack and len(subs) < max_submodules:
             paths, prefix = stack.pop(0)
             for info in sorted(pkgutil.iter_modules(paths), key=lambda m: m.name):
@@ -1292,13 +1180,10 @@ _VOLATILE_SYS = {"modules", "path", "path_importer_cache", "meta_path", "path_ho
                  "last_type", "last_value", "last_traceback", "ps1", "ps2", "stdin", "stdout", "stderr",
                  "__stdin__", "__stdout__", "__stderr__"}
 _MACHINE_PATHS = {}  # this machine's path -> a neutral stand-in, filled in each worker
-_RENDER_TIMEOUT = 20
 
 
-def _render_init(timeout):
+def _render_init():
     """Worker setup: note the paths to neutralize, then scrub environment, argv and output."""
-    global _RENDER_TIMEOUT
-    _RENDER_TIMEOUT = timeout
     _MACHINE_PATHS.update({p: "/usr" for p in {sys.prefix, sys.base_prefix, sys.exec_prefix} if len(p) > 1})
     for p in (os.getcwd(), os.path.dirname(os.path.abspath(__file__))):
         if len(p) > 1 and not sys.prefix.startswith(p):  # (cwd "/" must not turn every "/" into ".")
@@ -1315,13 +1200,13 @@ def _on_alarm(signum, frame):
     raise TimeoutError
 
 
-def render_module_html(name):
+def render_module_html(name, timeout=20):
     """-> (name, html_str | None, failure_reason | None). Runs inside a worker process."""
     import importlib
     import pydoc
     import signal
     signal.signal(signal.SIGALRM, _on_alarm)
-    signal.alarm(_RENDER_TIMEOUT)
+    signal.alarm(timeout)
     try:
         module = importlib.import_module(name)
         if name == "sys":  # live interpreter state, not documentation: it depends on what ran before
@@ -1335,39 +1220,34 @@ def render_module_html(name):
         return name, None, "import_error"
     finally:
         signal.alarm(0)
-    # Object reprs carry memory addresses that change every run ("<object object at 0x7f..>",
-    # "<PyDLL 'None', handle 7f..>"; pydoc writes the spaces as &nbsp;): drop them (determinism).
+    # Reprs carry memory addresses that change every run ("<object object at 0x7f..>", "handle 7f.."): drop them.
     page = re.sub(r"(?:\s|&nbsp;)(?:at(?:\s|&nbsp;)0x[0-9a-fA-F]+|handle(?:\s|&nbsp;)[0-9a-fA-F]{8,})", "", page)
-    # Where Python is installed is a fact about this machine, not about the library: write every
-    # install prefix as /usr and the working directory as ".", so the corpus is the same everywhere.
-    # Longest first, so that a path is never half-rewritten through a shorter path it starts with.
+    # Where Python is installed is a fact about this machine: install prefixes become /usr, the working directory
+    # ".". Longest first, so a path is never half-rewritten through a shorter path it starts with.
     for path, neutral in sorted(_MACHINE_PATHS.items(), key=lambda kv: -len(kv[0])):
         page = page.replace(path, neutral)
     return name, page, None
 
 
-def render_shard(names):
+def render_shard(names, timeout):
     """Render modules one after another in this (fresh) worker: [(name, html | None, reason)]."""
-    return [render_module_html(name) for name in names]
+    return [render_module_html(name, timeout) for name in names]
 
 
 def iter_stdlib_docs(modules, workers, timeout=20, shard_size=40):
     """Yield (doc_id, "html", bytes) for each module, in order, then the pydoc_data topics."""
-    import multiprocessing as mp
     import pydoc
     from pydoc_data.topics import topics
-    # A page can depend on what the rendering process imported before (pydoc decides where a class
-    # "lives" from sys.modules), so each fixed shard of modules gets its own fresh process: the
-    # output then depends only on the module list, not on which worker was free. Workers are
-    # spawned with a fixed PYTHONHASHSEED (set/dict reprs in the same order on every run), TZ=UTC
-    # (the time module's page shows it) and no HOME (the site module's shows ~/.local). The pool
-    # respawns workers from the parent's environment, so it stays set until the pool is closed.
+    # A page can depend on what its process imported before (pydoc finds where a class "lives" in sys.modules), so
+    # each fixed shard of modules gets a fresh process: the output depends only on the module list. Workers get a
+    # fixed PYTHONHASHSEED (set reprs), TZ=UTC (the time module's page) and no HOME (site's ~/.local); the pool
+    # respawns workers from the parent's environment, so it stays set until the pool closes.
     saved = dict(os.environ)
     os.environ.update({"PYTHONHASHSEED": "0", "TZ": "UTC", "HOME": "/nonexistent"})
     os.environ.pop("PYTHONUSERBASE", None)
-    pool = mp.get_context("spawn").Pool(workers, initializer=_render_init, initargs=(timeout,), maxtasksperchild=1)
+    pool = mp.get_context("spawn").Pool(workers, initializer=_render_init, maxtasksperchild=1)
     shards = [modules[i:i + shard_size] for i in range(0, len(modules), shard_size)]
-    pending = [pool.apply_async(render_shard, (shard,)) for shard in shards]
+    pending = [pool.apply_async(render_shard, (shard, timeout)) for shard in shards]
     t0, hung, done = time.time(), False, 0
     try:
         for shard, res in zip(shards, pending):
