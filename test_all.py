@@ -1067,7 +1067,7 @@ def test_bpe_cli_train_encode_stats(tmp_path, capsys):
     assert np.fromfile(tmp_path / "c.bin", dtype=np.uint16).tolist() == tok.encode(p.read_text(encoding="utf-8"))
     bpe.main(["stats", "--tokenizer", str(tmp_path / "tok"), "--input", str(p)])
     out = capsys.readouterr().out
-    assert "tokens/word" in out and "numbers" in out and "non-English" in out
+    assert "bytes/token" in out and "multilingual cost" in out and "digits" in out
 
 
 def _cli(*args):
@@ -1203,6 +1203,298 @@ def test_bpe_long_word_merge_equals_plain(trained):
     plain = bpe.Tokenizer(vocab, merges, SPECIALS, fast=False)
     text = " ".join(words)
     assert tok.encode(text) == plain.encode(text)
+
+
+# --- stats: the pathology sections ---
+
+def test_bpe_stats_under_trained_equals_naive_count(trained):
+    """under_trained == a naive count over encode's ids: learned, non-special entries used <= max_count times."""
+    _, vocab, _, tok = trained
+    text = _corpus()[:8000] + "<|user|>"
+    naive = {i: 0 for i in tok.vocab}
+    for i in tok.encode(text):
+        naive[i] += 1
+    for m in (0, 1, 3):
+        want = sorted((c, i) for i, c in naive.items() if c <= m and len(tok.vocab[i]) > 1 and i not in (256, 257, 258))
+        assert bpe.under_trained(tok, text, m) == want and want
+    assert all(c <= 1 for c, _ in bpe.under_trained(tok, text)) and (0, 257) not in bpe.under_trained(tok, "x")
+
+
+def test_bpe_stats_cost_by_group_equals_naive_sums(trained):
+    """cost_by_group == per-group sums of (tokens, bytes, chars, strings) done by hand; bytes-only: tokens == bytes."""
+    tok, r = trained[3], random.Random(5)
+    pairs = [(r.choice("abc"), MIXED[r.randrange(300):][:r.randrange(40)]) for _ in range(60)]
+    got = bpe.cost_by_group(tok, pairs)
+    for g in "abc":
+        mine = [(len(tok.encode(s)), len(s.encode("utf-8")), len(s)) for h, s in pairs if h == g]
+        assert list(got[g]) == [sum(x[0] for x in mine), sum(x[1] for x in mine), sum(x[2] for x in mine), len(mine)]
+    raw = bpe.Tokenizer({i: bytes([i]) for i in range(256)}, [])
+    for t, b, _, _ in bpe.cost_by_group(raw, pairs).values():
+        assert t == b  # no merges: one token per byte, tokens/byte == 1 in every language
+
+
+def test_bpe_stats_sections(trained, tmp_path, capsys):
+    """`stats` prints the four sections; with a bytes-only vocab each indent costs its width and every language
+    1 token/byte (closed forms); --ckpt's median embedding norm == torch's on the checkpoint."""
+    (tmp_path / "par.txt").write_text("# c\nen\tThe cat.\nru\tКошка.\n", encoding="utf-8")
+    raw = bpe.Tokenizer({i: bytes([i]) for i in range(256)}, [])
+    text = "x = 1\n    y = 22\n    z\n\tw 4444\n"
+    bpe.print_stats(raw, text, parallel=str(tmp_path / "par.txt"))
+    out = capsys.readouterr().out
+    for title in ("under-trained tokens", "multilingual cost", "digits", "code"):
+        assert f"\n{title}" in out
+    assert "'····' (2): 4.00" in out and "'\\t' (1): 1.00" in out and "1: 1.00 (1.00) | 2: 2.00 (1.00) | 4: 4.00" in out
+    assert "1.000 tokens/byte" in out and "ru" in out and "Кошка" not in out
+    m = M.TransformerLM(tiny_cfg(vocab_size=len(trained[3])))
+    torch.save({"model": m.state_dict(), "config": dict(vars(m.cfg))}, tmp_path / "c.pt")
+    trained[3].save(tmp_path / "tok")
+    bpe.main(["stats", "--tokenizer", str(tmp_path / "tok"), "--input", trained[0], "--ckpt", str(tmp_path / "c.pt")])
+    assert f"median {m.token_embeddings.weight.detach().norm(dim=1).median():.3f}," in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------
+# bpe.py, other tokenizers: WordPiece (MaxMatch) and the Unigram LM (EM, Viterbi, sampling).
+# Trusted references: brute-force enumeration of every segmentation of short strings, hand-worked
+# MaxMatch, the definition of one EM step, round trips on random Unicode.
+
+ALGO_SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
+
+
+def _algo_corpus():
+    """~40 KB: stdlib docs, mixed scripts, numbers, code; documents cut by a special token."""
+    t = pydoc_topics
+    mixed = ("Größenordnung, l'élève français. Привет, мир! 日本語のテキスト。 مرحبا 🙂🎉 👩‍💻\n"
+             "    def f(x):\n        return x + 1234567  # code\n\n\t\ttabs\r\n")
+    return "<|endoftext|>".join([t.topics[k] for k in sorted(t.topics)[:12]] + [mixed * 3] * 4)
+
+
+@pytest.fixture(scope="module")
+def algo_toks(tmp_path_factory):
+    d = tmp_path_factory.mktemp("algos")
+    (d / "corpus.txt").write_text(_algo_corpus(), encoding="utf-8")
+    toks = {a: bpe.train_tokenizer(a, str(d / "corpus.txt"), 420, ALGO_SPECIALS, workers=1)
+            for a in ("bpe", "wordpiece")}
+    toks["unigram"] = bpe.train_tokenizer("unigram", str(d / "corpus.txt"), 420, ALGO_SPECIALS, workers=1,
+                                         seed_size=1500, shrink=0.6)  # fewer rounds: a faster test
+    return toks
+
+
+def _random_unicode(rng, n):
+    """Random code points: ASCII, Latin-1, combining marks, Cyrillic, CJK, astral, digits, whitespace runs, specials."""
+    ranges = [(0x20, 0x7E), (0xA0, 0xFF), (0x300, 0x36F), (0x400, 0x4FF), (0x4E00, 0x4E80), (0x1F300, 0x1F6FF),
+              (0x10000, 0x1007F), (0x30, 0x39)]
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.1:
+            out.append(rng.choice([" " * rng.randint(1, 9), "\n" * rng.randint(1, 4), "\t\t", "\r\n", "\u3000 "]))
+        elif r < 0.15:
+            out.append(rng.choice(ALGO_SPECIALS))
+        else:
+            lo, hi = rng.choice(ranges)
+            out.append(chr(rng.randint(lo, hi)))
+    return "".join(out)
+
+
+def _segmentations(word, pieces):
+    """Every way to spell `word` as a sequence of `pieces` (the naive reference)."""
+    if not word:
+        return [[]]
+    return [[word[:k]] + rest for k in range(1, len(word) + 1) if word[:k] in pieces
+            for rest in _segmentations(word[k:], pieces)]
+
+
+def _toy_logp(rng, pieces):
+    raw = {p: rng.random() + 0.05 for p in pieces}
+    total = sum(raw.values())
+    return {p: math.log(v / total) for p, v in raw.items()}
+
+
+def test_bpe_digit_groups_pattern():
+    """Digit groups = naive left-to-right 3-chunks of every digit run, no text lost; n=1 == SPLIT_DIGITS_PATTERN."""
+    p3 = bpe.digit_groups_pattern(bpe.GPT2_PATTERN, 3)
+    assert regex.findall(p3, "1234567") == ["123", "456", "7"]
+    assert regex.findall(p3, "x 2024.5") == ["x", " ", "202", "4", ".", "5"]
+    rng = random.Random(0)
+    for _ in range(200):
+        s = "".join(rng.choice(["1", "23", "4567", "a", "bc", " ", "  ", ".", "\n", "٣"]) for _ in range(12))
+        got = regex.findall(p3, s)
+        want = [run[i:i + 3] for run in regex.findall(r"\p{N}+", s) for i in range(0, len(run), 3)]
+        assert [t for t in got if regex.fullmatch(r"\p{N}+", t)] == want
+        assert all(not regex.search(r"\p{N}", t) for t in got if not regex.fullmatch(r"\p{N}+", t))
+        assert "".join(got) == s
+        p1 = bpe.digit_groups_pattern(bpe.GPT2_PATTERN, 1)
+        assert regex.findall(p1, s) == regex.findall(bpe.SPLIT_DIGITS_PATTERN, s)
+    with pytest.raises(ValueError):
+        bpe.digit_groups_pattern(bpe.SPLIT_DIGITS_PATTERN, 3)
+
+
+def test_bpe_wordpiece_maxmatch_by_hand():
+    """WordPiece = greedy longest match (worked by hand), byte fallback; word-initial " the" != internal "the"."""
+    vocab = {i: bytes([i]) for i in range(256)}
+    for p in [b"xa", b"xab", b"bcd", b" the", b"the", b"\xc3\xa9t\xc3\xa9"]:
+        vocab[len(vocab)] = p
+    tok = bpe.WordPieceTokenizer(vocab)
+    spell = lambda s: [tok.vocab[i] for i in tok.encode(s)]
+    assert spell("xabcd") == [b"xab", b"c", b"d"]  # the fewest would be xa|bcd
+    assert spell(" the bathe") == [b" the", b" ", b"b", b"a", b"the"]
+    assert spell("été!") == [b"\xc3\xa9t\xc3\xa9", b"!"]
+    assert spell("xé") == [b"x", b"\xc3", b"\xa9"]  # no piece: single bytes
+    assert tok.encode(" the") != tok.encode("the")
+
+
+def test_bpe_unigram_viterbi_equals_brute_force():
+    """Viterbi == the best of all enumerated segmentations of short strings (random scores: a unique best)."""
+    rng = random.Random(1)
+    for trial in range(30):
+        pieces = {bytes([c]) for c in b"abc"} | {bytes(rng.choice(b"abc") for _ in range(rng.randint(2, 4)))
+                                                 for _ in range(12)}
+        logp = _toy_logp(rng, pieces)
+        for _ in range(5):
+            w = bytes(rng.choice(b"abc") for _ in range(rng.randint(1, 9)))
+            best = max(_segmentations(w, pieces), key=lambda seg: sum(logp[p] for p in seg))
+            assert bpe.unigram_segment(w, logp, 4) == best
+
+
+def test_bpe_unigram_em_step_by_hand():
+    """One EM step == its definition on a toy corpus: counts and log-likelihood by enumerating segmentations."""
+    rng = random.Random(2)
+    pieces = {b"a", b"b", b"c", b"ab", b"bc", b"abc", b"ca"}
+    logp = _toy_logp(rng, pieces)
+    words = {b"ab": 3, b"abc": 1, b"bca": 2, b"cab": 1}
+    counts, loglik = Counter(), 0.0
+    for w, c in words.items():
+        segs = _segmentations(w, pieces)
+        weights = [math.exp(sum(logp[p] for p in seg)) for seg in segs]
+        loglik += c * math.log(sum(weights))
+        for seg, wt in zip(segs, weights):
+            for p in seg:
+                counts[p] += c * wt / sum(weights)
+    new, got_ll = bpe.unigram_em_step(words, logp, 3)
+    total = sum(counts.values())
+    assert set(new) == pieces and all(counts[p] > 1e-3 for p in pieces)  # no floor involved
+    for p in pieces:
+        assert math.isclose(new[p], math.log(counts[p] / total), rel_tol=1e-12, abs_tol=1e-12)
+    assert math.isclose(got_ll, loglik, rel_tol=1e-12)
+
+
+def test_bpe_unigram_sampling_matches_enumeration():
+    """Sampled segmentations follow P(seg)^alpha / Z (enumerated exactly); a large alpha gives Viterbi's."""
+    rng = random.Random(3)
+    pieces = {b"a", b"b", b"c", b"d", b"ab", b"bc", b"cd", b"abc", b"bcd"}
+    logp = _toy_logp(rng, pieces)
+    w, alpha, n = b"abcd", 0.5, 4000
+    segs = _segmentations(w, pieces)
+    weights = [math.exp(alpha * sum(logp[p] for p in seg)) for seg in segs]
+    gen = np.random.default_rng(0)
+    seen = Counter(tuple(bpe.unigram_segment(w, logp, 3, alpha, gen)) for _ in range(n))
+    assert set(seen) <= {tuple(s) for s in segs}
+    for seg, wt in zip(segs, weights):
+        assert abs(seen[tuple(seg)] / n - wt / sum(weights)) < 0.03
+    assert bpe.unigram_segment(w, logp, 3, 200.0, gen) == bpe.unigram_segment(w, logp, 3)
+
+
+def test_bpe_unigram_prune_by_loss():
+    """Pruning keeps all bytes and the piece of largest loss freq(x) (log p(x) - log p(alt(x))), worked by hand."""
+    logp = {bytes([i]): math.log(1 / 1000) for i in range(256)}
+    logp.update({b"ab": math.log(0.2), b"cd": math.log(0.1), b"zz": math.log(0.05)})
+    pruned = bpe.unigram_prune({b"ab": 10, b"cd": 1, b"xy": 5}, logp, 2, keep=1)
+    assert set(pruned) == set(logp) - {b"cd", b"zz"}  # "zz" is never used: loss 0
+    assert pruned[b"ab"] == logp[b"ab"]
+
+
+def test_bpe_algos_round_trip_random_unicode(algo_toks):
+    """decode(encode(x)) == x on random Unicode (astral, combining, whitespace runs, specials), sampled Unigram too."""
+    rng = random.Random(4)
+    texts = [_random_unicode(rng, rng.randint(0, 300)) for _ in range(40)] + ["", " ", "\n\n\n", "<|user|" ">"]
+    uni = algo_toks["unigram"]
+    sampler = bpe.UnigramTokenizer(uni.vocab, uni.special_tokens, uni.pattern, uni.scores, alpha=0.2, seed=0)
+    for tok in (algo_toks["wordpiece"], uni, sampler):
+        for s in texts:
+            assert tok.decode(tok.encode(s)) == s
+    assert len({tuple(sampler.encode(_algo_corpus()[:3000])) for _ in range(3)}) > 1  # a fresh draw each call
+
+
+def test_bpe_algos_specials_never_split(algo_toks):
+    """Specials are one id each wherever they stand, as often as they occur; encode_iterable == encode."""
+    text = "a<|endoftext|><|endoftext|>b <|user|>x<|assistant|>\n\nend<|endoftext|>"
+    lines = [text[i:i + 7] for i in range(0, len(text), 7)]
+    for name in ("wordpiece", "unigram"):
+        tok = algo_toks[name]
+        ids = tok.encode(text)
+        for s in ALGO_SPECIALS:
+            assert tok.encode(s) == [tok.special_ids[s]]
+            assert ids.count(tok.special_ids[s]) == text.count(s)
+        assert list(tok.encode_iterable(lines)) == ids
+        big = _algo_corpus()
+        assert list(tok.encode_iterable(big.splitlines(keepends=True))) == tok.encode(big)
+
+
+def test_bpe_algos_save_load(algo_toks, tmp_path):
+    """save -> Tokenizer.load round trip (class, vocab, scores, ids) for all three; a bad pieces.json is a ValueError."""
+    text = _algo_corpus()[:5000]
+    for name, tok in algo_toks.items():
+        tok.save(tmp_path / name)
+        back = bpe.Tokenizer.load(str(tmp_path / name))
+        assert type(back) is type(tok) and back.vocab == tok.vocab and back.encode(text) == tok.encode(text)
+        assert getattr(back, "scores", None) == getattr(tok, "scores", None)
+    assert len(algo_toks["unigram"]) == len(algo_toks["wordpiece"]) == 420
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "pieces.json").write_text('{"algorithm": "unigram"}')
+    with pytest.raises(ValueError, match="pieces.json"):
+        bpe.Tokenizer.load(str(tmp_path / "bad"))
+
+
+def test_bpe_unigram_compresses(algo_toks):
+    """Unigram compresses within 25% of BPE (same vocab, same text), keeps " the" whole, sorts pieces by p."""
+    tok, ref, text = algo_toks["unigram"], algo_toks["bpe"], _algo_corpus()
+    n = len(text.encode())
+    assert n / len(tok.encode(text)) > 0.75 * n / len(ref.encode(text))
+    assert [tok.vocab[i] for i in tok.encode(" the")] == [b" the"]
+    learned = [tok.scores[i] for i in range(256 + len(ALGO_SPECIALS), len(tok))]
+    assert learned == sorted(learned, reverse=True)
+
+
+def test_bpe_digit_groups_tokenizers(tmp_path):
+    """--digit-groups 3: no token of any algorithm spans 4 digits, and round trips hold (naive check)."""
+    (tmp_path / "c.txt").write_text("x 1234567 y 89 2024-05-17\n" * 200, encoding="utf-8")
+    p3 = bpe.digit_groups_pattern(bpe.GPT2_PATTERN, 3)
+    for algo in ("bpe", "wordpiece", "unigram"):
+        tok = bpe.train_tokenizer(algo, str(tmp_path / "c.txt"), 300, [], p3, workers=1)
+        ids = tok.encode("1234567 and 20240517")
+        assert tok.decode(ids) == "1234567 and 20240517"
+        assert not any(regex.search(r"\d{4}", tok.vocab[i].decode("utf-8", "replace")) for i in ids)
+        assert bpe.ascii_twin(p3).findall("a 20240517 b") == regex.findall(p3, "a 20240517 b")
+
+
+@pytest.mark.slow  # whole CLIs (in-process)
+@pytest.mark.parametrize("algo", ["bpe", "wordpiece", "unigram"])
+def test_bpe_algos_cli_round_trip(tmp_path, capsys, algo):
+    """`bpe.py train --algorithm A` -> Tokenizer.load gives class A; the encode CLI's .bin == encode; round trip."""
+    p = tmp_path / "c.txt"
+    p.write_text(_algo_corpus()[:12000], encoding="utf-8")
+    bpe.main(["train", "--algorithm", algo, "--input", str(p), "--vocab-size", "330", "--out", str(tmp_path / "tok"),
+              "--special-tokens", *ALGO_SPECIALS, "--workers", "1", "--digit-groups", "3"])
+    assert f"{algo}: vocab 330" in capsys.readouterr().out
+    tok = bpe.Tokenizer.load(str(tmp_path / "tok"))
+    assert getattr(tok, "algorithm", "bpe") == algo and tok.pattern == bpe.digit_groups_pattern(bpe.GPT2_PATTERN, 3)
+    bpe.main(["encode", "--tokenizer", str(tmp_path / "tok"), "--input", str(p), "--out", str(tmp_path / "c.bin"),
+              "--workers", "1"])
+    text = p.read_text(encoding="utf-8")
+    ids = np.fromfile(tmp_path / "c.bin", dtype=np.uint16).tolist()
+    assert ids == tok.encode(text) and tok.decode(ids) == text
+
+
+def test_bpe_save_over_other_algorithm(algo_toks, tmp_path, capsys):
+    """A BPE saved over a Unigram dir loads as BPE (the stale pieces.json is removed); --split-digits and
+    --digit-groups together are a usage error."""
+    algo_toks["unigram"].save(tmp_path / "t")
+    algo_toks["bpe"].save(tmp_path / "t")
+    assert type(bpe.Tokenizer.load(str(tmp_path / "t"))) is bpe.Tokenizer
+    with pytest.raises(SystemExit):  # argparse's usage error, before any file is touched
+        bpe.main(["train", "--input", str(tmp_path / "x.txt"), "--vocab-size", "300", "--out", str(tmp_path / "u"),
+                  "--split-digits", "--digit-groups", "3"])
+    assert "not allowed with" in capsys.readouterr().err and not (tmp_path / "u").exists()
 
 
 
@@ -1421,6 +1713,194 @@ def test_model_activation_memory_matches_saved_tensors(kw):
     m = M.TransformerLM(cfg, dtype=torch.bfloat16)
     measured = _saved_tensor_bytes(m, torch.randint(0, cfg.vocab_size, (2, 32)))
     assert M.memory_bytes(cfg, 2)["activations"] == pytest.approx(measured, rel=0.05)
+
+
+# ---------------------------------------------------------------
+# Architecture variants (the ablations): norms, positions, FFNs, dropout, windows, checkpointing
+# ---------------------------------------------------------------
+
+VARIANTS = [dict(norm="layernorm"), dict(norm="none"), dict(norm_position="post"), dict(pos_emb="sinusoidal"),
+            dict(pos_emb="learned"), dict(pos_emb="none"), dict(ffn="silu"), dict(ffn="gelu"), dict(ffn="relu2"),
+            dict(norm="layernorm", pos_emb="learned", ffn="gelu", tie_embeddings=True), dict(window=5), dict(dropout=0.1)]
+
+
+def test_model_layernorm_vs_torch_and_post_norm_block_by_hand():
+    """LayerNorm == F.layer_norm (weight and bias); a post-norm block == ln2(h + ffn(h)), h = ln1(x + attn(x)), by hand; norm none is the identity."""
+    torch.manual_seed(0)
+    ln = M.LayerNorm(32)
+    with torch.no_grad():
+        ln.weight.normal_(), ln.bias.normal_()
+    x = torch.randn(3, 5, 32) * 4 + 2
+    torch.testing.assert_close(ln(x), F.layer_norm(x, (32,), ln.weight, ln.bias, eps=1e-5))
+    block = M.TransformerBlock(tiny_cfg(norm="layernorm", norm_position="post"))
+    h = F.layer_norm(x + block.attn(x), (32,), block.ln1.weight, block.ln1.bias, eps=1e-5)
+    want = F.layer_norm(h + block.ffn.w2(F.silu(block.ffn.w1(h)) * block.ffn.w3(h)), (32,), block.ln2.weight, block.ln2.bias, eps=1e-5)
+    torch.testing.assert_close(block(x), want)
+    pre = M.TransformerBlock(tiny_cfg(norm="none"))
+    torch.testing.assert_close(pre(x), x + pre.attn(x) + pre.ffn(x + pre.attn(x)))
+    assert not [k for k in M.TransformerLM(tiny_cfg(norm="none")).state_dict() if "ln" in k]
+
+
+def test_model_sinusoidal_table_vs_formula():
+    """sinusoidal_table == Vaswani et al.'s PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same), entry by entry (odd d too)."""
+    for d in (8, 7):
+        pe = M.sinusoidal_table(12, d)
+        want = [[(math.sin if c % 2 == 0 else math.cos)(p / 10000 ** ((c - c % 2) / d)) for c in range(d)] for p in range(12)]
+        torch.testing.assert_close(pe, torch.tensor(want), atol=1e-6, rtol=0)
+    m = M.TransformerLM(tiny_cfg(pos_emb="sinusoidal"))
+    assert "sinusoids" not in m.state_dict() and m.layers[0].attn.rope is None  # a function of the config, not a weight
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "relu2"])
+def test_model_two_matrix_mlp_vs_torch(act):
+    """MLP(x) == W2 act(W1 x) with torch's F.silu, F.gelu(approximate="tanh") (GPT-2's gelu_new) and relu(x)²; d_ff defaults to 4·d."""
+    torch.manual_seed(0)
+    mlp = M.TransformerBlock(tiny_cfg(ffn=act, d_ff=None)).ffn
+    assert mlp.w1.weight.shape == (128, 32) and not hasattr(mlp, "w3")
+    x = torch.randn(2, 5, 32)
+    ref = {"silu": F.silu, "gelu": lambda h: F.gelu(h, approximate="tanh"), "relu2": lambda h: F.relu(h) ** 2}[act]
+    torch.testing.assert_close(mlp(x), ref(x @ mlp.w1.weight.t()) @ mlp.w2.weight.t())
+
+
+@pytest.mark.parametrize("kw", VARIANTS + [dict(num_kv_heads=2, d_ff=None, ffn="relu2")], ids=str)
+def test_model_count_params_and_flops_exact_for_every_variant(kw):
+    """count_params == the parameters the variant really has (total and non-embedding), and flops_per_token == torch's FlopCounterMode of fwd+bwd (scratch backend: full T x T)."""
+    cfg = tiny_cfg(**{"attn_backend": "scratch", **kw})
+    m = M.TransformerLM(cfg)
+    assert sum(p.numel() for p in m.parameters()) == m.num_params() == M.count_params(cfg)
+    lookups = (0 if cfg.tie_embeddings else 61 * 32) + (32 * 32 if cfg.pos_emb == "learned" else 0)
+    assert m.num_params(non_embedding=True) == M.count_params(cfg, non_embedding=True) == m.num_params() - lookups
+    counter = FlopCounterMode(display=False)
+    with counter:
+        m(torch.randint(0, 61, (2, 32))).sum().backward()
+    norm_gains = {"rmsnorm": 1, "layernorm": 2, "none": 0}[cfg.norm] * 32 * (2 * 2 + 1)  # elementwise: no matmul FLOPs
+    assert counter.get_total_flops() == (M.flops_per_token(cfg) - 6 * norm_gains) * 2 * 32
+
+
+def test_model_dropout_only_in_training():
+    """Dropout: eval and no_grad forwards (and sampling) are deterministic and equal dropout=0's; training forwards differ; inverted dropout keeps the mean."""
+    torch.manual_seed(0)
+    for backend in ("sdpa", "scratch"):
+        m, m0 = M.TransformerLM(tiny_cfg(dropout=0.3, attn_backend=backend)), M.TransformerLM(tiny_cfg(attn_backend=backend))
+        m0.load_state_dict(m.state_dict())
+        idx = torch.randint(0, 61, (2, 20))
+        assert not torch.equal(m(idx), m(idx))  # train mode with a graph: dropout on
+        with torch.no_grad():
+            assert torch.equal(m(idx), m0(idx))  # train mode, no graph (how train.py samples mid-run)
+        m.eval(), m0.eval()
+        assert torch.equal(m(idx), m(idx)) and torch.equal(m(idx), m0(idx))
+        sampled = [M.generate(x.train(), idx[:, :4], 10, temperature=1.0, generator=torch.Generator().manual_seed(1)) for x in (m, m0)]
+        assert torch.equal(*sampled)  # generate is no_grad: train mode samples without dropout
+    kept = M.dropout(torch.ones(200_000), 0.3)
+    assert abs((kept == 0).float().mean().item() - 0.3) < 0.01 and abs(kept.mean().item() - 1) < 0.01
+
+
+def test_model_sliding_window_vs_banded_sdpa_and_kv_cache():
+    """window W: attention == SDPA with the banded mask (i - W < j <= i), both backends; only positions >= W change; KV-cached generation == the no-cache reference."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 12, 8) for _ in range(3))
+    i, j = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - 5))
+    for backend in ("scratch", "sdpa"):
+        torch.testing.assert_close(M.MultiHeadSelfAttention(tiny_cfg(window=5, attn_backend=backend))._attend(q, k, v), want)
+    m, full = M.TransformerLM(tiny_cfg(window=5, num_kv_heads=2)).eval(), M.TransformerLM(tiny_cfg(num_kv_heads=2)).eval()
+    full.load_state_dict(m.state_dict())
+    idx = torch.randint(0, 61, (2, 20))
+    a, b = m(idx), full(idx)
+    assert torch.equal(a[:, :5], b[:, :5]) and not torch.allclose(a[:, 5:], b[:, 5:])
+    prompt = torch.randint(0, 61, (2, 3))
+    out, ref = M.generate(m, prompt, 26, temperature=0), prompt  # 29 > window: the decode steps must mask too
+    for _ in range(26):
+        ref = torch.cat([ref, m(ref)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(dropout=0.2, norm="layernorm", pos_emb="learned")])
+def test_model_activation_checkpointing_bit_identical_grads(kw):
+    """activation_checkpointing recomputes each block in backward: the same loss and bit-identical gradients (dropout's RNG replayed)."""
+    torch.manual_seed(0)
+    plain, ckpt = M.TransformerLM(tiny_cfg(**kw)), M.TransformerLM(tiny_cfg(activation_checkpointing=True, **kw))
+    ckpt.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 61, (2, 32))
+    losses = []
+    for m in (plain, ckpt):
+        torch.manual_seed(1)
+        loss = F.cross_entropy(m(idx).flatten(0, 1), idx.flatten())
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(*losses)
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=str)
+def test_model_every_variant_survives_save_load_sample(tmp_path, kw):
+    """Each variant's config goes into the checkpoint: load_model rebuilds the same model (same logits) and generate samples from it."""
+    torch.manual_seed(0)
+    m = M.TransformerLM(tiny_cfg(**kw)).eval()
+    TR.save_checkpoint(m, TR.AdamW(m.parameters()), 0, str(tmp_path / "ckpt.pt"))
+    back, ckpt = M.load_model(str(tmp_path / "ckpt.pt"))
+    assert ckpt["config"] == M.asdict(m.cfg) and back.cfg == m.cfg and not back.training
+    idx = torch.randint(0, 61, (2, 10))
+    assert torch.equal(back(idx), m(idx))
+    assert M.generate(back, idx, 5, temperature=0.8, generator=torch.Generator().manual_seed(0)).shape == (2, 15)
+
+
+@pytest.mark.parametrize("kw", [dict(norm="batchnorm"), dict(ffn="relu"), dict(pos_emb="alibi"), dict(window=0), dict(dropout=1.0),
+                                dict(window=4, causal=False), dict(num_heads=8, d_model=24)], ids=str)
+def test_model_bad_variant_config_is_an_error(kw):
+    """An unknown norm / ffn / pos_emb, window < 1 or on an encoder, dropout outside [0, 1), odd RoPE heads: ValueError naming the field (odd heads are fine without RoPE)."""
+    with pytest.raises(ValueError, match="|".join(kw) + "|RoPE"):
+        tiny_cfg(**kw)
+    assert tiny_cfg(num_heads=8, d_model=24, pos_emb="none").num_heads == 8
+
+
+def _to_hf_gpt2(m):
+    """Our GPT-2-shaped TransformerLM's weights under GPT2LMHeadModel's names (its Conv1D stores (in, out): transposed)."""
+    sd = m.state_dict()
+    hf = {"transformer.wte.weight": sd["token_embeddings.weight"], "transformer.wpe.weight": sd["position_embeddings.weight"],
+          "transformer.ln_f.weight": sd["ln_final.weight"], "transformer.ln_f.bias": sd["ln_final.bias"]}
+    for i in range(m.cfg.num_layers):
+        ours, theirs = f"layers.{i}.", f"transformer.h.{i}."
+        hf[theirs + "attn.c_attn.weight"] = torch.cat([sd[ours + f"attn.{n}_proj.weight"] for n in "qkv"]).t()
+        hf[theirs + "attn.c_proj.weight"] = sd[ours + "attn.output_proj.weight"].t()
+        hf[theirs + "mlp.c_fc.weight"], hf[theirs + "mlp.c_proj.weight"] = sd[ours + "ffn.w1.weight"].t(), sd[ours + "ffn.w2.weight"].t()
+        for a, b in (("ln1", "ln_1"), ("ln2", "ln_2")):
+            hf[theirs + b + ".weight"], hf[theirs + b + ".bias"] = sd[ours + a + ".weight"], sd[ours + a + ".bias"]
+    return hf
+
+
+def test_model_gpt2_flags_equal_hf_gpt2_logits():
+    """--norm layernorm --pos-emb learned --ffn gelu --tie-embeddings is GPT-2: the same logits as HF GPT2LMHeadModel (gelu_new) with our weights, its linear biases left at their zero init."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = M.TransformerLM(tiny_cfg(norm="layernorm", pos_emb="learned", ffn="gelu", tie_embeddings=True, d_ff=None)).eval()
+    with torch.no_grad():  # random norm gains and biases, so a mis-mapped norm cannot pass
+        for name, p in m.named_parameters():
+            if ".ln" in name or "ln_final" in name:
+                p.normal_()
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=128, activation_function="gelu_new",
+        layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)).eval()
+    linear_biases = [k for k in hf.state_dict() if k.endswith(("c_attn.bias", "c_proj.bias", "c_fc.bias"))]
+    assert len(linear_biases) == 2 * 4 and all((hf.state_dict()[k] == 0).all() for k in linear_biases)
+    missing, unexpected = hf.load_state_dict(_to_hf_gpt2(m), strict=False)
+    assert not unexpected and set(missing) <= set(linear_biases) | {"lm_head.weight"}
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied, like ours
+    idx = torch.randint(0, 61, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, m(idx), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(norm="layernorm"), dict(pos_emb="learned"), dict(ffn="gelu"), dict(window=8), dict(norm_position="post")], ids=str)
+def test_model_export_hf_refuses_what_llama_cannot_express(tmp_path, kw):
+    """export-hf of a config HF Llama cannot express is a one-line error naming the field, and writes nothing."""
+    pytest.importorskip("transformers")
+    m = M.TransformerLM(tiny_cfg(**kw))
+    TR.save_checkpoint(m, TR.AdamW(m.parameters()), 0, str(tmp_path / "ckpt.pt"))
+    with pytest.raises(SystemExit, match=f"^error: HF Llama cannot express {next(iter(kw))}=") as e:
+        M.main(["export-hf", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hf")])
+    assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
 
 
 # ---------------------------------------------------------------
@@ -1930,6 +2410,24 @@ def test_train_val_loss_is_world_size_independent():
     assert two == pytest.approx(one, rel=1e-6) and one != TR.evaluate(m, draw, data[::-1].copy(), args, NO_AUTOCAST, 0, 1)["val_loss"]
 
 
+def test_train_evaluate_mask_fill_scores_the_mask_inputs():
+    """evaluate's mlm_top1/top5 = rank-0 / rank-<5 rates of the true token at [MASK] inputs only (a per-position loop)."""
+    torch.manual_seed(0)
+    m = M.TransformerLM(tiny_cfg(causal=False, vocab_size=62))  # [MASK] = 61
+    data = np.random.default_rng(0).integers(0, 61, 3000).astype(np.uint16)
+    args = TR.build_parser().parse_args(["--objective", "mlm", "--batch-size", "8", "--context-length", "16", "--eval-steps", "5"])
+    draw = lambda d, g: TR.next_batch(d, g, args, 0, 1, "cpu", mask_id=61)  # noqa: E731
+    ev = TR.evaluate(m, draw, data, args, NO_AUTOCAST, 0, 1)
+    gen, ranks = torch.Generator().manual_seed(10_000), []  # evaluate's val batches
+    with torch.no_grad():
+        for _ in range(5):
+            x, y = draw(data, gen)
+            logits = m.eval()(x)
+            ranks += [(logits[b, t] > logits[b, t, y[b, t]]).sum().item() for b, t in zip(*torch.nonzero(x == 61, as_tuple=True))]
+    assert ev["mlm_top1"] == pytest.approx(np.mean([r == 0 for r in ranks])) and ev["mlm_top5"] == pytest.approx(np.mean([r < 5 for r in ranks]))
+    assert ev["mlm_top5"] > 0 and len(ranks) > 50
+
+
 def test_train_nonfinite_loss_stops_and_keeps_the_checkpoint(tmp_path):
     """--lr 1e4 diverges: a one-line error (step, last finite loss, lower --lr), and ckpt.pt keeps finite weights."""
     data = str(tmp_path / "data")
@@ -1988,6 +2486,68 @@ def test_train_bits_per_byte_counts_specials_as_zero_bytes():
     tok = bpe.Tokenizer({i: bytes([i]) for i in range(256)}, [], special_tokens=["<|endoftext|>"])
     ids = np.array(tok.encode("hello") + [tok.special_ids["<|endoftext|>"]] + tok.encode("abc"), dtype=np.uint16)
     assert TR.bytes_per_token(tok, ids) == 8 / 9
+
+
+# ---------------------------------------------------------------
+# Schedules, precision and compilation: flags checked against the plain run
+# ---------------------------------------------------------------
+
+
+def test_train_lr_wsd_schedule_values():
+    """WSD by hand: linear warmup to 4, flat max to the decay start 15, then 1 - 0.9 sqrt(progress) to min 0.1 at 20."""
+    f = lambda it: TR.lr_wsd_schedule(it, 1.0, 0.1, 4, 15, 20)  # noqa: E731
+    assert f(0) == 0 and f(2) == 0.5 and f(4) == f(10) == f(15) == 1.0
+    assert f(16) == pytest.approx(1 - 0.9 * math.sqrt(1 / 5)) and f(19) == pytest.approx(1 - 0.9 * math.sqrt(4 / 5))
+    assert f(20) == pytest.approx(0.1) and f(25) == pytest.approx(0.1)
+    assert all(f(i) >= f(i + 1) for i in range(4, 25))
+    args = TR.build_parser().parse_args(["--lr-schedule", "wsd", "--max-steps", "20", "--decay-frac", "0.25"])
+    assert TR.wsd_decay_start(args) == 15
+    with pytest.raises(SystemExit, match=r"^error: --decay-frac 1.0 must be in \[0, 1\] and start the decay after --warmup-steps 30$"):
+        TR.main(["--lr-schedule", "wsd", "--decay-frac", "1"])
+
+
+def test_train_wsd_branch_from_a_stable_checkpoint_is_the_short_run(tmp_path):
+    """A 24-step WSD run's stable-phase checkpoint at step 16, resumed with --max-steps 20, logs the 20-step WSD run bit for bit."""
+    data = str(tmp_path / "data")
+    _write_data(data)
+    wsd = ["--lr-schedule", "wsd", "--decay-frac", "0.2", "--ckpt-every", "8", "--keep-ckpts"]
+    TR.main(_train_cmd(data, str(tmp_path / "short"), "--max-steps", "20", *wsd)[2:])
+    TR.main(_train_cmd(data, str(tmp_path / "long"), "--max-steps", "24", *wsd)[2:])  # decays from step 19: 16 is stable
+    branch = str(tmp_path / "branch")
+    TR.main(_train_cmd(data, branch, "--max-steps", "20", *wsd, "--resume", str(tmp_path / "long" / "ckpt-16.pt"))[2:])
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("ms", "tok_per_s", "wall_s")} for r in recs]  # noqa: E731
+    short = strip(_curve(str(tmp_path / "short")))
+    assert strip(_curve(branch)) == [r for r in short if r["step"] > 16]  # every loss, lr and val loss of steps 17..20
+    assert [r["lr"] for r in short if "lr" in r][15:] == pytest.approx([TR.lr_wsd_schedule(s, 1e-2, 2e-4, 4, 16, 20) for s in range(16, 21)])
+    ck = M.read_checkpoint(os.path.join(branch, "ckpt.pt"))
+    assert (ck["args"]["lr_schedule"], ck["args"]["decay_frac"], ck["iteration"]) == ("wsd", 0.2, 20)
+
+
+def _short_run(tmp_path, name, *extra):
+    """A tiny 4-step run on the noisy cycle; its per-step train losses."""
+    data, out = str(tmp_path / "data"), str(tmp_path / name)
+    if not os.path.exists(data):
+        _write_data(data)
+    TR.main(_train_cmd(data, out, "--num-layers", "1", "--max-steps", "4", "--warmup-steps", "1", "--eval-steps", "1", *extra)[2:])
+    return [r["loss"] for r in _curve(out) if "loss" in r]
+
+
+def test_train_bf16_autocast_runs_on_cpu_close_to_fp32(tmp_path):
+    """--dtype bf16 trains on CPU: finite losses within 2% of fp32's, and not equal to them (autocast really ran)."""
+    fp32, bf16 = _short_run(tmp_path, "fp32", "--dtype", "fp32"), _short_run(tmp_path, "bf16", "--dtype", "bf16")
+    assert fp32 == _short_run(tmp_path, "auto")  # auto is fp32 on a CPU
+    assert all(math.isfinite(b) for b in bf16) and bf16 != fp32
+    assert bf16 == pytest.approx(fp32, rel=0.02)
+
+
+@pytest.mark.slow
+def test_train_torch_compile_matches_eager(tmp_path):
+    """--compile (inductor, C++ on CPU) trains the same 4 steps as eager: losses equal to 1e-5."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager, compiled = _short_run(tmp_path, "eager"), _short_run(tmp_path, "compiled", "--compile")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # dynamo really captured the model
+    assert compiled == pytest.approx(eager, abs=1e-5, rel=0) and len(eager) == 4
 
 
 # ---------------------------------------------------------------
@@ -2895,7 +3455,7 @@ def fit3():
     return fit, runs, held
 
 
-def test_scaling_sweep_sizes_count_like_the_model():
+def test_scaling_sweep_sizes_count_like_transformer_lm():
     """The sweep's N columns (model.count_params of size_config's config) equal the parameters of the TransformerLM train.py builds."""
     for d, L, head_dim in [(32, 2, 8), (48, 3, 8), (12, 1, 8), (64, 2, 16)]:
         args = argparse.Namespace(num_layers=L, head_dim=head_dim, context_length=16, flops="exact")
@@ -2926,7 +3486,7 @@ def test_scaling_flops_match_torch_flop_counter():
     assert ours - causal == pytest.approx(3 * L * 4 * d * (T - (T + 1) / 2))
 
 
-def test_scaling_flops_table_6nd_is_off_for_small_models():
+def test_scaling_flops_table_6nd_is_off_when_small():
     """exact/6N is > 1.2 at d_model 16, within 1% at 4096, and falls monotonically with size."""
     rows = scaling.flops_table(vocab_size=256, context_length=256)
     ratio = [r["exact/6N"] for r in rows]
@@ -2935,12 +3495,14 @@ def test_scaling_flops_table_6nd_is_off_for_small_models():
 
 
 def test_scaling_load_runs_csv_with_C_column(tmp_path):
-    """A CSV with N, C, loss gets D = C / 6N and one budget per distinct C."""
+    """A CSV with N, C, loss gets D = C / 6N and one budget per distinct C; a budget column is taken as given."""
     p = tmp_path / "pub.csv"
     p.write_text("N,C,loss\n1e6,6e12,3.1\n2e6,6e12,3.0\n")
     r = scaling.load_runs(str(p))
     np.testing.assert_allclose(r["D"], [1e6, 5e5])             # D = C / 6N
     np.testing.assert_allclose(r["budget"], [6e12, 6e12])
+    p.write_text("N,C,loss,budget\n1e6,6.1e12,3.1,6e12\n2e6,5.9e12,3.0,6e12\n")   # a budget column is used as given
+    np.testing.assert_array_equal(scaling.load_runs(str(p))["budget"], [6e12, 6e12])
 
 
 def test_scaling_jittered_flops_group_into_their_budgets(tmp_path):
