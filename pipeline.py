@@ -251,10 +251,8 @@ def section_pretrain(out):
     base = os.path.join(out, "base")
     rows = read_jsonl(os.path.join(base, "metrics.jsonl"))
     final = next((r for r in reversed(rows) if r.get("final")), {})
-    ck = torch.load(os.path.join(base, "ckpt.pt"), map_location="cpu", weights_only=True)
-    cfg = M.ModelConfig(**ck["config"])
-    net = M.TransformerLM(cfg)
-    net.load_state_dict(ck["model"])
+    net, ck = M.load_model(os.path.join(base, "ckpt.pt"))
+    cfg = net.cfg
     text = "## Model and pretraining\n\n" + md_table(["", ""], [
         ("config", ", ".join(f"{k}={v}" for k, v in ck["config"].items())),
         ("parameters", f"{net.num_params():,} ({net.num_params(non_embedding=True):,} non-embedding)"),
@@ -287,7 +285,6 @@ def section_pretrain(out):
     # Samples: a few continuations from the pretrained model, seeded so the report is reproducible.
     import bpe
     tok = bpe.Tokenizer.load(os.path.join(out, "data", "tokenizer"))
-    net.eval()
     g = torch.Generator().manual_seed(0)
     text += "\n**Samples** (temperature 0.8, top-k 50):\n"
     for prompt in ["The function", "Return a"]:
