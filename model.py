@@ -45,18 +45,22 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F  # only for the fused attention backend and one_hot
+import torch.utils.checkpoint
 
 # ---------------------------------------------------------------
 # Configuration
 
 
-def default_d_ff(d_model: int) -> int:
+def default_d_ff(d_model: int, ffn: str = "swiglu") -> int:
     """SwiGLU has three matrices instead of two, so Shazeer shrinks the hidden size to 8/3·d to
-    keep the parameter count of a 4·d ReLU MLP; we round to a multiple of 64 for fast matmuls."""
-    return max(64, 64 * round(8 * d_model / 3 / 64))
+    keep the parameter count of a 4·d ReLU MLP; we round to a multiple of 64 for fast matmuls.
+    The two-matrix MLPs keep the classic 4·d, which matches SwiGLU's count (2·4d·d ≈ 3·(8/3)d·d)."""
+    return max(64, 64 * round(8 * d_model / 3 / 64)) if ffn == "swiglu" else 4 * d_model
 
 
-ATTN_BACKENDS = ("scratch", "sdpa", "triton")  # from-scratch math | F.scaled_dot_product_attention | kernels.py
+# The architecture's choices: first = the default (Llama's), the rest = the README's ablations.
+CHOICES = {"attn_backend": ("sdpa", "scratch", "triton"), "norm": ("rmsnorm", "layernorm", "none"), "norm_position": ("pre", "post"),
+           "pos_emb": ("rope", "sinusoidal", "learned", "none"), "ffn": ("swiglu", "silu", "gelu", "relu2")}
 
 
 @dataclass
@@ -71,25 +75,35 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     causal: bool = True  # False = bidirectional encoder (masked-LM)
-    attn_backend: str = "sdpa"  # "scratch" | "sdpa" | "triton"
+    attn_backend: str = "sdpa"  # F.scaled_dot_product_attention | "scratch" (from-scratch math) | "triton" (kernels.py)
+    norm: str = "rmsnorm"  # | "layernorm" (GPT-2) | "none"
+    norm_position: str = "pre"  # | "post" (Vaswani et al.'s original placement)
+    pos_emb: str = "rope"  # | "sinusoidal" (Vaswani et al.) | "learned" (GPT-2) | "none" (NoPE: only the causal mask tells position)
+    ffn: str = "swiglu"  # | "silu" | "gelu" | "relu2" (So et al. 2021): the two-matrix MLPs, d_ff = 4·d
+    dropout: float = 0.0  # on each residual branch and the attention weights, in training only
+    window: int | None = None  # sliding-window attention: a query sees its last `window` positions
+    activation_checkpointing: bool = False  # recompute each block in backward (memory for time)
 
     def __post_init__(self):
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.d_ff is None:
-            self.d_ff = default_d_ff(self.d_model)
+            self.d_ff = default_d_ff(self.d_model, self.ffn)
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
-        if (self.d_model // self.num_heads) % 2:
+        if self.pos_emb == "rope" and (self.d_model // self.num_heads) % 2:
             raise ValueError("head dimension must be even for RoPE")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.attn_backend not in ATTN_BACKENDS:
-            raise ValueError(f"unknown attn_backend {self.attn_backend!r}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r} (choose from {', '.join(choices)})")
+        if not 0 <= self.dropout < 1 or (self.window is not None and (self.window < 1 or not self.causal)):
+            raise ValueError(f"need 0 <= dropout < 1 and window >= 1 on a causal model (got dropout={self.dropout}, window={self.window})")
 
 
 # ---------------------------------------------------------------
-# Primitives: Linear, Embedding, RMSNorm, SiLU, SwiGLU, softmax
+# Primitives: Linear, Embedding, RMSNorm, SiLU, SwiGLU, softmax (and the ablations' LayerNorm, MLP, dropout)
 
 
 class Linear(nn.Module):
@@ -135,6 +149,29 @@ class RMSNorm(nn.Module):
         return (x * self.weight.float()).to(in_dtype)
 
 
+class LayerNorm(nn.Module):
+    """(x - mean(x)) / sqrt(var(x) + eps) * weight + bias (Ba et al. 2016; GPT-2's norm). RMSNorm
+    is this without the centring and the bias; same fp32 statistics."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype))
+
+    def forward(self, x):
+        in_dtype, x = x.dtype, x.float()
+        x = (x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + self.eps)
+        return (x * self.weight.float() + self.bias.float()).to(in_dtype)
+
+
+def make_norm(cfg, device=None, dtype=None):
+    """The config's norm; "none" is the identity (the ablation that shows what the norms are for)."""
+    if cfg.norm == "none":
+        return nn.Identity()
+    return (RMSNorm if cfg.norm == "rmsnorm" else LayerNorm)(cfg.d_model, device=device, dtype=dtype)
+
+
 def silu(x):
     """SiLU (a.k.a. swish): x·σ(x). torch.sigmoid is stable for |x| large (no exp overflow)."""
     return x * torch.sigmoid(x)
@@ -154,6 +191,34 @@ class SwiGLU(nn.Module):
         return self.w2(silu(self.w1(x)) * self.w3(x))
 
 
+class MLP(nn.Module):
+    """FFN(x) = W2 act(W1 x): the ungated two-matrix MLP of Vaswani et al. (ReLU) and GPT-2 (GELU)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, device=None, dtype=None):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device, dtype)
+        self.w2 = Linear(d_ff, d_model, device, dtype)
+        self.activation = activation
+
+    def forward(self, x):
+        h = self.w1(x)  # (..., d_ff)
+        if self.activation == "gelu":  # x·Φ(x) in GPT-2's tanh approximation (HF "gelu_new"; Hendrycks & Gimpel 2016)
+            h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+        elif self.activation == "relu2":  # max(0, x)² (So et al. 2021, Primer)
+            h = torch.relu(h).square()
+        else:
+            h = silu(h)
+        return self.w2(h)
+
+
+def dropout(x, p: float):
+    """Inverted dropout (Srivastava et al. 2014): zero each entry with probability p and scale the
+    survivors by 1/(1-p), so the expectation is unchanged and eval (p = 0) is the identity."""
+    if p == 0:
+        return x
+    return x * (torch.rand_like(x) >= p).to(x.dtype) / (1 - p)
+
+
 def softmax(x, dim: int = -1):
     """softmax(x)_i = exp(x_i - max x) / Σ_j exp(x_j - max x). Subtracting the max changes
     nothing mathematically but keeps exp() ≤ 1, so logits of 1e4 do not overflow to inf."""
@@ -166,7 +231,7 @@ def softmax(x, dim: int = -1):
 # Attention: scaled dot product, RoPE, multi-head / grouped-query
 
 
-def scaled_dot_product_attention(Q, K, V, mask=None):
+def scaled_dot_product_attention(Q, K, V, mask=None, dropout_p: float = 0.0):
     """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V.
     Q (..., T_q, d_k), K (..., T_k, d_k), V (..., T_k, d_v); mask (T_q, T_k) bool, True = may
     attend. Dividing by sqrt(d_k) keeps the dot products at unit variance so softmax does not
@@ -174,7 +239,15 @@ def scaled_dot_product_attention(Q, K, V, mask=None):
     scores = Q @ K.transpose(-2, -1) / math.sqrt(Q.shape[-1])  # (..., T_q, T_k)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return softmax(scores, dim=-1) @ V  # (..., T_q, d_v)
+    return dropout(softmax(scores, dim=-1), dropout_p) @ V  # (..., T_q, d_v)
+
+
+def sinusoidal_table(max_len: int, d_model: int):
+    """Vaswani et al.'s fixed positions, added to the embeddings: PE[p, 2i] = sin(p / 10000^(2i/d)),
+    PE[p, 2i+1] = cos(p / 10000^(2i/d)). Each pair is a clock at its own frequency."""
+    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float32) / d_model)  # (ceil(d/2),)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, ceil(d/2))
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)[:, :d_model]  # (max_len, d): sin, cos, sin, ...
 
 
 class RotaryEmbedding(nn.Module):
@@ -219,7 +292,7 @@ class MultiHeadSelfAttention(nn.Module):
         self.k_proj = Linear(cfg.d_model, self.num_kv_heads * self.d_k, device, dtype)
         self.v_proj = Linear(cfg.d_model, self.num_kv_heads * self.d_k, device, dtype)
         self.output_proj = Linear(self.num_heads * self.d_k, cfg.d_model, device, dtype)
-        self.rope = RotaryEmbedding(cfg.rope_theta, self.d_k, cfg.context_length, device)
+        self.rope = RotaryEmbedding(cfg.rope_theta, self.d_k, cfg.context_length, device) if cfg.pos_emb == "rope" else None
 
     def forward(self, x, start_pos: int = 0, kv_cache=None):
         B, T, _ = x.shape
@@ -227,8 +300,11 @@ class MultiHeadSelfAttention(nn.Module):
         # attention: elementwise work on the transposed layout is measurably slower on CPU.
         # Positions shaped (T, 1) broadcast over the heads axis.
         pos = torch.arange(start_pos, start_pos + T, device=x.device)[:, None]  # (T, 1)
-        q = self.rope(self.q_proj(x).view(B, T, self.num_heads, self.d_k), pos).transpose(1, 2)  # (B, H, T, d_k)
-        k = self.rope(self.k_proj(x).view(B, T, self.num_kv_heads, self.d_k), pos).transpose(1, 2)  # (B, Hkv, T, d_k)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.d_k)  # (B, T, H, d_k)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.d_k)  # (B, T, Hkv, d_k)
+        if self.rope is not None:  # other pos_emb variants add their positions to the embeddings instead
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, d_k), (B, Hkv, T, d_k)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.d_k).transpose(1, 2)  # (B, Hkv, T, d_k)
         if kv_cache is not None:
             # Write this step's keys/values into the preallocated cache, then attend to all of it.
@@ -249,23 +325,27 @@ class MultiHeadSelfAttention(nn.Module):
     def _attend(self, q, k, v):
         """Three interchangeable implementations of softmax(q k^T / sqrt(d_k) + mask) v."""
         T_q, T_k = q.shape[-2], k.shape[-2]
-        causal, backend = self.cfg.causal, self.cfg.attn_backend
-        if backend == "triton" and T_q == T_k:  # decode steps (T_q < T_k) fall through to sdpa
+        causal, backend, window = self.cfg.causal, self.cfg.attn_backend, self.cfg.window
+        p = self.cfg.dropout if self.training and torch.is_grad_enabled() else 0.0  # attention dropout, as in the block
+        if backend == "triton" and T_q == T_k and not window and not p:  # decode steps, windows, dropout: sdpa below
             return _triton_attention(q, k, v, causal)
         # With a KV cache the T_q new queries are the *last* T_q of the T_k positions: query i sits
         # at absolute position (T_k - T_q) + i and may see keys j ≤ (T_k - T_q) + i. A single
         # decoding query (T_q = 1) sees everything cached, so it needs no mask at all.
         mask = None
-        if causal and T_q > 1:
+        if causal and (T_q > 1 or window):
             i = torch.arange(T_q, device=q.device)[:, None] + (T_k - T_q)
-            mask = torch.arange(T_k, device=q.device)[None, :] <= i  # (T_q, T_k)
+            j = torch.arange(T_k, device=q.device)[None, :]
+            mask = j <= i  # (T_q, T_k)
+            if window:  # sliding window (Child et al. 2019; Mistral): only the last `window` keys, i - window < j
+                mask = mask & (j > i - window)
         if backend == "scratch":
-            return scaled_dot_product_attention(q, k, v, mask)
+            return scaled_dot_product_attention(q, k, v, mask, p)
         # PyTorch's fused kernel picks flash / memory-efficient / math by device and dtype; with
         # is_causal it never materializes the mask (and skips the masked half on GPU).
-        if mask is not None and T_q == T_k:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if mask is not None and T_q == T_k and not window:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
 
 def _triton_attention(q, k, v, causal):
@@ -292,14 +372,20 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
-        self.ln1 = RMSNorm(cfg.d_model, device=device, dtype=dtype)
+        self.cfg = cfg
+        self.ln1 = make_norm(cfg, device, dtype)
         self.attn = MultiHeadSelfAttention(cfg, device, dtype)
-        self.ln2 = RMSNorm(cfg.d_model, device=device, dtype=dtype)
-        self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, device, dtype)
+        self.ln2 = make_norm(cfg, device, dtype)
+        self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, device, dtype) if cfg.ffn == "swiglu" else MLP(cfg.d_model, cfg.d_ff, cfg.ffn, device, dtype)
 
     def forward(self, x, start_pos: int = 0, kv_cache=None):
-        x = x + self.attn(self.ln1(x), start_pos, kv_cache)
-        return x + self.ffn(self.ln2(x))
+        # residual dropout on each branch's output; off in eval and under no_grad (sampling): no gradient to regularize
+        p = self.cfg.dropout if self.training and torch.is_grad_enabled() else 0.0
+        if self.cfg.norm_position == "post":  # Vaswani et al.: normalize the stream after each addition
+            x = self.ln1(x + dropout(self.attn(x, start_pos, kv_cache), p))
+            return self.ln2(x + dropout(self.ffn(x), p))
+        x = x + dropout(self.attn(self.ln1(x), start_pos, kv_cache), p)
+        return x + dropout(self.ffn(self.ln2(x)), p)
 
 
 class KVCache:
@@ -324,8 +410,12 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.token_embeddings = Embedding(cfg.vocab_size, cfg.d_model, device, dtype)
+        if cfg.pos_emb == "learned":  # GPT-2: one trained vector per position, added to the token's
+            self.position_embeddings = Embedding(cfg.context_length, cfg.d_model, device, dtype)
+        if cfg.pos_emb == "sinusoidal":  # a fixed function of the config: not in the state dict
+            self.register_buffer("sinusoids", sinusoidal_table(cfg.context_length, cfg.d_model).to(device), persistent=False)
         self.layers = nn.ModuleList([TransformerBlock(cfg, device, dtype) for _ in range(cfg.num_layers)])
-        self.ln_final = RMSNorm(cfg.d_model, device=device, dtype=dtype)
+        self.ln_final = make_norm(cfg, device, dtype)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, device, dtype)
         if cfg.tie_embeddings:
             # One matrix both reads tokens in and scores them out (Press & Wolf 2016). It keeps the
@@ -343,8 +433,18 @@ class TransformerLM(nn.Module):
         if start + T > self.cfg.context_length:
             raise ValueError(f"sequence length {start + T} exceeds context_length {self.cfg.context_length}")
         x = self.token_embeddings(idx)  # (B, T, C)
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        if self.cfg.pos_emb == "learned":
+            x = x + self.position_embeddings(pos)
+        elif self.cfg.pos_emb == "sinusoidal":
+            x = x + self.sinusoids[pos].to(x.dtype)
+        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, start, kv_cache.layers[i] if kv_cache is not None else None)
+            cache = kv_cache.layers[i] if kv_cache is not None else None
+            if recompute:  # keep only each block's input; backward re-runs its forward (RNG state replayed)
+                x = torch.utils.checkpoint.checkpoint(layer, x, start, cache, use_reentrant=False)
+            else:
+                x = layer(x, start, cache)
         if kv_cache is not None:
             kv_cache.pos = start + T
         return self.ln_final(x)  # (B, T, C)
@@ -356,7 +456,7 @@ class TransformerLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and not self.cfg.tie_embeddings:
             n -= self.token_embeddings.weight.numel()
-        return n
+        return n - (self.position_embeddings.weight.numel() if non_embedding and self.cfg.pos_emb == "learned" else 0)
 
 
 # ---------------------------------------------------------------
@@ -385,11 +485,14 @@ def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
     """The same count as TransformerLM.num_params, from the config alone (no model built)."""
     d, d_k = cfg.d_model, cfg.d_model // cfg.num_heads
     attn = d * d_k * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, output: H·d_k; k, v: Hkv·d_k
-    block = attn + 3 * d * cfg.d_ff + 2 * d  # + SwiGLU + two RMSNorm gains
+    norm = {"rmsnorm": d, "layernorm": 2 * d, "none": 0}[cfg.norm]  # gain (+ bias)
+    block = attn + (3 if cfg.ffn == "swiglu" else 2) * d * cfg.d_ff + 2 * norm  # + FFN + two norms
     emb = cfg.vocab_size * d
-    n = cfg.num_layers * block + d + emb  # + ln_final + lm_head
+    n = cfg.num_layers * block + norm + emb  # + ln_final + lm_head
     if not cfg.tie_embeddings and not non_embedding:
         n += emb  # separate input embedding table
+    if cfg.pos_emb == "learned" and not non_embedding:
+        n += cfg.context_length * d
     return n
 
 
@@ -398,7 +501,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     6N: each weight does one multiply-add (2 FLOPs) per token forward and twice that backward.
     12·L·d·T: the attention matmuls QK^T and AV, which have no weights but cost 2·2·T·d per
     layer per token forward (x3 for fwd+bwd). We count the full T×T square, like PaLM and
-    nanoGPT, even though a causal kernel skips half of it."""
+    nanoGPT, even though a causal kernel skips half of it (and a `window` all but a band)."""
     T = seq_len or cfg.context_length
     return 6 * count_params(cfg, non_embedding=True) + 12 * cfg.num_layers * cfg.d_model * T
 
@@ -653,6 +756,9 @@ def to_hf_llama(model):
     cfg = model.cfg
     if not cfg.causal:
         raise ValueError("only causal models map onto LlamaForCausalLM")
+    odd = [f"{k}={getattr(cfg, k)}" for k in ("norm", "norm_position", "pos_emb", "ffn", "window") if getattr(cfg, k) != getattr(ModelConfig, k)]
+    if odd:
+        raise ValueError(f"HF Llama cannot express {', '.join(odd)} (export-hf needs Llama's architecture)")
     hf_cfg = LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.d_model // cfg.num_heads,

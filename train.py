@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 import parallel
-from model import (ModelConfig, TransformerLM, estimate_mfu, flops_per_token, generate, load_model, mlm_corrupt, pick_device,
+from model import (CHOICES, ModelConfig, TransformerLM, estimate_mfu, flops_per_token, generate, load_model, mlm_corrupt, pick_device,
                    read_checkpoint)
 
 # ---------------------------------------------------------------
@@ -426,11 +426,8 @@ def build_model(args, data_vocab, device, batch_gen, rank, world):
     when asked. Returns (plain model, model to train, optimizers, start step, wall seconds before)."""
     mlm = args.objective == "mlm"  # MLM: one extra embedding row, the [MASK] token, and bidirectional attention
     try:
-        cfg = ModelConfig(
-            vocab_size=data_vocab + (1 if mlm else 0), context_length=args.context_length, d_model=args.d_model,
-            num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, d_ff=args.d_ff,
-            rope_theta=args.rope_theta, tie_embeddings=args.tie_embeddings, causal=not mlm, attn_backend=args.attn_backend,
-        )  # fmt: skip
+        shape = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size", "causal"}  # each one a flag of its name
+        cfg = ModelConfig(vocab_size=data_vocab + (1 if mlm else 0), causal=not mlm, **{k: getattr(args, k) for k in shape})
     except ValueError as e:  # e.g. d_model not divisible by num_heads
         raise SystemExit(f"error: {e}")
     torch.manual_seed(args.seed)  # same init on every rank
@@ -720,11 +717,19 @@ def build_parser():
     p.add_argument("--num-layers", type=_positive, default=d.num_layers, help="Transformer blocks")
     p.add_argument("--num-heads", type=_positive, default=d.num_heads, help="attention heads")
     p.add_argument("--num-kv-heads", type=int, default=None, help="KV heads for GQA (default: --num-heads)")
-    p.add_argument("--d-ff", type=int, default=None, help="SwiGLU hidden size (default ~8/3 d_model)")
+    p.add_argument("--d-ff", type=int, default=None, help="FFN hidden size (default: ~8/3 d_model for SwiGLU, 4 d_model otherwise)")
     p.add_argument("--context-length", type=_positive, default=d.context_length, help="tokens per training window")
     p.add_argument("--rope-theta", type=float, default=d.rope_theta, help="RoPE base")
     p.add_argument("--tie-embeddings", action="store_true", help="share token_embeddings and lm_head")
     p.add_argument("--attn-backend", default=d.attn_backend, choices=["scratch", "sdpa", "triton"], help="attention: from-scratch math, torch SDPA, or kernels.py Triton")
+    # the architecture ablations (model.CHOICES; the defaults are Llama's; GPT-2 = layernorm, learned, gelu, tied)
+    p.add_argument("--norm", default=d.norm, choices=CHOICES["norm"], help="rmsnorm (Llama), layernorm (GPT-2) or none")
+    p.add_argument("--norm-position", default=d.norm_position, choices=CHOICES["norm_position"], help="pre-norm, or post-norm (Vaswani et al.)")
+    p.add_argument("--pos-emb", default=d.pos_emb, choices=CHOICES["pos_emb"], help="rope, sinusoidal, learned table, or none (NoPE)")
+    p.add_argument("--ffn", default=d.ffn, choices=CHOICES["ffn"], help="swiglu, or a two-matrix MLP with silu / gelu / relu² (d_ff 4·d)")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="residual and attention dropout in training (0 = off)")
+    p.add_argument("--window", type=_positive, default=d.window, help="sliding-window attention: each token sees its last W (default: all)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward: less memory, more time")
     p.add_argument("--objective", default="clm", choices=["clm", "mlm"], help="causal LM or masked LM (bidirectional)")
     p.add_argument("--mask-prob", type=float, default=0.15, help="MLM: fraction of positions to predict")
     # optimization
