@@ -10,6 +10,8 @@ with the `pip install` line that brings it.
     python bench.py --only bpe           # one group: bpe | data | model | kernels | parallel
     python bench.py --only model --model-device cuda --model-preset 124m    # the GPU targets, on a GPU
     python bench.py --only kernels       # GPU: Triton kernels vs SDPA-flash / torch.compile, % of peak
+    python bench.py --only checkpointing # activation checkpointing: memory saved, time paid (CPU default model)
+    python bench.py --only ablations     # train.py per architecture variant x 3 seeds (hours on a CPU; not in the default set)
     bash gpu_check.sh                    # one H100/H200: compiled kernel tests + every GPU number, one file
 
 Targets (from the issues; measured numbers live in README.md with the machine they came from):
@@ -711,9 +713,188 @@ def bench_parallel(args):
 
 
 # ---------------------------------------------------------------
+# Architecture ablations (issue 14): train.py for the default and each one-flag variant at the same
+# budget, several seeds; each run a fresh process (its own peak RSS). Val loss is compared with the
+# default *paired by seed* (same seed = same batch order), and a difference counts only when the
+# 95% CI of the paired differences excludes 0. Appends to results/ablations.jsonl as runs finish (a
+# restarted bench skips runs already there), then writes results/ablations.md (+ .png with matplotlib).
+#   python bench.py --only ablations --ablations-seeds 3                          # the CPU default run's budget
+#   python bench.py --only ablations --ablations-seeds 2 --ablations-max-steps 40  # a reduced one
+
+ABLATIONS = {  # name -> train.py flags; everything else is the CPU default run (python train.py)
+    "default": [], "norm none": ["--norm", "none"], "post-norm": ["--norm-position", "post"],
+    "layernorm": ["--norm", "layernorm"], "sinusoidal": ["--pos-emb", "sinusoidal"], "learned pos": ["--pos-emb", "learned"],
+    "NoPE": ["--pos-emb", "none"], "silu MLP": ["--ffn", "silu"], "gelu MLP": ["--ffn", "gelu"], "relu2 MLP": ["--ffn", "relu2"],
+    "GPT-2": ["--norm", "layernorm", "--pos-emb", "learned", "--ffn", "gelu", "--tie-embeddings"],
+    "window 32": ["--window", "32"], "dropout 0.1": ["--dropout", "0.1"],
+}
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 97.5%, by dof
+
+_TRAIN = _PEAK_KB + """
+import json, sys
+sys.path.insert(0, {repo!r})
+import train
+final = train.main({argv!r})
+print(json.dumps(dict(final=final, peak_kb=peak_kb())))
+"""
+
+
+def add_args_ablations(parser):
+    g = parser.add_argument_group("ablations")
+    g.add_argument("--ablations-data", default="/tmp/before/runs/cpu/data", help="train.py --data dir (train.bin, val.bin, tokenizer)")
+    g.add_argument("--ablations-seeds", type=int, default=3, help="seeds per variant")
+    g.add_argument("--ablations-max-steps", type=int, default=300, help="train.py --max-steps (300 = the CPU default run); warmup = 10%%")
+    g.add_argument("--ablations-only", nargs="+", choices=list(ABLATIONS), help="run only these variants (default: all)")
+    g.add_argument("--ablations-out", default=os.path.join(REPO, "results", "ablations"), help="writes OUT.jsonl, OUT.md, OUT.png")
+
+
+def _ablation_run(name, seed, args, work):
+    """One train.py run in a fresh process: a record with val loss (None if it diverged), median tok/s, peak RSS."""
+    out = os.path.join(work, f"{name.replace(' ', '_')}-{seed}")
+    steps = args.ablations_max_steps
+    argv = ["--data", args.ablations_data, "--out-dir", out, "--seed", str(seed), "--max-steps", str(steps),
+            "--warmup-steps", str(max(1, steps // 10)), "--eval-every", str(steps), "--sample-every", "0",
+            "--ckpt-every", str(steps), "--log-every", "5", "--device", "cpu", *ABLATIONS[name]]
+    r = subprocess.run([sys.executable, "-c", _TRAIN.format(repo=REPO, argv=argv)], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    rec = dict(variant=name, flags=ABLATIONS[name], seed=seed, max_steps=steps, val_loss=None, diverged=r.returncode != 0)
+    if r.returncode != 0:  # train.py stops with a one-line error on a non-finite loss
+        rec["error"] = (r.stderr.strip().splitlines() or ["?"])[-1][:200]
+        return rec
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        tps = [m["tok_per_s"] for m in map(json.loads, f) if "tok_per_s" in m]
+    rec.update(val_loss=res["final"]["val_loss"], params=res["final"]["params"], tokens=res["final"]["tokens"],
+               wall_s=res["final"]["wall_s"], tok_per_s=statistics.median(tps), peak_rss_mb=res["peak_kb"] / 1024)
+    return rec
+
+
+def _mean_ci(xs):
+    """(mean, half-width of the 95% Student-t interval; None for one sample)."""
+    m = statistics.fmean(xs)
+    return m, (T95.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else None)
+
+
+def ablation_table(recs):
+    """Markdown rows: val loss mean ± CI, the paired difference from the default and whether it exceeds seed noise."""
+    base = {r["seed"]: r["val_loss"] for r in recs if r["variant"] == "default" and r["val_loss"] is not None}
+    rows = ["| variant | runs | val loss (mean ± 95% CI) | Δ vs default, paired by seed | beyond seed noise? | tok/s | peak RSS MB |",
+            "|---|---|---|---|---|---|---|"]
+    for name in ABLATIONS:
+        rs = [r for r in recs if r["variant"] == name]
+        ok = [r for r in rs if r["val_loss"] is not None]
+        if not rs:
+            continue
+        div = f" ({len(rs) - len(ok)} diverged)" if len(ok) < len(rs) else ""
+        if not ok:
+            rows.append(f"| {name} | {len(rs)}{div} | diverged | | | | |")
+            continue
+        m, ci = _mean_ci([r["val_loss"] for r in ok])
+        d = [r["val_loss"] - base[r["seed"]] for r in ok if r["seed"] in base]
+        dm, dci = _mean_ci(d) if d and name != "default" else (None, None)
+        verdict = "" if dci is None else ("yes" if abs(dm) > dci else "no")
+        rows.append(f"| {name} | {len(rs)}{div} | {m:.3f}" + (f" ± {ci:.3f}" if ci else "") + " | "
+                    + (f"{dm:+.3f}" + (f" ± {dci:.3f}" if dci else "") if dm is not None else "") + f" | {verdict} | "
+                    + f"{statistics.fmean(r['tok_per_s'] for r in ok):,.0f} | {statistics.fmean(r['peak_rss_mb'] for r in ok):.0f} |")
+    return rows
+
+
+def _ablation_plot(recs, path):
+    """A bar per variant (mean val loss, 95% CI whiskers); skipped without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("  (no matplotlib: no plot; pip install matplotlib)")
+    names = [n for n in ABLATIONS if any(r["variant"] == n and r["val_loss"] is not None for r in recs)]
+    stats = [_mean_ci([r["val_loss"] for r in recs if r["variant"] == n and r["val_loss"] is not None]) for n in names]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(names, [m for m, _ in stats], yerr=[ci or 0 for _, ci in stats], capsize=3)
+    ax.set_ylim(min(m for m, _ in stats) - 0.3, max(m for m, _ in stats) + 0.3)
+    ax.set_ylabel("val loss (nats)")
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def bench_ablations(args):
+    os.makedirs(os.path.dirname(args.ablations_out), exist_ok=True)
+    path, work = args.ablations_out + ".jsonl", tempfile.mkdtemp(prefix="ablations-")
+    recs = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    recs = [r for r in recs if r["max_steps"] == args.ablations_max_steps]  # one budget per table
+    for seed in range(args.ablations_seeds):  # seed-major: a cut-short bench still has every variant
+        for name in args.ablations_only or ABLATIONS:
+            if any(r["variant"] == name and r["seed"] == seed for r in recs):
+                continue
+            t0 = time.time()
+            rec = _ablation_run(name, seed, args, work)
+            recs.append(rec)
+            with open(path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"  {name:12s} seed {seed}: " + (f"val loss {rec['val_loss']:.4f}" if rec["val_loss"] is not None
+                  else f"diverged ({rec['error']})") + f" [{time.time() - t0:.0f} s]", flush=True)
+    rows = ablation_table(recs)
+    with open(args.ablations_out + ".md", "w") as f:
+        f.write(f"train.py --max-steps {args.ablations_max_steps}, CPU default model otherwise; {platform.processor() or platform.machine()}, "
+                f"{os.cpu_count()} CPUs, OMP_NUM_THREADS=1\n\n" + "\n".join(rows) + "\n")
+    print("\n".join(rows))
+    _ablation_plot(recs, args.ablations_out + ".png")
+
+
+# Activation checkpointing on the CPU default model (ModelConfig(), batch 16 x 128): the memory one fwd+bwd
+# step adds on top of the weights and grads, and its time, with and without recomputation. Memory is the
+# peak RSS (VmHWM, reset through /proc/self/clear_refs) minus the RSS before the step, in a fresh process
+# per measurement, with glibc's mmap threshold pinned so freed tensors go back to the OS. Not tracemalloc:
+# it sees only Python's allocator, never torch's tensors. Linux only.
+#   python bench.py --only checkpointing
+
+_CKPT = """
+import json, os, statistics, sys, time
+sys.path.insert(0, {repo!r})
+import torch, model as M
+torch.manual_seed(0)
+m = M.TransformerLM(M.ModelConfig(activation_checkpointing={flag}))
+x = torch.randint(0, m.cfg.vocab_size, (16, m.cfg.context_length))
+def step():
+    torch.nn.functional.cross_entropy(m(x).flatten(0, 1), x.flatten()).backward()  # grads accumulate in place
+def kb(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+step()  # the grads now exist: what follows is the step's own memory
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+before = kb("VmRSS:")
+step()
+peak = kb("VmHWM:") - before
+ts = []
+for _ in range({steps}):
+    t = time.perf_counter(); step(); ts.append(time.perf_counter() - t)
+print(json.dumps(dict(peak_mb=peak / 1024, ms=1000 * statistics.median(ts))))
+"""
+
+
+def bench_checkpointing(args, rounds=3, steps=3):
+    res = {False: [], True: []}
+    for _ in range(rounds):  # interleaved, so a change in machine load hits both alike
+        for flag in (False, True):
+            r = subprocess.run([sys.executable, "-c", _CKPT.format(repo=REPO, flag=flag, steps=steps)], capture_output=True, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072"))
+            if r.returncode != 0:
+                return print("  failed: " + (r.stderr.strip().splitlines() or ["?"])[-1])
+            res[flag].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    med = {f: {k: statistics.median(x[k] for x in v) for k in ("peak_mb", "ms")} for f, v in res.items()}
+    print(f"checkpointing: ModelConfig() (d {M.ModelConfig().d_model}, L {M.ModelConfig().num_layers}), batch 16 x 128, fp32 CPU, "
+          f"median of {rounds} processes x {steps} fwd+bwd steps")
+    for f, name in ((False, "plain"), (True, "activation checkpointing")):
+        print(f"  {name:26s} step memory {med[f]['peak_mb']:7.1f} MB (peak RSS over the step's start) | {med[f]['ms']:7.0f} ms/step")
+    print(f"  saved {100 * (1 - med[True]['peak_mb'] / med[False]['peak_mb']):.0f}% of the step's memory for "
+          f"{100 * (med[True]['ms'] / med[False]['ms'] - 1):+.0f}% time")
+    return med
+
+
+# ---------------------------------------------------------------
 # One entry point: `python bench.py [--only NAME ...]`. Each group adds its own flags (prefixed by its name).
 
-GROUPS = ["bpe", "data", "model", "kernels", "parallel"]  # the order they run in
+GROUPS = ["bpe", "data", "model", "kernels", "parallel", "checkpointing", "ablations"]  # the order they run in
 
 
 def build_parser():
@@ -724,6 +905,7 @@ def build_parser():
     add_args_model(ap)
     add_args_kernels(ap)
     add_args_parallel(ap)
+    add_args_ablations(ap)
     return ap
 
 
@@ -736,7 +918,7 @@ def run_group(name, bench, args):
 
 if __name__ == "__main__":
     args = build_parser().parse_args()
-    only = args.only or GROUPS
+    only = args.only or GROUPS[:-1]  # ablations (hours on a CPU) only when asked for
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {gpu} | python {platform.python_version()}, torch {torch.__version__}")
     if "bpe" in only:
@@ -749,3 +931,7 @@ if __name__ == "__main__":
         run_group("kernels", bench_kernels, args)
     if "parallel" in only:
         run_group("parallel", bench_parallel, args)
+    if "checkpointing" in only:
+        run_group("checkpointing", bench_checkpointing, args)
+    if "ablations" in only:
+        run_group("ablations", bench_ablations, args)
