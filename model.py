@@ -2,28 +2,29 @@
 model.py -- a decoder-only Transformer language model, built from scratch.
 
 What this file teaches
-    Every block of a modern (Llama-style) LM written out by hand: Linear, Embedding, RMSNorm,
-    SwiGLU, a numerically stable softmax, scaled dot-product attention, rotary position
-    embeddings (RoPE), multi-head / grouped-query self-attention, the pre-norm residual block,
-    and the full LM. Then what you do with it: KV-cached sampling (temperature, top-k, top-p,
-    min-p), speculative decoding with the exact accept/reject rule, FLOPs and MFU accounting,
-    and an export to Hugging Face's LlamaForCausalLM with identical logits.
+    Every block of a modern (Llama-style) LM written out by hand: Linear, Embedding, RMSNorm, SwiGLU, a numerically
+    stable softmax, scaled dot-product attention, rotary position embeddings (RoPE), multi-head / grouped-query
+    self-attention, the pre-norm residual block, and the full LM; each design choice the README ablates is one config
+    field away (LayerNorm or no norm, post-norm, sinusoidal / learned / no positions, SiLU / GELU / ReLU² MLPs, dropout,
+    sliding-window attention, activation checkpointing). Then what you do with it: KV-cached sampling (temperature,
+    top-k, top-p, min-p), speculative decoding with the exact accept/reject rule, FLOPs and MFU accounting, and an
+    export to Hugging Face's LlamaForCausalLM with identical logits.
 
-    "The mask is the worldview": the very same blocks become a bidirectional encoder when we
-    drop the causal mask (`causal=False`); trained with BERT's masked-LM objective
-    (`mlm_corrupt` below) they learn to fill in blanks instead of predicting the next token.
+    "The mask is the worldview": the very same blocks become a bidirectional encoder when we drop the causal mask
+    (`causal=False`); trained with BERT's masked-LM objective (`mlm_corrupt`) they learn to fill in blanks instead.
 
 Why
-    torch.nn only supplies Parameter and Module here; everything that computes is written out,
-    so the shapes and the math are on the page. A flag switches attention between the
-    from-scratch path ("scratch"), PyTorch's fused kernel ("sdpa", the default) and our own
-    Triton FlashAttention ("triton", in kernels.py); all three compute the same function.
+    torch.nn only supplies Parameter and Module here; everything that computes is written out, so the shapes and the
+    math are on the page. A flag switches attention between the from-scratch path ("scratch"), PyTorch's fused kernel
+    ("sdpa", the default) and our own Triton FlashAttention ("triton", in kernels.py); all three compute one function.
 
 Papers
     Vaswani et al. 2017, Attention Is All You Need, arXiv:1706.03762; Touvron et al. 2023, LLaMA, arXiv:2302.13971
     Zhang & Sennrich 2019, RMSNorm, arXiv:1910.07467; Shazeer 2020, GLU Variants (SwiGLU), arXiv:2002.05202
     Su et al. 2021, RoFormer (RoPE), arXiv:2104.09864; Ainslie et al. 2023, GQA, arXiv:2305.13245
-    Devlin et al. 2018, BERT (masked-LM objective), arXiv:1810.04805
+    Devlin et al. 2018, BERT (masked-LM objective), arXiv:1810.04805; Ba et al. 2016, LayerNorm, arXiv:1607.06450
+    So et al. 2021, Primer (ReLU²), arXiv:2109.08668; Beltagy et al. 2020, Longformer (sliding window), arXiv:2004.05150
+    Kazemnejad et al. 2023, NoPE, arXiv:2305.19466; Chen et al. 2016, activation checkpointing, arXiv:1604.06174
     Holtzman et al. 2019, nucleus (top-p) sampling, arXiv:1904.09751; Nguyen et al. 2024, min-p, arXiv:2407.01082
     Leviathan et al. 2022, speculative decoding, arXiv:2211.17192; Chen et al. 2023, speculative sampling, arXiv:2302.01318
     Kaplan et al. 2020 (6N FLOPs/token), arXiv:2001.08361; Chowdhery et al. 2022 (PaLM, MFU), arXiv:2204.02311
@@ -58,7 +59,6 @@ def default_d_ff(d_model: int, ffn: str = "swiglu") -> int:
     return max(64, 64 * round(8 * d_model / 3 / 64)) if ffn == "swiglu" else 4 * d_model
 
 
-# The architecture's choices: first = the default (Llama's), the rest = the README's ablations.
 CHOICES = {"attn_backend": ("sdpa", "scratch", "triton"), "norm": ("rmsnorm", "layernorm", "none"), "norm_position": ("pre", "post"),
            "pos_emb": ("rope", "sinusoidal", "learned", "none"), "ffn": ("swiglu", "silu", "gelu", "relu2")}
 
