@@ -30,7 +30,7 @@ Where GRPO here departs from DeepSeekMath:
 4. Linear lr warmup, AdamW betas (0.9, 0.95). `--no-std-norm` is Dr. GRPO (Liu et al. 2025,
    arXiv:2503.20783): no std division, and each response's loss summed over a constant, not |o|.
 
-Run it (CPU, a few minutes; `python pipeline.py` runs exactly this after pretraining):
+Run it (CPU, ~10 CPU minutes; `python pipeline.py` runs exactly this after pretraining):
     python align.py all --ckpt runs/cpu/base/ckpt.pt --tokenizer runs/cpu/data/tokenizer --out-dir runs/cpu/align
 or stage by stage, each with its own defaults (`python align.py sft -h`; `all` runs each stage at
 them; the tokenizer is found through the checkpoint; outputs go to runs/align):
@@ -888,8 +888,8 @@ def parse_levels(text: str) -> list:
 
 
 def add_optim_flags(p, tiny: bool, steps: int, lr: float, batch_size: int, what: str):
-    """A stage's own optimizer defaults; --tiny (smoke test) runs 1/20 of the steps."""
-    p.add_argument("--steps", type=int, default=max(2, steps // 20) if tiny else steps, help="optimizer steps")
+    """A stage's own optimizer defaults; --tiny (smoke test) runs 1/100 of the steps."""
+    p.add_argument("--steps", type=int, default=max(2, steps // 100) if tiny else steps, help="optimizer steps")
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     p.add_argument("--batch-size", type=int, default=batch_size, help=what)
 
@@ -937,9 +937,9 @@ def build_parser(tiny=False):
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="stage", required=True, metavar="{sft,dpo,grpo,rm,eval,all}")
-    # steps / lr / batch size per stage, sized so sft+dpo+grpo+4 evals fit in ~8 CPU minutes
+    # steps / lr / batch size per stage: sft+dpo+grpo+4 evals take ~10 CPU minutes (README)
     p = sub.add_parser("sft", parents=[common, single, sft, lora], help="supervised fine-tuning -> OUT_DIR/sft.pt")
-    add_optim_flags(p, tiny, 600, 1e-3, 32, "sequences per microbatch")
+    add_optim_flags(p, tiny, 2000, 1e-3, 32, "sequences per microbatch")
     p = sub.add_parser("dpo", parents=[common, single, pairs, dpo, lora], help="DPO (+ RPO NLL) -> OUT_DIR/dpo.pt")
     add_optim_flags(p, tiny, 30, 5e-5, 16, "preference pairs per step")
     p = sub.add_parser("grpo", parents=[common, single, grpo], help="GRPO against the verifier -> OUT_DIR/grpo.pt")
