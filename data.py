@@ -1,10 +1,9 @@
 """
 data.py: from raw web pages (or the Python docs already on your disk) to a clean training corpus.
 
-A language model is mostly its data, and raw crawled text is mostly not what you want to train on: navigation
-menus, cookie banners, other languages, e-mail addresses, spam, a thousand copies of the same page and plain
-binary garbage. Every large pretraining set is the output of a filtering pipeline like this one. It runs the
-classic stages, one function each, in the order the data flows:
+A language model is mostly its data, and raw crawled text is mostly not what you want to train on: navigation menus,
+cookie banners, other languages, e-mail addresses, spam, a thousand copies of one page, binary garbage. Every large
+pretraining set comes out of a filtering pipeline like this one: the classic stages, one function each, in order:
 
     source -> HTML to text -> language ID -> PII masking -> MinHash near-dedup
            -> exact-line (boilerplate) dedup -> Gopher rules -> quality / toxic / NSFW classifiers
@@ -14,15 +13,14 @@ Every input document ends up kept or dropped *with a reason* ("stage:why"), and 
 them: a filter that silently eats half the corpus is easy to write and hard to notice.
 
 The default corpus needs no network: `python data.py` renders the installed standard library's documentation with
-pydoc (plus the `pydoc_data` topics) and pushes those pages through exactly the path a Common Crawl page takes.
-They are real English with real problems: author e-mail addresses, IP addresses in examples, the same boilerplate
-("Methods defined here:") on every page, near-duplicate pages (the `encodings.*` codecs).
+pydoc (plus the `pydoc_data` topics) and pushes the pages through exactly the path a Common Crawl page takes: real
+English with real problems (author e-mails, IP addresses in examples, the same boilerplate "Methods defined here:"
+on every page, near-duplicate pages such as the `encodings.*` codecs).
 
 Papers / references
 -------------------
-- Gopher quality rules: Rae et al. 2021, "Scaling Language Models: Methods, Analysis & Insights from Training
-  Gopher", arXiv:2112.11446, App. A. C4's bad-word rule: Raffel et al. 2020, arXiv:1910.10683.
-- fastText classifiers: Joulin et al. 2016, "Bag of Tricks for Efficient Text Classification", arXiv:1607.01759.
+- Gopher quality rules: Rae et al. 2021, arXiv:2112.11446, App. A. C4's bad-word rule: Raffel et al. 2020,
+  arXiv:1910.10683. fastText classifiers: Joulin et al. 2016, "Bag of Tricks...", arXiv:1607.01759.
 - MinHash: Broder 1997, "On the resemblance and containment of documents". LSH banding: Leskovec, Rajaraman &
   Ullman, "Mining of Massive Datasets", ch. 3. Why dedup: Lee et al. 2021, arXiv:2107.06499.
 - Whole pipelines of this shape: CCNet (Wenzek et al. 2019, arXiv:1911.00359: fastText LID, line dedup),
@@ -34,16 +32,14 @@ How to run (CPU only: no stage needs a GPU)
 ----------
     python data.py                                   # default corpus -> data/pydocs/{train,val}.txt
     python data.py --modules json,textwrap,csv --out runs/tiny/data    # a few modules, chosen dir
-    python data.py --input CC-MAIN-*.warc.gz --name cc                 # Common Crawl WARC/WET
-    python data.py --input pages/ docs.jsonl notes.txt --name mine     # HTML dir, jsonl, txt
+    python data.py --input CC-MAIN-*.warc.gz pages/ docs.jsonl notes.txt --name mine   # WARC/WET, HTML, jsonl, txt
     python data.py --url https://example.org/shard.jsonl --name web    # remote file (cached)
     python data.py --tokenizer data/pydocs/tokenizer                   # also write train/val.bin
     python data.py train-classifier --input labeled.jsonl --out quality.pt   # {"text", "label"}
     python data.py eval-classifiers                  # precision / recall of the toxic and NSFW filters
-Each stage has an off switch (`--no-lang`, `--no-pii`, `--no-line-dedup`, `--no-gopher`, `--no-quality`,
-`--no-toxic`, `--no-nsfw`, `--no-dedup`). Output: train.txt / val.txt (each document followed by <|endoftext|>;
-the split is a hash of the document id, so it is stable) and stats.json (what each stage dropped and why, PII
-counts, languages, MinHash clusters, sizes, timings).
+Each stage has an off switch (`--no-lang`, `--no-pii`, `--no-dedup`, ...). Output: train.txt / val.txt (each
+document followed by <|endoftext|>; split by a hash of the document id, so stable) and stats.json (what each stage
+dropped and why, PII counts, languages, MinHash clusters, sizes, timings).
 
 Known limits: the corpus-level stages hold the surviving texts in memory; a bare 10-digit number that starts with
 2-9 is masked as a phone number; the default classifiers are small (a few hundred labeled lines; see Stage 5).
@@ -102,28 +98,31 @@ def atomic_write(path, mode="w"):
 
 # ---------------------------------------------------------------
 # Stage 1: HTML -> text.
-# A page is a tree of tags; what we want is the prose. We walk it with the stdlib HTMLParser, drop whole subtrees
-# that are never content (script, style, nav, ...), turn block tags into paragraph breaks and keep <pre> verbatim:
-# a tiny cousin of resiliparse / trafilatura, structure only (menus that survive are line dedup's job). Real pages
-# are broken: a skipped element whose end tag never comes (an omitted </head>, a <nav> left open) would hide the
-# rest of the page, so a second parse shows it. <form> is not skipped: ASP.NET wraps the whole body in one.
-
+# A page is a tree of tags; we want the prose. We walk it with the stdlib HTMLParser, drop subtrees that are never
+# content (script, style, nav, ...), turn block tags into paragraph breaks and keep <pre> verbatim: a tiny cousin of
+# resiliparse / trafilatura (menus that survive are line dedup's job). Real pages are broken: a skipped element whose
+# end tag never comes (an omitted </head>, an open <nav>) would hide the rest of the page, so a second parse shows
+# it. <form> is not skipped: ASP.NET wraps the whole body in one.
 _SKIP_TAGS = {"script", "style", "head", "title", "nav", "noscript", "template", "svg", "iframe", "footer", "aside",
               "select"}
 _BLOCK_TAGS = {"p", "div", "section", "article", "main", "header", "h1", "h2", "h3", "h4", "h5", "h6",
                "table", "ul", "ol", "dl", "pre", "blockquote", "hr", "figure", "body", "html"}
-# What an opening tag leaves in the text: blocks a paragraph break (closing one, again), list items and rows a
-# line break, table cells a space.
+# What an opening tag leaves: blocks a paragraph break (closing one, again), li and tr a line break, cells a space.
 _OPEN_BREAK = {**dict.fromkeys(_BLOCK_TAGS, "\n\n"), **dict.fromkeys(["br", "li", "tr", "dt", "dd", "caption"], "\n"),
                "td": " ", "th": " "}
+# WHATWG Encoding Standard: a label -> the decoder browsers really use. Pages labelled latin-1 or ASCII are
+# written in windows-1252 (curly quotes, the euro sign); GB2312 pages are GBK (fixtures/whatwg_charsets.json).
+_WHATWG = _fixture("whatwg_charsets")
 
 
 class _TextExtractor(html.parser.HTMLParser):
-    def __init__(self, ignore=()):
+    def __init__(self, text, ignore=()):  # parses `text` at once; the result is "".join(self.parts)
         super().__init__(convert_charrefs=True)  # "&eacute;" arrives in handle_data as "é"
         self.parts, self.pre_depth = [], 0
         # Open skipped elements as (tag, number of the skip tag in the page); `ignore`: numbers not to skip.
         self.open_skips, self.n_skips, self.ignore = [], 0, set(ignore)
+        self.feed(text)
+        self.close()
 
     def handle_starttag(self, tag, attrs):
         if tag in _SKIP_TAGS:  # (none of them is a void tag like <br>)
@@ -149,11 +148,6 @@ class _TextExtractor(html.parser.HTMLParser):
         # indentation). Inside <pre> spaces become U+00A0 too; every U+00A0 turns back into a space at the end.
         if not self.open_skips:
             self.parts.append(data.replace(" ", "\xa0") if self.pre_depth else re.sub(r"[ \t\r\n\f]+", " ", data))
-
-
-# WHATWG Encoding Standard: a label -> the decoder browsers really use. Pages labelled latin-1 or ASCII are
-# written in windows-1252 (curly quotes, the euro sign); GB2312 pages are GBK (fixtures/whatwg_charsets.json).
-_WHATWG = _fixture("whatwg_charsets")
 
 
 def _decode_html(html_bytes, http_charset=None):
@@ -183,23 +177,16 @@ def _looks_binary(text, window=20000):
     return bool(head) and bad / len(head) > 0.1
 
 
-def _parse(text, ignore=()):
-    parser = _TextExtractor(ignore)
-    parser.feed(text)
-    parser.close()
-    return parser
-
-
 def extract_text_from_html_bytes(html_bytes, http_charset=None):
     """HTML bytes -> plain text with blank-line-separated paragraphs, or None for garbage."""
     text = _decode_html(html_bytes, http_charset)
     if _looks_binary(text):
         return None
     try:
-        parser = _parse(text)
+        parser = _TextExtractor(text)
         unclosed = {n for tag, n in parser.open_skips if tag not in ("script", "style")}  # (code, closed or not)
         if unclosed:  # never closed: parse again, this time showing those elements
-            parser = _parse(text, ignore=unclosed)
+            parser = _TextExtractor(text, ignore=unclosed)
     except Exception:  # HTMLParser is forgiving, but one pathological page must not end a crawl
         return None
     # Leading plain spaces come from collapsed source newlines; leading U+00A0 are real indentation.
@@ -209,34 +196,19 @@ def extract_text_from_html_bytes(html_bytes, http_charset=None):
 
 # ---------------------------------------------------------------
 # Stage 2: language identification without a downloaded model.
-# We keep one language: a model trained on a mix spends capacity on all of them, and a page in another language is
-# noise to an English model. CCNet keeps pages that fastText's lid.176.bin gives > 0.5 confidence; we copy the
-# threshold but not the model, because two cheap signals get far: the Unicode *script* (Han, Kana, Cyrillic, ...)
-# settles most non-Latin languages outright, and among Latin-script ones the most frequent short words (stopwords)
-# plus a few telltale letters and suffixes are very distinctive. (fastText is better on short or mixed text:
-# --fasttext-lid.) fixtures/langid.json holds the script ranges, ~25 stopwords per Latin-script language, and the
-# letters and suffixes that (almost) only one language uses (each hit counts half a stopword).
+# We keep one language: a model trained on a mix spends capacity on all of them. CCNet keeps pages that fastText's
+# lid.176.bin gives > 0.5 confidence; we copy the threshold, not the model, because two cheap signals get far: the
+# Unicode *script* (Han, Kana, Cyrillic, ...) settles most non-Latin languages outright, and among Latin-script ones
+# ~25 stopwords per language plus letters and suffixes that (almost) only one language uses (a hit counts half a
+# stopword) are very distinctive (fixtures/langid.json). fastText is better on short or mixed text: a reader can plug
+# lid.176.bin into identify_language, returning its top label and score.
 _LID = _fixture("langid")
 _SCRIPTS, _MARKERS = _LID["scripts"], _LID["markers"]
 _STOPWORDS = {lang: set(words.split()) for lang, words in _LID["stopwords"].items()}
-_FASTTEXT_LID = None  # set by load_fasttext_lid()
-
-
-def load_fasttext_lid(path):
-    """Use a fastText language-ID model (e.g. lid.176.bin) instead of the built-in heuristic."""
-    global _FASTTEXT_LID
-    try:
-        import fasttext  # optional dependency, only when the user asks for it
-    except ImportError:
-        raise SystemExit("error: --fasttext-lid needs `pip install fasttext`")
-    _FASTTEXT_LID = fasttext.load_model(path)
 
 
 def identify_language(text):
     """-> (lang_code, confidence in [0, 1]). 'unk' when there is nothing to go on."""
-    if _FASTTEXT_LID is not None:
-        labels, scores = _FASTTEXT_LID.predict(text.replace("\n", " ")[:10000])  # fastText wants one line
-        return labels[0].replace("__label__", ""), float(scores[0])
     sample = text[:20000]
     latin = len(re.findall(r"[A-Za-z\u00c0-\u024f]", sample))
     counts = {lang: len(re.findall(pat, sample)) for lang, pat in _SCRIPTS}
@@ -265,11 +237,10 @@ def identify_language(text):
 
 # ---------------------------------------------------------------
 # Stage 3: PII masking.
-# A model memorizes rare strings it sees verbatim, such as an e-mail address or a phone number. Dolma replaces them
-# with placeholders instead of dropping the page (the prose around an address is fine). Each mask is re.subn:
-# text -> (masked text, count); a placeholder contains none of the characters the patterns need, so masking twice
-# never counts twice.
-
+# A model memorizes rare strings it sees verbatim (an e-mail address, a phone number); Dolma masks them rather than
+# drop the page. Each mask is re.subn: text -> (masked text, count); a placeholder contains none of the characters
+# the patterns need, so masking twice never counts twice.
+#
 # An address needs a dotted domain ending in 2+ letters ("user@localhost" stays). The lookbehind lets a match start
 # only where a run of address characters starts: else a long run with no '@' is rescanned n times, O(n²).
 _EMAIL_RE = re.compile(r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
@@ -291,9 +262,8 @@ mask_ips = functools.partial(_IP_RE.subn, "|||IP_ADDRESS|||")
 # word salad (mean word length outside 3-10: minified code, URL lists), "read more..." link lists (> 30% of lines
 # ending in an ellipsis), tables of numbers or symbols (< 80% of words with a letter). The paper's symbol-to-word,
 # bullet-line and stopword rules are left out; each would be one more `if`.
-
 def gopher_failure(text):
-    """The name of the first Gopher rule `text` breaks, or None if it passes."""
+    """The name of the first Gopher rule `text` breaks, or None if it passes (CS336's gopher_quality_filter)."""
     words = text.split()
     n = len(words)
     if n < 50:
@@ -310,36 +280,20 @@ def gopher_failure(text):
     return None
 
 
-def gopher_quality_filter(text):
-    """True if `text` passes all four Gopher rules (word count, word length, ellipses, letters)."""
-    return gopher_failure(text) is None
-
-
 # ---------------------------------------------------------------
 # Stage 5: fastText-style classifiers (Joulin et al. 2016).
 # "Does this read like a reference page / an insult / porn spam" is easier to show by example than to write as a
-# rule. fastText's recipe: hash every word and word bigram into one of `num_buckets` rows of an embedding table
-# (the hashing trick: no vocabulary, fixed memory; bigrams give a little word order), average the rows
-# (EmbeddingBag), one linear layer on top: trains in seconds and is hard to beat, which is why Dolma and DCLM still
-# filter with fastText. The defaults train at build time on a few hundred lines written for this repo
-# (fixtures/classifier_train.tsv: comments, reviews, chat, code, prose, clean texts that mention sex, insults or
-# violence); the README gives their held-out precision and recall (`eval-classifiers`). They see only words: no
-# paraphrase, no context. For real filtering, `train-classifier` on your own labeled .jsonl.
-#
-# Toxic and NSFW also get C4's rule (Raffel et al. 2020): drop every page that contains a listed bad word. Our lists
-# (fixtures/bad_words.json) hold only words that are hardly ever neutral ("idiot" and "nude" are the model's call:
-# "the idiot light", "a nude statue"). Rule and model first undo the spellings that dodge a list: f*ck, sh1t, b!tch.
-
+# rule. fastText hashes every word and word bigram into one of `num_buckets` rows of an embedding table (no
+# vocabulary, fixed memory; bigrams give a little word order), averages the rows (EmbeddingBag) and puts one linear
+# layer on top: it trains in seconds and is hard to beat (Dolma and DCLM still filter with it). The defaults train at
+# build time on a few hundred lines written for this repo (fixtures/classifier_train.tsv); the README gives their
+# held-out precision and recall (`eval-classifiers`). They see only words, no context: for real filtering,
+# `train-classifier` on your own data. Toxic and NSFW also get C4's rule (Raffel et al. 2020): drop a page that
+# contains a listed bad word. Our lists (fixtures/bad_words.json) hold only words hardly ever neutral ("idiot" and
+# "nude" are the model's call: "the idiot light", "a nude statue"). Rule and model first undo the spellings that
+# dodge a list: f*ck, sh1t, b!tch.
 _TOKEN = re.compile(r"[\w*@$!#.\-]+")
 _LEET = str.maketrans("013457@$!", "oieastasi")  # digits and symbols that stand in for letters
-
-
-def _unmask(word, listed):
-    """'f*ck' -> 'fuck' if its wildcard spelling (* and # stand for letters) matches a listed word."""
-    if len(word) < 4 or sum(c.isalpha() for c in word) < 2:  # "s*t" is code, not a disguise
-        return word
-    pattern = re.compile("".join("[a-z]*" if c in "*#" else re.escape(c) for c in word))
-    return next((w for w in sorted(listed) if pattern.fullmatch(w)), word)
 
 
 def deobfuscate(text):
@@ -350,8 +304,11 @@ def deobfuscate(text):
         if not tok.isalpha():  # (most words are: they only need the repeats collapsed, below)
             tok = tok.strip(".-!*#")  # punctuation, *emphasis*, #tags; inside a word each is a disguise
             if any(c.isalpha() for c in tok):  # (a plain number stays a number)
-                tok = re.sub(r"[.\-](?=\w)", "", tok.translate(_LEET))
-                tok = _unmask(re.sub(r"(\w)\1+", r"\1", tok), _LISTED) if "*" in tok or "#" in tok else tok
+                tok = re.sub(r"(\w)\1+", r"\1", re.sub(r"[.\-](?=\w)", "", tok.translate(_LEET)))
+                # '*' and '#' stand for letters: f*ck -> fuck if that spelling matches a listed word ("s*t" is code)
+                if ("*" in tok or "#" in tok) and len(tok) >= 4 and sum(c.isalpha() for c in tok) >= 2:
+                    pattern = re.compile("".join("[a-z]*" if c in "*#" else re.escape(c) for c in tok))
+                    tok = next((w for w in sorted(_LISTED) if pattern.fullmatch(w)), tok)
         if tok:
             out.append(tok)
     return re.sub(r"(\w)\1+", r"\1", " ".join(out))
@@ -359,6 +316,8 @@ def deobfuscate(text):
 
 _BAD_WORDS = {kind: {deobfuscate(w) for w in words.split()} for kind, words in _fixture("bad_words").items()}
 _LISTED = set().union(*_BAD_WORDS.values())  # what a wildcard spelling may stand for
+_CLASSIFIERS = {}  # kind -> (model, labels, num_buckets); trained/loaded once per process
+TRAIN_SET, HELDOUT_SET = (os.path.join(FIXTURES, f"classifier_{s}.tsv") for s in ("train", "heldout"))
 
 
 def _hashed_features(text, num_buckets, max_words=2000):
@@ -383,8 +342,7 @@ def _logits(model, feats):
     return model[1](model[0](torch.tensor([i for x in feats for i in x]), offsets))
 
 
-def train_classifier(texts, labels, label_names, num_buckets=2**14, dim=16, epochs=60, lr=0.2, seed=0,
-                     batch_size=1024):
+def train_classifier(texts, labels, label_names, num_buckets=2**14, dim=16, epochs=60, lr=0.2, seed=0, batch_size=1024):
     """Train a fastText-style classifier; returns a plain dict that torch.save can store."""
     import torch
     torch.manual_seed(seed)
@@ -406,20 +364,15 @@ def train_classifier(texts, labels, label_names, num_buckets=2**14, dim=16, epoc
     return {"state_dict": model.state_dict(), "labels": list(label_names), "num_buckets": num_buckets, "dim": dim}
 
 
-_CLASSIFIERS = {}  # kind -> (model, labels, num_buckets); trained/loaded once per process
-TRAIN_SET, HELDOUT_SET = (os.path.join(FIXTURES, f"classifier_{s}.tsv") for s in ("train", "heldout"))
-
-
 def read_labeled(path):
     """A "label<TAB>text" file -> {label: [texts]} (lines starting with # are comments)."""
+    by = {}
     try:
         with open(path, encoding="utf-8") as f:
-            rows = [line.rstrip("\n").split("\t", 1) for line in f if line.strip() and not line.startswith("#")]
+            for label, text in (line.rstrip("\n").split("\t", 1) for line in f if line.strip() and line[0] != "#"):
+                by.setdefault(label, []).append(text)
     except OSError as e:
         raise SystemExit(f"error: cannot read labeled set {path} ({e}); pass --*-model or --no-* to do without it")
-    by = {}
-    for label, text in rows:
-        by.setdefault(label, []).append(text)
     return by
 
 
@@ -445,8 +398,8 @@ def set_classifier(kind, path=None):
 
 
 def classify_batch(kind, texts):
-    """-> list of (label, probability of that label) for each text. Toxic and NSFW: the model reads de-obfuscated
-    text, and a listed bad word decides outright (label `kind`, probability 1.0)."""
+    """-> (label, its probability) per text (CS336's classify_nsfw(t) is classify_batch("nsfw", [t])[0]). Toxic and
+    NSFW: the model reads de-obfuscated text, and a listed bad word decides outright (label `kind`, probability 1)."""
     import torch
     if kind not in _CLASSIFIERS:
         set_classifier(kind)
@@ -475,24 +428,11 @@ def evaluate_classifiers(path=HELDOUT_SET, threshold=0.9):
     return report
 
 
-def classify_quality(text):
-    return classify_batch("quality", [text])[0]  # ("high" | "low", score)
-
-
-def classify_toxic_speech(text):
-    return classify_batch("toxic", [text])[0]  # ("toxic" | "clean", score)
-
-
-def classify_nsfw(text):
-    return classify_batch("nsfw", [text])[0]  # ("nsfw" | "clean", score)
-
-
 # ---------------------------------------------------------------
 # Stage 6: exact line dedup.
 # A line found in many documents is boilerplate (menus, footers, pydoc's "Methods defined here:"): removing the
 # line, not the page, keeps the prose around it (CCNet does this with paragraphs). Memory grows with the *distinct*
 # lines (at scale, an 8-byte digest per line: n lines collide with probability ~ n²/2^65). Runs after MinHash.
-
 def exact_line_dedup_docs(texts, min_docs=2):
     """Drop every line found in >= min_docs documents; -> (texts, lines removed). Documents, not copies: boilerplate
     repeats *across* pages (the CLI default is 10: with 2, every short code line goes). Blank lines stay."""
@@ -507,26 +447,19 @@ def exact_line_dedup_docs(texts, min_docs=2):
 
 # ---------------------------------------------------------------
 # Stage 7: MinHash + LSH near-duplicate detection (Broder 1997; MMDS ch. 3).
-# Crawls are full of pages that are the same text with a different header, date or ad, and models trained on
-# repeats memorize them and generalize worse (Lee et al. 2021). Exact hashing misses a one-word edit, so we measure
-# overlap: Jaccard(A, B) = |A ∩ B| / |A ∪ B| over the sets of word 5-grams ("shingles"). For a random hash h,
-# P[min h(A) == min h(B)] = Jaccard(A, B): the minimum of A ∪ B is equally likely to be any element, and both
-# minima agree exactly when it lies in A ∩ B. So K hashes give a signature whose agreement rate estimates Jaccard.
+# Crawls are full of pages that are the same text with a different header, date or ad; models trained on repeats
+# memorize them and generalize worse (Lee et al. 2021). Exact hashing misses a one-word edit, so we measure overlap:
+# Jaccard(A, B) = |A ∩ B| / |A ∪ B| over the sets of word 5-grams ("shingles"). For a random hash h,
+# P[min h(A) == min h(B)] = Jaccard(A, B) (the minimum of A ∪ B is equally likely to be any element, and both minima
+# agree exactly when it lies in A ∩ B), so K hashes give a signature whose agreement rate estimates Jaccard.
 #
-# Comparing all pairs is O(N²). LSH cuts the signature into b bands of r rows and only compares documents that
-# agree on an entire band (same bucket). A pair at similarity s agrees on one band with probability s^r, so
-#     P(candidate) = 1 - (1 - s^r)^b,
-# an S-curve that rises steeply around s ≈ (1/b)^(1/r). Our b = 16, r = 8 (K = 128) puts the knee at 0.71, below
-# the 0.8 threshold on purpose: P = 0.947 at s = 0.8, 0.9999 at 0.9, 0.06 at 0.5, so few duplicates are missed and
-# few dissimilar pairs cost a check (FineWeb: 14 bands of 8). More rows per band move the knee up, more bands move
-# it down, a longer signature (both) makes the step sharper.
-#
-# A candidate is only a candidate (the signature estimate has std sqrt(J(1-J)/K) = 0.035 at J = 0.8), so every
-# candidate pair is verified with the exact Jaccard of its shingle sets. Near-duplication is not transitive
-# (A ~ M ~ B with A !~ B), but we want one survivor per group: connected components, by union-find whose root is
-# always the earliest document, the one we keep. (`shingles` is the readable definition; shingle_hashes_batch,
-# under "Making it fast", hashes them to 64 bits in numpy.)
-
+# Comparing all pairs is O(N²). LSH cuts the signature into b bands of r rows and only compares documents that agree
+# on a whole band: a pair at similarity s becomes a candidate with P = 1 - (1 - s^r)^b, an S-curve with its knee at
+# s ≈ (1/b)^(1/r). Our b = 16, r = 8 (K = 128) puts it at 0.71, below the 0.8 threshold on purpose: P = 0.947 at
+# s = 0.8, 0.9999 at 0.9, 0.06 at 0.5 (FineWeb: 14 bands of 8). The signature's estimate has std sqrt(J(1-J)/K) =
+# 0.035 at J = 0.8, so each candidate pair is verified with the exact Jaccard of its shingle sets. Near-duplication
+# is not transitive (A ~ M ~ B, A !~ B), but we want one survivor per group: connected components, by union-find
+# whose root is always the earliest document, the one we keep.
 _P = np.uint64(0x100000001B3)  # odd multiplier of the polynomial n-gram hash (the FNV-1 prime)
 _COMBINING = regex.compile(r"\p{Mn}")  # every nonspacing mark: accents, but also e.g. the kana dakuten
 
@@ -551,10 +484,8 @@ def shingles(text, ngrams=5):
 def minhash_params(num_hashes, seed=0):
     """(a, b) for num_hashes affine permutations h(x) = (a·x + b) mod 2^32 of 32-bit words, a odd (an odd a is
     invertible mod 2^32, so h is a bijection: no two shingles collide)."""
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, 2**32, size=num_hashes, dtype=np.uint32, endpoint=False) | np.uint32(1)
-    b = rng.integers(0, 2**32, size=num_hashes, dtype=np.uint32, endpoint=False)
-    return a, b
+    a, b = np.random.default_rng(seed).integers(0, 2**32, size=(2, num_hashes), dtype=np.uint32)
+    return a | np.uint32(1), b
 
 
 def minhash_signatures(shingle_list, a, b, chunk=4096):
@@ -603,13 +534,6 @@ def _find(parent, i):
     return i
 
 
-def _unique(hashes, cache, i):
-    """Sorted unique shingles of document i, computed only for documents that become candidates."""
-    if i not in cache:
-        cache[i] = np.unique(hashes[i])
-    return cache[i]
-
-
 def minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_threshold=0.8, seed=0):
     """-> (keep: list[bool], clusters: list[list[int]] with >1 member). First document of a cluster is kept."""
     if num_hashes % num_bands:
@@ -638,7 +562,10 @@ def minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_th
                         if (i, j) in checked:
                             continue
                         checked.add((i, j))
-                        if jaccard(_unique(hashes, cache, i), _unique(hashes, cache, j)) >= jaccard_threshold:
+                        for k in (i, j):  # sorted unique shingles: only documents that become candidates pay
+                            if k not in cache:
+                                cache[k] = np.unique(hashes[k])
+                        if jaccard(cache[i], cache[j]) >= jaccard_threshold:
                             root, other = min(g, rj), max(g, rj)
                             parent[other] = root  # the root is always the earliest document
                             groups[root] = groups.pop(g, []) + groups.pop(rj, [])
@@ -655,29 +582,19 @@ def minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_th
 # ---------------------------------------------------------------
 # The pipeline. Per-document stages (extract, language, PII) run in a process pool over the stream; corpus-level
 # stages (MinHash, line dedup: they need every document at once) and the batched classifiers run in the parent.
-# Every document gets one fate, kept or dropped as "stage:why", so stats.json can give a funnel over STAGES.
-
-_CFG = {}  # the per-document stages' settings, in each worker (set by _doc_init)
+# Every document gets one fate, kept or dropped as "stage:why": stats.json gives the funnel over STAGES.
 STAGES = ["source", "extract", "lang", "pii", "minhash", "line_dedup", "gopher", "quality", "toxic", "nsfw"]
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON "\ud800" escape decodes to one; UTF-8 cannot encode it
 _SPECIAL_TOKEN = re.compile(r"<\|([\w\-]+)\|>")  # <|endoftext|>, <|user|>, <|assistant|>, <|im_start|>, ...
+# <|user|> -> <user>, text -> (text, count): a quoted special token must not become one (a fake end or turn).
+neutralize_special_tokens = functools.partial(_SPECIAL_TOKEN.subn, r"<\1>")
 
 
-def neutralize_special_tokens(text):
-    """<|user|> -> <user>: -> (text, count). A quoted special token must not become one (a fake end or turn)."""
-    return _SPECIAL_TOKEN.subn(r"<\1>", text)
-
-
-def _doc_init(cfg):
-    _CFG.update(cfg)
-    if cfg.get("fasttext_lid"):
-        load_fasttext_lid(cfg["fasttext_lid"])
-
-
-def process_document(item):
-    """(doc_id, kind, payload) -> (doc_id, text | None, drop_reason | None, counts, lang, n_bytes); counts: PII
-    masked and repairs made. Language ID runs on the extracted text (tags are English) and before masking (no work
-    on pages we drop); masking runs before dedup, so copies that differ only in an address become duplicates."""
+def process_document(cfg, item):
+    """(doc_id, kind, payload) -> (doc_id, text | None, drop_reason | None, counts, lang, n_bytes) under cfg's lang,
+    min_lang_confidence, pii; counts: PII masked and repairs made. Language ID runs on the extracted text (tags are
+    English) and before masking (no work on pages we drop); masking runs before dedup, so copies that differ only in
+    an address become duplicates."""
     doc_id, kind, payload, http_charset = (*item, None)[:4]  # (WARC responses add their HTTP charset)
     if kind == "bad":
         return doc_id, None, f"source:{payload}", {}, None, 0
@@ -693,59 +610,49 @@ def process_document(item):
     if not text:
         return doc_id, None, "extract:empty", {}, None, n_bytes
     lang = None
-    if _CFG.get("lang"):
+    if cfg.get("lang"):
         lang, conf = identify_language(text)
-        if lang != _CFG["lang"]:
+        if lang != cfg["lang"]:
             return doc_id, None, "lang:unknown" if lang == "unk" else "lang:other_language", {}, lang, n_bytes
-        if conf < _CFG["min_lang_confidence"]:
+        if conf < cfg["min_lang_confidence"]:
             return doc_id, None, "lang:low_confidence", {}, lang, n_bytes
-    if _CFG.get("pii"):
+    if cfg.get("pii"):
         for key, fn in (("email", mask_emails), ("phone", mask_phone_numbers), ("ip", mask_ips)):
             text, counts[key] = fn(text)
     return doc_id, text, None, counts, lang, n_bytes
 
 
-def _drop(stats, reason, doc_id, k=5):
-    """Count a dropped document, and remember the first k ids per reason for inspection."""
-    stats["dropped_by_reason"][reason] += 1
-    examples = stats["dropped_examples"].setdefault(reason, [])
-    if len(examples) < k:
-        examples.append(doc_id)
-
-
-def _keep_only(stats, ids, texts, reasons):
-    """One drop reason (or None = keep) per surviving document -> the survivors (ids, texts)."""
+def _keep_only(stats, ids, texts, reasons, k=5):
+    """One drop reason (or None = keep) per document -> survivors (ids, texts); counts drops, keeps k example ids."""
     for d, r in zip(ids, reasons):
         if r:
-            _drop(stats, r, d)
+            stats["dropped_by_reason"][r] += 1
+            examples = stats["dropped_examples"].setdefault(r, [])
+            if len(examples) < k:
+                examples.append(d)
     return [d for d, r in zip(ids, reasons) if not r], [t for t, r in zip(texts, reasons) if not r]
 
 
 def document_stages(items, args, workers, stats):
     """Stages 1-3 (extract, language, PII) over the stream, in a pool of `workers` processes if > 1."""
     cfg = {"lang": None if args.no_lang else args.lang, "min_lang_confidence": args.min_lang_confidence,
-           "pii": not args.no_pii, "fasttext_lid": args.fasttext_lid}
+           "pii": not args.no_pii}
+    process = functools.partial(process_document, cfg)  # (the settings travel with each task: a few bytes)
     # spawn, not fork: a forked child inherits the parent's threads' locks (torch, if loaded)
-    pool = mp.get_context("spawn").Pool(workers, initializer=_doc_init, initargs=(cfg,)) if workers > 1 else None
-    if pool is None:
-        _doc_init(cfg)
-    ids, texts, items, t0 = [], [], iter(items), time.time()
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    rows, items, t0 = [], iter(items), time.time()  # (doc_id, text, drop reason) per document
     try:
         # Windows of raw documents in input order: memory stays bounded (pool.imap would read all input at once).
         while chunk := list(itertools.islice(items, 512)):
-            for doc_id, text, reason, counts, lang, n_bytes in (pool.map(process_document, chunk, chunksize=8)
-                                                               if pool else map(process_document, chunk)):
+            for doc_id, text, reason, counts, lang, n_bytes in (pool.map(process, chunk, chunksize=8) if pool else
+                                                               map(process, chunk)):
                 stats["docs_in"] += 1
                 stats["bytes_in"] += n_bytes
                 for key, n in counts.items():
                     stats["pii" if key in ("email", "phone", "ip") else "repairs"][key] += n
                 if lang:
                     stats["langs"][lang] += 1
-                if reason:
-                    _drop(stats, reason, doc_id)
-                else:
-                    ids.append(doc_id)
-                    texts.append(text)
+                rows.append((doc_id, text, reason))
             if args.input or args.url:  # (the default corpus shows its own render progress)
                 print(f"\r  extract+lang+pii: {stats['docs_in']} docs | {stats['docs_in'] / (time.time() - t0):.0f}/s",
                       end="", file=sys.stderr, flush=True)
@@ -754,7 +661,7 @@ def document_stages(items, args, workers, stats):
             pool.close()
             pool.join()
     stats["seconds_extract"] = round(time.time() - t0, 2)
-    return ids, texts
+    return _keep_only(stats, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
 
 
 def corpus_stages(ids, texts, args, stats):
@@ -783,32 +690,24 @@ def corpus_stages(ids, texts, args, stats):
     return ids, texts
 
 
-def split_train_val(ids, val_fraction):
-    """-> in_val per document, by a hash of its id (stable, whatever else is added); never an empty val."""
+def write_splits(out_dir, ids, texts, val_fraction, tokenizer, workers, stats):
+    """train.txt / val.txt (every document ends with <|endoftext|>), and token files with a tokenizer. A document's
+    split is a hash of its id (stable, whatever else is added); val is never empty."""
     in_val = [int(hashlib.sha1(d.encode()).hexdigest()[:8], 16) % 10000 < val_fraction * 10000 for d in ids]
     if ids and not any(in_val):
         in_val[min(range(len(ids)), key=lambda i: hashlib.sha1(ids[i].encode()).hexdigest())] = True
-    return in_val
-
-
-def write_splits(out_dir, texts, in_val, tokenizer, workers, stats):
-    """train.txt / val.txt (every document ends with <|endoftext|>), and token files with a tokenizer."""
     os.makedirs(out_dir, exist_ok=True)
     for split, want in (("train", False), ("val", True)):
         docs = [t for t, v in zip(texts, in_val) if v == want]
         path = os.path.join(out_dir, f"{split}.txt")
         with atomic_write(path) as f:
             f.write("".join(t + "\n" + EOT for t in docs))
-        stats[f"{split}_docs"] = len(docs)
-        stats[f"{split}_bytes"] = os.path.getsize(path)
-    for split in ("train", "val") if tokenizer else ():
-        src, dst = os.path.join(out_dir, f"{split}.txt"), os.path.join(out_dir, f"{split}.bin")
-        if stats[f"{split}_docs"] == 0:  # bpe.encode_file refuses an empty input: write an empty file
-            with atomic_write(dst, "wb"):
-                pass
+        stats[f"{split}_docs"], stats[f"{split}_bytes"] = len(docs), os.path.getsize(path)
+        if tokenizer and not docs:  # bpe.encode_file refuses an empty input: write an empty file
+            open(os.path.join(out_dir, f"{split}.bin"), "wb").close()
             stats[f"{split}_tokens"] = 0
-        else:
-            stats[f"{split}_tokens"] = int(bpe.encode_file(tokenizer, src, dst, workers=workers))
+        elif tokenizer:
+            stats[f"{split}_tokens"] = int(bpe.encode_file(tokenizer, path, path[:-4] + ".bin", workers=workers))
 
 
 def build_corpus(items, args, doc_workers=None):
@@ -826,7 +725,7 @@ def build_corpus(items, args, doc_workers=None):
         alive -= sum(n for r, n in drop.items() if r.split(":")[0] == stage)
         stats["docs_after_stage"][f"{i}_{stage}"] = alive
     out_dir = args.out or os.path.join("data", args.name)
-    write_splits(out_dir, texts, split_train_val(ids, args.val_fraction), args.tokenizer, args.workers, stats)
+    write_splits(out_dir, ids, texts, args.val_fraction, args.tokenizer, args.workers, stats)
     stats["seconds_total"] = round(time.time() - t_start, 2)
     with atomic_write(os.path.join(out_dir, "stats.json")) as f:
         f.write(json.dumps(stats, indent=1, sort_keys=True))
@@ -856,7 +755,6 @@ def print_corpus_stats(stats, out_dir):
 # makes naive dedup slow. Here nothing loops in Python per document, word, shingle or hash: a batch is normalized
 # by one bytes.translate and one regex, and word and n-gram hashes are numpy operations over the whole batch
 # (uint64 wraps mod 2^64). README: the benchmark against datasketch (`python bench.py data`).
-
 def _mix64(h):
     """splitmix64's finalizer (Steele, Lea & Flood 2014; Stafford's "Mix13"): each input bit flips each output bit
     with probability ~1/2. The hashes below are linear, so without it similar inputs give related minima."""
@@ -877,16 +775,6 @@ def _ascii_or_stripped(text):  # (ASCII goes straight to the table, which also l
     return text.encode() if text.isascii() else _NON_ASCII_SYMBOL.sub(" ", _fold(text)).encode()
 
 
-def _normalized_bytes(text):
-    """normalize_for_dedup(text) as UTF-8 bytes: words separated by exactly one space."""
-    return b" ".join(_ascii_or_stripped(text).translate(_TABLE).split())
-
-
-def shingle_hashes(text, ngrams):
-    """Sorted unique 64-bit hashes of the word n-grams of normalize_for_dedup(text)."""
-    return np.unique(shingle_hashes_batch([text], ngrams)[0])
-
-
 def shingle_hashes_batch(texts, ngrams, batch_docs=2000):
     """64-bit hashes of every document's word n-grams, repeats included (a repeat cannot change a minimum; only
     candidate pairs pay for np.unique). A constant number of numpy calls per batch of documents."""
@@ -895,9 +783,8 @@ def shingle_hashes_batch(texts, ngrams, batch_docs=2000):
                 for x in shingle_hashes_batch(texts[i:i + batch_docs], ngrams, batch_docs)]
     # Normalize the whole batch in one pass, documents joined by "\xff" words (a byte UTF-8 never uses).
     b = np.frombuffer(b" \xff ".join(map(_ascii_or_stripped, texts)).translate(_TABLE), dtype=np.uint8)
-    space = b == 32
-    keep = ~space
-    keep[1:] |= ~space[:-1]  # a space survives only right after a non-space: runs collapse to one
+    keep = b != 32
+    keep[1:] |= b[:-1] != 32  # a space survives only right after a non-space: runs collapse to one
     b = b[keep]
     n = len(b) - int(len(b) > 0 and b[-1] == 32)  # (and not at the very end)
     b = np.concatenate([b[:n], np.zeros(40, dtype=np.uint8)])  # padding: 8-byte loads may run past the end
@@ -935,9 +822,14 @@ def shingle_hashes_batch(texts, ngrams, batch_docs=2000):
 
 # ---------------------------------------------------------------
 # CLI
-
-def train_classifier_main(argv):
-    p = argparse.ArgumentParser(prog="data.py train-classifier", description="Train a fastText-style classifier on labeled .jsonl.")
+def classifier_main(cmd, argv):
+    """train-classifier: a fastText-style model from labeled .jsonl; eval-classifiers: the default filters, held out."""
+    p = argparse.ArgumentParser(prog=f"data.py {cmd}", description=classifier_main.__doc__)
+    if cmd == "eval-classifiers":
+        p.add_argument("--heldout", default=HELDOUT_SET, help="label<TAB>text file (labels clean, toxic, nsfw)")
+        p.add_argument("--threshold", type=float, default=0.9, help="drop when P(bad) >= this, as --toxic-threshold")
+        a = p.parse_args(argv)
+        return print(json.dumps(evaluate_classifiers(a.heldout, a.threshold), indent=1))
     p.add_argument("--input", required=True, help="jsonl with one {\"text\": ..., \"label\": ...} per line")
     p.add_argument("--out", required=True, help="output .pt file (plain tensors; load with weights_only=True)")
     p.add_argument("--epochs", type=int, default=60, help="training epochs (minibatches of 1024 examples)")
@@ -965,9 +857,9 @@ def train_classifier_main(argv):
 def build_parser():
     p = argparse.ArgumentParser(description="Build a filtered, deduplicated text corpus (default: the stdlib docs).")
     # sources
-    p.add_argument("--input", nargs="+", default=[], help="WARC/WET (.warc.gz), .jsonl with 'text', .html, .txt files or dirs")
-    p.add_argument("--url", action="append", default=[], help="remote text/jsonl/warc file (downloaded once, resumable)")
-    p.add_argument("--modules", default=None, help="comma-separated stdlib modules for the default corpus (default: all)")
+    p.add_argument("--input", nargs="+", default=[], help="WARC/WET, .jsonl ('text'), .html, .txt files or dirs")
+    p.add_argument("--url", action="append", default=[], help="remote txt/jsonl/warc file (downloaded once, resumable)")
+    p.add_argument("--modules", default=None, help="comma-separated stdlib modules for the default corpus (all)")
     p.add_argument("--max-submodules", type=int, default=300, help="submodules rendered per stdlib package")
     p.add_argument("--no-topics", action="store_true", help="default corpus: skip the pydoc_data topics")
     p.add_argument("--render-timeout", type=int, default=20, help="seconds allowed to import+render one module")
@@ -982,13 +874,12 @@ def build_parser():
     p.add_argument("--no-lang", action="store_true", help="skip language identification")
     p.add_argument("--lang", default="en", help="language to keep")
     p.add_argument("--min-lang-confidence", type=float, default=0.5, help="drop documents below this LID confidence")
-    p.add_argument("--fasttext-lid", default=None, help="path to a fastText LID model (needs the fasttext package)")
     p.add_argument("--no-pii", action="store_true", help="skip e-mail / phone / IP masking")
     p.add_argument("--no-line-dedup", action="store_true", help="skip exact line dedup")
-    p.add_argument("--line-dedup-min-docs", type=int, default=10, help="a line in >= this many documents is boilerplate")
+    p.add_argument("--line-dedup-min-docs", type=int, default=10, help="a line in >= this many docs is boilerplate")
     p.add_argument("--no-gopher", action="store_true", help="skip the Gopher quality rules")
     # stage 5: classifiers: --no-quality, --quality-model, --quality-threshold, the same for toxic and nsfw
-    for kind, name, bad in (("quality", "quality", "low"), ("toxic", "toxic-speech", "toxic"), ("nsfw", "NSFW", "nsfw")):
+    for kind, name, bad in (("quality", "quality", "low"), ("toxic", "toxic", "toxic"), ("nsfw", "NSFW", "nsfw")):
         p.add_argument(f"--no-{kind}", action="store_true", help=f"skip the {name} classifier")
         p.add_argument(f"--{kind}-model", default=None, help=f"{name} classifier .pt (default: train on fixtures/)")
         p.add_argument(f"--{kind}-threshold", type=float, default=0.9, help=f"drop when P({bad}) >= this")
@@ -1003,14 +894,8 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train-classifier"]:
-        return train_classifier_main(argv[1:])
-    if argv[:1] == ["eval-classifiers"]:  # precision / recall of the default toxic and NSFW filters, held out
-        p = argparse.ArgumentParser(prog="data.py eval-classifiers", description=evaluate_classifiers.__doc__)
-        p.add_argument("--heldout", default=HELDOUT_SET, help="label<TAB>text file (labels clean, toxic, nsfw)")
-        p.add_argument("--threshold", type=float, default=0.9, help="drop when P(bad) >= this, as --toxic-threshold")
-        a = p.parse_args(argv[1:])
-        return print(json.dumps(evaluate_classifiers(a.heldout, a.threshold), indent=1))
+    if argv[:1] in (["train-classifier"], ["eval-classifiers"]):
+        return classifier_main(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     args.workers = max(1, args.workers)
     for path in args.input:
@@ -1030,15 +915,13 @@ def main(argv=None):
 # ---------------------------------------------------------------
 # Appendix A: sources -> a stream of (doc_id, kind, payload), kind "html" (bytes; WARC responses add their HTTP
 # charset), "text" or "bad" (payload = the reason): a billion-page crawl has truncated files; each costs a record.
-
 def iter_warc(path):
     """Records of a WARC (raw HTTP responses) or WET (extracted text) file, .gz or plain. A record (ISO 28500) is a
     "WARC/1.0" line, "Key: value" headers, a blank line, Content-Length bytes of body. Common Crawl gzips each
     record separately, so everything before a cut still decompresses."""
-    n = 0
+    n, resync = 0, False
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            resync = False
             for line in iter(f.readline, b""):
                 if not line.startswith(b"WARC/"):  # the blank lines between records, or garbage
                     if line.strip() and not resync:  # report garbage once, then skip to the next "WARC/"
@@ -1060,8 +943,7 @@ def iter_warc(path):
                 if len(body) < length:
                     yield doc_id, "bad", "truncated"
                     return
-                kind = headers.get("warc-type", "")
-                if kind == "response":  # status line, HTTP headers, blank line, payload
+                if headers.get("warc-type") == "response":  # status line, HTTP headers, blank line, payload
                     http_head, _, payload = body.partition(b"\r\n\r\n")
                     head, status = http_head.lower(), http_head.split(b"\r\n", 1)[0].split()[1:2]
                     charset = re.search(rb"content-type:[^\r\n]*charset=[\"']?([\w.:\-]+)", head)
@@ -1071,7 +953,7 @@ def iter_warc(path):
                         yield doc_id, "html", payload, charset and charset.group(1).decode("ascii")
                     else:
                         yield doc_id, "bad", "not_html"
-                elif kind == "conversion":  # WET: already plain text
+                elif headers.get("warc-type") == "conversion":  # WET: already plain text
                     yield doc_id, "text", body.decode("utf-8", "replace")
                 else:  # warcinfo, request, metadata, ...: records, but not documents (still counted)
                     yield doc_id, "bad", "not_a_document"
@@ -1141,10 +1023,13 @@ def download(url, cache_dir):
 # Importing a module can have side effects, so rendering runs in time-boxed workers (SIGALRM, plus a timeout from
 # the parent), output silenced, environment scrubbed (pydoc prints module data such as os.environ!). The rest of
 # this section removes, one by one, every way the machine or the run leaks into a page.
-
 # Opens windows, prints on import, or exists only on Windows.
 _SKIP_MODULES = {"antigravity", "this", "tkinter", "turtle", "turtledemo", "idlelib", "pydoc_data",
                  "msilib", "msvcrt", "nt", "winreg", "winsound", "_winapi"}
+_VOLATILE_SYS = {"modules", "path", "path_importer_cache", "meta_path", "path_hooks", "argv", "orig_argv",
+                 "last_type", "last_value", "last_traceback", "ps1", "ps2", "stdin", "stdout", "stderr",
+                 "__stdin__", "__stdout__", "__stderr__"}
+_MACHINE_PATHS = {}  # this machine's path -> a neutral stand-in, filled in each worker
 
 
 def stdlib_modules(max_submodules=300):
@@ -1174,12 +1059,6 @@ def stdlib_modules(max_submodules=300):
                     stack.append(([os.path.join(p, info.name) for p in paths], f"{prefix}.{info.name}"))
         names += subs
     return names
-
-
-_VOLATILE_SYS = {"modules", "path", "path_importer_cache", "meta_path", "path_hooks", "argv", "orig_argv",
-                 "last_type", "last_value", "last_traceback", "ps1", "ps2", "stdin", "stdout", "stderr",
-                 "__stdin__", "__stdout__", "__stderr__"}
-_MACHINE_PATHS = {}  # this machine's path -> a neutral stand-in, filled in each worker
 
 
 def _render_init():
