@@ -101,8 +101,8 @@ def atomic_write(path, mode="w"):
 # A page is a tree of tags; we want the prose. We walk it with the stdlib HTMLParser, drop subtrees that are never
 # content (script, style, nav, ...), turn block tags into paragraph breaks and keep <pre> verbatim: a tiny cousin of
 # resiliparse / trafilatura (menus that survive are line dedup's job). Real pages are broken: a skipped element whose
-# end tag never comes (an omitted </head>, an open <nav>) would hide the rest of the page, so a second parse shows
-# it. <form> is not skipped: ASP.NET wraps the whole body in one.
+# end tag never comes (an omitted </head>, an open <nav>) would hide the rest of the page, so what it hid is shown
+# after all. <form> is not skipped: ASP.NET wraps the whole body in one.
 _SKIP_TAGS = {"script", "style", "head", "title", "nav", "noscript", "template", "svg", "iframe", "footer", "aside",
               "select"}
 _BLOCK_TAGS = {"p", "div", "section", "article", "main", "header", "h1", "h2", "h3", "h4", "h5", "h6",
@@ -116,22 +116,18 @@ _WHATWG = _fixture("whatwg_charsets")
 
 
 class _TextExtractor(html.parser.HTMLParser):
-    def __init__(self, text, ignore=()):  # parses `text` at once; the result is "".join(self.parts)
+    def __init__(self):
         super().__init__(convert_charrefs=True)  # "&eacute;" arrives in handle_data as "é"
-        self.parts, self.pre_depth = [], 0
-        # Open skipped elements as (tag, number of the skip tag in the page); `ignore`: numbers not to skip.
-        self.open_skips, self.n_skips, self.ignore = [], 0, set(ignore)
-        self.feed(text)
-        self.close()
+        # parts: (text, numbers of the skipped elements open around it); open_skips: (tag, number) of each open one
+        self.parts, self.pre_depth, self.open_skips, self.n_skips = [], 0, [], 0
 
     def handle_starttag(self, tag, attrs):
         if tag in _SKIP_TAGS:  # (none of them is a void tag like <br>)
             self.n_skips += 1
-            if self.n_skips not in self.ignore:
-                self.open_skips.append((tag, self.n_skips))
+            self.open_skips.append((tag, self.n_skips))
         if tag == "pre":
             self.pre_depth += 1
-        self.parts.append(_OPEN_BREAK.get(tag, ""))
+        self.parts.append((_OPEN_BREAK.get(tag, ""), ()))
 
     def handle_endtag(self, tag):  # closes the innermost open element of that name; a stray one, nothing
         for k in range(len(self.open_skips) - 1, -1, -1) if tag in _SKIP_TAGS else ():
@@ -139,15 +135,15 @@ class _TextExtractor(html.parser.HTMLParser):
                 del self.open_skips[k]
                 break
         if tag in _BLOCK_TAGS:
-            self.parts.append("\n\n")
+            self.parts.append(("\n\n", ()))
         if tag == "pre":
             self.pre_depth = max(0, self.pre_depth - 1)
 
     def handle_data(self, data):
         # Outside <pre>, HTML whitespace is insignificant: collapse it, but not U+00A0 (&nbsp;, pydoc's code
         # indentation). Inside <pre> spaces become U+00A0 too; every U+00A0 turns back into a space at the end.
-        if not self.open_skips:
-            self.parts.append(data.replace(" ", "\xa0") if self.pre_depth else re.sub(r"[ \t\r\n\f]+", " ", data))
+        text = data.replace(" ", "\xa0") if self.pre_depth else re.sub(r"[ \t\r\n\f]+", " ", data)
+        self.parts.append((text, tuple(n for _, n in self.open_skips) if self.open_skips else ()))
 
 
 def _decode_html(html_bytes, http_charset=None):
@@ -182,15 +178,16 @@ def extract_text_from_html_bytes(html_bytes, http_charset=None):
     text = _decode_html(html_bytes, http_charset)
     if _looks_binary(text):
         return None
+    parser = _TextExtractor()
     try:
-        parser = _TextExtractor(text)
-        unclosed = {n for tag, n in parser.open_skips if tag not in ("script", "style")}  # (code, closed or not)
-        if unclosed:  # never closed: parse again, this time showing those elements
-            parser = _TextExtractor(text, ignore=unclosed)
+        parser.feed(text)
+        parser.close()
     except Exception:  # HTMLParser is forgiving, but one pathological page must not end a crawl
         return None
+    unclosed = {n for tag, n in parser.open_skips if tag not in ("script", "style")}  # (code, closed or not)
+    text = "".join(t for t, hidden_by in parser.parts if unclosed.issuperset(hidden_by))  # unclosed: shown
     # Leading plain spaces come from collapsed source newlines; leading U+00A0 are real indentation.
-    lines = [line.lstrip(" ").rstrip().replace("\xa0", " ") for line in "".join(parser.parts).split("\n")]
+    lines = [line.lstrip(" ").rstrip().replace("\xa0", " ") for line in text.split("\n")]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n")
 
 
@@ -711,7 +708,7 @@ def write_splits(out_dir, ids, texts, val_fraction, tokenizer, workers, stats):
 
 
 def build_corpus(items, args, doc_workers=None):
-    """Run the whole pipeline on a stream of (doc_id, kind, payload); write files; return stats."""
+    """Run the whole pipeline on a stream of (doc_id, kind, payload); write files; print the funnel; return stats."""
     t_start = time.time()
     stats = {"docs_in": 0, "kept": 0, "dropped_by_reason": Counter(), "bytes_in": 0, "pii": Counter(),
              "repairs": Counter(), "langs": Counter(), "dropped_examples": {}}
@@ -720,33 +717,25 @@ def build_corpus(items, args, doc_workers=None):
     stats["kept"] = len(texts)
     drop = stats["dropped_by_reason"]
     assert stats["kept"] + sum(drop.values()) == stats["docs_in"], "a document went missing"
-    alive, stats["docs_after_stage"] = stats["docs_in"], {}  # the funnel: documents left after each stage
-    for i, stage in enumerate(STAGES):
-        alive -= sum(n for r, n in drop.items() if r.split(":")[0] == stage)
-        stats["docs_after_stage"][f"{i}_{stage}"] = alive
     out_dir = args.out or os.path.join("data", args.name)
     write_splits(out_dir, ids, texts, args.val_fraction, args.tokenizer, args.workers, stats)
+    # The funnel, as a table: documents left after each stage, and why the rest were dropped.
+    print(f"\n{'stage':<14}{'docs left':>10}   dropped (reason: docs)\n{'input':<14}{stats['docs_in']:>10}")
+    alive, stats["docs_after_stage"] = stats["docs_in"], {}
+    for i, stage in enumerate(STAGES):
+        why = {r.split(":", 1)[1]: n for r, n in sorted(drop.items()) if r.split(":")[0] == stage}
+        alive -= sum(why.values())
+        stats["docs_after_stage"][f"{i}_{stage}"] = alive
+        print(f"{stage:<14}{alive:>10}   " + ", ".join(f"{r}: {n}" for r, n in why.items()))
     stats["seconds_total"] = round(time.time() - t_start, 2)
     with atomic_write(os.path.join(out_dir, "stats.json")) as f:
         f.write(json.dumps(stats, indent=1, sort_keys=True))
-    print_corpus_stats(stats, out_dir)
-    return stats
-
-
-def print_corpus_stats(stats, out_dir):
-    """The funnel as a table: documents left after each stage, and why the rest were dropped."""
-    print(f"\n{'stage':<14}{'docs left':>10}   dropped (reason: docs)")
-    print(f"{'input':<14}{stats['docs_in']:>10}")
-    for key, alive in stats["docs_after_stage"].items():
-        stage = key.split("_", 1)[1]
-        why = ", ".join(f"{r.split(':', 1)[1]}: {n}" for r, n in sorted(stats["dropped_by_reason"].items())
-                        if r.split(":")[0] == stage)
-        print(f"{stage:<14}{alive:>10}   {why}")
     print(f"PII masked: {dict(stats['pii'])}; lines removed by line dedup: "
           f"{stats.get('lines_removed_by_line_dedup', 0)}")
     print(f"train: {stats['train_docs']} docs, {stats['train_bytes'] / 1e6:.2f} MB | val: {stats['val_docs']} docs, "
           f"{stats['val_bytes'] / 1e6:.2f} MB | {stats['bytes_in'] / 1e6:.1f} MB in | {stats['seconds_total']:.1f} s"
           f" -> {out_dir}")
+    return stats
 
 
 # ---------------------------------------------------------------
@@ -1037,9 +1026,7 @@ def stdlib_modules(max_submodules=300):
     import importlib.util
     import pkgutil
     names = []
-    for top in sorted(sys.stdlib_module_names):
-        if top.startswith("_") or top in _SKIP_MODULES:
-            continue
+    for top in sorted(m for m in sys.stdlib_module_names if not m.startswith("_") and m not in _SKIP_MODULES):
         names.append(top)
         try:
             spec = importlib.util.find_spec(top)
