@@ -19,14 +19,12 @@ on every page, near-duplicate pages such as the `encodings.*` codecs).
 
 Papers / references
 -------------------
-- Gopher quality rules: Rae et al. 2021, arXiv:2112.11446, App. A. C4's bad-word rule: Raffel et al. 2020,
-  arXiv:1910.10683. fastText classifiers: Joulin et al. 2016, "Bag of Tricks...", arXiv:1607.01759.
-- MinHash: Broder 1997, "On the resemblance and containment of documents". LSH banding: Leskovec, Rajaraman &
-  Ullman, "Mining of Massive Datasets", ch. 3. Why dedup: Lee et al. 2021, arXiv:2107.06499.
-- Whole pipelines of this shape: CCNet (Wenzek et al. 2019, arXiv:1911.00359: fastText LID, line dedup),
-  RefinedWeb (Penedo et al. 2023, arXiv:2306.01116: MinHash on 5-grams), Dolma (Soldaini et al. 2024,
-  arXiv:2402.00159: Gopher rules, PII masks, toxic/NSFW classifiers), FineWeb (Penedo et al. 2024,
-  arXiv:2406.17557), and Stanford CS336 assignment 4, whose stage function names we borrow.
+- Gopher rules: Rae et al. 2021, arXiv:2112.11446, App. A. C4's bad-word rule: Raffel et al. 2020, arXiv:1910.10683.
+  fastText classifiers: Joulin et al. 2016, arXiv:1607.01759. MinHash: Broder 1997; LSH banding: Leskovec,
+  Rajaraman & Ullman, "Mining of Massive Datasets", ch. 3. Why dedup: Lee et al. 2021, arXiv:2107.06499.
+- Whole pipelines of this shape: CCNet (Wenzek et al. 2019, arXiv:1911.00359), RefinedWeb (Penedo et al. 2023,
+  arXiv:2306.01116), Dolma (Soldaini et al. 2024, arXiv:2402.00159), FineWeb (Penedo et al. 2024, arXiv:2406.17557),
+  and Stanford CS336 assignment 4, whose stage function names we borrow.
 
 How to run (CPU only: no stage needs a GPU)
 ----------
@@ -867,11 +865,16 @@ def build_parser():
     p.add_argument("--no-line-dedup", action="store_true", help="skip exact line dedup")
     p.add_argument("--line-dedup-min-docs", type=int, default=10, help="a line in >= this many docs is boilerplate")
     p.add_argument("--no-gopher", action="store_true", help="skip the Gopher quality rules")
-    # stage 5: classifiers: --no-quality, --quality-model, --quality-threshold, the same for toxic and nsfw
-    for kind, name, bad in (("quality", "quality", "low"), ("toxic", "toxic", "toxic"), ("nsfw", "NSFW", "nsfw")):
-        p.add_argument(f"--no-{kind}", action="store_true", help=f"skip the {name} classifier")
-        p.add_argument(f"--{kind}-model", default=None, help=f"{name} classifier .pt (default: train on fixtures/)")
-        p.add_argument(f"--{kind}-threshold", type=float, default=0.9, help=f"drop when P({bad}) >= this")
+    # stage 5: classifiers
+    p.add_argument("--no-quality", action="store_true", help="skip the quality classifier")
+    p.add_argument("--quality-model", default=None, help="quality classifier .pt (default: train on fixtures/)")
+    p.add_argument("--quality-threshold", type=float, default=0.9, help="drop when P(low) >= this")
+    p.add_argument("--no-toxic", action="store_true", help="skip the toxic classifier")
+    p.add_argument("--toxic-model", default=None, help="toxic classifier .pt (default: train on fixtures/)")
+    p.add_argument("--toxic-threshold", type=float, default=0.9, help="drop when P(toxic) >= this")
+    p.add_argument("--no-nsfw", action="store_true", help="skip the NSFW classifier")
+    p.add_argument("--nsfw-model", default=None, help="NSFW classifier .pt (default: train on fixtures/)")
+    p.add_argument("--nsfw-threshold", type=float, default=0.9, help="drop when P(nsfw) >= this")
     # stage 7: MinHash
     p.add_argument("--no-dedup", action="store_true", help="skip MinHash near-duplicate removal")
     p.add_argument("--num-hashes", type=int, default=128, help="MinHash signature length")
