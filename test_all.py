@@ -153,27 +153,6 @@ def test_data_identify_language(lang):
     assert got == lang and 0.5 <= conf <= 1.0, (got, conf)
 
 
-class _FakeFastText:
-    """Stands in for the fasttext package: load_model returns an object whose predict sees one line."""
-    seen = []
-
-    @staticmethod
-    def load_model(path):
-        return _FakeFastText()
-
-    def predict(self, text):
-        _FakeFastText.seen.append(text)
-        return ("__label__fr",), [0.93]
-
-
-def test_data_identify_language_uses_fasttext_model(monkeypatch):
-    """--fasttext-lid: identify_language asks the loaded model (one line of text) and strips __label__."""
-    monkeypatch.setitem(sys.modules, "fasttext", _FakeFastText)
-    monkeypatch.setattr(data, "_FASTTEXT_LID", None)  # restored after the test: the heuristic again
-    data.load_fasttext_lid("lid.176.bin")
-    assert data.identify_language("Bonjour\nle monde") == ("fr", 0.93) and _FakeFastText.seen == ["Bonjour le monde"]
-
-
 def test_data_identify_language_nothing_to_go_on():
     """Text without letters is ('unk', 0.0)."""
     assert data.identify_language("1234 5678 !!! ---") == ("unk", 0.0)
@@ -224,16 +203,16 @@ def _words(n, length=5):
 def test_data_gopher_word_count_edges():
     """The Gopher word-count rule passes exactly at 50 and 100,000 words and fails one past each."""
     assert data.gopher_failure(_words(49)) == "too_few_words"
-    assert data.gopher_quality_filter(_words(50))
-    assert data.gopher_quality_filter(_words(100_000))
+    assert data.gopher_failure(_words(50)) is None
+    assert data.gopher_failure(_words(100_000)) is None
     assert data.gopher_failure(_words(100_001)) == "too_many_words"
 
 
 def test_data_gopher_mean_word_length_edges():
     """The mean-word-length rule passes at exactly 3 and 10 and fails just outside."""
-    assert data.gopher_quality_filter(_words(60, 3))  # mean exactly 3
+    assert data.gopher_failure(_words(60, 3)) is None  # mean exactly 3
     assert data.gopher_failure(" ".join(["ab"] * 30 + ["abc"] * 30)) == "mean_word_length"  # 2.5
-    assert data.gopher_quality_filter(_words(60, 10))  # mean exactly 10
+    assert data.gopher_failure(_words(60, 10)) is None  # mean exactly 10
     assert data.gopher_failure(" ".join(["a" * 10] * 59 + ["a" * 11])) == "mean_word_length"  # 10.017
 
 
@@ -241,34 +220,39 @@ def test_data_gopher_ellipsis_lines_edges():
     """The ellipsis rule passes at 30% of lines and fails at 40%, for '...' and U+2026."""
     def doc(n_ellipsis, n_lines=10):
         return "\n".join(_words(6) + (" ..." if i < n_ellipsis else " end") for i in range(n_lines))
-    assert data.gopher_quality_filter(doc(3))  # exactly 30% of lines end in "..."
+    assert data.gopher_failure(doc(3)) is None  # exactly 30% of lines end in "..."
     assert data.gopher_failure(doc(4)) == "ellipsis_lines"
     assert data.gopher_failure(doc(4).replace("...", "\u2026")) == "ellipsis_lines"  # the one-char ellipsis
 
 
 def test_data_gopher_alpha_words_edges():
     """The alphabetic-words rule passes at exactly 80% and fails at 79%; one letter makes a word count."""
-    assert data.gopher_quality_filter(" ".join(["word"] * 80 + ["1234"] * 20))  # exactly 80% with a letter
+    assert data.gopher_failure(" ".join(["word"] * 80 + ["1234"] * 20)) is None  # exactly 80% with a letter
     assert data.gopher_failure(" ".join(["word"] * 79 + ["1234"] * 21)) == "non_alpha_words"
-    assert data.gopher_quality_filter(" ".join(["word"] * 79 + ["12a4"] * 21))  # one letter is enough
+    assert data.gopher_failure(" ".join(["word"] * 79 + ["12a4"] * 21)) is None  # one letter is enough
 
 
 # --- fastText-style classifiers ---
+
+def _classify_one(kind, text):
+    """CS336's classify_quality / classify_toxic_speech / classify_nsfw: one text -> (label, probability)."""
+    return data.classify_batch(kind, [text])[0]
+
 
 def test_data_default_classifiers_on_obvious_cases():
     """The default classifiers label blatant navigation, insults and explicit spam, and clean prose, correctly."""
     nav = "Home | About us | Contact | Privacy policy | Login Register | Cart (0) | Share on Facebook"
     prose = "The function returns a new list with the items sorted, and raises an error for bad input."
-    assert data.classify_quality(nav)[0] == "low" and data.classify_quality(prose)[0] == "high"
-    assert data.classify_toxic_speech("you stupid worthless idiot, everyone hates you")[0] == "toxic"
-    assert data.classify_toxic_speech(prose)[0] == "clean"
-    assert data.classify_nsfw("explicit nude sex videos for adults, xxx porn")[0] == "nsfw"
-    assert data.classify_nsfw(prose)[0] == "clean"
-    label, score = data.classify_quality(prose)
+    assert _classify_one("quality", nav)[0] == "low" and _classify_one("quality", prose)[0] == "high"
+    assert _classify_one("toxic", "you stupid worthless idiot, everyone hates you")[0] == "toxic"
+    assert _classify_one("toxic", prose)[0] == "clean"
+    assert _classify_one("nsfw", "explicit nude sex videos for adults, xxx porn")[0] == "nsfw"
+    assert _classify_one("nsfw", prose)[0] == "clean"
+    label, score = _classify_one("quality", prose)
     assert 0.5 <= score <= 1.0
 
 
-def test_data_train_classifier_cli_roundtrip(tmp_path):
+def test_data_classifier_cli_roundtrip(tmp_path):
     """train-classifier writes a weights_only-loadable model that separates its two labeled vocabularies."""
     rng = random.Random(0)
     rows = [{"text": " ".join(rng.choice(["apple", "pear", "plum"]) for _ in range(8)), "label": "fruit"}
@@ -316,13 +300,17 @@ def _naive_jaccard(x, y, n=5):
     return len(a & b) / len(a | b)
 
 
+def _shingle_hashes(text, n):
+    return np.unique(data.shingle_hashes_batch([text], n)[0])  # one document's sorted unique shingle hashes
+
+
 def test_data_normalization_in_c_matches_reference():
     """The byte-table normalization equals the unicodedata reference, and hashed shingles equal set shingles in number."""
     for t in ["Héllo, WÖRLD!  it's_a  test\n\tof   naïve façade — ok?", "plain ascii, with CAPS & 42 numbers",
               "  leading and trailing  ", "日本語 テキスト、です。", ""]:
         assert data.normalize_for_dedup(t) == _naive_normalize(t)
-        assert data._normalized_bytes(t).decode() == _naive_normalize(t)
-        assert len(data.shingle_hashes(t, 3)) == len(_naive_shingles(t, 3))  # no hash collisions here
+        assert b" ".join(data._ascii_or_stripped(t).translate(data._TABLE).split()).decode() == _naive_normalize(t)
+        assert len(_shingle_hashes(t, 3)) == len(_naive_shingles(t, 3))  # no hash collisions here
 
 
 def test_data_shingle_batch_matches_one_document_at_a_time():
@@ -334,7 +322,7 @@ def test_data_shingle_batch_matches_one_document_at_a_time():
     for n in (1, 3, 5):
         batch = data.shingle_hashes_batch(texts, n, batch_docs=4)
         for t, hashes in zip(texts, batch):
-            assert np.array_equal(np.unique(hashes), data.shingle_hashes(t, n))
+            assert np.array_equal(np.unique(hashes), _shingle_hashes(t, n))
             assert len(np.unique(hashes)) == len(_naive_shingles(t, n)) == len(data.shingles(t, n)), (t[:20], n)
     assert np.array_equal(batch[7], batch[9])  # case is normalized away
 
@@ -380,7 +368,7 @@ def test_data_minhash_signature_estimates_jaccard():
             other[i] = "x"
         x, y = " ".join(base), " ".join(other)
         a, b = data.minhash_params(512, seed=3)
-        s = data.minhash_signatures([data.shingle_hashes(x, 5), data.shingle_hashes(y, 5)], a, b)
+        s = data.minhash_signatures([_shingle_hashes(x, 5), _shingle_hashes(y, 5)], a, b)
         est, true = float((s[0] == s[1]).mean()), _naive_jaccard(x, y)
         assert abs(est - true) < 0.08, (edits, est, true)  # std of the estimate ~ 0.02
 
@@ -639,8 +627,7 @@ def test_data_warc_http_charset_and_status(tmp_path, monkeypatch):
     _write_warc(tmp_path / "c.warc.gz", [_warc_record("response", ok), _warc_record("response", gone)])
     items = list(data.iter_source(str(tmp_path / "c.warc.gz")))
     assert [it[1] for it in items] == ["html", "bad"] and items[0][3].lower() == "iso-8859-1" and items[1][2] == "http_404"
-    monkeypatch.setattr(data, "_CFG", {})  # no language filter, no PII: extraction only
-    assert data.process_document(items[0])[1] == "Grüße aus München"
+    assert data.process_document({}, items[0])[1] == "Grüße aus München"  # no language filter, no PII: extraction only
 
 
 @pytest.mark.slow
@@ -715,12 +702,12 @@ def test_data_bad_word_rule_sees_through_obfuscation():
     """Asterisks, digits or symbols for letters, inner dots and repeated letters do not hide a listed word."""
     assert data.deobfuscate("STUUUPID f.u.c.k sh1t b!tch a**hole p0rn") == "stupid fuck shit bitch ashole porn"
     for t in ["what a f*ck up", "this is sh1t", "you b!tch", "you a**hole", "f.u.c.k this", "shiiiit"]:
-        assert data.classify_toxic_speech(t) == ("toxic", 1.0), t
-    assert data.classify_nsfw("free p0rn here") == ("nsfw", 1.0)
+        assert _classify_one("toxic", t) == ("toxic", 1.0), t
+    assert _classify_one("nsfw", "free p0rn here") == ("nsfw", 1.0)
     for t in ["The idiot light on the dashboard came on.", "A nude marble statue from ancient Greece.",
               "Use kill -9 only if the process ignores SIGTERM.", "def f(*args, **kwargs): pass",
               "Return *x* *or* *other*, see *n*-1 and *lo* *nd*."]:  # reST emphasis is not a disguise
-        assert data.classify_toxic_speech(t)[0] == "clean" and data.classify_nsfw(t)[0] == "clean", t
+        assert _classify_one("toxic", t)[0] == "clean" and _classify_one("nsfw", t)[0] == "clean", t
 
 
 # ---------------------------------------------------------------
@@ -810,7 +797,7 @@ def _tie_corpus(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_bpe_train_matches_naive_reference(tmp_path, seed):
+def test_bpe_merges_match_naive_reference(tmp_path, seed):
     """train_bpe's merges equal the naive trainer's on tie-heavy corpora (ties -> greatest bytes)."""
     text = _tie_corpus(seed)
     p = tmp_path / "c.txt"
@@ -826,7 +813,7 @@ def test_bpe_train_matches_naive_reference(tmp_path, seed):
     assert not any(x in a + b for a, b in merges for x in (b"<|", b"|>", b"endoftext", b"<", b">"))
 
 
-def test_bpe_train_matches_naive_on_real_text(tmp_path):
+def test_bpe_merges_match_naive_on_real_text(tmp_path):
     """train_bpe's merges equal the naive trainer's on real mixed text with specials."""
     text = _corpus()[:20000]
     p = tmp_path / "c.txt"
@@ -835,7 +822,7 @@ def test_bpe_train_matches_naive_on_real_text(tmp_path):
     assert merges == naive_train(text, 256 + 3 + 150, SPECIALS)
 
 
-def test_bpe_train_stops_when_no_pairs_left(tmp_path):
+def test_bpe_merging_stops_when_no_pairs_left(tmp_path):
     """Training stops early, like the naive trainer, once every word is one token."""
     p = tmp_path / "c.txt"
     p.write_text("ab ab", encoding="utf-8")
@@ -1054,7 +1041,7 @@ def test_bpe_encode_file_uint32_for_big_vocab(tmp_path):
 # --- CLI ---
 
 @pytest.mark.slow
-def test_bpe_cli_train_encode_stats(tmp_path, capsys):
+def test_bpe_cli_fit_encode_stats(tmp_path, capsys):
     """The train/encode/stats subcommands run end to end; the .bin equals Tokenizer.encode."""
     p = tmp_path / "c.txt"
     p.write_text(_corpus()[:20000], encoding="utf-8")
@@ -1207,7 +1194,7 @@ def test_bpe_long_word_merge_equals_plain(trained):
 
 # --- stats: the pathology sections ---
 
-def test_bpe_stats_under_trained_equals_naive_count(trained):
+def test_bpe_stats_rare_tokens_equal_naive_count(trained):
     """under_trained == a naive count over encode's ids: learned, non-special entries used <= max_count times."""
     _, vocab, _, tok = trained
     text = _corpus()[:8000] + "<|user|>"
@@ -1777,7 +1764,7 @@ def test_model_count_params_and_flops_exact_for_every_variant(kw):
     assert counter.get_total_flops() == (M.flops_per_token(cfg) - 6 * norm_gains) * 2 * 32
 
 
-def test_model_dropout_only_in_training():
+def test_model_dropout_off_in_eval_and_sampling():
     """Dropout: eval and no_grad forwards (and sampling) are deterministic and equal dropout=0's; training forwards differ; inverted dropout keeps the mean."""
     torch.manual_seed(0)
     for backend in ("sdpa", "scratch"):
@@ -1853,6 +1840,21 @@ def test_model_bad_variant_config_is_an_error(kw):
     with pytest.raises(ValueError, match="|".join(kw) + "|RoPE"):
         tiny_cfg(**kw)
     assert tiny_cfg(num_heads=8, d_model=24, pos_emb="none").num_heads == 8
+
+
+def test_model_variant_flags_reach_the_checkpoint(tmp_path):
+    """train.py's variant flags build that ModelConfig (each field a flag of its name), train, and the checkpoint's config rebuilds it."""
+    np.random.default_rng(0).integers(0, 61, 3000).astype(np.uint16).tofile(tmp_path / "train.bin")
+    np.random.default_rng(1).integers(0, 61, 500).astype(np.uint16).tofile(tmp_path / "val.bin")
+    flags = ["--norm", "layernorm", "--norm-position", "post", "--pos-emb", "sinusoidal", "--ffn", "relu2", "--dropout", "0.1",
+             "--window", "8", "--activation-checkpointing"]
+    TR.main(["--data", str(tmp_path), "--out-dir", str(tmp_path / "out"), "--vocab-size", "61", "--d-model", "32", "--num-layers", "1",
+             "--context-length", "16", "--batch-size", "2", "--max-steps", "2", "--eval-steps", "1", "--sample-every", "0", *flags])
+    m, _ = M.load_model(str(tmp_path / "out" / "ckpt.pt"))
+    assert (m.cfg.norm, m.cfg.norm_position, m.cfg.pos_emb, m.cfg.ffn, m.cfg.dropout, m.cfg.window, m.cfg.activation_checkpointing) == (
+        "layernorm", "post", "sinusoidal", "relu2", 0.1, 8, True)
+    with pytest.raises(SystemExit, match="^error: need 0 <= dropout < 1"):
+        TR.main(["--data", str(tmp_path), "--out-dir", str(tmp_path / "bad"), "--vocab-size", "61", "--context-length", "16", "--dropout", "1.5"])
 
 
 def _to_hf_gpt2(m):
@@ -2248,7 +2250,7 @@ def test_train_rejects_non_positive_sizes(capsys):
         assert e.value.code == 2 and "must be a positive integer, got 0" in capsys.readouterr().err, flag
 
 
-def test_train_cli_defaults_are_model_config():
+def test_train_cli_defaults_are_the_config_defaults():
     """`python train.py` trains ModelConfig(): every model-shape flag takes its default from it."""
     a, d = TR.build_parser().parse_args([]), ModelConfig()
     assert (a.d_model, a.num_layers, a.num_heads, a.context_length, a.rope_theta, a.attn_backend, a.tie_embeddings) == \
@@ -2673,7 +2675,7 @@ def test_kernels_flash_attention_triton_head_dims(d, dtype):
     _kn_close(ours, [r.to(dtype) for r in ref], dtype)
 
 
-def test_kernels_flash_attention_triton_on_model_layout():
+def test_kernels_flash_attention_triton_on_lm_layout():
     """Non-contiguous (B, H, T, d) views, as model.py passes them, give SDPA's output and gradients."""
     # model.py hands over (B, H, T, d) views made by .transpose(1, 2): not contiguous
     B, T, H, d = 2, 17, 2, 16
@@ -3247,7 +3249,7 @@ def _check_pp(rank, world):
 
 
 @pytest.mark.slow
-def test_parallel_pipeline_gpipe(parallel_results):
+def test_parallel_gpipe(parallel_results):
     """GPipe over 2 stages x 4 micro-batches == one process on the full batch (loss and grads)."""
     r = parallel_results["pp"]
     assert r["layers"] == 3                                          # 6 layers over 2 stages
@@ -3398,7 +3400,7 @@ def _train_losses(proc, out):
 
 
 @pytest.mark.slow
-def test_parallel_torchrun_train_matches_single_process(tmp_path):
+def test_parallel_torchrun_matches_single_process(tmp_path):
     """torchrun train.py on 2 ranks (BucketedDDP, and FSDP2) == 1 rank with doubled grad accumulation."""
     data = tmp_path / "data"
     data.mkdir()
@@ -3545,7 +3547,7 @@ def _fake_train(cmd, cwd=None, stdout=None, stderr=None, env=None):
     return 0
 
 
-def test_scaling_sweep_rerun_with_other_lr_trains_new_runs(tmp_path, monkeypatch, capsys):
+def test_scaling_sweep_rerun_with_other_lr_makes_new_runs(tmp_path, monkeypatch, capsys):
     """A rerun with another --lr into the same --out-dir trains new runs (names hash the training flags), never reuses the old ones, and never mixes both in one results file."""
     monkeypatch.setattr(scaling.subprocess, "call", _fake_train)
     base = ["sweep", "--data", str(tmp_path), "--vocab-size", "256", "--out-dir", str(tmp_path / "runs"), "--budgets", "1e8",
@@ -4124,7 +4126,7 @@ def test_align_reward_model_learns_an_obvious_preference(tmp_path):
 
 
 
-def test_pipeline_gpu_preset_is_sized_to_the_data(tmp_path):
+def test_pipeline_gpu_preset_is_sized_to_the_corpus(tmp_path):
     """The gpu preset stops at 4 epochs of the data (closed form), and real-data flags reach only data.py."""
     b = tmp_path / "train.bin"
     np.zeros(1_000_000, dtype=np.uint16).tofile(b)                     # 1M tokens
@@ -4195,7 +4197,7 @@ def test_pipeline_reruns_exactly_what_did_not_finish(tmp_path, monkeypatch):
     assert run() == ["align"]
 
 
-def test_pipeline_resumes_killed_pretraining(tmp_path, monkeypatch):
+def test_pipeline_killed_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """(a) pretraining killed after a periodic ckpt.pt is neither skipped nor restarted: it reruns with --resume."""
     log = _fake_pipeline(tmp_path, monkeypatch)
     monkeypatch.setenv("FAIL", "pretrain")                         # writes its checkpoint, then dies
