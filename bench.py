@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -760,10 +761,12 @@ def _ablation_run(name, seed, args, work):
     rec = dict(variant=name, flags=ABLATIONS[name], seed=seed, max_steps=steps, val_loss=None, diverged=r.returncode != 0)
     if r.returncode != 0:  # train.py stops with a one-line error on a non-finite loss
         rec["error"] = (r.stderr.strip().splitlines() or ["?"])[-1][:200]
+        shutil.rmtree(out, ignore_errors=True)
         return rec
     res = json.loads(r.stdout.strip().splitlines()[-1])
     with open(os.path.join(out, "metrics.jsonl")) as f:
         tps = [m["tok_per_s"] for m in map(json.loads, f) if "tok_per_s" in m]
+    shutil.rmtree(out, ignore_errors=True)  # its ckpt.pt (~40 MB) is not needed again
     rec.update(val_loss=res["final"]["val_loss"], params=res["final"]["params"], tokens=res["final"]["tokens"],
                wall_s=res["final"]["wall_s"], tok_per_s=statistics.median(tps), peak_rss_mb=res["peak_kb"] / 1024)
     return rec
@@ -834,6 +837,7 @@ def bench_ablations(args):
                 f.write(json.dumps(rec) + "\n")
             print(f"  {name:12s} seed {seed}: " + (f"val loss {rec['val_loss']:.4f}" if rec["val_loss"] is not None
                   else f"diverged ({rec['error']})") + f" [{time.time() - t0:.0f} s]", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
     rows = ablation_table(recs)
     tokens = max((r["tokens"] for r in recs if r.get("tokens")), default=0)
     with open(args.ablations_out + ".md", "w") as f:
