@@ -3978,7 +3978,7 @@ def test_align_load_jsonl_formats(tmp_path):
         align.load_jsonl(str(bad))
 
 
-def test_align_data_jsonl_never_evaluates_on_training_rows(tmp_path):
+def test_align_user_jsonl_eval_rows_disjoint_from_fit_rows(tmp_path):
     """--data-jsonl: the eval set and the training rows are disjoint (split by prompt hash) and cover the file."""
     p = tmp_path / "gsm.jsonl"
     p.write_text("".join(json.dumps({"prompt": f"What is {a} + 7?", "answer": f"#### {a + 7}"}) + "\n" for a in range(60)))
@@ -4036,7 +4036,7 @@ def _tiny_align_ckpt(tmp_path):
     return model, str(tmp_path / "base.pt"), str(tmp_path / "tok")
 
 
-def test_align_lora_starts_equal_trains_adapters_only_and_merges():
+def test_align_lora_starts_equal_updates_adapters_only_and_merges():
     """LoRA starts equal to the base model bit for bit, trains only A and B, and merges to the same function."""
     tok = _byte_tokenizer()
     base = _tiny_lm(tok.vocab_size)
@@ -4104,7 +4104,7 @@ def test_align_bradley_terry_loss_log2_and_gradient_sign():
 
 
 @pytest.mark.slow
-def test_align_reward_model_learns_an_obvious_preference(tmp_path):
+def test_align_rm_learns_an_obvious_preference(tmp_path):
     """The real `rm` stage ranks > 90% of held-out pairs right when the preference is obvious."""
     # chosen and rejected differ only in the last token (":)" vs ":("); 30 steps of the real `rm`
     # stage must rank held-out pairs (a hash split of the prompts) almost always right.
