@@ -2371,6 +2371,9 @@ def test_train_sample_cli_from_checkpoint(tmp_path, capsys):
     assert text.startswith("hello") and "world. hello" in text  # it learned the one sentence it saw
     TR.main(["sample", "--ckpt", str(out / "ckpt.pt"), "--prompt", "hello", "--max-new-tokens", "20", "--temperature", "0"])
     assert capsys.readouterr().out == text  # the subcommand and the old flag are one code path
+    for bad in (["--top-p", "0"], ["--temperature", "-1"]):  # every token dropped / a reversed distribution
+        with pytest.raises(SystemExit, match="^error: sampling needs"):
+            TR.main(["sample", "--ckpt", str(out / "ckpt.pt"), "--prompt", "hello", *bad])
 
 
 

@@ -690,8 +690,11 @@ def sample(args):
         raise SystemExit("error: no tokenizer found; pass --tokenizer DIR")
     idx = torch.tensor([tok.encode(args.prompt) or [tok.special_ids.get("<|endoftext|>", 0)]], device=device)  # (1, T)
     gen = torch.Generator(device).manual_seed(args.seed)
-    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                   min_p=args.min_p, stop_token=tok.special_ids.get("<|endoftext|>"), generator=gen)  # fmt: skip
+    try:  # --top-p 0, a negative --temperature, ...: one line, not a traceback
+        out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                       top_p=args.top_p, min_p=args.min_p, stop_token=tok.special_ids.get("<|endoftext|>"), generator=gen)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     print(tok.decode(out[0].tolist()))
 
 
