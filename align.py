@@ -739,7 +739,7 @@ def wilson_interval(k: int, n: int, z: float = 1.96):
 
 
 @torch.no_grad()
-def evaluate(model, tok, problems: list, max_new_tokens=None) -> dict:
+def evaluate_accuracy(model, tok, problems: list, max_new_tokens=None) -> dict:
     """Greedy decode each held-out problem (temperature 0, one sample), parse, compare."""
     T = max_new_tokens or max_response_tokens(tok, problems)
     _, _, texts = sample_responses(model, tok, [p["prompt"] for p in problems], 1, 0.0, T)
@@ -817,7 +817,7 @@ class MetricsLog:
 
 def run_eval_and_record(model, tok, args, stage, timing=None):
     t0 = time.time()
-    r = evaluate(model, tok, eval_problems(args))
+    r = evaluate_accuracy(model, tok, eval_problems(args))
     r.update(timing or {}, eval_s=round(time.time() - t0, 1))
     write_eval(os.path.join(args.out_dir, "eval.json"), stage, r)
     by = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["by_difficulty"].items())
