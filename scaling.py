@@ -8,8 +8,8 @@ Hoffmann et al. ("Chinchilla", 2022, arXiv:2203.15556) gave every run a cosine s
 as the run itself (Kaplan's fixed long schedule penalised the short-data runs) and found
 N_opt ~ C^0.5: N and D grow together, ~20 tokens per parameter, and most large models of the
 time were undertrained. Chinchilla estimates the exponent a (N_opt ~ C^a) three ways:
-  approach 1  fix N, vary D; the lower envelope of the loss curves gives N_opt(C). Not done
-              here: it needs several schedule lengths per size.
+  approach 1  fix N, vary D; the lower envelope of the loss curves gives N_opt(C). It needs
+              several schedule lengths per size: here decay branches of one WSD run each.
   approach 2  IsoFLOP profiles: at each fixed C train several N, fit loss vs log N with a
               parabola, take its minimum N_opt(C); then fit log N_opt = a log C + k.
   approach 3  fit L(N, D) = E + A/N^alpha + B/D^beta to every run, solve for the optimum.
@@ -19,8 +19,8 @@ confidence intervals implausibly narrow; their lesson (fit so the optimizer can 
 bootstrap) is why every number here comes with a CI.
 
 This file does the whole loop at toy scale: 1. FLOP accounting (C ~= 6ND, our exact count, where
-6ND is off); 2. reading runs (our sweep's JSONL or any published CSV/JSONL); 3, 4. approaches 2
-and 3 with bootstrap CIs; 5. a sweep that drives train.py per (budget, size); 6. the fit report.
+6ND is off); 2. reading runs (our sweep's JSONL or any published CSV/JSONL); 3, 4, 5. approach 1,
+and 2 and 3 with bootstrap CIs; 6. sweeps that drive train.py; 7. the fit reports.
 
 Run it on CPU (byte-level pydocs; the README's sweep, its cost measured there). Each budget gets the
 sizes that bracket its optimum; the sweep is resumable, so several invocations fill one results.jsonl:
@@ -34,6 +34,7 @@ sizes that bracket its optimum; the sweep is resumable, so several invocations f
     python scaling.py fit --runs runs/scaling/results.jsonl --target 1e12   # -> d_model to train
     $S --budgets 1e12 --sizes 48 --results runs/scaling/verify.jsonl       # check the prediction
     python scaling.py fit --runs published.csv --target 5.76e23   # any CSV/JSONL: N, D or C, loss
+    python scaling.py approach1    # 7 sizes x 5 WSD branches on data/pydocs-bytes (rerun: refit)
 One GPU, BPE data, bigger models:
     python scaling.py sweep --data data/pydocs --device cuda --context-length 256 --batch-size 64 \
         --head-dim 64 --num-layers 4 --sizes 128 192 256 384 512 --budgets 1e15 3e15 1e16 --fit
@@ -181,7 +182,48 @@ def _subset(runs, idx):
 
 
 # ---------------------------------------------------------------
-# 3. Approach 2: IsoFLOP profiles
+# 3. Approach 1: the lower envelope of the loss curves
+#
+# Train each size N to several token counts D and read, at every compute C = 6ND, which size
+# reached the lowest loss: that size is N_opt(C), and D_opt(C) = C / 6N_opt. No form for L(N, D)
+# and no parabola, just a minimum -- but it needs each size's loss at *many* D, each a full
+# schedule of that length (a cosine run's loss mid-run is not the loss of a shorter cosine run;
+# Chinchilla trained 4 schedule lengths per size). WSD makes that cheap (`approach1_sweep`).
+# A size's points are linearly interpolated in log D (at fixed N, log C = log D + const), never
+# extrapolated. The envelope's N_opt can only be a size we trained, so it climbs in steps;
+# the slope of log N_opt vs log C is still the exponent when the steps are many and small.
+
+
+def approach1(runs, n_grid=40):
+    """Lower envelope of the per-size loss curves -> {"a", "b", "log_k_N", "log_k_D", "points"}.
+
+    runs: N, D, loss (and C, FLOPs; else 6ND). At each of n_grid log-spaced C, the sizes whose
+    runs reach C compete; the winner counts only if it is not the smallest or largest of them (an
+    optimum at the edge of the sizes tried may lie beyond them: approach 2's bracketing rule)."""
+    N, D, loss = (np.asarray(runs[k], dtype=np.float64) for k in ("N", "D", "loss"))
+    C = np.asarray(runs["C"], dtype=np.float64) if "C" in runs else 6 * N * D
+    sizes = np.unique(N)
+    curves = [(np.log(C[N == n])[np.argsort(C[N == n])], loss[N == n][np.argsort(C[N == n])],
+               (C / D)[N == n][0]) for n in sizes]                 # (log C sorted, loss, FLOPs/token)
+    points = []
+    for lc in np.linspace(min(c[0][0] for c in curves), max(c[0][-1] for c in curves), n_grid):
+        reach = [i for i, c in enumerate(curves) if c[0][0] <= lc <= c[0][-1]]
+        ls = [np.interp(lc, curves[i][0], curves[i][1]) for i in reach]
+        j = int(np.argmin(ls)) if ls else 0
+        if 0 < j < len(reach) - 1:
+            i = reach[j]
+            points.append({"C": math.exp(lc), "N_opt": sizes[i], "D_opt": math.exp(lc) / curves[i][2], "loss": ls[j]})
+    if len(points) < 2:
+        raise SystemExit("error: approach 1 needs >= 2 compute values where >= 3 sizes overlap and a middle one wins")
+    x = np.log([p["C"] for p in points])
+    a, kN = np.polyfit(x, np.log([p["N_opt"] for p in points]), 1)   # log N_opt = a log C + kN
+    b, kD = np.polyfit(x, np.log([p["D_opt"] for p in points]), 1)   # log D_opt = b log C + kD
+    return {"a": a, "b": b, "log_k_N": kN, "log_k_D": kD, "points": points,
+            "n_sizes_on_envelope": len({p["N_opt"] for p in points})}
+
+
+# ---------------------------------------------------------------
+# 4. Approach 2: IsoFLOP profiles
 #
 # At fixed C, loss vs log N is a valley: too small a model underfits, too big a model sees too few
 # tokens. Near the bottom the valley is close to a parabola in log N, so we fit
@@ -283,7 +325,7 @@ def approach2(runs, n_boot=200, seed=0, targets=()):
 
 
 # ---------------------------------------------------------------
-# 4. Approach 3: the parametric loss L(N, D) = E + A / N^alpha + B / D^beta
+# 5. Approach 3: the parametric loss L(N, D) = E + A / N^alpha + B / D^beta
 #
 # E is the irreducible loss (entropy of text), A/N^alpha the penalty for a finite model, B/D^beta
 # for finite data. Following Chinchilla we fit in log space: with A = e^a, B = e^b, E = e^e,
@@ -408,7 +450,7 @@ def approach3(runs, n_boot=100, seed=0, targets=()):
 
 
 # ---------------------------------------------------------------
-# 5. The sweep: train every (budget, size) pair with train.py
+# 6. The sweep: train every (budget, size) pair with train.py
 #
 # Model sizes are d_model values (heads = d_model / head_dim, fixed depth), so N grows ~ d_model^2.
 # For each budget C the number of steps follows from the exact FLOPs per token:
@@ -482,10 +524,10 @@ def read_final(metrics_path):
 TRAIN_FLAGS = ("data", "flops", "head_dim", "context_length", "batch_size", "lr", "eval_steps", "seed", "device", "train_args")
 
 
-def flags_hash(args, vocab_size):
+def flags_hash(args, vocab_size, keys=TRAIN_FLAGS):
     """8 hex digits of TRAIN_FLAGS: part of every run name, so a rerun with another --lr (say)
     into the same --out-dir trains new runs instead of reusing the old ones."""
-    flags = {k: getattr(args, k) for k in TRAIN_FLAGS} | {"vocab_size": vocab_size}
+    flags = {k: getattr(args, k) for k in keys} | {"vocab_size": vocab_size}
     return hashlib.sha1(json.dumps(flags, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -578,8 +620,43 @@ def sweep(args):
     return results_path
 
 
+def approach1_sweep(args):
+    """Per size: ONE WSD run, checkpointed; from its checkpoint at each decay start k a branch that
+    decays to min-lr (the run's own decay is the longest branch). One approach1.jsonl row per (size,
+    k) with the branch's final val loss; finished rows are skipped, a killed stable run resumes.
+    Why it is cheap: a WSD lr is flat until the decay starts, so a checkpoint at step k *is* every
+    longer run at step k (tested bit for bit in train.py's tests); only the ~F/(1-F) k decay steps
+    of each branch are new, not the k steps of a fresh run per token count."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "approach1.jsonl")
+    rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+    done, V, F, ks = {r["run"] for r in rows}, args.vocab_size or data_vocab_size(args.data), args.decay_frac, sorted(args.decay_starts)
+    flags = flags_hash(args, V, TRAIN_FLAGS + ("decay_frac", "warmup_steps"))
+    wsd = ["--lr-schedule", "wsd", "--decay-frac", str(F), "--warmup-steps", str(args.warmup_steps)]
+    # the branch from k lasts M steps, the fewest whose decay (train.py: the last round(F*M)) starts at or after k
+    total = {k: next(m for m in itertools.count(k) if m - round(F * m) >= k) for k in ks}
+    for d in args.sizes:
+        cfg, per_tok = size_config(d, args, V)
+        base = f"d{d}_L{args.num_layers}_{flags}"
+        stable, todo = os.path.join(args.out_dir, base, "stable"), [k for k in ks if f"{base}_k{k}" not in done]
+        final = read_final(os.path.join(stable, "metrics.jsonl"))
+        if todo and (final is None or final.get("step") != total[ks[-1]]):
+            print(f"{base}: N={count_params(cfg, non_embedding=True):,}, stable run of {total[ks[-1]]} steps", flush=True)
+            cmd = train_command(args, cfg, stable, total[ks[-1]]) + wsd + ["--ckpt-every", str(math.gcd(*ks)), "--keep-ckpts"]
+            final = run_train(cmd + (["--resume"] if os.path.exists(os.path.join(stable, "ckpt.pt")) else []), stable, args.threads)
+        for k in todo:
+            run_dir = os.path.join(args.out_dir, base, f"branch{k}")
+            fin = final if k == ks[-1] else run_train(train_command(args, cfg, run_dir, total[k]) + wsd + [
+                "--resume", os.path.join(stable, f"ckpt-{k}.pt")], run_dir, args.threads)
+            steps_D = total[k] * args.batch_size * args.context_length
+            rows.append(result_row(f"{base}_k{k}", per_tok * steps_D, cfg, args, per_tok, fin, total[k]) | {"decay_start": k, "flags": flags})
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+            print(f"  {base}_k{k}: {total[k]} steps, D={steps_D:,}, val_loss {rows[-1]['loss']:.4f}", flush=True)
+    return path
+
+
 # ---------------------------------------------------------------
-# 6. Fit report: both approaches, the allocation for a target budget, and a plot
+# 7. Fit report: both approaches, the allocation for a target budget, and a plot
 
 
 def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0, min_budget=0.0):
@@ -721,8 +798,59 @@ def plot(runs, a2, a3, targets, out_dir):
     print(f"\nwrote {path}")
 
 
+def approach1_report(path):
+    """Fit approach 1 to approach1.jsonl, print the envelope, write approach1_fit.json and approach1.png."""
+    rows = [json.loads(l) for l in open(path)]
+    a1 = approach1({k: [r[k] for r in rows] for k in ("N", "D", "C", "loss")})
+    print(f"\nApproach 1 ({len(rows)} branches, {len({r['N'] for r in rows})} sizes; lower envelope):")
+    for p in a1["points"][::max(1, len(a1["points"]) // 12)]:
+        print(f"  C={p['C']:.2e}  N_opt={p['N_opt']:.3g}  D_opt={p['D_opt']:.3g}  loss={p['loss']:.4f}")
+    print(f"  N_opt ~ C^a, a = {a1['a']:.3f};  D_opt ~ C^b, b = {a1['b']:.3f}  "
+          f"(the envelope visits {a1['n_sizes_on_envelope']} sizes: a staircase, so a is coarse)")
+    out = os.path.dirname(os.path.abspath(path))
+    write_atomic(os.path.join(out, "approach1_fit.json"), json.dumps(a1, indent=1, default=float))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("matplotlib not installed: no plot (the table above is the result)")
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for n in sorted({r["N"] for r in rows}):
+        pts = sorted((r["C"], r["loss"]) for r in rows if r["N"] == n)
+        ax.plot(*zip(*pts), "o-", ms=3, label=f"N={n:.3g}")
+    ax.plot([p["C"] for p in a1["points"]], [p["loss"] for p in a1["points"]], "k*", ms=6,
+            label=f"envelope: a={a1['a']:.2f}, b={a1['b']:.2f}")
+    ax.set(xscale="log", xlabel="C (FLOPs)", ylabel="val loss", title="approach 1: WSD decay branches")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    write_atomic(os.path.join(out, "approach1.png"), png.getvalue())
+
+
 # ---------------------------------------------------------------
-# 7. CLI
+# 8. CLI
+
+def add_train_knobs(p, out_dir, sizes, data, vocab_size):
+    """The flags `sweep` and `approach1` share: what to train and how, the same for every run."""
+    p.add_argument("--data", default=data, help="dir with train.bin, val.bin (and tokenizer/)")
+    p.add_argument("--vocab-size", type=int, default=vocab_size, help="vocab size (None: from DATA/tokenizer)")
+    p.add_argument("--out-dir", default=out_dir, help="one subdir per run + the results JSONL")
+    p.add_argument("--sizes", type=int, nargs="+", default=sizes, help="d_model values")
+    p.add_argument("--flops", choices=["exact", "6nd"], default="exact", help="FLOPs per token rule")
+    # model and training knobs, shared by every run
+    p.add_argument("--num-layers", type=int, default=2, help="depth of every model")
+    p.add_argument("--head-dim", type=int, default=8, help="num_heads = d_model / head_dim")
+    p.add_argument("--context-length", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (decays to lr/10)")
+    p.add_argument("--eval-steps", type=int, default=40, help="val batches for the final loss")
+    p.add_argument("--seed", type=int, default=0, help="seed for every run")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for each run (0 = inherit)")
+    p.add_argument("--train-args", default="", help="extra flags passed to train.py verbatim")
+
 
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -734,28 +862,17 @@ def build_parser():
     p.add_argument("--text", default="data/pydocs", help="dir with train.txt and val.txt")
     p.add_argument("--out", default="data/pydocs-bytes", help="output dir for train.bin, val.bin")
     p = sub.add_parser("sweep", help="train each (budget, size) with train.py (resumable)")
-    # what to sweep
-    p.add_argument("--data", default="data/pydocs", help="dir with train.bin, val.bin, tokenizer/")
-    p.add_argument("--vocab-size", type=int, default=None, help="vocab size (default: from DATA/tokenizer)")
-    p.add_argument("--out-dir", default="runs/scaling", help="one subdir per run + results.jsonl")
+    add_train_knobs(p, "runs/scaling", [16, 24, 32, 48, 64, 96], "data/pydocs", None)
     p.add_argument("--results", default=None, help="results file (default OUT_DIR/results.jsonl)")
     p.add_argument("--budgets", type=float, nargs="+", default=[3e10, 1e11, 3e11, 1e12], help="FLOP budgets")
-    p.add_argument("--sizes", type=int, nargs="+", default=[16, 24, 32, 48, 64, 96], help="d_model values")
-    p.add_argument("--flops", choices=["exact", "6nd"], default="exact", help="FLOPs per token rule")
     p.add_argument("--min-steps", type=int, default=50, help="skip runs with fewer steps (they measure warmup)")
-    # model and training knobs, shared by every run
-    p.add_argument("--num-layers", type=int, default=2, help="depth of every model")
-    p.add_argument("--head-dim", type=int, default=8, help="num_heads = d_model / head_dim")
-    p.add_argument("--context-length", type=int, default=64, help="tokens per sequence")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (cosine to lr/10)")
-    p.add_argument("--eval-steps", type=int, default=40, help="val batches for the final loss")
-    p.add_argument("--seed", type=int, default=0, help="seed for every run")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for each run (0 = inherit)")
-    p.add_argument("--train-args", default="", help="extra flags passed to train.py verbatim")
     p.add_argument("--fit", action="store_true", help="fit the results afterwards (writes fit.json)")
     p.add_argument("--target", type=float, nargs="*", default=None, help="budgets to extrapolate to")
+    p = sub.add_parser("approach1", help="per size one WSD run + decay branches, then the envelope fit (resumable)")
+    add_train_knobs(p, "runs/approach1", [8, 12, 16, 24, 32, 48, 64], "data/pydocs-bytes", 256)
+    p.add_argument("--decay-starts", type=int, nargs="+", default=[100, 200, 400, 800, 1600], help="steps where branches decay")
+    p.add_argument("--decay-frac", type=float, default=0.2, help="each branch decays over this last fraction of its steps")
+    p.add_argument("--warmup-steps", type=int, default=50, help="linear warmup of the stable runs")
     p = sub.add_parser("fit", help="fit approaches 2 and 3 to a results file (CSV or JSONL)")
     p.add_argument("--runs", required=True, help="results.jsonl from sweep, or CSV/JSONL: N, D|C, loss")
     p.add_argument("--target", type=float, nargs="+", default=None, help="budgets to extrapolate to")
@@ -772,6 +889,8 @@ def main(argv=None):
         print_flops_table(args.vocab_size, args.context_length)
     elif args.cmd == "bytes":
         write_byte_dataset(args.text, args.out)
+    elif args.cmd == "approach1":
+        approach1_report(approach1_sweep(args))
     elif args.cmd == "sweep":
         path = sweep(args)
         if args.fit:

@@ -3650,6 +3650,76 @@ def test_scaling_fit_report_on_published_csv(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------
+# Chinchilla's approach 1 (scaling.approach1, scaling.py approach1): the lower envelope of loss curves
+#
+# Trusted references: a known law L = E + A/N^alpha + B/D^beta, whose compute-optimal exponents have a
+# closed form (a = beta/(alpha+beta), b = alpha/(alpha+beta)); an envelope read off by hand; resume ==
+# nothing re-run.
+
+A1_LAW = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)   # Hoffmann et al. 2022, eq. 10
+
+
+def test_scaling_approach1_recovers_closed_form_exponents():
+    """On loss curves sampled from L = E + A/N^alpha + B/D^beta (25 sizes, 12 token counts each), the envelope's slopes are a = beta/(alpha+beta), b = alpha/(alpha+beta) within 0.02."""
+    N = np.repeat(np.logspace(7, 10, 25), 12)
+    D = 20 * N * np.tile(np.logspace(-1.5, 1.5, 12), 25)          # each size from 0.6 to 600 tokens/param
+    al, be = A1_LAW["alpha"], A1_LAW["beta"]
+    a1 = scaling.approach1({"N": N, "D": D, "loss": scaling.predict_loss(A1_LAW, N, D)})
+    assert abs(a1["a"] - be / (al + be)) < 0.02 and abs(a1["b"] - al / (al + be)) < 0.02, (a1["a"], a1["b"])
+    assert a1["a"] + a1["b"] == pytest.approx(1) and a1["n_sizes_on_envelope"] >= 8   # D_opt = C / 6N_opt
+
+
+def test_scaling_approach1_envelope_by_hand():
+    """Three straight loss curves in log C: at each grid C the lowest interpolated loss wins, and only a winner flanked by sizes on both sides counts."""
+    # log C samples and losses per size: N=1: 5.2 - lc on [0, 4]; N=2: 4 - lc/2 on [0, 4]; N=3: 6.5 - 1.5 lc on [1, 4]
+    lc = np.array([0, 4, 0, 4, 1, 4.0])
+    N = np.array([1, 1, 2, 2, 3, 3.0])
+    loss = np.array([5.2, 1.2, 4.0, 2.0, 5.0, 0.5])
+    a1 = scaling.approach1({"N": N, "C": np.exp(lc), "D": np.exp(lc) / (6 * N), "loss": loss}, n_grid=5)
+    # lc 0: N=3 absent, N=2 wins at the edge: dropped. lc 1: 4.2, 3.5, 5.0 -> N=2. lc 2: 3.2, 3.0, 3.5 -> N=2.
+    # lc 3 and 4: N=3 wins (2.0, 0.5), the largest size: dropped.
+    pts = a1["points"]
+    assert [round(math.log(p["C"]), 9) for p in pts] == [1, 2] and [p["N_opt"] for p in pts] == [2, 2]
+    assert [p["loss"] for p in pts] == pytest.approx([3.5, 3.0])
+    assert [p["D_opt"] for p in pts] == pytest.approx([math.e / 12, math.e ** 2 / 12])   # C / (6 N_opt)
+    with pytest.raises(SystemExit, match="approach 1 needs"):
+        scaling.approach1({"N": N[:4], "C": np.exp(lc[:4]), "D": np.exp(lc[:4]), "loss": loss[:4]})
+
+
+@pytest.mark.slow
+def test_scaling_approach1_command_writes_jsonl_and_resumes(tmp_path, capsys):
+    """2 sizes x 2 WSD branches: one stable run per size, one JSONL row per branch with its exact D; a rerun after dropping one row re-runs that branch alone (same loss) and no stable run."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 20000), ("val", 4000)):   # repetitive bytes: something to learn
+        (data / f"{split}.txt").write_text("".join(rng.choice(["the cat ", "sat on ", "a mat. "], size=n // 7)))
+    scaling.write_byte_dataset(str(data), str(data))
+    out = tmp_path / "a1"
+    args = scaling.build_parser().parse_args(
+        ["approach1", "--data", str(data), "--out-dir", str(out), "--sizes", "8", "16", "--decay-starts", "8", "16",
+         "--num-layers", "1", "--context-length", "16", "--batch-size", "4", "--warmup-steps", "2", "--eval-steps", "2"])
+    path = scaling.approach1_sweep(args)
+    assert capsys.readouterr().out.count("stable run of 20 steps") == 2      # k=16 decays over 4 of 20 steps
+    rows = [json.loads(l) for l in open(path)]
+    assert [(r["d_model"], r["decay_start"], r["steps"], r["D"]) for r in rows] == [
+        (d, k, m, m * 4 * 16) for d in (8, 16) for k, m in ((8, 10), (16, 20))]
+    assert all(np.isfinite(r["loss"]) and r["loss"] < np.log(256) for r in rows)
+    metrics = sorted(out.glob("*/*/metrics.jsonl"))
+    mtimes = {p: os.path.getmtime(p) for p in metrics}
+    dropped = [r for r in rows if r["d_model"] == 16 and r["decay_start"] == 8][0]
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows if r is not dropped))
+    scaling.approach1_sweep(args)
+    assert "stable run" not in capsys.readouterr().out
+    again = [json.loads(l) for l in open(path)]
+    same = lambda rs: sorted(json.dumps({k: v for k, v in r.items() if k != "wall_s"}, sort_keys=True) for r in rs)  # noqa: E731
+    assert same(again) == same(rows)                                          # the re-run branch: the same loss
+    changed = [p for p in metrics if os.path.getmtime(p) != mtimes[p]]
+    assert [p.parent.name for p in changed] == ["branch8"] and changed[0].parent.parent.name.startswith("d16_")
+
+
+# ---------------------------------------------------------------
 # Alignment (align.py): the task, the verifier, SFT / DPO / GRPO primitives, a tiny GRPO run.
 # References: hand computations, closed forms (log 2, ratio 1), invariants (grad accumulation ==
 # one big batch, split disjointness), and a learning check (reward rises on a toy task).
