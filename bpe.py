@@ -385,8 +385,7 @@ class Tokenizer:
                 out.append(self.special_ids[part])
                 continue
             for piece in self._pat.findall(part):
-                ids = self._bpe(piece)         # the whole algorithm: merges, lowest rank first
-                out.extend(ids)
+                out.extend(self._bpe(piece))   # the whole algorithm: merges, lowest rank first
         return out
 
     def encode_iterable(self, iterable):
@@ -701,15 +700,18 @@ def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 65536 else np.uint32
 
 
-def encode_file(tokenizer_dir, input_path, out_path, workers=None, chunk_bytes=4 << 20, verbose=True) -> int:
+def encode_file(tokenizer_dir, input_path, out_path, workers=None, chunk_bytes=4 << 20, verbose=True,
+                alpha=None, seed=0) -> int:
     """Encode a text file to a flat array of token ids for np.memmap; returns the count. Safe
     chunks (see "Making it fast") go through a process pool, in order, into one atomic write."""
     _check_input(input_path)
     tok = Tokenizer.load(tokenizer_dir)  # fail early, in this process, on a bad dir
+    if alpha is not None and not isinstance(tok, UnigramTokenizer):
+        raise ValueError(f"--alpha samples Unigram segmentations; {tokenizer_dir} is not one")
     dtype, size, n_tokens = token_dtype(tok.vocab_size), os.path.getsize(input_path), 0
     with _atomic_open(out_path, "wb") as f:
         for arr in _map_chunks(_encode_chunk, input_path, tok.special_tokens, (dtype,), workers, chunk_bytes,
-                               "encode", verbose, initializer=_init_encoder, initargs=(tokenizer_dir,)):
+                               "encode", verbose, initializer=_init_encoder, initargs=(tokenizer_dir, alpha, seed)):
             arr.tofile(f)
             n_tokens += len(arr)
     if verbose:
@@ -913,13 +915,17 @@ def count_file_words(path, special_tokens, pattern=GPT2_PATTERN, workers=None, c
 _worker_tok = None
 
 
-def _init_encoder(tokenizer_dir):
-    global _worker_tok
-    _worker_tok = Tokenizer.load(tokenizer_dir)
+def _init_encoder(tokenizer_dir, alpha=None, seed=0):
+    global _worker_tok, _worker_sampling
+    _worker_tok, _worker_sampling = Tokenizer.load(tokenizer_dir), (alpha, seed)
 
 
 def _encode_chunk(job):
     path, start, end, dtype = job
+    if _worker_sampling[0] is not None:  # a sampler per chunk, seeded by its offset: same ids for any worker count
+        t = _worker_tok
+        sampler = UnigramTokenizer(t.vocab, t.special_tokens, t.pattern, t.scores, _worker_sampling[0], [_worker_sampling[1], start])
+        return np.asarray(sampler.encode(_read_text(path, start, end)), dtype=dtype)
     return np.asarray(_worker_tok.encode(_read_text(path, start, end)), dtype=dtype)
 
 
@@ -1058,6 +1064,8 @@ def _parser():
     e.add_argument("--input", required=True, help="UTF-8 text file")
     e.add_argument("--out", required=True, help="output .bin path")
     e.add_argument("--workers", type=int, default=None, help="encoding processes (default: CPUs)")
+    e.add_argument("--alpha", type=float, default=None, help="Unigram only: sample each segmentation from P(seg)^alpha (subword regularization)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the --alpha sampler")
     s = sub.add_parser("stats", help="compression and pathologies of a tokenizer on a text")
     s.add_argument("--tokenizer", required=True, help="directory written by train")
     s.add_argument("--input", required=True, help="UTF-8 text file (first 4 MB are used)")
@@ -1082,7 +1090,7 @@ def main(argv=None):
         if args.cmd == "train":
             _cmd_train(args, t0)
         elif args.cmd == "encode":
-            encode_file(args.tokenizer, args.input, args.out, workers=args.workers)
+            encode_file(args.tokenizer, args.input, args.out, workers=args.workers, alpha=args.alpha, seed=args.seed)
         else:
             _check_input(args.input)
             print_stats(Tokenizer.load(args.tokenizer),
