@@ -184,42 +184,34 @@ def _subset(runs, idx):
 # ---------------------------------------------------------------
 # 3. Approach 1: the lower envelope of the loss curves
 #
-# Train each size N to several token counts D and read, at every compute C = 6ND, which size
-# reached the lowest loss: that size is N_opt(C), and D_opt(C) = C / 6N_opt. No form for L(N, D)
-# and no parabola, just a minimum -- but it needs each size's loss at *many* D, each a full
-# schedule of that length (a cosine run's loss mid-run is not the loss of a shorter cosine run;
-# Chinchilla trained 4 schedule lengths per size). WSD makes that cheap (`approach1_sweep`).
-# A size's points are linearly interpolated in log D (at fixed N, log C = log D + const), never
-# extrapolated. The envelope's N_opt can only be a size we trained, so it climbs in steps;
-# the slope of log N_opt vs log C is still the exponent when the steps are many and small.
+# Train each size N to several token counts D; at every compute C the size with the lowest loss is
+# N_opt(C), and D_opt(C) = C / (FLOPs per token of N_opt). No form for L(N, D), no parabola -- but
+# each D must be a full schedule of that length (a cosine run's loss mid-run is not a shorter
+# run's loss): WSD branches make that cheap (`approach1_sweep`). A size's loss is interpolated
+# linearly in log D (= log C + const at fixed N), never extrapolated. N_opt can only be a size we
+# trained, so it climbs in steps; the slope of log N_opt vs log C still estimates the exponent.
 
 
 def approach1(runs, n_grid=40):
-    """Lower envelope of the per-size loss curves -> {"a", "b", "log_k_N", "log_k_D", "points"}.
-
-    runs: N, D, loss (and C, FLOPs; else 6ND). At each of n_grid log-spaced C, the sizes whose
-    runs reach C compete; the winner counts only if it is not the smallest or largest of them (an
-    optimum at the edge of the sizes tried may lie beyond them: approach 2's bracketing rule)."""
+    """runs: N, D, loss (and C, else 6ND) -> {"a", "b", "log_k_N", "log_k_D", "points"}. At each of n_grid
+    log-spaced C the sizes reaching C compete; a winner counts only if flanked by smaller and larger
+    competitors (at the edge the optimum may lie beyond the sizes tried: approach 2's bracketing rule)."""
     N, D, loss = (np.asarray(runs[k], dtype=np.float64) for k in ("N", "D", "loss"))
     C = np.asarray(runs["C"], dtype=np.float64) if "C" in runs else 6 * N * D
-    sizes = np.unique(N)
-    curves = [(np.log(C[N == n])[np.argsort(C[N == n])], loss[N == n][np.argsort(C[N == n])],
-               (C / D)[N == n][0]) for n in sizes]                 # (log C sorted, loss, FLOPs/token)
-    points = []
+    sizes, order = np.unique(N), np.argsort(C)
+    curves = [(np.log(C[order][N[order] == n]), loss[order][N[order] == n], (C / D)[N == n][0]) for n in sizes]
+    points = []                                                    # curves: (log C ascending, loss, FLOPs/token)
     for lc in np.linspace(min(c[0][0] for c in curves), max(c[0][-1] for c in curves), n_grid):
         reach = [i for i, c in enumerate(curves) if c[0][0] <= lc <= c[0][-1]]
         ls = [np.interp(lc, curves[i][0], curves[i][1]) for i in reach]
-        j = int(np.argmin(ls)) if ls else 0
-        if 0 < j < len(reach) - 1:
-            i = reach[j]
-            points.append({"C": math.exp(lc), "N_opt": sizes[i], "D_opt": math.exp(lc) / curves[i][2], "loss": ls[j]})
+        if 0 < (j := int(np.argmin(ls)) if ls else 0) < len(reach) - 1:
+            points.append({"C": math.exp(lc), "N_opt": sizes[reach[j]], "D_opt": math.exp(lc) / curves[reach[j]][2], "loss": ls[j]})
     if len(points) < 2:
         raise SystemExit("error: approach 1 needs >= 2 compute values where >= 3 sizes overlap and a middle one wins")
     x = np.log([p["C"] for p in points])
     a, kN = np.polyfit(x, np.log([p["N_opt"] for p in points]), 1)   # log N_opt = a log C + kN
     b, kD = np.polyfit(x, np.log([p["D_opt"] for p in points]), 1)   # log D_opt = b log C + kD
-    return {"a": a, "b": b, "log_k_N": kN, "log_k_D": kD, "points": points,
-            "n_sizes_on_envelope": len({p["N_opt"] for p in points})}
+    return {"a": a, "b": b, "log_k_N": kN, "log_k_D": kD, "points": points}
 
 
 # ---------------------------------------------------------------
@@ -575,19 +567,24 @@ def result_row(name, C, cfg, args, per_tok, final, steps):
             "steps": steps, "wall_s": final.get("wall_s"), "train_flops": final.get("flops")}
 
 
+def open_results(path, flags):
+    """The rows of a results JSONL ([] and its dir made, if new); one fit must not mix runs trained differently."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+    if {r.get("flags") for r in rows} - {flags}:
+        raise SystemExit(f"error: {path} holds runs made with other training flags than these ({flags}); "
+                         f"pass the same flags, or --results / --out-dir NEW")
+    return rows
+
+
 def sweep(args):
     """Run train.py for each (budget, size); append to results.jsonl; skip finished runs."""
     if not os.path.exists(os.path.join(ROOT, "train.py")):
         raise SystemExit("error: train.py not found next to scaling.py")
-    os.makedirs(args.out_dir, exist_ok=True)
     results_path = args.results or os.path.join(args.out_dir, "results.jsonl")
-    results = [json.loads(l) for l in open(results_path)] if os.path.exists(results_path) else []
+    flags = flags_hash(args, V := args.vocab_size or data_vocab_size(args.data))
+    results = open_results(results_path, flags)
     done = {r["run"] for r in results}
-    V = args.vocab_size or data_vocab_size(args.data)
-    flags = flags_hash(args, V)
-    if {r.get("flags") for r in results} - {flags}:  # one fit must not mix runs trained differently
-        raise SystemExit(f"error: {results_path} holds runs made with other training flags than this sweep's "
-                         f"({flags}); pass the same flags, or --results NEW.jsonl")
     tokens_per_step = args.batch_size * args.context_length
     plan = [(C, d) for C in args.budgets for d in args.sizes]
     spent_C, t0 = 0.0, time.time()     # FLOPs trained by *this* invocation, for the ETA
@@ -621,37 +618,32 @@ def sweep(args):
 
 
 def approach1_sweep(args):
-    """Per size: ONE WSD run, checkpointed; from its checkpoint at each decay start k a branch that
-    decays to min-lr (the run's own decay is the longest branch). One approach1.jsonl row per (size,
-    k) with the branch's final val loss; finished rows are skipped, a killed stable run resumes.
-    Why it is cheap: a WSD lr is flat until the decay starts, so a checkpoint at step k *is* every
-    longer run at step k (tested bit for bit in train.py's tests); only the ~F/(1-F) k decay steps
-    of each branch are new, not the k steps of a fresh run per token count."""
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, "approach1.jsonl")
-    rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
-    done, V, F, ks = {r["run"] for r in rows}, args.vocab_size or data_vocab_size(args.data), args.decay_frac, sorted(args.decay_starts)
+    """Per size ONE WSD run; from its checkpoint at each decay start k a branch decays to min-lr (the run's own
+    decay is the longest branch). Cheap because a WSD lr is flat until its decay: the checkpoint at k *is* every
+    longer run at step k (train.py's tests: bit for bit), so a branch costs only its ~k F/(1-F) decay steps.
+    One approach1.jsonl row per (size, k); finished rows are skipped, a killed stable run resumes."""
+    path, F, ks = os.path.join(args.out_dir, "approach1.jsonl"), args.decay_frac, sorted(args.decay_starts)
+    V = args.vocab_size or data_vocab_size(args.data)
     flags = flags_hash(args, V, TRAIN_FLAGS + ("decay_frac", "warmup_steps"))
+    rows = open_results(path, flags)
     wsd = ["--lr-schedule", "wsd", "--decay-frac", str(F), "--warmup-steps", str(args.warmup_steps)]
     # the branch from k lasts M steps, the fewest whose decay (train.py: the last round(F*M)) starts at or after k
     total = {k: next(m for m in itertools.count(k) if m - round(F * m) >= k) for k in ks}
     for d in args.sizes:
-        cfg, per_tok = size_config(d, args, V)
-        base = f"d{d}_L{args.num_layers}_{flags}"
-        stable, todo = os.path.join(args.out_dir, base, "stable"), [k for k in ks if f"{base}_k{k}" not in done]
+        (cfg, per_tok), base = size_config(d, args, V), f"d{d}_L{args.num_layers}_{flags}"
+        stable, todo = os.path.join(args.out_dir, base, "stable"), [k for k in ks if f"{base}_k{k}" not in {r["run"] for r in rows}]
         final = read_final(os.path.join(stable, "metrics.jsonl"))
         if todo and (final is None or final.get("step") != total[ks[-1]]):
             print(f"{base}: N={count_params(cfg, non_embedding=True):,}, stable run of {total[ks[-1]]} steps", flush=True)
             cmd = train_command(args, cfg, stable, total[ks[-1]]) + wsd + ["--ckpt-every", str(math.gcd(*ks)), "--keep-ckpts"]
-            final = run_train(cmd + (["--resume"] if os.path.exists(os.path.join(stable, "ckpt.pt")) else []), stable, args.threads)
+            final = run_train(cmd + ["--resume"] * os.path.exists(os.path.join(stable, "ckpt.pt")), stable, args.threads)
         for k in todo:
-            run_dir = os.path.join(args.out_dir, base, f"branch{k}")
+            run_dir, D = os.path.join(args.out_dir, base, f"branch{k}"), total[k] * args.batch_size * args.context_length
             fin = final if k == ks[-1] else run_train(train_command(args, cfg, run_dir, total[k]) + wsd + [
                 "--resume", os.path.join(stable, f"ckpt-{k}.pt")], run_dir, args.threads)
-            steps_D = total[k] * args.batch_size * args.context_length
-            rows.append(result_row(f"{base}_k{k}", per_tok * steps_D, cfg, args, per_tok, fin, total[k]) | {"decay_start": k, "flags": flags})
+            rows.append(result_row(f"{base}_k{k}", per_tok * D, cfg, args, per_tok, fin, total[k]) | {"decay_start": k, "flags": flags})
             write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-            print(f"  {base}_k{k}: {total[k]} steps, D={steps_D:,}, val_loss {rows[-1]['loss']:.4f}", flush=True)
+            print(f"  {base}_k{k}: {total[k]} steps, D={D:,}, val_loss {rows[-1]['loss']:.4f}", flush=True)
     return path
 
 
@@ -758,15 +750,10 @@ def family_table(family, fit, C, widths=range(8, 257, 4)):
 def plot(runs, a2, a3, targets, out_dir):
     """IsoFLOP curves with fitted minima + N_opt vs C on log-log (PNG, or a text table)."""
     budgets = np.unique(runs["budget"])
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("\nmatplotlib not installed; IsoFLOP table instead:")
+    if (plt := pyplot()) is None:
+        print("IsoFLOP table instead:")
         for c in budgets:
-            m = runs["budget"] == c
-            pts = sorted(zip(runs["N"][m], runs["loss"][m]))
+            pts = sorted(zip(runs["N"][runs["budget"] == c], runs["loss"][runs["budget"] == c]))
             print(f"  C={c:.2e}: " + "  ".join(f"N={n:.3g}:{l:.3f}" for n, l in pts))
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -779,7 +766,7 @@ def plot(runs, a2, a3, targets, out_dir):
             ax1.plot(np.exp(x), np.polyval(b["parabola"], x), color=col)
             ax1.plot(b["N_opt"], np.polyval(b["parabola"], np.log(b["N_opt"])), "*", color=col, ms=14, mec="k")
     ax1.set(xscale="log", xlabel="N (non-embedding params)", ylabel="val loss", title="IsoFLOP profiles")
-    ax1.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # no overlapping labels
+    ax1.xaxis.set_minor_formatter(plt.NullFormatter())   # no overlapping labels
     ax1.legend(fontsize=8)
     Cs = np.logspace(np.log10(budgets.min()) - 0.3, np.log10(max([budgets.max(), *targets])) + 0.3, 50)
     if a2 is not None:
@@ -790,43 +777,47 @@ def plot(runs, a2, a3, targets, out_dir):
     for C in targets:
         ax2.axvline(C, color="gray", lw=0.8, ls=":")
     ax2.set(xscale="log", yscale="log", xlabel="C (FLOPs)", ylabel="N_opt", title="compute-optimal N")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    path, png = os.path.join(out_dir, "scaling.png"), io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    write_atomic(path, png.getvalue())
-    print(f"\nwrote {path}")
+    save_png(fig, ax2, os.path.join(out_dir, "scaling.png"))
 
 
 def approach1_report(path):
-    """Fit approach 1 to approach1.jsonl, print the envelope, write approach1_fit.json and approach1.png."""
-    rows = [json.loads(l) for l in open(path)]
+    """Fit approach 1 to approach1.jsonl, print it, write approach1_fit.json and approach1.png next to it."""
+    rows, out = [json.loads(l) for l in open(path)], os.path.dirname(os.path.abspath(path))
     a1 = approach1({k: [r[k] for r in rows] for k in ("N", "D", "C", "loss")})
-    print(f"\nApproach 1 ({len(rows)} branches, {len({r['N'] for r in rows})} sizes; lower envelope):")
-    for p in a1["points"][::max(1, len(a1["points"]) // 12)]:
+    print(f"\nApproach 1 ({len(rows)} branches; lower envelope, every 4th point):")
+    for p in a1["points"][::4]:
         print(f"  C={p['C']:.2e}  N_opt={p['N_opt']:.3g}  D_opt={p['D_opt']:.3g}  loss={p['loss']:.4f}")
-    print(f"  N_opt ~ C^a, a = {a1['a']:.3f};  D_opt ~ C^b, b = {a1['b']:.3f}  "
-          f"(the envelope visits {a1['n_sizes_on_envelope']} sizes: a staircase, so a is coarse)")
-    out = os.path.dirname(os.path.abspath(path))
+    print(f"  N_opt ~ C^a, a = {a1['a']:.3f};  D_opt ~ C^b, b = {a1['b']:.3f}")
     write_atomic(os.path.join(out, "approach1_fit.json"), json.dumps(a1, indent=1, default=float))
+    if (plt := pyplot()) is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for n in sorted({r["N"] for r in rows}):
+        ax.plot(*zip(*sorted((r["C"], r["loss"]) for r in rows if r["N"] == n)), "o-", ms=3, label=f"N={n:.3g}")
+    ax.plot(*zip(*[(p["C"], p["loss"]) for p in a1["points"]]), "k*", label=f"envelope: a={a1['a']:.2f}, b={a1['b']:.2f}")
+    ax.set(xscale="log", xlabel="C (FLOPs)", ylabel="val loss", title="approach 1: WSD decay branches")
+    save_png(fig, ax, os.path.join(out, "approach1.png"))
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (and a note) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
-        return print("matplotlib not installed: no plot (the table above is the result)")
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for n in sorted({r["N"] for r in rows}):
-        pts = sorted((r["C"], r["loss"]) for r in rows if r["N"] == n)
-        ax.plot(*zip(*pts), "o-", ms=3, label=f"N={n:.3g}")
-    ax.plot([p["C"] for p in a1["points"]], [p["loss"] for p in a1["points"]], "k*", ms=6,
-            label=f"envelope: a={a1['a']:.2f}, b={a1['b']:.2f}")
-    ax.set(xscale="log", xlabel="C (FLOPs)", ylabel="val loss", title="approach 1: WSD decay branches")
-    ax.legend(fontsize=7)
+        print("\nmatplotlib not installed: no plot")
+
+
+def save_png(fig, ax, path):
+    """Legend, tight layout, PNG written atomically."""
+    ax.legend(fontsize=8)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
-    write_atomic(os.path.join(out, "approach1.png"), png.getvalue())
+    write_atomic(path, png.getvalue())
+    print(f"\nwrote {path}")
 
 
 # ---------------------------------------------------------------
