@@ -37,6 +37,7 @@ Run it
 """
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -83,6 +84,8 @@ class ModelConfig:
     dropout: float = 0.0  # on each residual branch and the attention weights, in training only
     window: int | None = None  # sliding-window attention: a query sees its last `window` positions
     activation_checkpointing: bool = False  # recompute each block in backward (memory for time)
+    bias: bool = False  # biases on the attention and MLP Linears (GPT-2 has them; import-hf sets it)
+    norm_eps: float = 1e-5  # the eps of every RMSNorm / LayerNorm
 
     def __post_init__(self):
         if self.num_kv_heads is None:
@@ -107,17 +110,19 @@ class ModelConfig:
 
 
 class Linear(nn.Module):
-    """y = x W^T, no bias. W is stored (out, in) like torch so state dicts interchange.
-    Init: truncated normal with σ² = 2/(d_in + d_out) (Glorot), clipped at ±3σ."""
+    """y = x W^T (+ b, only for imported GPT-2s). W is stored (out, in) like torch so state dicts
+    interchange. Init: truncated normal with σ² = 2/(d_in + d_out) (Glorot), clipped at ±3σ."""
 
-    def __init__(self, d_in: int, d_out: int, device=None, dtype=None):
+    def __init__(self, d_in: int, d_out: int, device=None, dtype=None, bias=False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(d_out, device=device, dtype=dtype)) if bias else None
         std = math.sqrt(2.0 / (d_in + d_out))
         nn.init.trunc_normal_(self.weight, 0.0, std, -3 * std, 3 * std)
 
     def forward(self, x):
-        return x @ self.weight.t()  # (..., d_in) @ (d_in, d_out) -> (..., d_out)
+        y = x @ self.weight.t()  # (..., d_in) @ (d_in, d_out) -> (..., d_out)
+        return y if self.bias is None else y + self.bias
 
 
 class Embedding(nn.Module):
@@ -169,7 +174,7 @@ def make_norm(cfg, device=None, dtype=None):
     """The config's norm; "none" is the identity (the ablation that shows what the norms are for)."""
     if cfg.norm == "none":
         return nn.Identity()
-    return (RMSNorm if cfg.norm == "rmsnorm" else LayerNorm)(cfg.d_model, device=device, dtype=dtype)
+    return (RMSNorm if cfg.norm == "rmsnorm" else LayerNorm)(cfg.d_model, cfg.norm_eps, device=device, dtype=dtype)
 
 
 def silu(x):
@@ -194,10 +199,10 @@ class SwiGLU(nn.Module):
 class MLP(nn.Module):
     """FFN(x) = W2 act(W1 x): the ungated two-matrix MLP of Vaswani et al. (ReLU) and GPT-2 (GELU)."""
 
-    def __init__(self, d_model: int, d_ff: int, activation: str, device=None, dtype=None):
+    def __init__(self, d_model: int, d_ff: int, activation: str, device=None, dtype=None, bias=False):
         super().__init__()
-        self.w1 = Linear(d_model, d_ff, device, dtype)
-        self.w2 = Linear(d_ff, d_model, device, dtype)
+        self.w1 = Linear(d_model, d_ff, device, dtype, bias)
+        self.w2 = Linear(d_ff, d_model, device, dtype, bias)
         self.activation = activation
 
     def forward(self, x):
@@ -288,10 +293,10 @@ class MultiHeadSelfAttention(nn.Module):
         self.cfg = cfg
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.d_k = cfg.d_model // cfg.num_heads
-        self.q_proj = Linear(cfg.d_model, self.num_heads * self.d_k, device, dtype)
-        self.k_proj = Linear(cfg.d_model, self.num_kv_heads * self.d_k, device, dtype)
-        self.v_proj = Linear(cfg.d_model, self.num_kv_heads * self.d_k, device, dtype)
-        self.output_proj = Linear(self.num_heads * self.d_k, cfg.d_model, device, dtype)
+        self.q_proj = Linear(cfg.d_model, self.num_heads * self.d_k, device, dtype, cfg.bias)
+        self.k_proj = Linear(cfg.d_model, self.num_kv_heads * self.d_k, device, dtype, cfg.bias)
+        self.v_proj = Linear(cfg.d_model, self.num_kv_heads * self.d_k, device, dtype, cfg.bias)
+        self.output_proj = Linear(self.num_heads * self.d_k, cfg.d_model, device, dtype, cfg.bias)
         self.rope = RotaryEmbedding(cfg.rope_theta, self.d_k, cfg.context_length, device) if cfg.pos_emb == "rope" else None
 
     def forward(self, x, start_pos: int = 0, kv_cache=None):
@@ -376,7 +381,7 @@ class TransformerBlock(nn.Module):
         self.ln1 = make_norm(cfg, device, dtype)
         self.attn = MultiHeadSelfAttention(cfg, device, dtype)
         self.ln2 = make_norm(cfg, device, dtype)
-        self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, device, dtype) if cfg.ffn == "swiglu" else MLP(cfg.d_model, cfg.d_ff, cfg.ffn, device, dtype)
+        self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, device, dtype) if cfg.ffn == "swiglu" else MLP(cfg.d_model, cfg.d_ff, cfg.ffn, device, dtype, cfg.bias)
 
     def forward(self, x, start_pos: int = 0, kv_cache=None):
         # residual dropout on each branch's output; off in eval and under no_grad (sampling): no gradient to regularize
@@ -487,6 +492,7 @@ def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
     attn = d * d_k * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, output: H·d_k; k, v: Hkv·d_k
     norm = {"rmsnorm": d, "layernorm": 2 * d, "none": 0}[cfg.norm]  # gain (+ bias)
     block = attn + (3 if cfg.ffn == "swiglu" else 2) * d * cfg.d_ff + 2 * norm  # + FFN + two norms
+    block += cfg.bias * (d_k * (cfg.num_heads + 2 * cfg.num_kv_heads) + d + (cfg.ffn != "swiglu") * (cfg.d_ff + d))  # biases
     emb = cfg.vocab_size * d
     n = cfg.num_layers * block + norm + emb  # + ln_final + lm_head
     if not cfg.tie_embeddings and not non_embedding:
@@ -756,13 +762,13 @@ def to_hf_llama(model):
     cfg = model.cfg
     if not cfg.causal:
         raise ValueError("only causal models map onto LlamaForCausalLM")
-    odd = [f"{k}={getattr(cfg, k)}" for k in ("norm", "norm_position", "pos_emb", "ffn", "window") if getattr(cfg, k) != getattr(ModelConfig, k)]
+    odd = [f"{k}={getattr(cfg, k)}" for k in ("norm", "norm_position", "pos_emb", "ffn", "window", "bias") if getattr(cfg, k) != getattr(ModelConfig, k)]
     if odd:
         raise ValueError(f"HF Llama cannot express {', '.join(odd)} (export-hf needs Llama's architecture)")
     hf_cfg = LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.d_model // cfg.num_heads,
-        max_position_embeddings=cfg.context_length, rms_norm_eps=1e-5, tie_word_embeddings=cfg.tie_embeddings,
+        max_position_embeddings=cfg.context_length, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, hidden_act="silu",
         bos_token_id=None, eos_token_id=None,
     )
@@ -825,6 +831,98 @@ def _swap_in_dir(new, dst):
 
 
 # ---------------------------------------------------------------
+# Import from Hugging Face (Llama, GPT-2): export's inverse, so every script runs on a real model
+
+
+def read_safetensors(path) -> dict:
+    """A .safetensors file by hand: 8 bytes (little-endian u64) giving the JSON header's length, the
+    header {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian tensor bytes."""
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+    with open(path, "rb") as f:
+        data = f.read()
+    n = int.from_bytes(data[:8], "little")
+    header, out = json.loads(data[8:8 + n]), {}
+    for name, t in header.items():
+        if name != "__metadata__":
+            lo, hi = (8 + n + o for o in t["data_offsets"])
+            out[name] = torch.frombuffer(bytearray(data[lo:hi]), dtype=dtypes[t["dtype"]]).reshape(t["shape"])
+    return out
+
+
+def _hf_config(c: dict) -> ModelConfig:
+    """config.json -> our ModelConfig, refusing what the architecture flags cannot express."""
+    if c.get("model_type") == "gpt2":
+        return ModelConfig(vocab_size=c["vocab_size"], context_length=c["n_positions"], d_model=c["n_embd"], num_layers=c["n_layer"],
+                           num_heads=c["n_head"], d_ff=c.get("n_inner") or 4 * c["n_embd"], tie_embeddings=True, norm="layernorm",
+                           pos_emb="learned", ffn="gelu", bias=True, norm_eps=c.get("layer_norm_epsilon", 1e-5))
+    if c.get("model_type") != "llama":
+        raise ValueError(f"import-hf reads model_type llama or gpt2, not {c.get('model_type')!r}")
+    if c.get("rope_scaling") or c.get("attention_bias") or c.get("mlp_bias") or c.get("hidden_act", "silu") != "silu" or \
+            c.get("head_dim", c["hidden_size"] // c["num_attention_heads"]) * c["num_attention_heads"] != c["hidden_size"]:
+        raise ValueError("this Llama uses rope_scaling, biases, a non-SiLU MLP or a head_dim, which ModelConfig cannot express")
+    theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return ModelConfig(vocab_size=c["vocab_size"], context_length=c["max_position_embeddings"], d_model=c["hidden_size"],
+                       num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"], rope_theta=theta,
+                       num_kv_heads=c.get("num_key_value_heads"), d_ff=c["intermediate_size"],
+                       tie_embeddings=c.get("tie_word_embeddings", False), norm_eps=c.get("rms_norm_eps", 1e-6))
+
+
+def _from_hf_llama(cfg, hf):
+    """LlamaForCausalLM's state dict -> ours: the names back, and q/k rows un-permuted (see _rope_rows_to_hf)."""
+    sd = {"token_embeddings.weight": hf["model.embed_tokens.weight"], "ln_final.weight": hf["model.norm.weight"],
+          "lm_head.weight": hf.get("lm_head.weight", hf["model.embed_tokens.weight"])}
+    for i in range(cfg.num_layers):
+        for ours, theirs in HF_LAYER_NAMES.items():
+            sd[f"layers.{i}.{ours}.weight"] = hf[f"model.layers.{i}.{theirs}.weight"]
+        for name, heads in (("q_proj", cfg.num_heads), ("k_proj", cfg.num_kv_heads)):
+            w, d_k = hf[f"model.layers.{i}.self_attn.{name}.weight"], cfg.d_model // cfg.num_heads
+            inverse = torch.argsort(torch.cat([torch.arange(0, d_k, 2), torch.arange(1, d_k, 2)]))
+            sd[f"layers.{i}.attn.{name}.weight"] = w.view(heads, d_k, -1)[:, inverse].reshape(w.shape)
+    return sd
+
+
+def _from_hf_gpt2(cfg, hf):
+    """GPT2LMHeadModel's state dict -> ours. Its Conv1D stores weights (in, out): transposed; c_attn is q|k|v stacked."""
+    hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
+    sd = {"token_embeddings.weight": hf["wte.weight"], "position_embeddings.weight": hf["wpe.weight"],
+          "ln_final.weight": hf["ln_f.weight"], "ln_final.bias": hf["ln_f.bias"]}
+    for i in range(cfg.num_layers):
+        h, o = f"h.{i}.", f"layers.{i}."
+        for x, (w, b) in zip("qkv", zip(hf[h + "attn.c_attn.weight"].t().chunk(3), hf[h + "attn.c_attn.bias"].chunk(3))):
+            sd[o + f"attn.{x}_proj.weight"], sd[o + f"attn.{x}_proj.bias"] = w, b
+        for ours, theirs in (("attn.output_proj", "attn.c_proj"), ("ffn.w1", "mlp.c_fc"), ("ffn.w2", "mlp.c_proj")):
+            sd[o + ours + ".weight"], sd[o + ours + ".bias"] = hf[h + theirs + ".weight"].t(), hf[h + theirs + ".bias"]
+        for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
+            sd[o + ours + ".weight"], sd[o + ours + ".bias"] = hf[h + theirs + ".weight"], hf[h + theirs + ".bias"]
+    sd["lm_head.weight"] = sd["token_embeddings.weight"]  # tied
+    return sd
+
+
+def import_hf(hf_dir: str, out_dir: str):
+    """A save_pretrained directory (config.json + safetensors) -> OUT/ckpt.pt in train.py's format (and
+    OUT/tokenizer/ with its tokenizer files, which bpe.Tokenizer.load reads), written atomically."""
+    files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors")) if os.path.isdir(hf_dir) else []
+    if not files or not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise ValueError(f"{hf_dir}: need config.json and *.safetensors (a save_pretrained directory)")
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = _hf_config(json.load(f))
+    hf = {k: v for f in files for k, v in read_safetensors(os.path.join(hf_dir, f)).items()}
+    model = TransformerLM(cfg)
+    try:  # strict: a missing or an extra tensor means the mapping does not fit this checkpoint
+        model.load_state_dict((_from_hf_gpt2 if cfg.norm == "layernorm" else _from_hf_llama)(cfg, hf))
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"{hf_dir}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+    os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        if os.path.isfile(os.path.join(hf_dir, name)):
+            shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out_dir, "tokenizer", name))
+    path = os.path.join(out_dir, "ckpt.pt")
+    torch.save({"model": model.state_dict(), "config": asdict(cfg), "iteration": 0, "imported_from": os.path.abspath(hf_dir)}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash leaves the old ckpt.pt or the new one
+    print(f"wrote {path} ({model.num_params():,} params, {cfg.num_layers} layers, d_model {cfg.d_model})")
+
+
+# ---------------------------------------------------------------
 # CLI
 
 
@@ -859,10 +957,15 @@ def main(argv=None):
     p = sub.add_parser("export-hf", help="convert a train.py checkpoint to a LlamaForCausalLM directory")
     p.add_argument("--ckpt", required=True, help="path to train.py's ckpt.pt")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p = sub.add_parser("import-hf", help="convert a local save_pretrained Llama / GPT-2 directory to OUT/ckpt.pt (+ OUT/tokenizer)")
+    p.add_argument("--hf-dir", required=True, help="directory with config.json, *.safetensors (and tokenizer.json)")
+    p.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
     try:
+        if args.cmd == "import-hf":
+            return import_hf(args.hf_dir, args.out)
         _info(args) if args.cmd == "info" else export_hf(args.ckpt, args.out)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
 
 

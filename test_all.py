@@ -2141,6 +2141,85 @@ def test_model_export_hf_failed_swap_keeps_previous_export(tmp_path, monkeypatch
 
 
 # ---------------------------------------------------------------
+# model.py, import-hf: Hugging Face Llama and GPT-2 checkpoints in, identical logits out.
+# Trusted reference: transformers' own LlamaForCausalLM / GPT2LMHeadModel, saved with save_pretrained.
+
+
+def _hf_llama(tie):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-6, rope_theta=5e5,
+                                   tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None)
+    cfg.rope_theta = 5e5
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # random norm gains: a mis-mapped norm cannot pass
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.normal_()
+    return m
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_model_import_hf_llama_has_identical_logits(tmp_path, tie):
+    """import-hf of a saved LlamaForCausalLM (GQA, rope_theta 5e5, eps 1e-6) gives HF's logits to 1e-5, and load_model reads it."""
+    hf = _hf_llama(tie)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    M.main(["import-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")])
+    m, ckpt = M.load_model(str(tmp_path / "ours" / "ckpt.pt"))
+    assert (m.cfg.num_kv_heads, m.cfg.rope_theta, m.cfg.norm_eps, m.cfg.tie_embeddings) == (2, 5e5, 1e-6, tie)
+    idx = torch.randint(0, 61, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(m(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_model_import_hf_gpt2_has_identical_logits(tmp_path):
+    """import-hf of a saved GPT2LMHeadModel (Conv1D transposes, biases, learned positions, layernorm, gelu_new, tied) gives HF's logits to 1e-5."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4, activation_function="gelu_new",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    with torch.no_grad():  # random biases and norm gains, so an unmapped bias cannot pass
+        for n, p in hf.named_parameters():
+            if n.endswith("bias") or ".ln" in n:
+                p.normal_(0, 0.5)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    M.main(["import-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")])
+    m, _ = M.load_model(str(tmp_path / "ours" / "ckpt.pt"))
+    assert m.num_params() == sum(p.numel() for p in hf.parameters()) == M.count_params(m.cfg)
+    idx = torch.randint(0, 61, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(m(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_model_export_then_import_is_the_identity(tmp_path):
+    """export-hf then import-hf gives back every tensor of our state dict exactly (the RoPE permutation undone)."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = M.TransformerLM(tiny_cfg(num_kv_heads=2))
+    TR.save_checkpoint(m, TR.AdamW(m.parameters()), 0, str(tmp_path / "ckpt.pt"))
+    M.main(["export-hf", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hf")])
+    M.main(["import-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "back")])
+    back = M.read_checkpoint(str(tmp_path / "back" / "ckpt.pt"))["model"]
+    assert back.keys() == m.state_dict().keys() and all(torch.equal(back[k], v) for k, v in m.state_dict().items())
+
+
+def test_model_import_hf_bad_input_is_one_line_error(tmp_path):
+    """import-hf of a missing dir, an unknown model_type or a Llama with rope_scaling is a one-line error, writing nothing."""
+    with pytest.raises(SystemExit, match="^error: .*need config.json"):
+        M.main(["import-hf", "--hf-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    hf = _hf_llama(False)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for bad, match in (({"model_type": "mistral"}, "model_type llama or gpt2"), ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling")):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg | bad))
+        with pytest.raises(SystemExit, match=f"^error: .*{match}") as e:
+            M.main(["import-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "o")])
+        assert "\n" not in str(e.value) and not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+# ---------------------------------------------------------------
 # Training pieces: AdamW, schedule, clipping, batches
 # ---------------------------------------------------------------
 
@@ -2576,6 +2655,28 @@ def test_train_torch_compile_matches_eager(tmp_path):
     eager, compiled = _short_run(tmp_path, "eager"), _short_run(tmp_path, "compiled", "--compile")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # dynamo really captured the model
     assert compiled == pytest.approx(eager, abs=1e-5, rel=0) and len(eager) == 4
+
+
+# ---------------------------------------------------------------
+# train.py --init-from: fine-tune an imported (or any) checkpoint with a fresh optimizer.
+
+
+def test_train_init_from_starts_at_the_imported_weights(tmp_path):
+    """--init-from an imported HF Llama trains that architecture from its exact weights at step 0 (lr 1e-30: the saved weights
+    are the imported ones, bit for bit: w - 1e-30·u rounds to w); with --resume it is a one-line error."""
+    hf = _hf_llama(False)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    M.main(["import-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")])
+    for name, seed in (("train", 0), ("val", 1)):
+        np.random.default_rng(seed).integers(0, 61, 3000).astype(np.uint16).tofile(tmp_path / f"{name}.bin")
+    base = ["--data", str(tmp_path), "--vocab-size", "61", "--init-from", str(tmp_path / "imp" / "ckpt.pt"), "--d-model", "64"]
+    TR.main([*base, "--out-dir", str(tmp_path / "ft"), "--batch-size", "2", "--max-steps", "1", "--eval-steps", "1",
+             "--sample-every", "0", "--lr", "1e-30", "--min-lr", "1e-30", "--warmup-steps", "0"])
+    ft, imp = (M.read_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in ("ft", "imp"))
+    assert ft["config"] == imp["config"] and ft["iteration"] == 1
+    assert all(torch.equal(ft["model"][k], v) for k, v in imp["model"].items())
+    with pytest.raises(SystemExit, match="^error: --init-from needs no --resume"):
+        TR.main([*base, "--out-dir", str(tmp_path / "ft"), "--resume"])
 
 
 # ---------------------------------------------------------------

@@ -425,13 +425,21 @@ def build_model(args, data_vocab, device, batch_gen, rank, world):
     """The model the flags ask for, wrapped, with its optimizers, resumed (weights, moments, RNG states)
     when asked. Returns (plain model, model to train, optimizers, start step, wall seconds before)."""
     mlm = args.objective == "mlm"  # MLM: one extra embedding row, the [MASK] token, and bidirectional attention
+    init = read_checkpoint(args.init_from) if args.init_from else None  # fine-tune: its config and weights, fresh optimizer
     try:
-        shape = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size", "causal"}  # each one a flag of its name
-        cfg = ModelConfig(vocab_size=data_vocab + (1 if mlm else 0), causal=not mlm, **{k: getattr(args, k) for k in shape})
-    except ValueError as e:  # e.g. d_model not divisible by num_heads
+        shape = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size", "causal", "bias", "norm_eps"}  # each a flag
+        cfg = ModelConfig(**init["config"]) if init else ModelConfig(
+            vocab_size=data_vocab + (1 if mlm else 0), causal=not mlm, **{k: getattr(args, k) for k in shape})
+    except (ValueError, TypeError) as e:  # e.g. d_model not divisible by num_heads
         raise SystemExit(f"error: {e}")
+    if init and (data_vocab > cfg.vocab_size or args.resume):
+        raise SystemExit(f"error: --init-from needs no --resume and data ids < its vocab_size {cfg.vocab_size} (data: {data_vocab})")
     torch.manual_seed(args.seed)  # same init on every rank
     raw_model = TransformerLM(cfg).to(device)
+    if init:  # training windows must fit the imported model's context
+        raw_model.load_state_dict(init["model"])
+        args.context_length = min(args.context_length, cfg.context_length)
+        log(f"initialized from {args.init_from} (its architecture; the model-shape flags are ignored)")
     if world > 1 and args.fsdp:  # sharded params, grads and moments (torch's FSDP2)
         parallel.fsdp_wrap(raw_model)
     optimizers = build_optimizers(raw_model, args)  # after sharding: fully_shard swaps the params for DTensors
@@ -759,6 +767,7 @@ def build_parser():
     p.add_argument("--ckpt-every", type=_positive, default=100, help="write OUT/ckpt.pt every N steps (and at the end)")
     p.add_argument("--keep-ckpts", action="store_true", help="also keep OUT/ckpt-STEP.pt for every checkpoint")
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="resume from OUT/ckpt.pt (or a given path)")
+    p.add_argument("--init-from", default=None, help="start from this checkpoint's weights (e.g. model.py import-hf), fresh optimizer, step 0")
     # system
     p.add_argument("--seed", type=int, default=1337, help="random seed (all ranks share one batch stream; rank r keeps slice r)")
     p.add_argument("--device", default=None, help="cuda | mps | cpu (default: autodetect)")
