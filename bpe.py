@@ -320,8 +320,8 @@ class Tokenizer:
     merge list). With no special tokens, "<|endoftext|>" is plain text. `fast=False`: the plain loop."""
 
     def __init__(self, vocab: dict, merges: list, special_tokens=None, pattern=GPT2_PATTERN, fast=True):
-        if pattern not in KNOWN_PATTERNS:  # chunked encoding relies on their safe cuts
-            raise ValueError("pattern must be GPT2_PATTERN, SPLIT_DIGITS_PATTERN or a digit_groups_pattern")
+        if pattern not in KNOWN_PATTERNS and fast:  # the fast paths and chunked encoding rely on their safe cuts
+            raise ValueError("pattern must be GPT2_PATTERN, SPLIT_DIGITS_PATTERN or a digit_groups_pattern (else fast=False)")
         self.vocab, self.merges, self.pattern, self.fast = dict(vocab), list(merges), pattern, fast  # id -> bytes
         self.special_tokens = list(dict.fromkeys(special_tokens or []))
         self.byte_to_id = {b: i for i, b in self.vocab.items()}
@@ -457,6 +457,8 @@ class Tokenizer:
         """Read a directory written by `save`, of any algorithm (pieces.json: WordPiece or Unigram)."""
         if os.path.isfile(pieces := os.path.join(tokenizer_dir, "pieces.json")):
             return _load_pieces(pieces)
+        if os.path.isfile(hf := os.path.join(tokenizer_dir, "tokenizer.json")):
+            return from_hf_json(hf)
         if not os.path.isdir(tokenizer_dir):
             raise FileNotFoundError(f"tokenizer directory not found: {tokenizer_dir}")
         sp = os.path.join(tokenizer_dir, "special_tokens.json")
@@ -690,6 +692,25 @@ def train_tokenizer(algorithm, input_path, vocab_size, special_tokens=(), patter
         WordPieceTokenizer(vocab, special_tokens, pattern)
 
 
+def from_hf_json(path):
+    """A Hugging Face `tokenizers` tokenizer.json of a byte-level BPE (GPT-2, Llama 3, SmolLM...) as our
+    Tokenizer: HF's ids, merges (as "a b" or ["a", "b"]), added tokens (cut out first, like our specials)
+    and pre-tokenizer regex (a Split's, else ByteLevel's = GPT-2's), so encode gives HF's ids. A regex
+    of another family has no safe cuts known to us: whole-text encode only, the plain loop."""
+    j = _read_json(path)
+    m, pre = j.get("model") or {}, j.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre])
+    if m.get("type") != "BPE" or j.get("normalizer") or not any(p.get("type") == "ByteLevel" for p in steps) \
+            or any(p.get("add_prefix_space") for p in steps):
+        raise ValueError(f"{path}: only byte-level BPE without normalizer or prefix space loads (model {m.get('type')})")
+    split = [p["pattern"]["Regex"] for p in steps if p.get("type") == "Split" and "Regex" in p.get("pattern", {})]
+    pattern = split[0] if split else GPT2_PATTERN
+    added = {t["id"]: t["content"] for t in j.get("added_tokens", [])}
+    vocab = {i: _to_bytes(s, path) for s, i in m["vocab"].items()} | {i: s.encode("utf-8") for i, s in added.items()}
+    merges = [tuple(_to_bytes(x, path) for x in (mg.split(" ") if isinstance(mg, str) else mg)) for mg in m["merges"]]
+    return Tokenizer(vocab, merges, list(added.values()), pattern, fast=pattern in KNOWN_PATTERNS)
+
+
 # ---------------------------------------------------------------
 # A whole corpus to a flat token file: nothing but the ids, back to back, so np.memmap reads it
 # with no parsing and a training batch is a slice. The dtype follows from the vocab size.
@@ -706,6 +727,8 @@ def encode_file(tokenizer_dir, input_path, out_path, workers=None, chunk_bytes=4
     chunks (see "Making it fast") go through a process pool, in order, into one atomic write."""
     _check_input(input_path)
     tok = Tokenizer.load(tokenizer_dir)  # fail early, in this process, on a bad dir
+    if tok.pattern not in KNOWN_PATTERNS:
+        raise ValueError(f"{tokenizer_dir}: a pre-tokenizer regex with no known safe cuts; encode whole texts with Tokenizer.encode")
     if alpha is not None and not isinstance(tok, UnigramTokenizer):
         raise ValueError(f"--alpha samples Unigram segmentations; {tokenizer_dir} is not one")
     dtype, size, n_tokens = token_dtype(tok.vocab_size), os.path.getsize(input_path), 0

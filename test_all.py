@@ -1507,6 +1507,56 @@ def test_bpe_encode_alpha_samples_reproducibly_and_decode_exactly(algo_toks, tmp
         bpe.main(["encode", "--tokenizer", str(tmp_path / "bpe"), "--input", str(inp), "--out", str(tmp_path / "x.bin"), "--alpha", "0.5"])
 
 
+# ---------------------------------------------------------------
+# bpe.py, HF tokenizer.json: a Hugging Face byte-level BPE loads as our Tokenizer and encodes id for id as HF does.
+# Trusted reference: the `tokenizers` library's own encode of the file it saved.
+
+HF_TRICKY = ("Hello  world!\n\n\tdef f(x):\n        return x+1234567   # it's we'll they'RE\r\n"
+             "Größe l'élève Привет 日本語 🙂🎉 👩‍💻  \u00a0 \u3000 x<|endoftext|>y <|user|>hi<|assistant|> 007 3.14159   \n")
+CL100K_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def _hf_bpe_json(tmp_path, split_regex=None):
+    """Train a tiny byte-level BPE with HF `tokenizers` (GPT-2's ByteLevel regex, or a Split regex before ByteLevel) -> its tokenizer.json."""
+    tk = pytest.importorskip("tokenizers")
+    t = tk.Tokenizer(tk.models.BPE())
+    byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_regex is None)
+    t.pre_tokenizer = byte_level if split_regex is None else tk.pre_tokenizers.Sequence(
+        [tk.pre_tokenizers.Split(tk.Regex(split_regex), behavior="isolated"), byte_level])
+    t.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=600, special_tokens=ALGO_SPECIALS, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator([_algo_corpus(), HF_TRICKY * 3], trainer)
+    d = tmp_path / ("hf_split" if split_regex else "hf")
+    d.mkdir()
+    t.save(str(d / "tokenizer.json"))
+    return t, d
+
+
+@pytest.mark.parametrize("split", [None, CL100K_PATTERN], ids=["gpt2-bytelevel", "cl100k-split"])
+def test_bpe_loads_hf_tokenizer_json_with_identical_ids(tmp_path, split):
+    """Tokenizer.load of an HF byte-level BPE tokenizer.json: the same ids as HF's encode on tricky text (whitespace runs,
+    contractions, digits, non-ASCII, emoji, specials), and decode(encode(x)) == x."""
+    hf, d = _hf_bpe_json(tmp_path, split)
+    ours = bpe.Tokenizer.load(str(d))
+    for text in (HF_TRICKY, _algo_corpus()[:20000], "", "   ", "<|endoftext|>"):
+        assert ours.encode(text) == hf.encode(text).ids
+        assert ours.decode(ours.encode(text)) == text
+    assert ours.special_ids == {s: hf.token_to_id(s) for s in ALGO_SPECIALS}
+
+
+def test_bpe_hf_tokenizer_json_refusals(tmp_path):
+    """A tokenizer.json that is not byte-level BPE (here: WordPiece) is a one-line error; a foreign regex refuses chunked encode_file."""
+    hf, d = _hf_bpe_json(tmp_path, CL100K_PATTERN)
+    (tmp_path / "in.txt").write_text(HF_TRICKY, encoding="utf-8")
+    with pytest.raises(ValueError, match="no known safe cuts"):
+        bpe.encode_file(str(d), str(tmp_path / "in.txt"), str(tmp_path / "o.bin"), verbose=False)
+    j = json.loads((d / "tokenizer.json").read_text())
+    j["model"]["type"] = "WordPiece"
+    (d / "tokenizer.json").write_text(json.dumps(j))
+    with pytest.raises(ValueError, match="only byte-level BPE"):
+        bpe.Tokenizer.load(str(d))
+
+
 
 # ===============================================================
 # model.py (-k model): the Transformer's blocks against torch's own ops, the mask as worldview,
