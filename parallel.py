@@ -99,13 +99,9 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _nbytes(t):
-    return t.numel() * t.element_size()
-
-
 def _optimizer_state_bytes(opt):
     # 0-dim tensors such as Adam's step counter are bookkeeping, not the 8 bytes/param
-    return sum(_nbytes(t) for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+    return sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
 
 
 @torch.no_grad()
@@ -198,7 +194,7 @@ class DDP(nn.Module):
     def _hook(self, p):
         if self._sync:
             self._handles.append((dist.all_reduce(p.grad, async_op=True), p))
-            self.comm_bytes += _nbytes(p.grad)
+            self.comm_bytes += p.grad.nbytes
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -239,11 +235,11 @@ class BucketedDDP(DDP):
         limit = min(1.0, bucket_size_mb) * 2**20
         self.buckets, size = [[]], 0
         for p in reversed(params):
-            if self.buckets[-1] and size + _nbytes(p) > limit:   # full: open the next bucket
+            if self.buckets[-1] and size + p.nbytes > limit:   # full: open the next bucket
                 limit, size = bucket_size_mb * 2**20, 0
                 self.buckets.append([])
             self.buckets[-1].append(p)
-            size += _nbytes(p)
+            size += p.nbytes
         self.buckets = [b for b in self.buckets if b]           # no trainable parameters: no buckets
         self._bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
         # One preallocated flat buffer per bucket, and p.grad becomes a *view* into it (torch's
@@ -277,7 +273,7 @@ class BucketedDDP(DDP):
 
     def _launch(self, i):
         self._work[i] = dist.all_reduce(self._flat[i], async_op=True)
-        self.comm_bytes += _nbytes(self._flat[i])
+        self.comm_bytes += self._flat[i].nbytes
 
     def finish_gradient_synchronization(self):
         if not self._sync:                 # inside DDP's no_sync the hooks did nothing: grads piled up in the views
@@ -345,7 +341,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # Frozen parameters never change, so they are never sent.
         sent = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         works = [dist.broadcast(p, src=self._owner[p], async_op=True) for p in sent]
-        self.comm_bytes += sum(_nbytes(p) for p in sent)
+        self.comm_bytes += sum(p.nbytes for p in sent)
         for w in works:
             w.wait()
         return loss
@@ -377,7 +373,7 @@ class _GatherWeight(torch.autograd.Function):
         src = shard.detach().to(dtype or shard.dtype)                          # (numel/N,)
         flat = torch.empty(src.numel() * fsdp.world_size, dtype=src.dtype, device=src.device)
         _all_gather(flat, src)                                                 # (N * numel/N,)
-        fsdp.comm_bytes += _nbytes(flat)
+        fsdp.comm_bytes += flat.nbytes
         return flat[:ctx.numel].view(entry["shape"])
 
     @staticmethod
@@ -396,7 +392,7 @@ class _GatherWeight(torch.autograd.Function):
         g, e["acc"] = F.pad(e["acc"], (0, shard_numel * fsdp.world_size - ctx.numel)), None  # (N * numel/N,)
         out = torch.empty(shard_numel, dtype=torch.float32, device=g.device)
         _reduce_scatter(out, g)                                                # my slice of the sum
-        fsdp.comm_bytes += _nbytes(g)
+        fsdp.comm_bytes += g.nbytes
         return out.div_(fsdp.world_size), None, None, None                    # sum of means -> global mean
 
 
@@ -452,7 +448,7 @@ class FSDP(nn.Module):
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)
-            self.comm_bytes += _nbytes(flat)
+            self.comm_bytes += flat.nbytes
             flat.div_(self.world_size)
             for g, f in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(f.view_as(g))
@@ -644,7 +640,7 @@ def state_bytes(model, optimizer):
     # not included: they depend on batch size, while the ZeRO formula is about model state.
     params = {id(p): p for p in model.parameters()}.values()
     opt = _optimizer_state_bytes(optimizer.inner if isinstance(optimizer, ShardedOptimizer) else optimizer)
-    return sum(_nbytes(p) for p in params) + sum(_nbytes(p.grad) for p in params if p.grad is not None) + opt
+    return sum(p.nbytes for p in params) + sum(p.grad.nbytes for p in params if p.grad is not None) + opt
 
 
 def demo_model(args, tie=True):
@@ -701,8 +697,8 @@ def demo_tensor_parallel(args):
         out.square().mean().backward()
     ms = (time.perf_counter() - t0) / args.steps * 1e3
     err = (out - ref).abs().max().item()
-    comm = 4 * _nbytes(xin)                      # forward: 2 all-reduces of (B, T, d); backward: 2 more
-    return [(f"TP block (max err {err:.0e})", ms, comm, sum(2 * _nbytes(p) for p in tp.parameters()), None)]
+    comm = 4 * xin.nbytes                      # forward: 2 all-reduces of (B, T, d); backward: 2 more
+    return [(f"TP block (max err {err:.0e})", ms, comm, sum(2 * p.nbytes for p in tp.parameters()), None)]
 
 
 def demo_pipeline(args, idx, num_micro=4):
@@ -716,7 +712,7 @@ def demo_pipeline(args, idx, num_micro=4):
         gpipe_step(stage, idx[:, :-1], idx[:, 1:], num_micro, (B * N // num_micro, T, d))
     ms = (time.perf_counter() - t0) / args.steps * 1e3
     comm = 2 * B * N * T * d * 4 * (1 if rank in (0, N - 1) else 2)   # activations out + grads back
-    return [(f"GPipe {N} stages x {num_micro} micro", ms, comm, sum(2 * _nbytes(p) for p in stage.parameters()), None)]
+    return [(f"GPipe {N} stages x {num_micro} micro", ms, comm, sum(2 * p.nbytes for p in stage.parameters()), None)]
 
 
 def print_report(args, rows):
