@@ -84,6 +84,8 @@ class ModelConfig:
     dropout: float = 0.0  # on each residual branch and the attention weights, in training only
     window: int | None = None  # sliding-window attention: a query sees its last `window` positions
     activation_checkpointing: bool = False  # recompute each block in backward (memory for time)
+    num_experts: int = 0  # > 1: a mixture-of-experts FFN with this many experts (0 or 1: dense)
+    experts_top_k: int = 1  # experts each token is routed to
     bias: bool = False  # biases on the attention and MLP Linears (GPT-2 has them; import-hf sets it)
     norm_eps: float = 1e-5  # the eps of every RMSNorm / LayerNorm
 
@@ -101,6 +103,8 @@ class ModelConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r} (choose from {', '.join(choices)})")
+        if self.num_experts > 1 and not 1 <= self.experts_top_k <= self.num_experts:
+            raise ValueError(f"need 1 <= experts_top_k <= num_experts (got {self.experts_top_k} of {self.num_experts})")
         if not 0 <= self.dropout < 1 or (self.window is not None and (self.window < 1 or not self.causal)):
             raise ValueError(f"need 0 <= dropout < 1 and window >= 1 on a causal model (got dropout={self.dropout}, window={self.window})")
 
@@ -214,6 +218,42 @@ class MLP(nn.Module):
         else:
             h = silu(h)
         return self.w2(h)
+
+
+def make_ffn(cfg, device=None, dtype=None):
+    """The config's dense FFN: SwiGLU, or a two-matrix MLP with the chosen activation."""
+    if cfg.ffn == "swiglu":
+        return SwiGLU(cfg.d_model, cfg.d_ff, device, dtype)
+    return MLP(cfg.d_model, cfg.d_ff, cfg.ffn, device, dtype, cfg.bias)
+
+
+class MoE(nn.Module):
+    """Mixture of experts (Shazeer et al. 2017; GShard; Switch, Fedus et al. 2021): E FFNs, a router
+    sends each token to its top-k, and their outputs are mixed by the router's softmax renormalized
+    over the chosen k. Capacity grows with E, FLOPs per token only with k ("active" parameters)."""
+
+    def __init__(self, cfg, device=None, dtype=None):
+        super().__init__()
+        self.k = cfg.experts_top_k
+        self.router = Linear(cfg.d_model, cfg.num_experts, device, dtype)
+        self.experts = nn.ModuleList([make_ffn(cfg, device, dtype) for _ in range(cfg.num_experts)])
+        self.aux_loss = self.fractions = None  # set by each forward
+
+    def forward(self, x):
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])  # (N, C): every token is routed on its own
+        probs = softmax(self.router(x).float())  # (N, E) router probabilities
+        top_p, top_i = probs.topk(self.k, dim=-1)  # (N, k)
+        gates = (top_p / top_p.sum(-1, keepdim=True)).to(x.dtype)  # = softmax over the k chosen logits
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):  # the plain dispatch: gather e's tokens, run e, scatter back
+            tok, slot = (top_i == e).nonzero(as_tuple=True)  # tokens that chose e, and in which of their k slots
+            if len(tok):
+                out.index_add_(0, tok, gates[tok, slot, None] * expert(x[tok]))
+        # Switch's load-balancing loss E·Σ_i f_i·P_i: f_i = share of the routed slots (no gradient), P_i =
+        # mean router probability (the gradient). Its minimum, 1, is a uniform load: no expert starves.
+        f = torch.bincount(top_i.flatten(), minlength=len(self.experts)).float() / top_i.numel()
+        self.aux_loss, self.fractions = len(self.experts) * (f * probs.mean(0)).sum(), f
+        return out.reshape(shape)
 
 
 def dropout(x, p: float):
@@ -381,7 +421,7 @@ class TransformerBlock(nn.Module):
         self.ln1 = make_norm(cfg, device, dtype)
         self.attn = MultiHeadSelfAttention(cfg, device, dtype)
         self.ln2 = make_norm(cfg, device, dtype)
-        self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, device, dtype) if cfg.ffn == "swiglu" else MLP(cfg.d_model, cfg.d_ff, cfg.ffn, device, dtype, cfg.bias)
+        self.ffn = MoE(cfg, device, dtype) if cfg.num_experts > 1 else make_ffn(cfg, device, dtype)
 
     def forward(self, x, start_pos: int = 0, kv_cache=None):
         # residual dropout on each branch's output; off in eval and under no_grad (sampling): no gradient to regularize
@@ -430,6 +470,11 @@ class TransformerLM(nn.Module):
     def forward(self, idx, kv_cache: KVCache | None = None):
         return self.lm_head(self.hidden(idx, kv_cache))  # (B, T, V)
 
+    def moe_stats(self):
+        """(sum of the MoE layers' load-balancing losses, per-layer expert token fractions) of the last forward."""
+        moe = [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+        return float(sum(m.aux_loss.detach() for m in moe)), [m.fractions.tolist() for m in moe]
+
     def hidden(self, idx, kv_cache: KVCache | None = None):
         """The last layer's normalized features (B, T, C), i.e. everything but the lm_head (a
         reward model or classifier puts its own head here)."""
@@ -454,11 +499,15 @@ class TransformerLM(nn.Module):
             kv_cache.pos = start + T
         return self.ln_final(x)  # (B, T, C)
 
-    def num_params(self, non_embedding: bool = False) -> int:
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
         """Parameter count (a tied matrix counts once). non_embedding=True drops the input
         embedding table, which is a lookup and costs no FLOPs (Kaplan et al.'s N); a tied
-        table stays, because as lm_head it does a full matmul."""
+        table stays, because as lm_head it does a full matmul. active=True: of a mixture of
+        experts, only the k experts a token runs through (see MoE)."""
         n = sum(p.numel() for p in self.parameters())
+        if active and self.cfg.num_experts > 1:
+            idle = self.cfg.num_experts - self.cfg.experts_top_k
+            n -= sum(idle * sum(p.numel() for p in layer.ffn.experts[0].parameters()) for layer in self.layers)
         if non_embedding and not self.cfg.tie_embeddings:
             n -= self.token_embeddings.weight.numel()
         return n - (self.position_embeddings.weight.numel() if non_embedding and self.cfg.pos_emb == "learned" else 0)
@@ -486,13 +535,16 @@ def mlm_corrupt(idx, mask_token_id: int, vocab_size: int, generator=None, mask_p
 # Counting: parameters, FLOPs, MFU
 
 
-def count_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
-    """The same count as TransformerLM.num_params, from the config alone (no model built)."""
+def count_params(cfg: ModelConfig, non_embedding: bool = False, active: bool = False) -> int:
+    """The same count as TransformerLM.num_params, from the config alone (no model built). active=True
+    counts, of a mixture of experts, the router and the k experts a token uses: what its FLOPs scale with."""
     d, d_k = cfg.d_model, cfg.d_model // cfg.num_heads
     attn = d * d_k * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, output: H·d_k; k, v: Hkv·d_k
     norm = {"rmsnorm": d, "layernorm": 2 * d, "none": 0}[cfg.norm]  # gain (+ bias)
-    block = attn + (3 if cfg.ffn == "swiglu" else 2) * d * cfg.d_ff + 2 * norm  # + FFN + two norms
-    block += cfg.bias * (d_k * (cfg.num_heads + 2 * cfg.num_kv_heads) + d + (cfg.ffn != "swiglu") * (cfg.d_ff + d))  # biases
+    ffn = (3 if cfg.ffn == "swiglu" else 2) * d * cfg.d_ff + cfg.bias * (cfg.ffn != "swiglu") * (cfg.d_ff + d)
+    if cfg.num_experts > 1:  # E experts (k of them active) + the router
+        ffn = (cfg.experts_top_k if active else cfg.num_experts) * ffn + d * cfg.num_experts
+    block = attn + ffn + 2 * norm + cfg.bias * (d_k * (cfg.num_heads + 2 * cfg.num_kv_heads) + d)  # + two norms, attn biases
     emb = cfg.vocab_size * d
     n = cfg.num_layers * block + norm + emb  # + ln_final + lm_head
     if not cfg.tie_embeddings and not non_embedding:
@@ -509,7 +561,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     layer per token forward (x3 for fwd+bwd). We count the full T×T square, like PaLM and
     nanoGPT, even though a causal kernel skips half of it (and a `window` all but a band)."""
     T = seq_len or cfg.context_length
-    return 6 * count_params(cfg, non_embedding=True) + 12 * cfg.num_layers * cfg.d_model * T
+    return 6 * count_params(cfg, non_embedding=True, active=True) + 12 * cfg.num_layers * cfg.d_model * T  # MoE: active N
 
 
 def memory_bytes(cfg: ModelConfig, batch_size: int) -> dict:
@@ -762,7 +814,7 @@ def to_hf_llama(model):
     cfg = model.cfg
     if not cfg.causal:
         raise ValueError("only causal models map onto LlamaForCausalLM")
-    odd = [f"{k}={getattr(cfg, k)}" for k in ("norm", "norm_position", "pos_emb", "ffn", "window", "bias") if getattr(cfg, k) != getattr(ModelConfig, k)]
+    odd = [f"{k}={getattr(cfg, k)}" for k in ("norm", "norm_position", "pos_emb", "ffn", "window", "bias", "num_experts") if getattr(cfg, k) != getattr(ModelConfig, k)]
     if odd:
         raise ValueError(f"HF Llama cannot express {', '.join(odd)} (export-hf needs Llama's architecture)")
     hf_cfg = LlamaConfig(

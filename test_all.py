@@ -2191,6 +2191,102 @@ def test_model_export_hf_failed_swap_keeps_previous_export(tmp_path, monkeypatch
 
 
 # ---------------------------------------------------------------
+# model.py, mixture of experts: routing, gates and the load-balancing loss.
+# Trusted references: the dense gate-weighted mixture and a per-token loop written here; Switch's closed form.
+
+
+def _moe(E=4, k=2, ffn="swiglu", seed=0):
+    torch.manual_seed(seed)
+    return M.MoE(tiny_cfg(num_experts=E, experts_top_k=k, ffn=ffn))
+
+
+def test_model_moe_top_k_equal_E_is_the_dense_softmax_mixture():
+    """With k = E every expert runs on every token: the output is Σ_e softmax(router)_e · expert_e(x), computed densely."""
+    moe, x = _moe(E=3, k=3), torch.randn(2, 5, 32)
+    p = torch.softmax(moe.router(x), -1)  # (B, T, E)
+    want = sum(p[..., e:e + 1] * moe.experts[e](x) for e in range(3))
+    torch.testing.assert_close(moe(x), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ffn", ["swiglu", "gelu"])
+def test_model_moe_top_k_routing_equals_a_per_token_loop(ffn):
+    """Top-1 and top-2 dispatch equal a loop over tokens: each token's chosen experts, weighted by the softmax over their logits."""
+    for k in (1, 2):
+        moe, x = _moe(E=4, k=k, ffn=ffn), torch.randn(3, 4, 32)
+        rows = []
+        for t in x.reshape(-1, 32):
+            logits = moe.router(t)
+            top = logits.topk(k).indices
+            g = torch.softmax(logits[top], -1)
+            rows.append(sum(g[j] * moe.experts[int(e)](t[None])[0] for j, e in enumerate(top)))
+        torch.testing.assert_close(moe(x), torch.stack(rows).reshape(x.shape), atol=1e-5, rtol=1e-5)
+
+
+def test_model_moe_aux_loss_equals_switch_closed_form():
+    """A hand-built router (token t prefers expert t mod E) gives fractions f and mean probs P we know: aux = E·Σ f_i·P_i."""
+    moe = _moe(E=4, k=1)
+    x = torch.zeros(1, 8, 32)
+    x[0, torch.arange(8), torch.arange(8) % 3] = 1.0  # tokens choose experts 0,1,2,0,1,2,0,1: never 3
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[:3, :3] = 2.0 * torch.eye(3)
+    moe(x)
+    p = torch.softmax(moe.router(x[0]), -1)
+    f = torch.tensor([3, 3, 2, 0]) / 8
+    assert moe.fractions.tolist() == f.tolist()
+    torch.testing.assert_close(moe.aux_loss, 4 * (f * p.mean(0)).sum())
+    # a uniform router is the minimum, 1
+    with torch.no_grad():
+        moe.router.weight.zero_()
+    moe(torch.randn(1, 64, 32))
+    assert abs(moe.aux_loss.item() - 1.0) < 1e-6
+
+
+def test_model_moe_parameter_counts_total_and_active():
+    """num_params == count_params by hand: E experts + router in total, k experts + router active; FLOPs use the active count."""
+    cfg = tiny_cfg(num_experts=4, experts_top_k=1)
+    m = M.TransformerLM(cfg)
+    dense = M.TransformerLM(tiny_cfg())
+    expert = 3 * 32 * cfg.d_ff
+    assert m.num_params() == dense.num_params() + cfg.num_layers * (3 * expert + 32 * 4) == M.count_params(cfg)
+    assert m.num_params(non_embedding=True, active=True) == dense.num_params(non_embedding=True) + cfg.num_layers * 32 * 4
+    assert M.count_params(cfg, non_embedding=True, active=True) == m.num_params(non_embedding=True, active=True)
+    assert M.flops_per_token(cfg) == 6 * M.count_params(cfg, True, True) + 12 * cfg.num_layers * 32 * cfg.context_length
+
+
+def test_model_moe_checkpoint_saves_loads_and_samples(tmp_path):
+    """An MoE model survives save -> load_model (same logits), and KV-cached greedy generation equals the no-cache reference."""
+    torch.manual_seed(0)
+    m = M.TransformerLM(tiny_cfg(num_experts=4, experts_top_k=2)).eval()
+    TR.save_checkpoint(m, TR.AdamW(m.parameters()), 0, str(tmp_path / "ckpt.pt"))
+    back, _ = M.load_model(str(tmp_path / "ckpt.pt"))
+    idx = torch.randint(0, 61, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx), m(idx))
+        out = M.generate(back, idx, 8, temperature=0.0)
+        ref = idx
+        for _ in range(8):
+            ref = torch.cat([ref, back(ref)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="experts_top_k"):
+        tiny_cfg(num_experts=2, experts_top_k=3)
+
+
+def test_train_moe_run_logs_aux_loss_and_expert_fractions(tmp_path):
+    """train.py --num-experts 4 --experts-top-k 1 trains (finite losses), logs moe_aux and per-layer expert fractions summing to 1."""
+    np.random.default_rng(0).integers(0, 61, 3000).astype(np.uint16).tofile(tmp_path / "train.bin")
+    np.random.default_rng(1).integers(0, 61, 500).astype(np.uint16).tofile(tmp_path / "val.bin")
+    TR.main(["--data", str(tmp_path), "--out-dir", str(tmp_path / "out"), "--vocab-size", "61", "--d-model", "32", "--num-layers", "2",
+             "--context-length", "16", "--batch-size", "2", "--max-steps", "3", "--log-every", "1", "--eval-steps", "1", "--sample-every", "0",
+             "--num-experts", "4", "--experts-top-k", "1"])
+    recs = [json.loads(l) for l in open(tmp_path / "out" / "metrics.jsonl") if '"moe_aux"' in l]
+    assert len(recs) == 3 and all(math.isfinite(r["loss"]) and r["moe_aux"] >= 1.0 - 1e-6 for r in recs)
+    assert all(len(r["expert_fractions"]) == 2 and all(abs(sum(f) - 1) < 1e-6 for f in r["expert_fractions"]) for r in recs)
+    m, _ = M.load_model(str(tmp_path / "out" / "ckpt.pt"))
+    assert (m.cfg.num_experts, m.cfg.experts_top_k) == (4, 1)
+
+
+# ---------------------------------------------------------------
 # model.py, import-hf: Hugging Face Llama and GPT-2 checkpoints in, identical logits out.
 # Trusted reference: transformers' own LlamaForCausalLM / GPT2LMHeadModel, saved with save_pretrained.
 

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 import parallel
-from model import (CHOICES, ModelConfig, TransformerLM, estimate_mfu, flops_per_token, generate, load_model, mlm_corrupt, pick_device,
+from model import (CHOICES, ModelConfig, MoE, TransformerLM, estimate_mfu, flops_per_token, generate, load_model, mlm_corrupt, pick_device,
                    read_checkpoint)
 
 # ---------------------------------------------------------------
@@ -520,10 +520,12 @@ def train_step(model, optimizers, draw, data, gen, args, autocast):
         with model.no_sync() if ddp and not last else contextlib.nullcontext():
             with autocast:  # bf16 matmuls (--dtype); cross_entropy upcasts to fp32 itself
                 loss = cross_entropy(model(x), y)
+            # MoE: + the load-balancing loss, in the gradient only (the logged loss stays comparable)
+            aux = args.moe_aux_coef * sum(m.aux_loss for m in model.modules() if isinstance(m, MoE)) if args.num_experts > 1 else 0
             # the loss is a mean over one micro-batch and .backward() *adds* into p.grad, so
             # grad = sum_k grad(loss_k / k) = grad(mean of the k losses): B x grad_accum
             # sequences give exactly the gradient of one big batch (up to float rounding)
-            (loss / args.grad_accum).backward()
+            ((loss + aux) / args.grad_accum).backward()
         loss_sum += loss.detach().float()
     if ddp:
         model.finish_gradient_synchronization()  # wait for the last buckets' all-reduce
@@ -631,7 +633,8 @@ def train(args):
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and str(device).startswith("cuda") and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     tokens_per_step = args.batch_size * args.context_length * args.grad_accum * world
-    log(f"model: {raw_model.num_params() / 1e6:.2f}M params ({raw_model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding) | "
+    log(f"model: {raw_model.num_params() / 1e6:.2f}M params ({raw_model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding, "
+        f"{raw_model.num_params(non_embedding=True, active=True) / 1e6:.2f}M active) | "
         f"{tokens_per_step} tokens/step | device {device} x{world} | unigram entropy {H_train:.3f} nats")  # fmt: skip
 
     ev, last_ok, skipped = None, None, 0
@@ -646,9 +649,10 @@ def train(args):
             loss, dt = all_mean(loss).item(), time.perf_counter() - t0  # .item() waits for the GPU
             tps = tokens_per_step / dt
             mfu = estimate_mfu(raw_model.cfg, tps / world, device=device)  # tok/s per GPU x (6N + 12·L·d·T) / peak; None on CPU
+            moe = dict(zip(("moe_aux", "expert_fractions"), raw_model.moe_stats())) if args.num_experts > 1 else {}
             log(f"step {step}/{args.max_steps} | loss {loss:.3f} | lr {lr:.1e} | {dt * 1000:.0f} ms | {tps / 1e3:.1f}k tok/s | mfu "
-                + (f"{100 * mfu:.1f}%" if mfu is not None else "n/a"), metrics,
-                dict(step=step, loss=loss, lr=lr, grad_norm=norm.item(), ms=dt * 1000, tok_per_s=tps, mfu=mfu, tokens=step * tokens_per_step))  # fmt: skip
+                + (f"{100 * mfu:.1f}%" if mfu is not None else "n/a") + (f" | moe aux {moe['moe_aux']:.3f}" if moe else ""), metrics,
+                dict(step=step, loss=loss, lr=lr, grad_norm=norm.item(), ms=dt * 1000, tok_per_s=tps, mfu=mfu, tokens=step * tokens_per_step) | moe)  # fmt: skip
         if step % args.eval_every == 0 or step == args.max_steps:
             ev = evaluate(model, val_draw, val_data, args, autocast, rank, world)
             val_loss, (ppl, bpb) = ev["val_loss"], ppl_bpb(ev["val_loss"], bpt)
@@ -741,6 +745,9 @@ def build_parser():
     p.add_argument("--dropout", type=float, default=d.dropout, help="residual and attention dropout in training (0 = off)")
     p.add_argument("--window", type=_positive, default=d.window, help="sliding-window attention: each token sees its last W (default: all)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward: less memory, more time")
+    p.add_argument("--num-experts", type=int, default=d.num_experts, help="> 1: mixture-of-experts FFN with E experts (0: dense)")
+    p.add_argument("--experts-top-k", type=_positive, default=d.experts_top_k, help="MoE: experts per token (the active ones)")
+    p.add_argument("--moe-aux-coef", type=float, default=0.01, help="MoE: weight of the Switch load-balancing loss")
     p.add_argument("--objective", default="clm", choices=["clm", "mlm"], help="causal LM or masked LM (bidirectional)")
     p.add_argument("--mask-prob", type=float, default=0.15, help="MLM: fraction of positions to predict")
     # optimization
