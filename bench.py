@@ -728,6 +728,7 @@ ABLATIONS = {  # name -> train.py flags; everything else is the CPU default run 
     "NoPE": ["--pos-emb", "none"], "silu MLP": ["--ffn", "silu"], "gelu MLP": ["--ffn", "gelu"], "relu2 MLP": ["--ffn", "relu2"],
     "GPT-2": ["--norm", "layernorm", "--pos-emb", "learned", "--ffn", "gelu", "--tie-embeddings"],
     "window 32": ["--window", "32"], "dropout 0.1": ["--dropout", "0.1"],
+    "MoE 4x top-1": ["--num-experts", "4", "--experts-top-k", "1"],  # 4x the FFN parameters, the default's active ones (+ router)
 }
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 97.5%, by dof
 
@@ -742,7 +743,7 @@ print(json.dumps(dict(final=final, peak_kb=peak_kb())))
 
 def add_args_ablations(parser):
     g = parser.add_argument_group("ablations")
-    g.add_argument("--ablations-data", default="/tmp/before/runs/cpu/data", help="train.py --data dir (train.bin, val.bin, tokenizer)")
+    g.add_argument("--ablations-data", default=os.path.join(REPO, "runs", "cpu", "data"), help="train.py --data dir (the pipeline's: train.bin, val.bin, tokenizer)")
     g.add_argument("--ablations-seeds", type=int, default=3, help="seeds per variant")
     g.add_argument("--ablations-max-steps", type=int, default=300, help="train.py --max-steps (300 = the CPU default run); warmup = 10%%")
     g.add_argument("--ablations-only", nargs="+", choices=list(ABLATIONS), help="run only these variants (default: all)")
