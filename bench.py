@@ -7,7 +7,7 @@ printed as ours / peer with the peer's version, never as an absolute threshold. 
 with the `pip install` line that brings it.
 
     python bench.py                      # everything that can run here (CPU: minutes)
-    python bench.py --only bpe           # one group: bpe | data | model | kernels | parallel
+    python bench.py --only bpe           # one group: bpe | data | model | inference | kernels | parallel
     python bench.py --only model --model-device cuda --model-preset 124m    # the GPU targets, on a GPU
     python bench.py --only kernels       # GPU: Triton kernels vs SDPA-flash / torch.compile, % of peak
     python bench.py --only checkpointing # activation checkpointing: memory saved, time paid (CPU default model)
@@ -24,6 +24,7 @@ Targets (from the issues; measured numbers live in README.md with the machine th
 """
 import argparse
 import contextlib
+import dataclasses
 import functools
 import glob
 import importlib
@@ -900,9 +901,113 @@ def bench_checkpointing(args, rounds=3, steps=3):
 
 
 # ---------------------------------------------------------------
+# Inference: prefill (compute-bound: T tokens per weight read) vs decode (memory-bound: one token per weight
+# read), against HF `generate` on the exported model with identical greedy ids; KV-cache bytes per token for
+# MHA / GQA / MQA against 2·L·H_kv·d_head·bytes; decode's bytes/s against a copy probe of memory bandwidth (the
+# roofline of decoding: every step reads all weights + the cache); speculative decoding with a small draft.
+#   python train.py --data runs/cpu/data --out-dir runs/cpu/draft --num-layers 1 --d-model 64 --num-heads 2   # the draft
+#   python bench.py --only inference [--inference-ckpt runs/cpu/base/ckpt.pt --inference-draft runs/cpu/draft/ckpt.pt]
+
+
+def add_args_inference(parser):
+    g = parser.add_argument_group("inference")
+    g.add_argument("--inference-ckpt", default=os.path.join(REPO, "runs", "cpu", "base", "ckpt.pt"), help="target model (random ModelConfig() if missing)")
+    g.add_argument("--inference-draft", default=os.path.join(REPO, "runs", "cpu", "draft", "ckpt.pt"), help="draft for speculative decoding (skipped if missing)")
+    g.add_argument("--inference-tokens", type=int, default=64, help="new tokens per decode measurement")
+    g.add_argument("--inference-rounds", type=int, default=3, help="timing rounds (median)")
+
+
+def _timed(fn, rounds):
+    """(median seconds, spread as (min, max)) of fn() over rounds, after one warm-up; fn's last result."""
+    out, ts = fn(), []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        out = fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), (min(ts), max(ts)), out
+
+
+def _copy_probe_gbs(mb=512, rounds=5):
+    """Memory bandwidth from a large tensor copy: bytes read + written per second."""
+    a = torch.ones(mb << 18)  # mb MB of fp32
+    b = torch.empty_like(a)
+    t, _, _ = _timed(lambda: b.copy_(a), rounds)
+    return 2 * a.nbytes / t / 1e9
+
+
+@torch.no_grad()
+def bench_inference(args):
+    target = M.load_model(args.inference_ckpt)[0] if os.path.exists(args.inference_ckpt) else M.TransformerLM(M.ModelConfig())
+    target.eval()
+    cfg, n, R = target.cfg, args.inference_tokens, args.inference_rounds
+    print(f"inference: {args.inference_ckpt if os.path.exists(args.inference_ckpt) else 'random ModelConfig()'} | "
+          f"{target.num_params() / 1e6:.2f}M params | {torch.get_num_threads()} threads | median of {R}")
+    g = torch.Generator().manual_seed(0)
+    for B in (1, 8):
+        prompt = torch.randint(0, cfg.vocab_size, (B, 64), generator=g)
+        t_pre, _, _ = _timed(lambda: target(prompt, kv_cache=M.KVCache(cfg, B, cfg.context_length)), R)
+        t_all, spread, _ = _timed(lambda: M.generate(target, prompt, n, temperature=0.0), R)
+        print(f"  batch {B}: prefill {B * 64 / t_pre:,.0f} tok/s | decode {B * n / (t_all - t_pre):,.0f} tok/s "
+              f"(generate {n} tokens: {t_all * 1e3:.0f} ms, spread {spread[0] * 1e3:.0f}-{spread[1] * 1e3:.0f})")
+        if B == 1:
+            decode_tps = n / (t_all - t_pre)
+    # the roofline: at batch 1 each decode step reads every weight and the cache once
+    weight_b = sum(p.numel() * p.element_size() for p in target.parameters())
+    kv_b = 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.d_model // cfg.num_heads) * 4 * (64 + n / 2)  # mean cache length
+    bw = _copy_probe_gbs()
+    print(f"  roofline: decode reads {(weight_b + kv_b) / 1e6:.1f} MB/token -> {decode_tps * (weight_b + kv_b) / 1e9:.1f} GB/s "
+          f"achieved vs {bw:.1f} GB/s copy bandwidth ({100 * decode_tps * (weight_b + kv_b) / 1e9 / bw:.0f}%)")
+    for name, kv in (("MHA", cfg.num_heads), ("GQA", max(1, cfg.num_heads // 2)), ("MQA", 1)):
+        c = M.ModelConfig(**{**dataclasses.asdict(cfg), "num_kv_heads": kv})
+        cache = M.KVCache(c, 1, c.context_length)
+        got = sum(k.nbytes + v.nbytes for k, v in cache.layers) / c.context_length
+        want = 2 * c.num_layers * kv * (c.d_model // c.num_heads) * 4
+        print(f"  KV cache {name} (H_kv={kv}): {got:,.0f} bytes/token (2·L·H_kv·d_head·4 = {want:,})" + ("" if got == want else "  MISMATCH"))
+    _bench_inference_hf(target, n, R, decode_tps)
+    _bench_speculative(target, args, n, R)
+
+
+def _bench_inference_hf(target, n, R, decode_tps):
+    """HF LlamaForCausalLM.generate on our exported weights: the same greedy ids, and its decode speed."""
+    if _optional("transformers", "  HF generate skipped: pip install transformers") is None:
+        return
+    try:
+        hf_cfg, sd = M.to_hf_llama(target)
+    except ValueError as e:
+        return print(f"  HF generate skipped: {e}")
+    from transformers import LlamaForCausalLM
+    hf_cfg._attn_implementation = "sdpa"
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    hf.load_state_dict(sd)
+    prompt = torch.randint(0, target.cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    t_pre, _, _ = _timed(lambda: hf(prompt, use_cache=True), R)
+    t_hf, _, ids = _timed(lambda: hf.generate(prompt, **kw), R)
+    same = torch.equal(ids, M.generate(target, prompt, n, temperature=0.0))
+    print(f"  HF generate (sdpa, KV cache): {n / (t_hf - t_pre):,.0f} decode tok/s | ours / HF = "
+          f"{decode_tps / (n / (t_hf - t_pre)):.2f}x (goal >= 1.5x) | greedy ids identical: {same}")
+
+
+def _bench_speculative(target, args, n, R):
+    """Speculative sampling at temperature 1: acceptance per k and the wall-clock speed-up over plain sampling."""
+    if not os.path.exists(args.inference_draft):
+        return print(f"  speculative: skipped (no draft at {args.inference_draft}; see the command above)")
+    draft = M.load_model(args.inference_draft)[0].eval()
+    prompt = torch.randint(0, target.cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(2))
+    t_plain, _, _ = _timed(lambda: M.generate(target, prompt, n, generator=torch.Generator().manual_seed(3)), R)
+    t_draft, _, _ = _timed(lambda: M.generate(draft, prompt, n, generator=torch.Generator().manual_seed(3)), R)
+    print(f"  speculative (T=1, {draft.num_params() / 1e6:.2f}M draft, {t_draft / t_plain:.2f}x the target's time per token):")
+    for k in (1, 2, 4, 8):
+        st = {}
+        t_spec, spread, _ = _timed(lambda: M.speculative_generate(target, draft, prompt, n, k=k, generator=torch.Generator().manual_seed(3), stats=st), R)
+        print(f"    k={k}: acceptance {st['accepted'] / max(st['proposed'], 1):.2f} | speed-up {t_plain / t_spec:.2f}x "
+              f"(spread {t_plain / spread[1]:.2f}-{t_plain / spread[0]:.2f})")
+
+
+# ---------------------------------------------------------------
 # One entry point: `python bench.py [--only NAME ...]`. Each group adds its own flags (prefixed by its name).
 
-GROUPS = ["bpe", "data", "model", "kernels", "parallel", "checkpointing", "ablations"]  # the order they run in
+GROUPS = ["bpe", "data", "model", "inference", "kernels", "parallel", "checkpointing", "ablations"]  # the order they run in
 
 
 def build_parser():
@@ -914,6 +1019,7 @@ def build_parser():
     add_args_kernels(ap)
     add_args_parallel(ap)
     add_args_ablations(ap)
+    add_args_inference(ap)
     return ap
 
 
@@ -935,6 +1041,8 @@ if __name__ == "__main__":
         run_group("data", bench_data, args)
     if "model" in only:
         run_group("model", bench_model, args)
+    if "inference" in only:
+        run_group("inference", bench_inference, args)
     if "kernels" in only:
         run_group("kernels", bench_kernels, args)
     if "parallel" in only:

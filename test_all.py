@@ -2366,6 +2366,20 @@ def test_model_import_hf_bad_input_is_one_line_error(tmp_path):
 
 
 # ---------------------------------------------------------------
+# model.py, inference: the KV cache's size (what GQA and MQA shrink). Reference: the closed form.
+
+
+@pytest.mark.parametrize("kv", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
+def test_model_kv_cache_bytes_per_token_is_2_L_Hkv_dhead_bytes(kv):
+    """KVCache holds exactly 2·L·H_kv·d_head·bytes per cached token per sequence (fp32 and bf16): MHA, GQA, MQA."""
+    cfg = tiny_cfg(num_kv_heads=kv)
+    for dtype, nbytes in ((torch.float32, 4), (torch.bfloat16, 2)):
+        cache = M.KVCache(cfg, 3, 20, dtype=dtype)
+        got = sum(k.nbytes + v.nbytes for k, v in cache.layers)
+        assert got == 3 * 20 * 2 * cfg.num_layers * kv * (cfg.d_model // cfg.num_heads) * nbytes
+
+
+# ---------------------------------------------------------------
 # Training pieces: AdamW, schedule, clipping, batches
 # ---------------------------------------------------------------
 
