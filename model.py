@@ -88,6 +88,8 @@ class ModelConfig:
     experts_top_k: int = 1  # experts each token is routed to
     bias: bool = False  # biases on the attention and MLP Linears (GPT-2 has them; import-hf sets it)
     norm_eps: float = 1e-5  # the eps of every RMSNorm / LayerNorm
+    quant_bits: int | None = None  # 8 or 4: every Linear stored as int8 / int4 + group scales (model.py quantize)
+    quant_group_size: int = 64  # consecutive input columns that share one scale
 
     def __post_init__(self):
         if self.num_kv_heads is None:
@@ -746,6 +748,67 @@ def speculative_generate(target, draft, idx, max_new_tokens: int, k: int = 4, te
 
 
 # ---------------------------------------------------------------
+# Weight-only quantization: int8 / int4 weights with one scale per group, dequantized on the fly
+
+
+def quantize_weight(w, bits: int, group_size: int):
+    """Group-wise symmetric: each `group_size` consecutive input columns of a (d_out, d_in) row share scale = max|w| / qmax
+    and q = round(w / scale), so |q·scale - w| <= scale/2; an outlier coarsens only its own group, not the row."""
+    (d_out, d_in), qmax = w.shape, 2 ** (bits - 1) - 1  # qmax 127 or 7
+    if bits not in (8, 4) or group_size < 1 or d_in % group_size or (bits == 4 and group_size % 2):
+        raise ValueError(f"need --bits 8 or 4 and a group size (even for 4 bits) dividing d_in={d_in}, got bits {bits}, group size {group_size}")
+    g = w.detach().float().reshape(d_out, d_in // group_size, group_size)
+    scale = g.abs().amax(-1, keepdim=True).clamp(min=1e-12) / qmax  # (d_out, groups, 1); clamp: an all-zero group
+    q = torch.round(g / scale).clamp(-qmax, qmax).to(torch.int8).reshape(d_out, d_in)
+    return (pack_int4(q) if bits == 4 else q), scale.squeeze(-1)  # (d_out, d_in or d_in/2), (d_out, groups)
+
+
+def pack_int4(q):  # two int4 in [-8, 7] per uint8, +8 to make them unsigned: column 2j low nibble, 2j+1 high
+    return (q[:, 0::2] + 8).to(torch.uint8) | ((q[:, 1::2] + 8).to(torch.uint8) << 4)  # (d_out, d_in/2)
+
+
+def unpack_int4(p):
+    return torch.stack(((p & 15).to(torch.int8) - 8, (p >> 4).to(torch.int8) - 8), -1).flatten(-2)  # interleave: (d_out, d_in)
+
+
+class QuantLinear(nn.Module):
+    """A Linear stored as int8 / packed int4 + float32 group scales, rebuilt for each matmul: saves bytes, not FLOPs."""
+
+    def __init__(self, lin: Linear, bits: int, group_size: int):
+        super().__init__()
+        self.bits, self.bias = bits, lin.bias
+        qweight, scale = quantize_weight(lin.weight, bits, group_size)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+
+    def dequantized(self):  # q·scale, (d_out, d_in) float32
+        q = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+        return (q.reshape(*self.scale.shape, -1) * self.scale[..., None]).flatten(1)
+
+    def forward(self, x):
+        return x @ self.dequantized().to(x.dtype).t() + (0 if self.bias is None else self.bias)  # (..., d_out)
+
+
+def quantize_model(model, bits: int, group_size: int):
+    """Every Linear (attention, FFN, router, lm_head) -> QuantLinear, in place; embeddings and norms stay float."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Linear):
+            model.set_submodule(name, QuantLinear(m, bits, group_size))
+    model.cfg.quant_bits, model.cfg.quant_group_size = bits, group_size
+    return model
+
+
+def quantize_checkpoint(ckpt_path: str, bits: int, group_size: int, out: str):
+    """ckpt -> quantized ckpt without the optimizer state (a quantized model is for inference), written atomically."""
+    model, ckpt = load_model(ckpt_path)
+    if model.cfg.quant_bits:
+        raise ValueError(f"{ckpt_path} is already quantized ({model.cfg.quant_bits} bits)")
+    torch.save({**{k: v for k, v in ckpt.items() if k != "optimizer"}, "model": quantize_model(model, bits, group_size).state_dict(), "config": asdict(model.cfg)}, out + ".tmp")
+    os.replace(out + ".tmp", out)  # a crash leaves the old file or the new one, never half of one
+    print(f"wrote {out} ({bits}-bit, group {group_size}): {os.path.getsize(out) / 2**20:.1f} MiB, was {os.path.getsize(ckpt_path) / 2**20:.1f} MiB")
+
+
+# ---------------------------------------------------------------
 # Devices and checkpoints: the one home of both (train.py, align.py, pipeline.py import them)
 
 
@@ -783,7 +846,9 @@ def load_model(src, device="cpu"):
     """Build a TransformerLM from a checkpoint's config and load its weights. Returns (model in
     eval mode, the checkpoint dict). torch.compile'd models save keys prefixed "_orig_mod.": stripped."""
     ckpt = read_checkpoint(src)
-    model = TransformerLM(ModelConfig(**ckpt["config"]))
+    model = TransformerLM(cfg := ModelConfig(**ckpt["config"]))
+    if cfg.quant_bits:  # same modules as the saved ones; their (random) contents are overwritten below
+        quantize_model(model, cfg.quant_bits, cfg.quant_group_size)
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
     return model.to(device).eval(), ckpt
 
@@ -1012,10 +1077,15 @@ def main(argv=None):
     p = sub.add_parser("import-hf", help="convert a local save_pretrained Llama / GPT-2 directory to OUT/ckpt.pt (+ OUT/tokenizer)")
     p.add_argument("--hf-dir", required=True, help="directory with config.json, *.safetensors (and tokenizer.json)")
     p.add_argument("--out", required=True, help="output directory")
+    p = sub.add_parser("quantize", help="weight-only int8 / int4 quantization of a checkpoint (loads anywhere a ckpt does)")
+    p.add_argument("--ckpt", required=True, help="path to train.py's / align.py's ckpt.pt")
+    p.add_argument("--bits", type=int, default=8, help="8 or 4 bits per weight")
+    p.add_argument("--group-size", type=int, default=64, help="input columns sharing one scale (must divide every d_in)")
+    p.add_argument("--out", required=True, help="output checkpoint path (written atomically)")
     args = parser.parse_args(argv)
     try:
-        if args.cmd == "import-hf":
-            return import_hf(args.hf_dir, args.out)
+        if args.cmd in ("import-hf", "quantize"):
+            return import_hf(args.hf_dir, args.out) if args.cmd == "import-hf" else quantize_checkpoint(args.ckpt, args.bits, args.group_size, args.out)
         _info(args) if args.cmd == "info" else export_hf(args.ckpt, args.out)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")

@@ -427,7 +427,7 @@ def build_model(args, data_vocab, device, batch_gen, rank, world):
     mlm = args.objective == "mlm"  # MLM: one extra embedding row, the [MASK] token, and bidirectional attention
     init = read_checkpoint(args.init_from) if args.init_from else None  # fine-tune: its config and weights, fresh optimizer
     try:
-        shape = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size", "causal", "bias", "norm_eps"}  # each a flag
+        shape = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size", "causal", "bias", "norm_eps", "quant_bits", "quant_group_size"}  # each a flag
         cfg = ModelConfig(**init["config"]) if init else ModelConfig(
             vocab_size=data_vocab + (1 if mlm else 0), causal=not mlm, **{k: getattr(args, k) for k in shape})
     except (ValueError, TypeError) as e:  # e.g. d_model not divisible by num_heads
