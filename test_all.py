@@ -31,6 +31,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import argparse
 import copy
+import dataclasses
 import datetime
 import gzip
 import hashlib
@@ -2363,6 +2364,87 @@ def test_model_import_hf_bad_input_is_one_line_error(tmp_path):
         with pytest.raises(SystemExit, match=f"^error: .*{match}") as e:
             M.main(["import-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "o")])
         assert "\n" not in str(e.value) and not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+# ---------------------------------------------------------------
+# model.py, weight-only quantization: group-wise int8 / int4, dequantized on the fly.
+# Trusted reference: the float weights and the float model, with error bounds derived from the quantization step.
+
+
+def _quant_lm(bias=False):
+    torch.manual_seed(0)
+    return M.TransformerLM(M.ModelConfig(vocab_size=61, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64, bias=bias)).eval()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_model_quant_dequant_error_is_at_most_half_a_step(bits):
+    """|q·scale - w| <= scale/2 in every element (round to nearest), and the largest |w| of a group is exact."""
+    torch.manual_seed(0)
+    lin = M.Linear(96, 24)
+    lin.weight.data[3, 5] = 40.0  # an outlier coarsens only its own group
+    ql = M.QuantLinear(lin, bits, 32)
+    step = ql.scale.repeat_interleave(32, dim=1)  # (d_out, d_in): each element's own scale
+    err = (ql.dequantized() - lin.weight).abs()
+    assert (err <= step / 2 + 1e-6 * step).all()
+    assert ql.scale.shape == (24, 3) and ql.scale[3, 0] > 100 * ql.scale[3, 1]
+    assert err[3, 5] < 1e-5
+
+
+def test_model_quant_int4_pack_unpack_round_trip_exact():
+    """unpack_int4(pack_int4(q)) == q for every int4 value at every column parity; two values per byte."""
+    q = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
+    q[0, :16] = torch.arange(-8, 8)
+    p = M.pack_int4(q)
+    assert p.dtype == torch.uint8 and p.shape == (5, 32)
+    assert torch.equal(M.unpack_int4(p), q)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_model_quant_linear_output_within_weight_error_bound(bits):
+    """|QuantLinear(x) - Linear(x)|_i <= Σ_j |ΔW_ij| |x_j| (ΔW = dequantized - float weight); the bias is kept exactly."""
+    torch.manual_seed(0)
+    lin = M.Linear(64, 16, bias=True)
+    lin.bias.data.normal_()
+    ql = M.QuantLinear(lin, bits, 16)
+    x = torch.randn(7, 64)
+    with torch.no_grad():
+        dy = (ql(x) - lin(x)).abs()
+        bound = x.abs() @ (ql.dequantized() - lin.weight).abs().t()  # (7, 16)
+    assert (dy <= bound + 1e-5).all() and dy.max() > 0
+    assert ql.bias is lin.bias
+
+
+@pytest.mark.slow
+def test_model_quant_cli_checkpoint_loads_generates_and_stays_close(tmp_path):
+    """quantize CLI -> load_model (weights_only) -> generate works; the file is smaller; logits near the float model's."""
+    m = _quant_lm(bias=True)  # biases (GPT-2-style) must survive quantization
+    src = tmp_path / "ckpt.pt"
+    torch.save({"model": m.state_dict(), "config": dataclasses.asdict(m.cfg), "optimizer": {}, "iteration": 7}, src)
+    idx = torch.randint(0, 61, (2, 16))
+    with torch.no_grad():
+        ref = m(idx)
+    for bits, tol in ((8, 0.03), (4, 0.4)):  # relative to max |logit|; measured 0.010 and 0.19 (int4's step is 127/7 = 18x int8's)
+        out = tmp_path / f"q{bits}.pt"
+        M.main(["quantize", "--ckpt", str(src), "--bits", str(bits), "--group-size", "16", "--out", str(out)])
+        q, ckpt = M.load_model(str(out))
+        assert ckpt["iteration"] == 7 and "optimizer" not in ckpt and q.cfg.quant_bits == bits
+        assert all(not isinstance(mod, M.Linear) for mod in q.modules())
+        assert os.path.getsize(out) < os.path.getsize(src) and not os.path.exists(str(out) + ".tmp")
+        with torch.no_grad():
+            assert (q(idx) - ref).abs().max() < tol * ref.abs().max()
+        assert M.generate(q, idx[:1, :4], 8, temperature=1.0, generator=torch.Generator().manual_seed(0)).shape == (1, 12)
+
+
+@pytest.mark.parametrize("argv", [["--bits", "3", "--group-size", "16"], ["--bits", "8", "--group-size", "5"], ["--bits", "4", "--group-size", "1"]])
+def test_model_quant_cli_bad_bits_or_group_is_one_line_error(tmp_path, argv):
+    """--bits other than 8/4, a group size not dividing d_in (or odd for int4): a one-line SystemExit, no file written."""
+    m = _quant_lm()
+    src = tmp_path / "ckpt.pt"
+    torch.save({"model": m.state_dict(), "config": dataclasses.asdict(m.cfg)}, src)
+    with pytest.raises(SystemExit) as e:
+        M.main(["quantize", "--ckpt", str(src), *argv, "--out", str(tmp_path / "q.pt")])
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "q.pt")
 
 
 # ---------------------------------------------------------------
