@@ -386,6 +386,16 @@ def log(text, metrics=None, rec=None):
                 f.write(json.dumps(rec) + "\n")
 
 
+def log_step(step, loss, lr, norm, dt, tokens_per_step, raw_model, args, world, device, metrics):
+    """The step's log line and metrics record (an MoE run adds its aux loss and per-layer expert fractions)."""
+    tps = tokens_per_step / dt
+    mfu = estimate_mfu(raw_model.cfg, tps / world, device=device)  # tok/s per GPU x (6N + 12·L·d·T) / peak; None on CPU
+    moe = dict(zip(("moe_aux", "expert_fractions"), raw_model.moe_stats())) if args.num_experts > 1 else {}
+    log(f"step {step}/{args.max_steps} | loss {loss:.3f} | lr {lr:.1e} | {dt * 1000:.0f} ms | {tps / 1e3:.1f}k tok/s | mfu "
+        + (f"{100 * mfu:.1f}%" if mfu is not None else "n/a") + (f" | moe aux {moe['moe_aux']:.3f}" if moe else ""), metrics,
+        dict(step=step, loss=loss, lr=lr, grad_norm=norm.item(), ms=dt * 1000, tok_per_s=tps, mfu=mfu, tokens=step * tokens_per_step) | moe)
+
+
 def reset_metrics(path, step):
     """Fresh run (step 0): an empty file. Resumed: drop records written after the checkpoint (a killed run may log past it)."""
     if not is_master():
@@ -647,12 +657,7 @@ def train(args):
             skipped = skip_or_stop(step, loss, norm, last_ok, skipped + 1, args)
         elif step % args.log_every == 0 or step == args.max_steps:
             loss, dt = all_mean(loss).item(), time.perf_counter() - t0  # .item() waits for the GPU
-            tps = tokens_per_step / dt
-            mfu = estimate_mfu(raw_model.cfg, tps / world, device=device)  # tok/s per GPU x (6N + 12·L·d·T) / peak; None on CPU
-            moe = dict(zip(("moe_aux", "expert_fractions"), raw_model.moe_stats())) if args.num_experts > 1 else {}
-            log(f"step {step}/{args.max_steps} | loss {loss:.3f} | lr {lr:.1e} | {dt * 1000:.0f} ms | {tps / 1e3:.1f}k tok/s | mfu "
-                + (f"{100 * mfu:.1f}%" if mfu is not None else "n/a") + (f" | moe aux {moe['moe_aux']:.3f}" if moe else ""), metrics,
-                dict(step=step, loss=loss, lr=lr, grad_norm=norm.item(), ms=dt * 1000, tok_per_s=tps, mfu=mfu, tokens=step * tokens_per_step) | moe)  # fmt: skip
+            log_step(step, loss, lr, norm, dt, tokens_per_step, raw_model, args, world, device, metrics)
         if step % args.eval_every == 0 or step == args.max_steps:
             ev = evaluate(model, val_draw, val_data, args, autocast, rank, world)
             val_loss, (ppl, bpb) = ev["val_loss"], ppl_bpb(ev["val_loss"], bpt)
