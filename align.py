@@ -13,7 +13,9 @@ not a matter of taste but of arithmetic, so an exact verifier stands in for the 
    against a frozen reference, the closed-form optimum of the KL-regularized RL objective.
 4. GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300): RL from the verifier, the group mean
    reward as baseline instead of a value network, PPO's clip (Schulman et al. 2017, arXiv:1707.06347).
-5. Evaluation: greedy held-out accuracy, a Wilson (1927) interval per stage, a paired one per gain.
+5. Evaluation: greedy held-out accuracy, a Wilson (1927) interval per stage, a paired one per gain;
+   test-time compute: majority vote or best-of-N over N samples (`eval --samples N --vote`).
+6. Chat: `chat` talks to a checkpoint, multi-turn, streaming tokens as they are sampled.
 Two asides: the Bradley-Terry (1952) reward model that InstructGPT trains and DPO does without
 (`rm`, not part of `all`), and LoRA adapters for SFT/DPO (Hu et al. 2021, arXiv:2106.09685).
 
@@ -40,12 +42,15 @@ them; the tokenizer is found through the checkpoint; outputs go to runs/align):
     python align.py grpo --ckpt runs/align/dpo.pt --group-size 8  # -> runs/align/grpo.pt
     python align.py sft  --ckpt runs/cpu/base/ckpt.pt --lora-rank 8  # LoRA; the saved sft.pt is merged
     python align.py rm   --ckpt runs/align/sft.pt                 # -> runs/align/rm.pt, rm_metrics.jsonl
+    python align.py eval --ckpt runs/align/sft.pt --samples 16 --vote majority   # (or --vote rm --rm runs/align/rm.pt)
+    python align.py chat --ckpt runs/cpu/align/grpo.pt --show-probs           # or: echo "3 + 4 =" | python align.py chat ...
 One GPU: the same commands (cuda is autodetected); no torchrun mode. Smoke test: `--tiny`.
 Your own data: `--data-jsonl FILE` with prompt/response (SFT), prompt/chosen/rejected (DPO) or
 prompt/answer (GSM8K-style; SFT, GRPO and eval) lines; train rows train, test rows evaluate.
 Outputs in OUT_DIR: {sft,dpo,grpo}.pt, {stage}_metrics.jsonl, eval.json (fields: README).
 """
 import argparse
+import codecs
 import copy
 import functools
 import hashlib
@@ -56,6 +61,7 @@ import random
 import re
 import sys
 import time
+from collections import Counter
 from fractions import Fraction
 
 import torch
@@ -63,7 +69,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bpe import Tokenizer
-from model import generate, load_model, pick_device
+from model import generate, load_model, pick_device, stream
 from train import AdamW, save_checkpoint
 
 USER, ASSISTANT, EOT = "<|user|>", "<|assistant|>", "<|endoftext|>"
@@ -723,7 +729,8 @@ def merge_lora(model):
 
 
 # ---------------------------------------------------------------
-# 11. Evaluation: greedy accuracy on the held-out split with a Wilson 95% interval.
+# 11. Evaluation: greedy accuracy on the held-out split with a Wilson 95% interval; test-time
+#    compute: N samples and a vote (majority, or best-of-N by the reward model of section 9).
 
 def wilson_interval(k: int, n: int, z: float = 1.96):
     """Wilson (1927) score interval: every p with |k/n - p| <= z sqrt(p(1-p)/n), the variance taken
@@ -739,11 +746,20 @@ def wilson_interval(k: int, n: int, z: float = 1.96):
 
 
 @torch.no_grad()
-def evaluate_accuracy(model, tok, problems: list, max_new_tokens=None) -> dict:
-    """Greedy decode each held-out problem (temperature 0, one sample), parse, compare."""
+def evaluate_accuracy(model, tok, problems: list, max_new_tokens=None, samples=1, vote="majority", rm=None,
+                      temperature=1.0, generator=None) -> dict:
+    """Greedy (samples=1): one temperature-0 answer per problem, parsed and compared. Test-time
+    compute (samples=N): N answers at `temperature`, one picked by vote(); accuracy is also given at
+    every power of two n < N from the first n samples (nested, so one run draws the whole curve),
+    with pass@n, the share where *some* sample is right: what a perfect picker would get."""
     T = max_new_tokens or max_response_tokens(tok, problems)
-    _, _, texts = sample_responses(model, tok, [p["prompt"] for p in problems], 1, 0.0, T)
-    results = [(p["level"], reward_fn(t, p["answer"])["answer_reward"] == 1) for p, t in zip(problems, texts)]
+    prompts = [p["prompt"] for p in problems]
+    _, _, texts = sample_responses(model, tok, prompts, samples, temperature if samples > 1 else 0.0, T, generator)
+    groups = [texts[i * samples:(i + 1) * samples] for i in range(len(problems))]  # (problems, N) answers
+    scores = rm_scores(rm, tok, [p for p in prompts for _ in range(samples)], texts) if vote == "rm" else texts
+    scores = [scores[i * samples:(i + 1) * samples] for i in range(len(problems))]
+    results = [(p["level"], p["answer"] is not None and vote_answer(g, vote, s) == p["answer"])
+               for p, g, s in zip(problems, groups, scores)]
     k, n = sum(ok for _, ok in results), len(results)
     lo, hi = wilson_interval(k, n)
     res = {"acc": k / max(n, 1), "n": n, "ci_lo": lo, "ci_hi": hi, "by_difficulty": {}, "by_difficulty_n": {},
@@ -753,7 +769,42 @@ def evaluate_accuracy(model, tok, problems: list, max_new_tokens=None) -> dict:
         name = LEVELS.get(level, str(level))
         res["by_difficulty"][name] = sum(oks) / len(oks)
         res["by_difficulty_n"][name] = len(oks)
+    if samples > 1:
+        res.update(samples=samples, vote=vote, temperature=temperature, by_samples={})
+        for m in [2 ** i for i in range(samples.bit_length()) if 2 ** i < samples] + [samples]:
+            km = sum(vote_answer(g[:m], vote, s[:m]) == p["answer"] for p, g, s in zip(problems, groups, scores))
+            any_ok = sum(any(parse_answer(t) == p["answer"] for t in g[:m]) for p, g in zip(problems, groups))
+            res["by_samples"][m] = {"acc": km / n, "ci": wilson_interval(km, n), "pass_at_n": any_ok / n}
     return res
+
+
+def vote_answer(texts: list, vote: str, scores: list):
+    """One answer from N samples. majority (self-consistency, Wang et al. 2022, arXiv:2203.11171):
+    the most frequent parsed answer, ties to the one sampled first, unparseable ones never win.
+    rm (best-of-N): the answer of the sample the reward model scores highest (first on ties)."""
+    answers = [parse_answer(t) for t in texts]
+    if vote == "rm":
+        return answers[max(range(len(texts)), key=lambda i: scores[i])]
+    counts = Counter(a for a in answers if a is not None)
+    return next((a for a in answers if a is not None and counts[a] == max(counts.values())), None)
+
+
+@torch.no_grad()
+def rm_scores(rm, tok, prompts: list, responses: list, batch: int = 64) -> list:
+    """r(x, y) of each (prompt, response) pair, batched."""
+    return torch.cat([rm(tok, prompts[i:i + batch], responses[i:i + batch]) for i in range(0, len(prompts), batch)]).tolist()
+
+
+def load_reward_model(path: str, tok, device):
+    """rm.pt (`align.py rm`): a TransformerLM body plus ckpt["reward_head"]."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: reward model {path} not found (train one: python align.py rm --ckpt runs/align/sft.pt)")
+    body, ckpt = load_model(path, device=device)
+    if "reward_head" not in ckpt:
+        raise SystemExit(f"error: {path} has no reward head (it is not an `align.py rm` checkpoint)")
+    rm = RewardModel(ensure_chat_tokens(tok, body)[1])
+    rm.head.data.copy_(ckpt["reward_head"])
+    return rm.eval()
 
 
 def eval_problems(args) -> list:
@@ -788,7 +839,50 @@ def write_eval(path: str, stage: str, res: dict):
 
 
 # ---------------------------------------------------------------
-# 12. CLI: load, run a stage, save (train.save_checkpoint format), evaluate.
+# 12. Chat: talk to the model. Turns are the training template repeated, each answer closed by
+#    <|endoftext|>: <|user|>q1<|assistant|>a1<|endoftext|><|user|>q2<|assistant|>... (SFT saw one
+#    turn only, so earlier turns are context the model was never taught to use.)
+
+def chat(model, tok, args, lines=None, out=None):
+    """Read questions line by line (a terminal or a pipe), stream each reply; EOF or /quit ends."""
+    lines, out = lines or sys.stdin, out or sys.stdout
+    keep = model.cfg.context_length - args.max_new_tokens  # prompt room; older turns fall off the left
+    if keep < 8 or args.max_new_tokens < 1:
+        raise SystemExit(f"error: --max-new-tokens must be in [1, {model.cfg.context_length - 8}] (context_length - 8)")
+    gen, history = torch.Generator(device=args.device).manual_seed(args.seed), []
+    tty = hasattr(lines, "isatty") and lines.isatty()
+    while True:
+        print("you> " if tty else "", end="", file=out, flush=True)
+        line = lines.readline()
+        if not line or line.strip() in ("/quit", "/exit"):  # "" = EOF
+            return
+        if line.strip() == "/reset":
+            history = []
+            print("(history cleared)", file=out, flush=True)
+        elif line.strip():
+            prompt = (history + tok.encode(chat_prompt(line.strip())))[-keep:]
+            history = prompt + stream_reply(model, tok, prompt, args, gen, out)
+
+
+def stream_reply(model, tok, prompt: list, args, gen, out) -> list:
+    """Print tokens as they are sampled; -> the reply's ids (with <|endoftext|>). Tokens are bytes and
+    a character may span two of them, so an incremental UTF-8 decoder holds back a partial one."""
+    eot, utf8 = tok.special_ids[EOT], codecs.getincrementaldecoder("utf-8")(errors="replace")
+    idx, reply = torch.tensor([prompt], device=args.device), []
+    print("bot> ", end="", file=out, flush=True)
+    for nxt, probs in stream(model.eval(), idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                             stop_token=eot, generator=gen):
+        t = nxt.item()
+        reply.append(t)
+        if t != eot:
+            text = utf8.decode(tok.vocab.get(t, b""))
+            print(text + (f"[{probs[0, t].item():.2f}]" if args.show_probs else ""), end="", file=out, flush=True)
+    print(utf8.decode(b"", final=True), file=out, flush=True)
+    return reply if reply[-1] == eot else reply + [eot]
+
+
+# ---------------------------------------------------------------
+# 13. CLI: load, run a stage, save (train.save_checkpoint format), evaluate.
 
 def load_policy(args):
     if not os.path.exists(args.ckpt):
@@ -816,13 +910,19 @@ class MetricsLog:
 
 
 def run_eval_and_record(model, tok, args, stage, timing=None):
-    t0 = time.time()
-    r = evaluate_accuracy(model, tok, eval_problems(args))
+    t0, N = time.time(), getattr(args, "samples", 1)
+    rm = load_reward_model(args.rm, tok, args.device) if N > 1 and args.vote == "rm" else None
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    r = evaluate_accuracy(model, tok, eval_problems(args), None, N, getattr(args, "vote", "majority"), rm,
+                          getattr(args, "temperature", 1.0), gen)
     r.update(timing or {}, eval_s=round(time.time() - t0, 1))
     write_eval(os.path.join(args.out_dir, "eval.json"), stage, r)
     by = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["by_difficulty"].items())
     print(f"eval {stage}: acc {100 * r['acc']:.1f}% [{100 * r['ci_lo']:.1f}, {100 * r['ci_hi']:.1f}] "
           f"n={r['n']} ({by}) in {time.time() - t0:.0f} s", flush=True)
+    for m, b in r.get("by_samples", {}).items():
+        print(f"  {args.vote} of {m:2d}: acc {100 * b['acc']:5.1f}% [{100 * b['ci'][0]:.1f}, {100 * b['ci'][1]:.1f}]"
+              f"  pass@{m} {100 * b['pass_at_n']:.1f}%", flush=True)
     return r
 
 
@@ -936,7 +1036,7 @@ def build_parser(tiny=False):
                       "or text ending in '= N' / '#### N'): among all-wrong samples the only signal, it pushes junk down")
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="stage", required=True, metavar="{sft,dpo,grpo,rm,eval,all}")
+    sub = ap.add_subparsers(dest="stage", required=True, metavar="{sft,dpo,grpo,rm,eval,all,chat}")
     # steps / lr / batch size per stage: sft+dpo+grpo+4 evals take ~10 CPU minutes (README)
     p = sub.add_parser("sft", parents=[common, single, sft, lora], help="supervised fine-tuning -> OUT_DIR/sft.pt")
     add_optim_flags(p, tiny, 2000, 1e-3, 32, "sequences per microbatch")
@@ -947,7 +1047,17 @@ def build_parser(tiny=False):
     p = sub.add_parser("rm", parents=[common, single, pairs], help="Bradley-Terry reward model (an aside) -> OUT_DIR/rm.pt")
     add_optim_flags(p, tiny, 40, 1e-4, 16, "preference pairs per step")
     p = sub.add_parser("eval", parents=[common], help="greedy held-out accuracy of --ckpt -> OUT_DIR/eval.json")
-    p.add_argument("--stage-name", default=None, help="key in eval.json (default: ckpt file stem)")
+    p.add_argument("--stage-name", default=None, help="key in eval.json (default: ckpt file stem, +@N-VOTE if --samples > 1)")
+    p.add_argument("--samples", type=int, default=1, help="answers per problem: 1 = greedy; N = sample N, pick one by --vote")
+    p.add_argument("--vote", default="majority", choices=["majority", "rm"], help="majority of parsed answers, or best-of-N by --rm")
+    p.add_argument("--rm", default=None, help="reward model checkpoint for --vote rm (from `align.py rm`)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when --samples > 1")
+    p = sub.add_parser("chat", parents=[common], help="talk to --ckpt: multi-turn, streamed; /reset, /quit; reads a pipe too")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set with this much mass")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="reply length cap (a reply ends at <|endoftext|>)")
+    p.add_argument("--show-probs", action="store_true", help="print each token's probability after it, as token[0.93]")
     sub.add_parser("all", parents=[common, sft, pairs, dpo, lora, grpo], help="eval base, then sft, dpo, grpo at their defaults")
     return ap, sub.choices
 
@@ -962,7 +1072,12 @@ def main(argv=None):
     if args.stage == "all":
         run_all(args, stage_parsers)
     elif args.stage == "eval":
-        run_eval_and_record(*load_policy(args), args, args.stage_name or os.path.splitext(os.path.basename(args.ckpt))[0])
+        if args.samples < 1 or (args.vote == "rm" and args.samples > 1 and not args.rm):
+            raise SystemExit("error: --samples must be >= 1, and --vote rm needs --rm CKPT (from `align.py rm`)")
+        name = os.path.splitext(os.path.basename(args.ckpt))[0] + (f"@{args.samples}-{args.vote}" if args.samples > 1 else "")
+        run_eval_and_record(*load_policy(args), args, args.stage_name or name)
+    elif args.stage == "chat":
+        chat(*load_policy(args), args)
     elif args.stage == "rm":  # a lesson, not a pipeline stage: `all` never runs it
         torch.manual_seed(args.seed)
         model, tok = load_policy(args)

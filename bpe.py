@@ -45,7 +45,7 @@ import re
 import sys
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from itertools import repeat
 
 import numpy as np
@@ -232,7 +232,7 @@ def train_bpe(input_path, vocab_size, special_tokens=(), merge_score="count", sp
     heap = [(-c, inv[a], inv[b], a, b) for (a, b), c in pair_count.items()]
     heapq.heapify(heap)
     merges, t1 = [], time.time()
-    for m in range(num_merges):
+    for m in range(1, num_merges + 1):                    # m: merges done once this one is
         best = _best_pmi(pair_count, sym_count, vocab) if pmi else _pop_best(heap, pair_count, inv)
         if best is None:                                  # every word is a single token: a smaller vocab
             break
@@ -245,11 +245,10 @@ def train_bpe(input_path, vocab_size, special_tokens=(), merge_score="count", sp
         for p in grown:                                   # only increases need a new heap entry
             if p in pair_count:
                 heapq.heappush(heap, (-pair_count[p], inv[p[0]], inv[p[1]], p[0], p[1]))
-        if verbose and ((m + 1) % 500 == 0 or m + 1 == num_merges):
+        if verbose and (m % 500 == 0 or m == num_merges):
             dt = time.time() - t1
-            print(f"\rmerges: {m + 1}/{num_merges} | {(m + 1) / dt:.0f} merges/s | "
-                  f"ETA {dt / (m + 1) * (num_merges - m - 1):.0f}s",
-                  end="\n" if m + 1 == num_merges else "", file=sys.stderr, flush=True)
+            print(f"\rmerges: {m}/{num_merges} | {m / dt:.0f} merges/s | ETA {dt / m * (num_merges - m):.0f}s",
+                  end="\n" if m == num_merges else "", file=sys.stderr, flush=True)
     if verbose:
         print(f"trained {len(merges)} merges (vocab {len(vocab)}) in {time.time() - t0:.2f}s", file=sys.stderr)
     return vocab, merges
@@ -301,12 +300,13 @@ def _atomic_open(path, mode="w"):
             os.remove(tmp)
 
 
-def _read_json(path):
+def _read_file(path, parse=None):
+    """A UTF-8 file's text, or parse(text) (json.loads); a bad file is a one-line error naming it."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return parse(f.read()) if parse else f.read()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ValueError(f"{path}: not valid {'JSON' if parse else 'UTF-8'} ({e})") from None
 
 
 # ---------------------------------------------------------------
@@ -435,15 +435,11 @@ class Tokenizer:
     def from_files(cls, vocab_path, merges_path, special_tokens=None, pattern=GPT2_PATTERN):
         if missing := [p for p in (vocab_path, merges_path) if not os.path.isfile(p)]:
             raise FileNotFoundError(f"tokenizer file not found: {missing[0]}")
-        raw = _read_json(vocab_path)
+        raw = _read_file(vocab_path, json.loads)
         if not isinstance(raw, dict) or not all(isinstance(i, int) for i in raw.values()):
             raise ValueError(f"{vocab_path}: expected a JSON object mapping token strings to integer ids")
         vocab = {i: _to_bytes(s, vocab_path) for s, i in raw.items()}
-        try:
-            with open(merges_path, encoding="utf-8") as f:
-                lines = f.read().split("\n")  # token strings never hold whitespace (see _B2U)
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{merges_path}: not valid UTF-8 ({e})") from None
+        lines = _read_file(merges_path).split("\n")  # token strings never hold whitespace (see _B2U)
         merges = []
         for n, line in enumerate(lines, 1):
             if line and not (n == 1 and line.startswith("#version")):
@@ -462,13 +458,11 @@ class Tokenizer:
         if not os.path.isdir(tokenizer_dir):
             raise FileNotFoundError(f"tokenizer directory not found: {tokenizer_dir}")
         sp = os.path.join(tokenizer_dir, "special_tokens.json")
-        specials = _read_json(sp) if os.path.isfile(sp) else []
+        specials = _read_file(sp, json.loads) if os.path.isfile(sp) else []
         if not isinstance(specials, list) or not all(isinstance(x, str) for x in specials):
             raise ValueError(f"{sp}: expected a JSON list of strings")
-        pattern, pp = GPT2_PATTERN, os.path.join(tokenizer_dir, "pattern.txt")
-        if os.path.isfile(pp):
-            with open(pp, encoding="utf-8") as f:
-                pattern = f.read()
+        pp = os.path.join(tokenizer_dir, "pattern.txt")
+        pattern = _read_file(pp) if os.path.isfile(pp) else GPT2_PATTERN
         return Tokenizer.from_files(os.path.join(tokenizer_dir, "vocab.json"),
                                     os.path.join(tokenizer_dir, "merges.txt"), specials, pattern)
 
@@ -666,7 +660,7 @@ class UnigramTokenizer(WordPieceTokenizer):
 
 def _load_pieces(path):
     """Tokenizer.load of a pieces.json written by WordPieceTokenizer.save: it names the class."""
-    state = _read_json(path)
+    state = _read_file(path, json.loads)
     try:
         cls = {"wordpiece": WordPieceTokenizer, "unigram": UnigramTokenizer}[state["algorithm"]]
         vocab = {int(i): _to_bytes(s, path) for s, i, _ in state["pieces"]}
@@ -697,7 +691,7 @@ def from_hf_json(path):
     Tokenizer: HF's ids, merges (as "a b" or ["a", "b"]), added tokens (cut out first, like our specials)
     and pre-tokenizer regex (a Split's, else ByteLevel's = GPT-2's), so encode gives HF's ids. A regex
     of another family has no safe cuts known to us: whole-text encode only, the plain loop."""
-    j = _read_json(path)
+    j = _read_file(path, json.loads)
     m, pre = j.get("model") or {}, j.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre])
     if m.get("type") != "BPE" or j.get("normalizer") or not any(p.get("type") == "ByteLevel" for p in steps) \
@@ -895,17 +889,15 @@ def _map_chunks(fn, path, special_tokens, args, workers, chunk_bytes, what, verb
     jobs = [(path, a, b, *args) for a, b in zip(bounds, bounds[1:])]
     workers = workers or min(os.cpu_count() or 1, 8)
     pool, t0 = None, time.time()
-    if workers == 1 or len(jobs) == 1:  # small input: a pool costs more than it saves
-        if initializer:
-            initializer(*initargs)
-        results = map(fn, jobs)
-    else:
+    if workers != 1 and len(jobs) != 1:  # else small input: a pool costs more than it saves
         # fork starts fastest, but forking a process that already runs threads (torch's thread
         # pools, a DDP test) can deadlock a child, so then we pay for spawn.
         threaded = "torch" in sys.modules or threading.active_count() > 1
         method = "fork" if sys.platform == "linux" and not threaded else "spawn"
         pool = mp.get_context(method).Pool(workers, initializer=initializer, initargs=initargs)
-        results = pool.imap(fn, jobs)  # imap, not imap_unordered: results come in file order
+    elif initializer:
+        initializer(*initargs)
+    results = pool.imap(fn, jobs) if pool else map(fn, jobs)  # imap, not imap_unordered: results come in file order
     try:
         for job, result in zip(jobs, results):
             yield result
@@ -934,22 +926,18 @@ def count_file_words(path, special_tokens, pattern=GPT2_PATTERN, workers=None, c
     return total
 
 
-# Each encoding worker loads the tokenizer once (pool initializer), and keeps its cache, for every chunk.
-_worker_tok = None
-
-
 def _init_encoder(tokenizer_dir, alpha=None, seed=0):
+    """Pool initializer: each encoding worker loads the tokenizer once, and keeps its cache, for every chunk."""
     global _worker_tok, _worker_sampling
     _worker_tok, _worker_sampling = Tokenizer.load(tokenizer_dir), (alpha, seed)
 
 
 def _encode_chunk(job):
     path, start, end, dtype = job
-    if _worker_sampling[0] is not None:  # a sampler per chunk, seeded by its offset: same ids for any worker count
-        t = _worker_tok
-        sampler = UnigramTokenizer(t.vocab, t.special_tokens, t.pattern, t.scores, _worker_sampling[0], [_worker_sampling[1], start])
-        return np.asarray(sampler.encode(_read_text(path, start, end)), dtype=dtype)
-    return np.asarray(_worker_tok.encode(_read_text(path, start, end)), dtype=dtype)
+    tok, (alpha, seed) = _worker_tok, _worker_sampling
+    if alpha is not None:  # a sampler per chunk, seeded by its offset: same ids for any worker count
+        tok = UnigramTokenizer(tok.vocab, tok.special_tokens, tok.pattern, tok.scores, alpha, [seed, start])
+    return np.asarray(tok.encode(_read_text(path, start, end)), dtype=dtype)
 
 
 # ---------------------------------------------------------------
@@ -1008,9 +996,8 @@ def _encode_fast(tok, parts):
         for k, part in enumerate(parts):
             if k % 2:
                 out.append(tok.special_ids[part])
-            else:  # the hot loop as two C-level maps: look each pre-token up, append its ids
-                for _ in map(out.extend, map(cache.__getitem__, _findall(tok._pat, tok._pat_ascii, part))):
-                    pass
+            else:  # the hot loop as two C-level maps: look each pre-token up, append its ids (deque: drain in C)
+                deque(map(out.extend, map(cache.__getitem__, _findall(tok._pat, tok._pat_ascii, part))), maxlen=0)
         return out
     finally:
         if gc_was_on:
@@ -1096,28 +1083,23 @@ def _parser():
     return ap
 
 
-def _cmd_train(args, t0):
-    pattern = (digit_groups_pattern(GPT2_PATTERN, args.digit_groups) if args.digit_groups else
-               SPLIT_DIGITS_PATTERN if args.split_digits else GPT2_PATTERN)
-    tok = train_tokenizer(args.algorithm, args.input, args.vocab_size, args.special_tokens, pattern,
-                          merge_score=args.merge_score, workers=args.workers, verbose=True)
-    tok.save(args.out)
-    t, b, _, _ = cost_by_group(tok, [(0, _read_text(args.input, 0, min(os.path.getsize(args.input), 1 << 20)))])[0]
-    print(f"{args.algorithm}: vocab {len(tok)} -> {args.out} | {time.time() - t0:.1f}s | "
-          f"{b / t:.2f} bytes/token on the first MB of input")
-
-
 def main(argv=None):
     args, t0 = _parser().parse_args(argv), time.time()
     try:
         if args.cmd == "train":
-            _cmd_train(args, t0)
+            pattern = (digit_groups_pattern(GPT2_PATTERN, args.digit_groups) if args.digit_groups else
+                       SPLIT_DIGITS_PATTERN if args.split_digits else GPT2_PATTERN)
+            tok = train_tokenizer(args.algorithm, args.input, args.vocab_size, args.special_tokens, pattern,
+                                  merge_score=args.merge_score, workers=args.workers, verbose=True)
+            tok.save(args.out)
+            t, b, _, _ = cost_by_group(tok, [(0, _read_text(args.input, 0, 1 << 20))])[0]  # read() stops at EOF
+            print(f"{args.algorithm}: vocab {len(tok)} -> {args.out} | {time.time() - t0:.1f}s | "
+                  f"{b / t:.2f} bytes/token on the first MB of input")
         elif args.cmd == "encode":
             encode_file(args.tokenizer, args.input, args.out, workers=args.workers, alpha=args.alpha, seed=args.seed)
         else:
             _check_input(args.input)
-            print_stats(Tokenizer.load(args.tokenizer),
-                        _read_text(args.input, 0, min(os.path.getsize(args.input), 4 << 20)), args.ckpt)
+            print_stats(Tokenizer.load(args.tokenizer), _read_text(args.input, 0, 4 << 20), args.ckpt)
     except (ValueError, FileNotFoundError, OSError) as e:  # a user error: one line, no traceback
         raise SystemExit(f"error: {e}")
 

@@ -645,10 +645,18 @@ def logits_to_probs(logits, temperature: float = 1.0, top_k=None, top_p=None, mi
 @torch.no_grad()
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None, min_p=None, stop_token=None, generator=None):
     """Sample max_new_tokens tokens after the prompt idx (B, T); returns (B, T + n) (fewer if every
-    row hit stop_token; finished rows are padded with stop_token). The prompt is run once
-    (prefill) to fill the KV cache; after that each step feeds only the newest token, so a step
-    costs O(T) attention instead of re-running the whole sequence. Once the window is full we
-    slide it like nanoGPT (re-run the last context_length tokens, no cache)."""
+    row hit stop_token; finished rows are padded with stop_token)."""
+    steps = stream(model, idx, max_new_tokens, temperature, top_k, top_p, min_p, stop_token, generator)
+    return torch.cat([idx] + [nxt for nxt, _ in steps], dim=1)
+
+
+@torch.no_grad()
+def stream(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None, min_p=None, stop_token=None, generator=None):
+    """generate() one step at a time: yields (next ids (B, 1), the distribution they came from (B, V)),
+    so a chat can print each token as it is sampled. The prompt is run once (prefill) to fill the
+    KV cache; after that each step feeds only the newest token, so a step costs O(T) attention
+    instead of re-running the whole sequence. Once the window is full we slide it like nanoGPT
+    (re-run the last context_length tokens, no cache)."""
     # Temperature divides the logits before the softmax: < 1 sharpens toward the argmax, > 1
     # flattens toward uniform. The truncations (top-k, top-p, min-p) cut off the unreliable tail
     # that, summed over thousands of tokens, otherwise derails long samples.
@@ -665,14 +673,14 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k=No
         if stop_token is not None:
             nxt = nxt.masked_fill(done[:, None], stop_token)
             done = done | (nxt[:, 0] == stop_token)
-        out = torch.cat([out, nxt], dim=1)
+        yield nxt, probs
         if step == max_new_tokens - 1 or done.all():
             break
+        out = torch.cat([out, nxt], dim=1)
         if cache.pos < ctx:
             logits = model(nxt, kv_cache=cache)[:, -1]  # decode: one token, O(T) work
         else:
             logits = model(out[:, -ctx:])[:, -1]  # window full: slide it
-    return out
 
 
 # ---------------------------------------------------------------

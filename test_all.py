@@ -4560,6 +4560,104 @@ def test_align_rm_learns_an_obvious_preference(tmp_path):
     assert ck["stage"] == "rm" and ck["reward_head"].shape == (body.cfg.d_model,)
 
 
+def test_align_vote_majority_ties_to_the_first_and_best_of_n_takes_the_top_score():
+    """Majority: most frequent parsed answer, ties to the earliest, unparseable never wins; rm: argmax, first on ties."""
+    assert align.vote_answer(["7", "3", "3", "7"], "majority", None) == 7          # 2-2 tie: 7 was sampled first
+    assert align.vote_answer(["1", "3", "3", "7"], "majority", None) == 3
+    assert align.vote_answer(["no", "none", "9"], "majority", None) == 9           # two None do not outvote a 9
+    assert align.vote_answer(["no", "none"], "majority", None) is None
+    assert align.vote_answer(["1", "2", "3"], "rm", [0.1, 0.9, 0.9]) == 2
+
+
+def _constant_lm(tok, probs: dict, seed=0):
+    # Every step samples from the same distribution: LayerNorm weight 0 and bias e_0 make the final hidden
+    # state the constant e_0, so the logits are lm_head.weight[:, 0], set to log p (the rest ~ -inf).
+    torch.manual_seed(seed)
+    m = TransformerLM(ModelConfig(vocab_size=tok.vocab_size, context_length=64, d_model=32, num_layers=1,
+                                  num_heads=2, norm="layernorm"))
+    with torch.no_grad():
+        m.ln_final.weight.zero_()
+        m.ln_final.bias.zero_()[0] = 1.0
+        m.lm_head.weight[:, 0] = -30.0
+        for t, p in probs.items():
+            m.lm_head.weight[t, 0] = math.log(p)
+    return m
+
+
+def test_align_eval_samples_vote_matches_a_hand_count_and_an_oracle_rm_equals_pass_at_n():
+    """Majority-of-n accuracy and pass@n at n = 1, 2, 4, 8 from one N = 8 run equal a hand count on the same
+    samples; best-of-N with an oracle reward model equals pass@N, and a greedy eval is the samples=1 case."""
+    tok = _byte_tokenizer()
+    eot = tok.special_ids[align.EOT]
+    m = _constant_lm(tok, {**{ord(str(d)): 0.05 for d in range(10)}, eot: 0.5})  # "d<|endoftext|>": p = 0.025
+    probs = align.sample_problems("test", 30, [1], seed=1234, unique=True)
+    N = 8
+    res = align.evaluate_accuracy(m, tok, probs, 4, N, "majority", None, 1.0, torch.Generator().manual_seed(5))
+    _, _, texts = align.sample_responses(m, tok, [p["prompt"] for p in probs], N, 1.0, 4, torch.Generator().manual_seed(5))
+    for n in (1, 2, 4, 8):
+        k = any_ok = 0
+        for i, p in enumerate(probs):
+            answers = [align.parse_answer(t) for t in texts[i * N:i * N + n]]
+            counts = Counter(a for a in answers if a is not None)
+            top = [a for a in answers if a is not None and counts[a] == max(counts.values())]
+            k += bool(top) and top[0] == p["answer"]
+            any_ok += p["answer"] in answers
+        assert res["by_samples"][n]["acc"] == k / len(probs) and res["by_samples"][n]["pass_at_n"] == any_ok / len(probs)
+    assert res["by_samples"][8]["pass_at_n"] > res["by_samples"][8]["acc"] > 0  # not trivial: votes win and lose
+    assert res["acc"] == res["by_samples"][8]["acc"]
+
+    class OracleRM:  # r = 1 for a right answer: best-of-N must then find one whenever any sample has it
+        def __call__(self, tok_, prompts, responses):
+            gold = {p["prompt"]: p["answer"] for p in probs}
+            return torch.tensor([float(align.parse_answer(r) == gold[q]) for q, r in zip(prompts, responses)])
+    best = align.evaluate_accuracy(m, tok, probs, 4, N, "rm", OracleRM(), 1.0, torch.Generator().manual_seed(5))
+    assert [b["acc"] for b in best["by_samples"].values()] == [b["pass_at_n"] for b in res["by_samples"].values()]
+    greedy = align.evaluate_accuracy(m, tok, probs, 4)
+    assert "by_samples" not in greedy and greedy["correct"] == [int(align.parse_answer(t) == p["answer"]) for t, p in
+                                                                zip(align.sample_responses(m, tok, [p["prompt"] for p in probs], 1, 0.0, 4)[2], probs)]
+
+
+def test_align_chat_streams_exact_bytes_probs_and_keeps_history_until_reset(monkeypatch):
+    """The streamed text is the reply's bytes decoded whole (a 2-byte character split over two tokens comes
+    out once), --show-probs prints the sampling probability, turns accumulate and /reset clears them."""
+    tok = _byte_tokenizer()
+    eot = tok.special_ids[align.EOT]
+    m = _constant_lm(tok, {0xC3: 0.3, 0xA9: 0.3, ord("a"): 0.3, eot: 0.1})  # "é" = C3 A9; a lone C3 is invalid
+    args = argparse.Namespace(device="cpu", seed=0, max_new_tokens=12, temperature=1.0, top_k=None, top_p=None, show_probs=False)
+    for seed in range(50):  # the first seed whose reply has the character whole: C3 then A9
+        out = io.StringIO()
+        reply = align.stream_reply(m, tok, tok.encode(align.chat_prompt("hi")), args, torch.Generator().manual_seed(seed), out)
+        if "é" in tok.decode(reply[:-1]):
+            break
+    assert reply[-1] == eot and "é" in out.getvalue()
+    assert out.getvalue() == "bot> " + tok.decode([t for t in reply if t != eot]) + "\n"
+    args.show_probs, out = True, io.StringIO()
+    align.stream_reply(m, tok, tok.encode(align.chat_prompt("hi")), args, torch.Generator().manual_seed(0), out)
+    assert re.findall(r"\[([0-9.]+)\]", out.getvalue())[:2] == ["0.30", "0.30"]  # p of each sampled byte
+    seen = []
+    real_stream = align.stream
+    monkeypatch.setattr(align, "stream", lambda model, idx, *a, **k: (seen.append(idx[0].tolist()), real_stream(model, idx, *a, **k))[1])
+    args.show_probs, out = False, io.StringIO()
+    align.chat(m, tok, args, io.StringIO("one\ntwo\n/reset\nthree\n"), out)
+    first = tok.encode(align.chat_prompt("one"))
+    assert seen[0] == first and seen[1][:len(first)] == first and len(seen[1]) > len(first + tok.encode(align.chat_prompt("two")))
+    assert seen[1][-len(tok.encode(align.chat_prompt("two"))):] == tok.encode(align.chat_prompt("two"))
+    assert seen[2] == tok.encode(align.chat_prompt("three")) and "(history cleared)" in out.getvalue()
+
+
+def test_align_chat_cli_reads_a_pipe_and_exits_cleanly_on_eof(tmp_path):
+    """`align.py chat` as a subprocess: stdin from a pipe, a reply per line, the same greedy reply after /reset, exit 0 at EOF."""
+    _, ckpt, tdir = _tiny_align_ckpt(tmp_path)
+    cmd = [sys.executable, os.path.join(ROOT, "align.py"), "chat", "--ckpt", ckpt, "--tokenizer", tdir, "--temperature", "0",
+           "--max-new-tokens", "6", "--device", "cpu"]
+    r = subprocess.run(cmd, input="What is 2 + 3?\n/reset\nWhat is 2 + 3?\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    replies = [line for line in r.stdout.split("bot> ")[1:]]
+    assert len(replies) == 2 and "(history cleared)" in replies[0] and replies[0].split("(history")[0] == replies[1], r.stdout
+    bad = subprocess.run(cmd[:-4] + ["--max-new-tokens", "0"], input="", capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: --max-new-tokens"), bad.stderr
+
+
 # ---------------------------------------------------------------
 # pipeline.py: the whole chain at a tiny size, every artifact checked
 
