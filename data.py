@@ -44,7 +44,6 @@ Known limits: the corpus-level stages hold the surviving texts in memory; a bare
 """
 import argparse
 import codecs
-import contextlib
 import functools
 import gzip
 import hashlib
@@ -64,7 +63,7 @@ from collections import Counter
 import numpy as np
 import regex
 
-import bpe  # writes the token files; also the home of the MB/s + ETA progress line
+import bpe  # writes the token files; also the home of atomic writes and the MB/s + ETA progress line
 
 EOT = "<|endoftext|>"
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")  # data files data.py reads
@@ -79,19 +78,8 @@ def _fixture(name):
         raise SystemExit(f"error: cannot read {e.filename} ({e.strerror}); data.py needs its fixtures/ directory")
 
 
-@contextlib.contextmanager
-def atomic_write(path, mode="w"):
-    """Write path.tmp, fsync, rename: a killed run leaves the old file or the new one, never half (fsync first, or
-    after a power cut the new name can point at blocks that never reached disk). A failed write removes its .tmp."""
-    try:
-        with open(path + ".tmp", mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    finally:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+# Write path.tmpPID, fsync, rename: a killed run leaves the old file or the new one, never half. bpe.py owns it.
+atomic_write = bpe._atomic_open
 
 
 # ---------------------------------------------------------------
@@ -277,16 +265,15 @@ def gopher_failure(text):
 
 # ---------------------------------------------------------------
 # Stage 5: fastText-style classifiers (Joulin et al. 2016).
-# "Does this read like a reference page / an insult / porn spam" is easier to show by example than to write as a
-# rule. fastText hashes every word and word bigram into one of `num_buckets` rows of an embedding table (no
-# vocabulary, fixed memory; bigrams give a little word order), averages the rows (EmbeddingBag) and puts one linear
-# layer on top: it trains in seconds and is hard to beat (Dolma and DCLM still filter with it). The defaults train at
-# build time on a few hundred lines written for this repo (fixtures/classifier_train.tsv); the README gives their
-# held-out precision and recall (`eval-classifiers`). They see only words, no context: for real filtering,
-# `train-classifier` on your own data. Toxic and NSFW also get C4's rule (Raffel et al. 2020): drop a page that
-# contains a listed bad word. Our lists (fixtures/bad_words.json) hold only words hardly ever neutral ("idiot" and
-# "nude" are the model's call: "the idiot light", "a nude statue"). Rule and model first undo the spellings that
-# dodge a list: f*ck, sh1t, b!tch.
+# "Does this read like a reference page / an insult / porn spam" is easier to show by example than to write as a rule.
+# fastText hashes every word and word bigram into one of `num_buckets` rows of an embedding table (no vocabulary, fixed
+# memory; bigrams give a little word order), averages the rows (EmbeddingBag) and puts one linear layer on top: it
+# trains in seconds and is hard to beat (Dolma and DCLM still filter with it). The defaults train at build time on a few
+# hundred lines written for this repo (fixtures/classifier_train.tsv); the README gives their held-out precision and
+# recall (`eval-classifiers`). They see only words, no context: for real filtering, `train-classifier` on your own data.
+# Toxic and NSFW also get C4's rule (Raffel et al. 2020): drop a page that contains a listed bad word. Our lists
+# (fixtures/bad_words.json) hold only words hardly ever neutral ("idiot" and "nude" are the model's call: "the idiot
+# light", "a nude statue"). Rule and model first undo the spellings that dodge a list: f*ck, sh1t, b!tch.
 _TOKEN = re.compile(r"[\w*@$!#.\-]+")
 _LEET = str.maketrans("013457@$!", "oieastasi")  # digits and symbols that stand in for letters
 
@@ -557,9 +544,8 @@ def minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_th
                         if (i, j) in checked:
                             continue
                         checked.add((i, j))
-                        for k in (i, j):  # sorted unique shingles: only documents that become candidates pay
-                            if k not in cache:
-                                cache[k] = np.unique(hashes[k])
+                        for k in {i, j} - cache.keys():  # sorted unique shingles: only candidates pay
+                            cache[k] = np.unique(hashes[k])
                         if jaccard(cache[i], cache[j]) >= jaccard_threshold:
                             root, other = min(g, rj), max(g, rj)
                             parent[other] = root  # the root is always the earliest document
@@ -622,9 +608,8 @@ def _keep_only(stats, ids, texts, reasons, k=5):
     for d, r in zip(ids, reasons):
         if r:
             stats["dropped_by_reason"][r] += 1
-            examples = stats["dropped_examples"].setdefault(r, [])
-            if len(examples) < k:
-                examples.append(d)
+            if stats["dropped_by_reason"][r] <= k:  # (the first k examples of each reason)
+                stats["dropped_examples"].setdefault(r, []).append(d)
     return [d for d, r in zip(ids, reasons) if not r], [t for t, r in zip(texts, reasons) if not r]
 
 
@@ -890,9 +875,8 @@ def main(argv=None):
         return classifier_main(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     args.workers = max(1, args.workers)
-    for path in args.input:
-        if not os.path.exists(path):
-            raise SystemExit(f"error: input {path} does not exist")
+    if missing := [path for path in args.input if not os.path.exists(path)]:
+        raise SystemExit(f"error: input {missing[0]} does not exist")
     paths = list(args.input) + [download(u, args.cache_dir) for u in args.url]
     if paths:
         return build_corpus((item for path in paths for item in iter_source(path)), args)
