@@ -462,8 +462,7 @@ class FSDP(nn.Module):
         full = {}
         shard_ids = {id(e["shard"]): e for e in self.sharded.values()}
         for name, p in self.module.named_parameters():
-            if id(p) in shard_ids:
-                e = shard_ids[id(p)]
+            if (e := shard_ids.get(id(p))) is not None:
                 flat = torch.empty(p.numel() * self.world_size, dtype=p.dtype, device=p.device)
                 _all_gather(flat, p.detach())
                 full[e["name"]] = flat[:math.prod(e["shape"])].view(e["shape"]).clone()
@@ -676,8 +675,7 @@ def demo_data_parallel(args, x, y):
                 t0 = time.perf_counter()
                 wrapped.comm_bytes = opt.comm_bytes = 0
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(wrapped(x).flatten(0, 1).float(), y.reshape(-1))   # logits (B·T, V)
-            loss.backward()
+            F.cross_entropy(wrapped(x).flatten(0, 1).float(), y.reshape(-1)).backward()   # logits (B·T, V)
             wrapped.finish_gradient_synchronization()
             opt.step()
         ms = (time.perf_counter() - t0) / args.steps * 1e3

@@ -76,7 +76,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 #   * RMSNorm gains cost O(d), not 2 FLOPs each: we leave them out (model.flops_per_token keeps
 #     them in its 6N). The parameter count itself is model.count_params: one home, no drift.
 
-
 def forward_flops_per_token(cfg: ModelConfig, causal=True):
     """Exact matmul FLOPs of one forward pass per token (norms, softmax, SiLU ignored: O(d) each):
     2 per matmul weight (every non-embedding parameter but the RMSNorm gains), plus QK^T and AV,
@@ -139,7 +138,7 @@ def load_runs(path):
         raise SystemExit(f"error: no such file: {path}")
     with open(path) as f:
         rows = list(csv.DictReader(f)) if path.endswith(".csv") else [json.loads(l) for l in f if l.strip()]
-    out = {k: [] for k in ("N", "D", "C", "loss", "budget")}
+    vals = []
     for i, r in enumerate(rows):
         r = {k.strip(): v for k, v in r.items()}
         N, D, C, loss, budget = (_number(r, k, f"{path} row {i + 1}") for k in ("N", "D", "C", "loss", "budget"))
@@ -147,9 +146,8 @@ def load_runs(path):
             raise SystemExit(f"error: {path} row {i + 1}: need columns N, loss and D or C")
         D = D if D is not None else C / (6 * N)
         C = C if C is not None else 6 * N * D
-        for k, v in zip(out, (N, D, C, loss, budget or math.nan)):
-            out[k].append(v)
-    runs = {k: np.array(v, dtype=np.float64) for k, v in out.items()}
+        vals.append((N, D, C, loss, budget or math.nan))
+    runs = dict(zip(("N", "D", "C", "loss", "budget"), np.array(vals, dtype=np.float64).reshape(-1, 5).T))
     missing = np.isnan(runs["budget"])
     if missing.any():
         runs["budget"][missing] = isoflop_budgets(runs["C"][missing])
@@ -191,7 +189,6 @@ def _subset(runs, idx):
 # linearly in log D (= log C + const at fixed N), never extrapolated. N_opt can only be a size we
 # trained, so it climbs in steps; the slope of log N_opt vs log C still estimates the exponent.
 
-
 def approach1(runs, n_grid=40):
     """runs: N, D, loss (and C, else 6ND) -> {"a", "b", "log_k_N", "log_k_D", "points"}. At each of n_grid
     log-spaced C the sizes reaching C compete; a winner counts only if flanked by smaller and larger
@@ -224,7 +221,6 @@ def approach1(runs, n_grid=40):
 # Approach 2 assumes no form for L(N, D) -- its strength; its weakness is that each minimum rests
 # on a handful of noisy runs, which is what the bootstrap below measures.
 
-
 def isoflop_minimum(N, D, loss, window=2):
     """Parabola fit of loss vs log N at one budget -> (N_opt, D_opt, coefficients) or None.
 
@@ -253,12 +249,9 @@ def isoflop_minimum(N, D, loss, window=2):
 def isoflop_fit(runs):
     """One pass of approach 2 -> ((a, kN, b, kD, g, kL), per-budget minima); (None, minima) if < 2
     budgets have a minimum. Each minimum is (C, N_opt, D_opt, parabola, N range)."""
-    mins = []
-    for c in np.unique(runs["budget"]):
-        m = runs["budget"] == c
-        res = isoflop_minimum(runs["N"][m], runs["D"][m], runs["loss"][m])
-        if res is not None:
-            mins.append((c, *res))
+    per_budget = [(c, isoflop_minimum(*(runs[k][runs["budget"] == c] for k in ("N", "D", "loss"))))
+                  for c in np.unique(runs["budget"])]
+    mins = [(c, *res) for c, res in per_budget if res is not None]
     if len(mins) < 2:
         return None, mins
     logC = np.log([m[0] for m in mins])
@@ -280,9 +273,9 @@ def approach2(runs, n_boot=200, seed=0, targets=()):
 
     Returns {"budgets": [...per-budget minima...], "a", "b", "a_ci", "b_ci", "log_k_N", "log_k_D",
     "loss_exponent", "log_k_L", "predict": {target: {N_opt, N_ci, D_opt, D_ci, loss, loss_ci}}}."""
-    sizes = [len(np.unique(runs["N"][runs["budget"] == c])) for c in np.unique(runs["budget"])]
-    if sum(n < 3 for n in sizes) > len(sizes) / 2:
-        print(f"warning: {sum(n < 3 for n in sizes)} of {len(sizes)} budgets have fewer than 3 model sizes, too few for a "
+    groups = [np.flatnonzero(runs["budget"] == c) for c in np.unique(runs["budget"])]   # run indices per budget
+    if (few := sum(len(np.unique(runs["N"][g])) < 3 for g in groups)) > len(groups) / 2:
+        print(f"warning: {few} of {len(groups)} budgets have fewer than 3 model sizes, too few for a "
               f"parabola; if their C values are jittered, add a budget column naming each run's IsoFLOP group")
     params, mins = isoflop_fit(runs)
     if params is None:
@@ -293,14 +286,9 @@ def approach2(runs, n_boot=200, seed=0, targets=()):
     # whole chain, and read 95% CIs off the spread of the refits. With few runs per budget this is
     # crude but honest about how much a handful of noisy runs can pin down: a wide CI is the result.
     rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(runs["budget"] == c) for c in np.unique(runs["budget"])]
-    boots = []
-    for _ in range(n_boot):
-        idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
-        p, _ = isoflop_fit(_subset(runs, idx))
-        if p is not None:
-            boots.append(p)
-    boots = np.array(boots).reshape(-1, 6)   # (n_boot that found >= 2 minima, 6 params)
+    resamples = (np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups]) for _ in range(n_boot))
+    fits = [isoflop_fit(_subset(runs, idx))[0] for idx in resamples]
+    boots = np.array([p for p in fits if p is not None]).reshape(-1, 6)   # (n_boot that found >= 2 minima, 6 params)
     a, kN, b, kD, g, kL = params
     out = {"budgets": [{"C": float(c), "N_opt": n, "D_opt": d, "parabola": p.tolist(), "N_range": r.tolist(),
                         "loss": float(np.polyval(p, math.log(n)))} for c, n, d, p, r in mins],
@@ -377,14 +365,11 @@ def fit_parametric(N, D, loss, top_k=8, inits=None):
         pred = log_loss_pred(grid.T[:, :, None], np.log(N)[None], np.log(D)[None])  # (G, R)
         score = huber(pred - np.log(loss)[None]).sum(1)
         inits = grid[np.argsort(score)[:top_k]]
-    best = None
-    for theta0 in inits:
-        theta, obj = _lbfgs(theta0, logN, logD, logL)
-        if np.all(np.isfinite(theta)) and (best is None or obj < best[1]):
-            best = (theta, obj)
-    e, a, b, alpha, beta = best[0]
+    polished = (_lbfgs(theta0, logN, logD, logL) for theta0 in inits)
+    theta, obj = min((r for r in polished if np.all(np.isfinite(r[0]))), key=lambda r: r[1])   # best finite fit
+    e, a, b, alpha, beta = theta
     return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": float(alpha),
-            "beta": float(beta), "objective": best[1], "theta": best[0].tolist()}
+            "beta": float(beta), "objective": obj, "theta": theta.tolist()}
 
 
 def predict_loss(fit, N, D):
@@ -449,7 +434,6 @@ def approach3(runs, n_boot=100, seed=0, targets=()):
 #     steps = C / (train_flops_per_token(model) * tokens_per_step)      (or 6N with --flops 6nd)
 # Each run gets its own cosine schedule ending at its last step: Chinchilla's fix to Kaplan, whose
 # too-long schedules made small-data runs look worse than they are.
-
 
 def size_config(d_model, args, vocab_size):
     """One size knob: d_model. Depth and head size stay fixed, so N ~ 12 L d^2 + V d grows with
@@ -650,7 +634,6 @@ def approach1_sweep(args):
 # ---------------------------------------------------------------
 # 7. Fit report: both approaches, the allocation for a target budget, and a plot
 
-
 def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0, min_budget=0.0):
     """Fit both approaches, print parameters + CIs + the allocation at each target, write fit.json
     (pipeline.py's report reads it) and scaling.png. When the approaches disagree (they usually do
@@ -672,8 +655,7 @@ def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0, min_budget=
         raise SystemExit(f"error: {len(runs['N'])} runs; the parametric fit has 5 parameters, need >= 5")
     a3 = report["approach3"] = approach3(runs, n_boot=n_boot, seed=seed, targets=targets)
     print_approach3(a3, runs)
-    family = print_family(runs_path, a3, targets)
-    if family is not None:
+    if (family := print_family(runs_path, a3, targets)) is not None:
         report["family"] = family
     resid = np.log(predict_loss(a3, runs["N"], runs["D"])) - np.log(runs["loss"])
     print(f"  fit residual (log loss): rms {np.sqrt(np.mean(resid ** 2)):.4f}, max {np.abs(resid).max():.4f}")
@@ -888,8 +870,7 @@ def main(argv=None):
             fit_report(path, args.target or [10 * max(args.budgets)], args.out_dir)
     else:
         targets = args.target or [10 * float(load_runs(args.runs)["C"].max())]
-        fit_report(args.runs, targets, args.out_dir, n_boot=args.bootstrap, seed=args.seed,
-                   min_budget=args.min_budget)
+        fit_report(args.runs, targets, args.out_dir, n_boot=args.bootstrap, seed=args.seed, min_budget=args.min_budget)
 
 
 if __name__ == "__main__":
