@@ -1047,7 +1047,7 @@ def build_parser(tiny=False):
     p = sub.add_parser("rm", parents=[common, single, pairs], help="Bradley-Terry reward model (an aside) -> OUT_DIR/rm.pt")
     add_optim_flags(p, tiny, 40, 1e-4, 16, "preference pairs per step")
     p = sub.add_parser("eval", parents=[common], help="greedy held-out accuracy of --ckpt -> OUT_DIR/eval.json")
-    p.add_argument("--stage-name", default=None, help="key in eval.json (default: ckpt file stem, +@N-VOTE if --samples > 1)")
+    p.add_argument("--stage-name", default=None, help="key in eval.json (default: ckpt file stem, +@N-VOTE-tTEMP if --samples > 1)")
     p.add_argument("--samples", type=int, default=1, help="answers per problem: 1 = greedy; N = sample N, pick one by --vote")
     p.add_argument("--vote", default="majority", choices=["majority", "rm"], help="majority of parsed answers, or best-of-N by --rm")
     p.add_argument("--rm", default=None, help="reward model checkpoint for --vote rm (from `align.py rm`)")
@@ -1074,7 +1074,7 @@ def main(argv=None):
     elif args.stage == "eval":
         if args.samples < 1 or (args.vote == "rm" and args.samples > 1 and not args.rm):
             raise SystemExit("error: --samples must be >= 1, and --vote rm needs --rm CKPT (from `align.py rm`)")
-        name = os.path.splitext(os.path.basename(args.ckpt))[0] + (f"@{args.samples}-{args.vote}" if args.samples > 1 else "")
+        name = os.path.splitext(os.path.basename(args.ckpt))[0] + (f"@{args.samples}-{args.vote}-t{args.temperature:g}" if args.samples > 1 else "")
         run_eval_and_record(*load_policy(args), args, args.stage_name or name)
     elif args.stage == "chat":
         chat(*load_policy(args), args)

@@ -7,7 +7,7 @@ printed as ours / peer with the peer's version, never as an absolute threshold. 
 with the `pip install` line that brings it.
 
     python bench.py                      # everything that can run here (CPU: minutes)
-    python bench.py --only bpe           # one group: bpe | data | model | inference | kernels | parallel
+    python bench.py --only bpe           # one group: bpe | data | model | inference | quant | kernels | parallel
     python bench.py --only model --model-device cuda --model-preset 124m    # the GPU targets, on a GPU
     python bench.py --only kernels       # GPU: Triton kernels vs SDPA-flash / torch.compile, % of peak
     python bench.py --only checkpointing # activation checkpointing: memory saved, time paid (CPU default model)
@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -1019,7 +1020,80 @@ def _bench_speculative(target, args, n, R):
 # ---------------------------------------------------------------
 # One entry point: `python bench.py [--only NAME ...]`. Each group adds its own flags (prefixed by its name).
 
-GROUPS = ["bpe", "data", "model", "inference", "kernels", "parallel", "checkpointing", "ablations"]  # the order they run in
+# ---------------------------------------------------------------
+# Weight-only quantization (`model.py quantize`): where quality falls off and what it buys. Each row
+# quantizes the float checkpoint in memory exactly as the CLI does; val bits/byte on fixed consecutive
+# windows of val.bin, decode tok/s at batch 1, the weights-only file size, and the held-out accuracy of
+# the aligned model quantized the same way (paired against its float self on the same problems).
+#   python bench.py --only quant      # CPU default model + runs/cpu/align/grpo.pt (~4 min)
+
+
+def add_args_quant(parser):
+    g = parser.add_argument_group("quant")
+    g.add_argument("--quant-ckpt", default=os.path.join(REPO, "runs", "cpu", "base", "ckpt.pt"), help="float model (its args.data has val.bin + tokenizer)")
+    g.add_argument("--quant-align-ckpt", default=os.path.join(REPO, "runs", "cpu", "align", "grpo.pt"), help="aligned model for held-out accuracy (skipped if missing)")
+    g.add_argument("--quant-val-tokens", type=int, default=1 << 16, help="val.bin tokens scored per row (at most all of them)")
+    g.add_argument("--quant-rounds", type=int, default=3, help="decode timing rounds (median)")
+
+
+@torch.no_grad()
+def _val_bits_per_byte(model, val, bytes_per_token, T, n_tokens):
+    n_tokens = min(n_tokens, len(val) - 1)  # the whole val split if it is smaller
+    ids = torch.from_numpy(val[: (n_tokens // T) * T + 1].astype("int64"))
+    x, y = ids[:-1].view(-1, T), ids[1:].view(-1, T)  # (windows, T): every token scored once
+    nll = sum(F.cross_entropy(model(x[i:i + 8]).flatten(0, 1), y[i:i + 8].flatten(), reduction="sum") for i in range(0, len(x), 8))
+    return nll.item() / y.numel() / math.log(2) / bytes_per_token
+
+
+def _quant_row(ckpt, bits, group, args, val, bpt, problems, tok, work):
+    import align
+    model = M.load_model(ckpt)[0].eval()
+    if bits < 16:
+        M.quantize_model(model, bits, group)
+    path = os.path.join(work, f"q{bits}.pt")
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.cfg)}, path)  # weights only, like the CLI's file
+    row = {"bits": bits, "group": group if bits < 16 else None, "MiB": os.path.getsize(path) / 2**20,
+           "val_bpb": _val_bits_per_byte(model, val, bpt, model.cfg.context_length, args.quant_val_tokens)}
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    t_pre, _, _ = _timed(lambda: model(prompt, kv_cache=M.KVCache(model.cfg, 1, model.cfg.context_length)), args.quant_rounds)
+    t_all, _, _ = _timed(lambda: M.generate(model, prompt, 64, temperature=0.0), args.quant_rounds)
+    row["decode_tps"] = 64 / (t_all - t_pre)
+    if problems:
+        policy = M.load_model(args.quant_align_ckpt)[0].eval()
+        row["align"] = align.evaluate_accuracy(M.quantize_model(policy, bits, group) if bits < 16 else policy, tok, problems)
+    return row
+
+
+def bench_quant(args):
+    import align
+    import train as TR
+    if not os.path.exists(args.quant_ckpt):
+        print(f"quant: skipped: {args.quant_ckpt} not found (python pipeline.py makes it)")
+        return
+    d = M.read_checkpoint(args.quant_ckpt).get("args", {}).get("data", os.path.join(REPO, "runs", "cpu", "data"))
+    val, tok = np.memmap(os.path.join(d, "val.bin"), dtype=np.uint16, mode="r"), bpe.Tokenizer.load(os.path.join(d, "tokenizer"))
+    bpt = TR.bytes_per_token(tok, val)
+    have_align = os.path.exists(args.quant_align_ckpt)
+    problems = align.eval_problems(argparse.Namespace(data_jsonl=None, n_eval=600, levels=[5], test_percent=20)) if have_align else []
+    print(f"quant: {args.quant_ckpt} | val {args.quant_val_tokens:,} tokens of {d}/val.bin | "
+          f"held-out: {len(problems)} problems, {args.quant_align_ckpt if have_align else 'skipped (no aligned ckpt)'}")
+    print(f"  {'bits':>4} {'group':>5} {'MiB':>6} {'val bits/byte':>13} {'decode tok/s':>12}  held-out acc [95% CI], paired vs float")
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for bits, group in ((16, 0), (8, 64), (4, 128), (4, 64), (4, 32)):
+            r = _quant_row(args.quant_ckpt, bits, group, args, val, bpt, problems, tok, work)
+            rows.append(r)
+            acc = ""
+            if "align" in r:
+                a, f = r["align"], rows[0]["align"]
+                p = align.paired_difference(a["correct"], f["correct"])
+                acc = f"{100 * a['acc']:.1f}% [{100 * a['ci_lo']:.1f}, {100 * a['ci_hi']:.1f}]" + (
+                    f", {100 * p['delta']:+.1f} [{100 * p['ci_lo']:+.1f}, {100 * p['ci_hi']:+.1f}]" if bits < 16 else "")
+            print(f"  {bits:>4} {r['group'] or '-':>5} {r['MiB']:6.2f} {r['val_bpb']:13.4f} {r['decode_tps']:12,.0f}  {acc}", flush=True)
+    return rows
+
+
+GROUPS = ["bpe", "data", "model", "inference", "kernels", "parallel", "quant", "checkpointing", "ablations"]  # the order they run in
 
 
 def build_parser():
@@ -1032,6 +1106,7 @@ def build_parser():
     add_args_parallel(ap)
     add_args_ablations(ap)
     add_args_inference(ap)
+    add_args_quant(ap)
     return ap
 
 
@@ -1055,6 +1130,8 @@ if __name__ == "__main__":
         run_group("model", bench_model, args)
     if "inference" in only:
         run_group("inference", bench_inference, args)
+    if "quant" in only:
+        run_group("quant", bench_quant, args)
     if "kernels" in only:
         run_group("kernels", bench_kernels, args)
     if "parallel" in only:
