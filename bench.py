@@ -1021,7 +1021,7 @@ def _bench_speculative(target, args, n, R):
 # One entry point: `python bench.py [--only NAME ...]`. Each group adds its own flags (prefixed by its name).
 
 # ---------------------------------------------------------------
-# Weight-only quantization (`model.py quantize`): where quality falls off and what it buys. Each row
+# Weight-only quantization (`model.py quantize`): where quality falls off and what it buys (32 = float). Each row
 # quantizes the float checkpoint in memory exactly as the CLI does; val bits/byte on fixed consecutive
 # windows of val.bin, decode tok/s at batch 1, the weights-only file size, and the held-out accuracy of
 # the aligned model quantized the same way (paired against its float self on the same problems).
@@ -1048,11 +1048,11 @@ def _val_bits_per_byte(model, val, bytes_per_token, T, n_tokens):
 def _quant_row(ckpt, bits, group, args, val, bpt, problems, tok, work):
     import align
     model = M.load_model(ckpt)[0].eval()
-    if bits < 16:
+    if bits < 32:  # 32: the float model as trained
         M.quantize_model(model, bits, group)
     path = os.path.join(work, f"q{bits}.pt")
     torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.cfg)}, path)  # weights only, like the CLI's file
-    row = {"bits": bits, "group": group if bits < 16 else None, "MiB": os.path.getsize(path) / 2**20,
+    row = {"bits": bits, "group": group if bits < 32 else None, "MiB": os.path.getsize(path) / 2**20,
            "val_bpb": _val_bits_per_byte(model, val, bpt, model.cfg.context_length, args.quant_val_tokens)}
     prompt = torch.randint(0, model.cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     t_pre, _, _ = _timed(lambda: model(prompt, kv_cache=M.KVCache(model.cfg, 1, model.cfg.context_length)), args.quant_rounds)
@@ -1060,7 +1060,7 @@ def _quant_row(ckpt, bits, group, args, val, bpt, problems, tok, work):
     row["decode_tps"] = 64 / (t_all - t_pre)
     if problems:
         policy = M.load_model(args.quant_align_ckpt)[0].eval()
-        row["align"] = align.evaluate_accuracy(M.quantize_model(policy, bits, group) if bits < 16 else policy, tok, problems)
+        row["align"] = align.evaluate_accuracy(M.quantize_model(policy, bits, group) if bits < 32 else policy, tok, problems)
     return row
 
 
@@ -1080,7 +1080,7 @@ def bench_quant(args):
     print(f"  {'bits':>4} {'group':>5} {'MiB':>6} {'val bits/byte':>13} {'decode tok/s':>12}  held-out acc [95% CI], paired vs float")
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for bits, group in ((16, 0), (8, 64), (4, 128), (4, 64), (4, 32)):
+        for bits, group in ((32, 0), (8, 64), (4, 64), (4, 32), (4, 16)):
             r = _quant_row(args.quant_ckpt, bits, group, args, val, bpt, problems, tok, work)
             rows.append(r)
             acc = ""
@@ -1088,7 +1088,7 @@ def bench_quant(args):
                 a, f = r["align"], rows[0]["align"]
                 p = align.paired_difference(a["correct"], f["correct"])
                 acc = f"{100 * a['acc']:.1f}% [{100 * a['ci_lo']:.1f}, {100 * a['ci_hi']:.1f}]" + (
-                    f", {100 * p['delta']:+.1f} [{100 * p['ci_lo']:+.1f}, {100 * p['ci_hi']:+.1f}]" if bits < 16 else "")
+                    f", {100 * p['delta']:+.1f} [{100 * p['ci_lo']:+.1f}, {100 * p['ci_hi']:+.1f}]" if bits < 32 else "")
             print(f"  {bits:>4} {r['group'] or '-':>5} {r['MiB']:6.2f} {r['val_bpb']:13.4f} {r['decode_tps']:12,.0f}  {acc}", flush=True)
     return rows
 
