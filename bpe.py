@@ -1,27 +1,25 @@
-"""
-Byte-level BPE: the tokenizer that turns text into the integer ids a language model reads.
+"""Byte-level BPE: the tokenizer that turns text into the integer ids a language model reads.
 
-A language model predicts one symbol at a time, so we must pick the symbols. Raw bytes (256
-symbols) make sequences ~4x longer than needed and waste context and compute; whole words leave
-an open vocabulary with no way to spell a word never seen. Byte-Pair Encoding (Sennrich et al.
-2015, arXiv:1508.07909; first a compression scheme, Gage 1994) sits in between: start from the
-256 bytes, then repeatedly glue the most frequent adjacent pair into a new symbol until the
-vocabulary has the size we want. Every string stays encodable (bytes are always there), and
-frequent strings become single tokens. Working on UTF-8 bytes rather than characters is GPT-2's
-choice (Radford et al. 2019): no unknown token, ever. Two more details are GPT-2's: a regex
-first cuts text into word-like pre-tokens (" the", "123", "\\n\\n") that merges never cross
-(else BPE learns "dog." and "dog!"), and special tokens ("<|endoftext|>") are cut out before
-anything else, so they are never split or merged with their neighbours.
+A language model predicts one symbol at a time, so we must pick the symbols. Raw bytes (256 symbols) make sequences
+~4x longer than needed, wasting context and compute; whole words leave an open vocabulary with no way to spell an
+unseen word. Byte-Pair Encoding (Sennrich et al. 2015, arXiv:1508.07909; first a compression scheme, Gage 1994) sits
+in between: start from the 256 bytes, then repeatedly glue the most frequent adjacent pair into a new symbol until
+the vocabulary has the size we want. Every string stays encodable (bytes are always there), and frequent strings
+become single tokens. UTF-8 bytes rather than characters is GPT-2's choice (Radford et al. 2019): no unknown token,
+ever. Also GPT-2's: a regex first cuts text into word-like pre-tokens (" the", "123", "\\n\\n") that merges never
+cross (else BPE learns "dog." and "dog!"), and special tokens ("<|endoftext|>") are cut out before anything else, so
+they are never split or merged with their neighbours.
 
-The file reads in that order: the pattern, counting pre-tokens, the merge loop (`train_bpe`), the
-`Tokenizer` (encode, decode, GPT-2's files); WordPiece and the Unigram LM (Kudo 2018, arXiv:1804.10959)
-on the same plumbing; the token file. Then "Making it fast": the ASCII regex twin, safe cuts and
-parallel chunks, the cache and long words, each tested equal to the plain code; `stats` last.
-Departures: (1) ties between equally frequent pairs go to the greatest bytes (CS336's rule);
-(2) `merge_score="pmi"` ranks pairs by count(ab)/(count(a)count(b)), the WordPiece criterion
-(Schuster & Nakajima 2012; Wu et al. 2016, arXiv:1609.08144); (3) `split_digits=True` makes each
-digit a pre-token (LLaMA, Touvron et al. 2023, arXiv:2302.13971), `--digit-groups 3` cuts numbers
-into runs of <= 3 digits (Llama 3); (4) WordPiece marks no "##": our pre-tokens keep their space.
+The file reads in that order: the pattern, counting pre-tokens, the merge loop (`train_bpe`), the `Tokenizer`
+(encode, decode, GPT-2's files); WordPiece and the Unigram LM (Kudo 2018, arXiv:1804.10959) on the same plumbing;
+the token file. Then "Making it fast": the ASCII regex twin, safe cuts and parallel chunks, the cache and long words,
+each tested equal to the plain code; `stats` last. Departures:
+(1) ties between equally frequent pairs go to the greatest bytes (CS336's rule);
+(2) `merge_score="pmi"` ranks pairs by count(ab)/(count(a)count(b)), the WordPiece criterion (Schuster & Nakajima
+    2012; Wu et al. 2016, arXiv:1609.08144);
+(3) `split_digits=True` makes each digit a pre-token (LLaMA, Touvron et al. 2023, arXiv:2302.13971), and
+    `--digit-groups 3` cuts numbers into runs of <= 3 digits (Llama 3);
+(4) WordPiece marks no "##": our pre-tokens keep their space.
 
 Run it:
     python bpe.py train --input data/pydocs/train.txt --vocab-size 4096 \\
@@ -52,14 +50,12 @@ import numpy as np
 import regex
 
 # ---------------------------------------------------------------
-# Pre-tokenization: the regex that cuts text into pieces no merge may cross. GPT-2's branches, in
-# order: contractions ('s 'll 're ...), optional space + letters, optional space + digits, optional
-# space + punctuation, a whitespace run not followed by a non-space (it leaves one space for " word"
-# to take), and any remaining whitespace.
+# Pre-tokenization: the regex that cuts text into pieces no merge may cross. GPT-2's branches, in order: contractions
+# ('s 'll 're ...), optional space + letters, optional space + digits, optional space + punctuation, a whitespace run
+# not followed by a non-space (it leaves one space for " word" to take), and any remaining whitespace.
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# Same, but every digit stands alone: "2024" -> "2","0","2","4" (LLaMA-style).
-SPLIT_DIGITS_PATTERN = GPT2_PATTERN.replace(r" ?\p{N}+", r"\p{N}")
+SPLIT_DIGITS_PATTERN = GPT2_PATTERN.replace(r" ?\p{N}+", r"\p{N}")  # each digit alone: "24" -> "2","4" (LLaMA)
 
 
 def digit_groups_pattern(base=GPT2_PATTERN, n=3):
@@ -81,8 +77,8 @@ def _special_splitter(special_tokens):
 
 
 # ---------------------------------------------------------------
-# Training, step 1: count pre-tokens ("words"). Merges never cross a pre-token, so the corpus is
-# nothing but a Counter of distinct words: " the" seen 40,000 times is merged once, weighted by 40,000.
+# Training, step 1: count pre-tokens ("words"). Merges never cross a pre-token, so the corpus is nothing but a
+# Counter of distinct words: " the" seen 40,000 times is merged once, weighted by 40,000.
 
 def count_words(text, special_tokens=(), pattern=GPT2_PATTERN, findall=None):
     """Counter {pre-token bytes: count} of a text. `findall` swaps in a faster, equal pre-tokenizer."""
@@ -95,17 +91,15 @@ def count_words(text, special_tokens=(), pattern=GPT2_PATTERN, findall=None):
 
 
 # ---------------------------------------------------------------
-# Training, step 2: merges with incremental pair counts. The naive loop recounts every pair in
-# the corpus after each merge: O(corpus), ten thousand times. But merging (a, b) into `new` only
-# changes pairs that overlap an occurrence of (a, b): in "x a b y", (x, a), (a, b), (b, y) become
-# (x, new), (new, y), and every other count stays put. So pair_count lives across merges, an
-# index pair -> words says where the pair occurs, and a merge costs O(occurrences of the pair
-# among distinct words). The most frequent pair comes off a lazy heap (see `_pop_best`).
-# Tie-breaking rule (CS336): among pairs with the highest count, take the lexicographically
-# greatest (bytes_a, bytes_b). heapq is a min-heap, so the key must *reverse* byte-string order:
-# inv(s) = chr(255 - s[0]) + ... + chr(255 - s[-1]) + chr(256). Complementing reverses the order
-# of differing bytes, and the trailing chr(256) makes a prefix sort *after* its extensions
-# ("b" < "ba" reversed too); tuples (inv(a), inv(b)) then compare in reverse, in C.
+# Training, step 2: merges with incremental pair counts. The naive loop recounts every pair in the corpus after each
+# merge: O(corpus), ten thousand times. But merging (a, b) into `new` only changes pairs that overlap an occurrence of
+# (a, b): in "x a b y", (x, a), (a, b), (b, y) become (x, new), (new, y); every other count stays put. So pair_count
+# lives across merges, an index pair -> words says where the pair occurs, and a merge costs O(occurrences of the pair
+# among distinct words). The most frequent pair comes off a lazy heap (`_pop_best`).
+# Ties (CS336): among pairs with the highest count, take the lexicographically greatest (bytes_a, bytes_b). heapq is
+# a min-heap, so the key must *reverse* byte-string order: inv(s) = chr(255 - s[0]) + ... + chr(255 - s[-1]) +
+# chr(256). Complementing reverses the order of differing bytes, and the trailing chr(256) makes a prefix sort *after*
+# its extensions ("b" < "ba" reversed too); tuples (inv(a), inv(b)) then compare in reverse, in C.
 
 _INV = {i: chr(255 - i) for i in range(256)}
 
@@ -130,10 +124,9 @@ def _pair_index(words, counts, pmi):
 
 
 def _pop_best(heap, pair_count, inv):
-    """The most frequent pair (greatest bytes on ties), or None. heapq cannot update an entry, so a
-    count that rises gets a fresh entry and one that falls keeps its old, too-high one: every live
-    pair has an entry >= its count. So a top entry whose count is current beats every other pair; a
-    stale top is re-filed at its current count if the pair still exists (O(log n) a push)."""
+    """The most frequent pair (greatest bytes on ties), or None. heapq cannot update an entry, so a risen count gets a
+    fresh entry and a fallen one keeps its old, too-high one: every live pair has an entry >= its count. So a top
+    entry whose count is current beats every pair; a stale top is re-filed at its current count (O(log n) a push)."""
     while heap:
         negc, _, _, a, b = heap[0]
         cur = pair_count.get((a, b), 0)
@@ -146,15 +139,15 @@ def _pop_best(heap, pair_count, inv):
 
 
 def _best_pmi(pair_count, sym_count, vocab):
-    """PMI, log p(ab) / (p(a) p(b)), ranks pairs as count(ab) / (count(a) count(b)) does. A merge
-    moves the score of every pair holding a or b, so no heap keeps up: we scan all pairs."""
+    """PMI, log p(ab) / (p(a) p(b)), ranks pairs as count(ab) / (count(a) count(b)) does. A merge moves the score of
+    every pair holding a or b, so no heap keeps up: we scan all pairs."""
     return max(pair_count, default=None, key=lambda p: (
         pair_count[p] / (sym_count[p[0]] * sym_count[p[1]]), vocab[p[0]], vocab[p[1]]))
 
 
 def _merge_word(w, a, b, new, c, wi, pair_count, pair_words, grown):
-    """Replace every (a, b) in word w (left to right) by `new`; returns the new word or None (no
-    site: a stale index entry). Only pairs touching a site change; for a site at old index i:
+    """Replace every (a, b) in word w (left to right) by `new`; returns the new word or None (no site: a stale index
+    entry). Only pairs touching a site change; for a site at old index i:
         (w[i-1], a) -> (prev, new)     unless the previous site ended at i-1 (it removed (b, a))
         (b, w[i+2]) -> (new, w[i+2])   unless w[i+2:i+4] is a site too (its left side adds (new, new))
     each weighted by c, the word's count. The caller drops (a, b); grown pairs go into `grown`."""
@@ -223,12 +216,9 @@ def train_bpe(input_path, vocab_size, special_tokens=(), merge_score="count", sp
     word_counts = count_file_words(input_path, special_tokens, pattern, workers, verbose=verbose, **kwargs)
     vocab = {i: bytes([i]) for i in range(256)} | {256 + k: s.encode("utf-8") for k, s in enumerate(special_tokens)}
     num_merges = vocab_size - len(vocab)  # vocab = 256 bytes + specials + one token per merge
-    # Each distinct word becomes a list of symbol ids (a byte's id is its value), so training
-    # cost depends on the number of *distinct* pre-tokens, not on the corpus size.
-    words, counts = [list(w) for w in word_counts], list(word_counts.values())
+    words, counts = [list(w) for w in word_counts], list(word_counts.values())  # a byte's id is its value
     pair_count, pair_words, sym_count = _pair_index(words, counts, pmi)
-    # Heap entries (-count, inv(bytes_a), inv(bytes_b), a, b): the smallest is the CS336 choice.
-    inv = {i: _inv(b) for i, b in vocab.items()}
+    inv = {i: _inv(b) for i, b in vocab.items()}  # heap entries (-count, inv(a), inv(b), a, b): smallest = CS336's
     heap = [(-c, inv[a], inv[b], a, b) for (a, b), c in pair_count.items()]
     heapq.heapify(heap)
     merges, t1 = [], time.time()
@@ -255,12 +245,11 @@ def train_bpe(input_path, vocab_size, special_tokens=(), merge_score="count", sp
 
 
 # ---------------------------------------------------------------
-# GPT-2's file format: vocab.json maps token *strings* to ids, merges.txt lists "a b" per line.
-# Tokens are bytes, often not valid UTF-8 alone (half of "é" is b"\xc3") and full of spaces and
-# control bytes, which survive neither as JSON keys nor in a space-separated file. So GPT-2 spells
-# each byte as one printable, non-space character: the 188 bytes that print as themselves in
-# Latin-1 keep their character, the other 68 take chr(256), chr(257), ... in byte order. So " "
-# (byte 32) becomes chr(256 + 32) = "Ġ" and "\n" becomes "Ċ": hence "Ġthe" in GPT-2 vocabularies.
+# GPT-2's file format: vocab.json maps token *strings* to ids, merges.txt lists "a b" per line. Tokens are bytes,
+# often not valid UTF-8 alone (half of "é" is b"\xc3") and full of spaces and control bytes, which survive neither as
+# JSON keys nor in a space-separated file. So GPT-2 spells each byte as one printable, non-space character: the 188
+# bytes that print as themselves in Latin-1 keep their character, the other 68 take chr(256), chr(257), ... in byte
+# order. So " " (byte 32) becomes chr(256 + 32) = "Ġ" and "\n" becomes "Ċ": hence "Ġthe" in GPT-2 vocabularies.
 
 def bytes_to_unicode():
     """GPT-2's reversible byte -> printable character table (bytes already printable map to themselves)."""
@@ -286,8 +275,8 @@ def _to_bytes(s: str, where: str) -> bytes:
 
 @contextlib.contextmanager
 def _atomic_open(path, mode="w"):
-    """open() for writing that never leaves a half-written file: write path.tmpPID, fsync (the
-    data is on disk before the name points at it), rename. On an error the old file stays."""
+    """open() for writing that never leaves a half-written file: write path.tmpPID, fsync (the data is on disk before
+    the name points at it), rename. On an error the old file stays."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
@@ -313,11 +302,9 @@ def _read_file(path, parse=None):
 # The tokenizer: encode with the learned merges, decode by concatenating bytes.
 
 class Tokenizer:
-    """Apply a trained BPE: text -> ids (`encode`), ids -> text (`decode`). encode cuts out special
-    tokens (longest match first), pre-tokenizes with training's regex and applies the merges in rank
-    order to each pre-token's UTF-8 bytes. That reproduces training (see `_bpe`) and tiktoken with the
-    same ranks, id for id (where two merges spell the same bytes tiktoken can differ; we follow the
-    merge list). With no special tokens, "<|endoftext|>" is plain text. `fast=False`: the plain loop."""
+    """Apply a trained BPE: text -> ids (`encode`), ids -> text (`decode`). Merging each pre-token's UTF-8 bytes in rank
+    order reproduces training (see `_bpe`) and tiktoken with the same ranks, id for id (where two merges spell the same
+    bytes tiktoken can differ; we follow the merge list). With no special tokens, "<|endoftext|>" is plain text."""
 
     def __init__(self, vocab: dict, merges: list, special_tokens=None, pattern=GPT2_PATTERN, fast=True):
         if pattern not in KNOWN_PATTERNS and fast:  # the fast paths and chunked encoding rely on their safe cuts
@@ -333,8 +320,7 @@ class Tokenizer:
         if missing := [x for x in range(256) if bytes([x]) not in self.byte_to_id]:
             raise ValueError(f"vocab lacks {len(missing)} of the 256 single bytes (e.g. byte {missing[0]})")
         self._byte_ids = [self.byte_to_id[bytes([x])] for x in range(256)]  # GPT-2's own ids are not byte values
-        # (id_a, id_b) -> rank, rank -> id of a+b: the lowest rank first replays training's order.
-        self._rank_of, self._merged_id = {}, []
+        self._rank_of, self._merged_id = {}, []  # (id_a, id_b) -> rank; rank -> id of a+b
         for r, (a, b) in enumerate(self.merges):
             try:
                 self._rank_of[(self.byte_to_id[a], self.byte_to_id[b])] = r
@@ -352,12 +338,11 @@ class Tokenizer:
     vocab_size = property(__len__)
 
     def _bpe(self, piece: str) -> list:
-        """Merge one pre-token: repeatedly merge the adjacent pair with the lowest rank, leftmost first.
-        That equals training: whenever the lowest rank present is r, the ids are what training held
-        for this word after merges 0..r-1 (a pair holding merge r's token ranks after r, so no lower
-        rank comes back), and the leftmost r each time replaces every (a, b) left to right, as
-        training did ("a a a" -> "aa a"). rs[i] is the rank of (ids[i], ids[i+1]) (`inf`: never
-        merged); a merge at i changes only the two ranks around it. O(len) a merge: see `_bpe_long`."""
+        """Merge one pre-token: repeatedly merge the adjacent pair with the lowest rank, leftmost first. That equals
+        training: whenever the lowest rank present is r, the ids are what training held for this word after merges
+        0..r-1 (a pair holding merge r's token ranks after r, so no lower rank comes back), and the leftmost r each
+        time replaces every (a, b) left to right, as training did ("a a a" -> "aa a"). rs[i] is the rank of (ids[i],
+        ids[i+1]) (inf: never merged); a merge at i changes only the 2 ranks around it. O(len) a merge; `_bpe_long`."""
         ids = [self._byte_ids[x] for x in piece.encode("utf-8")]
         get, inf, merged = self._rank_of.get, len(self.merges), self._merged_id
         rs = list(map(get, zip(ids, ids[1:]), repeat(inf)))
@@ -389,9 +374,9 @@ class Tokenizer:
         return out
 
     def encode_iterable(self, iterable):
-        """Lazily encode a stream of strings (e.g. a file read line by line): we encode up to the
-        last safe cut (see "Making it fast"), so the ids equal `encode` of the whole text while we
-        hold about a line. A special holding "x " could straddle a cut: then we buffer it all."""
+        """Lazily encode a stream of strings (a file read line by line): we encode up to the last safe cut (see
+        "Making it fast"), so the ids equal `encode` of the whole text while we hold about a line. A special
+        holding "x " could straddle a cut: then we buffer it all."""
         safe = _line_cuts_ok(self.special_tokens)
         buf, run = "", 0  # run: length of buf's trailing spaces and tabs, where a new cut may start
         for chunk in iterable:
@@ -468,23 +453,20 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------
-# Other tokenizers: WordPiece and the Unigram LM. BPE learns bottom-up by pair count and encodes by
-# replaying merges; the other two families each change one of those choices.
-# WordPiece (Schuster & Nakajima 2012; BERT's, Wu et al. 2016, arXiv:1609.08144) merges the pair
-# with the highest count(ab) / (count(a) count(b)) -- train_bpe(merge_score="pmi") -- and encodes
-# with the vocabulary alone: the longest piece that starts here, then again after it (MaxMatch).
-# BERT marks word-internal pieces "##" as its pre-tokenizer drops spaces; our pre-tokens keep their
-# leading space, so the mark sits on the other side: " the" (word start) and "the" (in " bathe") are
-# two entries, SentencePiece's "▁" (Kudo & Richardson 2018, arXiv:1808.06226); decoding concatenates.
-# The Unigram LM (Kudo 2018, arXiv:1804.10959) works top-down: a word is a sequence of pieces drawn
-# independently, P(x1..xk) = prod_i p(xi). From a large seed vocabulary, fit p by EM over all
-# segmentations, drop the pieces the likelihood misses least, repeat down to the target size.
-# Encoding is the most probable segmentation (Viterbi); drawing one from P(seg)^alpha instead is
-# subword regularization. Both keep the 256 single bytes, so decode(encode(x)) == x for any text.
+# Other tokenizers: WordPiece and the Unigram LM. BPE learns bottom-up by pair count and encodes by replaying merges;
+# the other two families each change one of those choices.
+# WordPiece (Schuster & Nakajima 2012; BERT's, Wu et al. 2016, arXiv:1609.08144) merges the pair with the highest
+# count(ab) / (count(a) count(b)) -- train_bpe(merge_score="pmi") -- and encodes with the vocabulary alone: the longest
+# piece that starts here, then again after it (MaxMatch). BERT marks word-internal pieces "##" as its pre-tokenizer
+# drops spaces; our pre-tokens keep their leading space, so the mark sits on the other side: " the" (word start) and
+# "the" (in " bathe") are two entries, SentencePiece's "▁" (Kudo & Richardson 2018, arXiv:1808.06226).
+# The Unigram LM (Kudo 2018, arXiv:1804.10959) works top-down: a word is a sequence of pieces drawn independently,
+# P(x1..xk) = prod_i p(xi). From a large seed vocabulary, fit p by EM over all segmentations, drop the pieces the
+# likelihood misses least, repeat down to the target size. Encoding is the most probable segmentation (Viterbi);
+# drawing one from P(seg)^alpha instead is subword regularization. Both keep the 256 bytes: decode(encode(x)) == x.
 
 class WordPieceTokenizer(Tokenizer):
-    """A vocabulary and a rule to cut each pre-token into pieces (`_bpe`, here MaxMatch), no merges.
-    Specials, pre-tokenization, the cache, encode_iterable and decode are Tokenizer's."""
+    """No merges: a vocabulary and a rule to cut each pre-token (`_bpe`, here MaxMatch); the rest is Tokenizer's."""
     algorithm = "wordpiece"
 
     def __init__(self, vocab, special_tokens=None, pattern=GPT2_PATTERN, scores=None, fast=True):
@@ -495,8 +477,8 @@ class WordPieceTokenizer(Tokenizer):
         self.scores = dict(scores or {})                # id -> log p (the Unigram LM's; empty otherwise)
 
     def _bpe(self, piece: str) -> list:  # the name Tokenizer.encode (and its cache) call per pre-token
-        """MaxMatch: the longest piece starting at i, then on from its end. Greedy, so not always fewest
-        (xa, xab, bcd cut "xabcd" xab|c|d, not xa|bcd); a single byte always matches: no [UNK]."""
+        """MaxMatch: the longest piece starting at i, then on from its end. Greedy, so not always fewest (xa, xab, bcd
+        cut "xabcd" xab|c|d, not xa|bcd); a single byte always matches: no [UNK]."""
         b, ids, i = piece.encode("utf-8"), [], 0
         while i < len(b):
             for j in range(min(len(b), i + self._max_len), i, -1):  # <= max_len lookups per token
@@ -516,9 +498,9 @@ class WordPieceTokenizer(Tokenizer):
 
 
 # ---------------------------------------------------------------
-# The Unigram LM on one word. The segmentations of a word w (bytes) are the paths of a lattice: node j
-# is "the first j bytes are spelled", each piece w[i:j] an edge i -> j of weight log p(w[i:j]). Summing
-# over paths (forward-backward) gives EM its counts, maximizing (Viterbi) the encoding.
+# The Unigram LM on one word. The segmentations of a word w (bytes) are the paths of a lattice: node j is "the first
+# j bytes are spelled", each piece w[i:j] an edge i -> j of weight log p(w[i:j]). Summing over paths
+# (forward-backward) gives EM its counts, maximizing (Viterbi) the encoding.
 
 def _lattice(word, logp, max_len):
     """ends[j] = [(i, log p(word[i:j])) for each vocabulary piece that ends at byte j]."""
@@ -532,8 +514,8 @@ def _logsumexp(xs):  # log sum exp(x), shifted by the max so no exp overflows; o
 
 
 def _forward(ends, alpha=1.0, plus=_logsumexp):
-    """a[j] = log of the total (plus=_logsumexp) or the best (plus=max) weight of the paths 0 -> j, an
-    edge weighing p^alpha: the forward sums and Viterbi are one recursion in two semirings."""
+    """a[j] = log of the total (plus=_logsumexp) or the best (plus=max) weight of the paths 0 -> j, an edge weighing
+    p^alpha: the forward sums and Viterbi are one recursion in two semirings."""
     a = [0.0] + [-math.inf] * (len(ends) - 1)
     for j in range(1, len(ends)):
         a[j] = plus([a[i] + alpha * lp for i, lp in ends[j]])  # a[j] = log sum_i a[i] p(w[i:j])^alpha
@@ -541,8 +523,8 @@ def _forward(ends, alpha=1.0, plus=_logsumexp):
 
 
 def _backtrack(word, ends, a, alpha=1.0, rng=None):
-    """One path, walked back from the end: the best edge into each node (a from max), or, with rng,
-    an edge drawn with probability a[i] p(w[i:j])^alpha / a[j] (forward-filtering backward-sampling)."""
+    """One path, walked back from the end: the best edge into each node (a from max), or, with rng, an edge drawn
+    with probability a[i] p(w[i:j])^alpha / a[j] (forward-filtering backward-sampling)."""
     pieces, j = [], len(word)
     while j > 0:
         u = rng.random() if rng else 0.0
@@ -556,8 +538,8 @@ def _backtrack(word, ends, a, alpha=1.0, rng=None):
 
 
 def unigram_segment(word, logp, max_len, alpha=1.0, rng=None):
-    """argmax_seg prod p(x) over the cuts of `word` (bytes), as pieces; with rng (numpy), one drawn from
-    P(seg)^alpha / Z instead (Kudo 2018): alpha -> inf is Viterbi again, alpha -> 0 uniform."""
+    """argmax_seg prod p(x) over the cuts of `word` (bytes), as pieces; with rng (numpy), one drawn from P(seg)^alpha
+    / Z instead (Kudo 2018): alpha -> inf is Viterbi again, alpha -> 0 uniform."""
     ends = _lattice(word, logp, max_len)
     return _backtrack(word, ends, _forward(ends, alpha, _logsumexp if rng else max), alpha, rng)
 
@@ -566,8 +548,8 @@ def unigram_segment(word, logp, max_len, alpha=1.0, rng=None):
 # Training the Unigram LM (Kudo 2018, section 3.2): a seed vocabulary, then EM and pruning in turns.
 
 def unigram_seed(word_counts, max_len, size):
-    """{piece: log p ~ count}: the 256 bytes and the `size` substrings of pre-tokens (whole characters,
-    2..max_len bytes, seen twice or more) that cover most bytes, count x length (as SentencePiece)."""
+    """{piece: log p ~ count}: the 256 bytes and the `size` substrings of pre-tokens (whole characters, 2..max_len
+    bytes, seen twice or more) that cover most bytes, count x length (as SentencePiece)."""
     freq = Counter()
     for w, c in word_counts.items():
         cuts = [k for k in range(len(w)) if w[k] & 0xC0 != 0x80] + [len(w)]  # where characters start
@@ -584,9 +566,9 @@ def unigram_seed(word_counts, max_len, size):
 
 
 def unigram_em_step(word_counts, logp, max_len, floor=1e-3):
-    """One EM iteration. E: expected piece counts over all segmentations, E[n_x] = sum_w c_w
-    sum_seg P(seg | w) n_x(seg), by forward-backward. M: p(x) = E[n_x] / sum_y E[n_y]. An unused piece
-    keeps `floor` count, so unseen bytes stay encodable. Returns (new logp, old log-likelihood)."""
+    """One EM iteration. E: expected piece counts over all segmentations, E[n_x] = sum_w c_w sum_seg P(seg | w)
+    n_x(seg), by forward-backward. M: p(x) = E[n_x] / sum_y E[n_y]. An unused piece keeps `floor` count, so unseen
+    bytes stay encodable. Returns (new logp, old log-likelihood)."""
     counts, loglik = defaultdict(float), 0.0
     backward = {x[::-1]: lp for x, lp in logp.items()}  # paths i -> n of w are paths 0 -> n-i of w reversed
     for w, c in word_counts.items():
@@ -622,8 +604,8 @@ def unigram_prune(word_counts, logp, max_len, keep):
 
 def train_unigram(input_path, vocab_size, special_tokens=(), pattern=GPT2_PATTERN, max_len=16,
                   seed_size=None, shrink=0.75, em_iters=2, workers=None, verbose=False):
-    """(vocab {id: bytes}, scores {id: log p}): bytes, specials, then pieces, most probable first. Each
-    round: `em_iters` EM steps, then prune to `shrink` of the pieces (SentencePiece's 0.75) until the target."""
+    """(vocab {id: bytes}, scores {id: log p}): bytes, specials, then pieces, most probable first. Each round:
+    `em_iters` EM steps, then prune to `shrink` of the pieces (SentencePiece's 0.75) until the target."""
     special_tokens = list(dict.fromkeys(special_tokens or []))
     n_multi = vocab_size - 256 - len(special_tokens)  # multi-byte pieces wanted
     if n_multi < 0:
@@ -644,8 +626,7 @@ def train_unigram(input_path, vocab_size, special_tokens=(), pattern=GPT2_PATTER
 
 
 class UnigramTokenizer(WordPieceTokenizer):
-    """WordPiece's plumbing with Viterbi for MaxMatch, cached per pre-token. With alpha, every encode
-    draws each pre-token's cut from P(seg)^alpha instead (subword regularization; no cache)."""
+    """WordPiece's plumbing with Viterbi for MaxMatch, cached; with alpha, sampled cuts (subword regularization)."""
     algorithm = "unigram"
 
     def __init__(self, vocab, special_tokens=None, pattern=GPT2_PATTERN, scores=None, alpha=None, seed=None):
@@ -672,8 +653,7 @@ def _load_pieces(path):
 
 def train_tokenizer(algorithm, input_path, vocab_size, special_tokens=(), pattern=GPT2_PATTERN,
                     merge_score=None, workers=None, verbose=False, **unigram_options):
-    """`bpe.py train --algorithm`: returns the trained tokenizer (call .save). merge_score defaults to
-    count for bpe, pmi for wordpiece; unigram_options go to train_unigram (seed_size, shrink, ...)."""
+    """`bpe.py train --algorithm`: the trained tokenizer (call .save); unigram_options go to train_unigram."""
     if algorithm == "unigram":
         vocab, scores = train_unigram(input_path, vocab_size, special_tokens, pattern, workers=workers,
                                       verbose=verbose, **unigram_options)
@@ -687,10 +667,9 @@ def train_tokenizer(algorithm, input_path, vocab_size, special_tokens=(), patter
 
 
 def from_hf_json(path):
-    """A Hugging Face `tokenizers` tokenizer.json of a byte-level BPE (GPT-2, Llama 3, SmolLM...) as our
-    Tokenizer: HF's ids, merges (as "a b" or ["a", "b"]), added tokens (cut out first, like our specials)
-    and pre-tokenizer regex (a Split's, else ByteLevel's = GPT-2's), so encode gives HF's ids. A regex
-    of another family has no safe cuts known to us: whole-text encode only, the plain loop."""
+    """A Hugging Face tokenizer.json of a byte-level BPE (GPT-2, Llama 3, SmolLM...) as our Tokenizer: HF's ids, merges
+    ("a b" or ["a", "b"]), added tokens (as specials) and pre-tokenizer regex (a Split's, else GPT-2's), so encode gives
+    HF's ids. A regex of another family has no known safe cuts: the plain loop, whole texts only."""
     j = _read_file(path, json.loads)
     m, pre = j.get("model") or {}, j.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre])
@@ -706,19 +685,16 @@ def from_hf_json(path):
 
 
 # ---------------------------------------------------------------
-# A whole corpus to a flat token file: nothing but the ids, back to back, so np.memmap reads it
-# with no parsing and a training batch is a slice. The dtype follows from the vocab size.
+# A corpus to a flat token file: the ids back to back, so np.memmap reads it unparsed and a training batch is a slice.
 
 def token_dtype(vocab_size):
-    """The repo's reader rule: uint16 fits ids < 65536 (GPT-2's 50,257: half the bytes of uint32
-    to store, cache and move), else uint32 (Llama 3's 128,256)."""
+    """The repo's reader rule: uint16 if ids < 65536 (GPT-2's 50,257: half of uint32's bytes to move), else uint32."""
     return np.uint16 if vocab_size <= 65536 else np.uint32
 
 
 def encode_file(tokenizer_dir, input_path, out_path, workers=None, chunk_bytes=4 << 20, verbose=True,
                 alpha=None, seed=0) -> int:
-    """Encode a text file to a flat array of token ids for np.memmap; returns the count. Safe
-    chunks (see "Making it fast") go through a process pool, in order, into one atomic write."""
+    """Text file -> flat token-id file (returns the count): safe chunks through a process pool, in order, atomically."""
     _check_input(input_path)
     tok = Tokenizer.load(tokenizer_dir)  # fail early, in this process, on a bad dir
     if tok.pattern not in KNOWN_PATTERNS:
@@ -738,17 +714,15 @@ def encode_file(tokenizer_dir, input_path, out_path, workers=None, chunk_bytes=4
 
 
 # ---------------------------------------------------------------
-# Making it fast, 1: the stdlib `re` engine on the ASCII parts of the text. Pre-tokenization is the
-# bottleneck of training and encoding, and on ASCII `re` runs our patterns about twice as fast as
-# `regex` (README: benchmarks). `re` knows no \p{L}: we translate the pattern for ASCII input.
+# Making it fast, 1: the stdlib `re` engine on the ASCII parts of the text. Pre-tokenization is the bottleneck of
+# training and encoding; on ASCII, `re` runs our patterns faster than `regex` (README: benchmarks) but knows no \p{L}.
 
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 
 
 def ascii_twin(pattern):
-    r"""The same pattern for ASCII input and `re` (None for patterns other than ours; a test
-    checks both on random ASCII). In ASCII, \p{L} is [A-Za-z], \p{N} is [0-9], and `regex`'s \s
-    is [\t\n\v\f\r ] (without the \x1c-\x1f that `re`'s \s holds, so we spell the class out)."""
+    r"""The same pattern for ASCII input and `re` (None if not ours; a test checks both on random ASCII). In ASCII,
+    \p{L} is [A-Za-z], \p{N} is [0-9], `regex`'s \s is [\t\n\v\f\r ] (`re`'s adds \x1c-\x1f: we spell the class out)."""
     if pattern not in KNOWN_PATTERNS:
         return None
     ws = r"\t\n\x0b\x0c\r "  # regex's \s on ASCII, spelled out
@@ -764,9 +738,9 @@ def _findall(pat, pat_ascii, text):
         return pat.findall(text)
     if text.isascii():
         return pat_ascii.findall(text)
-    # Mixed text is mostly ASCII: `regex` gets each non-ASCII run widened to safe cuts (below), `re`
-    # the rest, and no pre-token crosses a safe cut. findall(text, pos, endpos) copies no slice. A
-    # short ASCII stretch costs `regex` less than a switch: spans end only where a long one begins.
+    # Mixed text is mostly ASCII: `regex` gets each non-ASCII run widened to safe cuts (below), `re` the rest, and no
+    # pre-token crosses a safe cut. findall(text, pos, endpos) copies no slice. A short ASCII stretch costs `regex`
+    # less than a switch: spans end only where a long one begins.
     out, pos = [], 0
     for m in _NON_ASCII.finditer(text):
         if m.start() < pos:                # inside the span we just gave to `regex`
@@ -780,17 +754,15 @@ def _findall(pat, pat_ascii, text):
 
 
 # ---------------------------------------------------------------
-# Making it fast, 2: safe cuts, where text can be split without changing a single pre-token: the
-# ASCII twin, `encode_iterable` and the file chunks need the pre-tokens of one pass. Two qualify:
-#   - just before a special token that no other special occurrence straddles: the text is split
-#     there anyway (see `_special_cut`);
-#   - between a non-whitespace character x and whitespace: every branch of the pattern that can
-#     hold x holds no whitespace after x (only an optional space before it), so x's pre-token ends
-#     at x, in the whole text and in the piece before the cut, and the next one starts right after
-#     x in both (no branch looks behind). We take only those whose whitespace reaches a line end:
-#     "x\n", "x\r\n", "x   \n" (CJK, CRLF and trailing-space files too), so pieces are whole lines.
-# Cutting *after* "\n" is not safe: "\n\n\nx" is "\n\n","\n","x" but "\n" | "\n\nx" gives
-# "\n","\n","\n","x". On raw file bytes we decode first (see `_next_cut`), so x may be any character.
+# Making it fast, 2: safe cuts, where text can be split without changing a single pre-token: the ASCII twin,
+# `encode_iterable` and the file chunks need the pre-tokens of one pass. Two qualify:
+#   - just before a special token that no other special occurrence straddles: the text is split there anyway;
+#   - between a non-whitespace character x and whitespace: every branch of the pattern that can hold x holds no
+#     whitespace after x (only an optional space before it), so x's pre-token ends at x, in the whole text and in
+#     the piece before the cut, and the next one starts right after x in both (no branch looks behind). We take
+#     only those whose whitespace reaches a line end ("x\n", "x\r\n", "x   \n"; CJK, CRLF too): pieces are lines.
+# Cutting *after* "\n" is not safe: "\n\n\nx" is "\n\n","\n","x" but "\n" | "\n\nx" gives "\n","\n","\n","x". On raw
+# file bytes we decode first (see `_next_cut`), so x may be any character.
 
 _CUT = regex.compile(r"(?<=\S)[\t\x0b\x0c ]*[\r\n]")  # m.start() is a safe cut; \S is the pattern's own
 _CUT_LAST = regex.compile(_CUT.pattern, regex.REVERSE)   # the same, searching backwards
@@ -804,9 +776,8 @@ def _cut_before(text, lo, hi):
     return m.start() if m and m.start() > lo else lo
 
 
-# Reading big files in safe chunks, in parallel: training (count words) and encoding map a
-# function over them in a process pool. Each worker reads its own byte range of the file, so only
-# offsets and results cross processes, and memory holds one chunk per worker, never the file.
+# Big files in safe chunks: training (count words) and encoding map a function over them in a process pool. Each
+# worker reads its own byte range, so only offsets and results cross processes; memory holds a chunk per worker.
 
 def _chunk_boundaries(path, n_chunks, special_tokens, scan=1 << 20):
     """Byte offsets [0, ..., size] of ~n_chunks safe pieces: a cut after each evenly spaced guess."""
@@ -821,9 +792,9 @@ def _chunk_boundaries(path, n_chunks, special_tokens, scan=1 << 20):
 
 
 def _next_cut(f, start, special_tokens, scan, size):
-    """File offset of the first safe cut at or after byte `start`, else `size`: in windows of `scan`
-    bytes, the first special token (a document boundary), else the first line cut. Bytes decode with
-    surrogateescape, which takes any bytes and encodes back to exactly them: text offsets map back."""
+    """File offset of the first safe cut at or after byte `start`, else `size`: in windows of `scan` bytes, the first
+    special token (a document boundary), else the first line cut. Bytes decode with surrogateescape, which takes any
+    bytes and encodes back to exactly them: text offsets map back."""
     longest = max(map(len, special_tokens), default=0)
     back, line_cuts, scan = 4 * longest + 4, _line_cuts_ok(special_tokens), max(scan, 8 * longest + 64)
     while start < size:
@@ -845,9 +816,9 @@ def _next_cut(f, start, special_tokens, scan, size):
 
 
 def _special_cut(text, special_tokens, lo, hi):
-    """The first i in [lo, hi) where a special token starts and no special occurrence straddles i,
-    else None: one pass over the whole text then reaches i with no match open, as text[i:] does. (A
-    cut before "<|a|>" inside "<|a|><|a|>", both special, would split the long one in two.)"""
+    """The first i in [lo, hi) where a special token starts and no special occurrence straddles i, else None: one
+    pass over the whole text then reaches i with no match open, as text[i:] does. (A cut before "<|a|>" inside
+    "<|a|><|a|>", both special, would split the long one in two.)"""
     while hits := [j for j in (text.find(s, lo, hi + len(s) - 1) for s in special_tokens) if j >= 0]:
         i = min(hits)
         if not any(0 <= text.find(t, max(i - len(t) + 1, 0), i + len(t) - 1) < i for t in special_tokens):
@@ -890,8 +861,7 @@ def _map_chunks(fn, path, special_tokens, args, workers, chunk_bytes, what, verb
     workers = workers or min(os.cpu_count() or 1, 8)
     pool, t0 = None, time.time()
     if workers != 1 and len(jobs) != 1:  # else small input: a pool costs more than it saves
-        # fork starts fastest, but forking a process that already runs threads (torch's thread
-        # pools, a DDP test) can deadlock a child, so then we pay for spawn.
+        # fork is fastest, but forking a threaded process (torch's pools, a DDP test) can deadlock a child: then spawn.
         threaded = "torch" in sys.modules or threading.active_count() > 1
         method = "fork" if sys.platform == "linux" and not threaded else "spawn"
         pool = mp.get_context(method).Pool(workers, initializer=initializer, initargs=initargs)
@@ -941,14 +911,12 @@ def _encode_chunk(job):
 
 
 # ---------------------------------------------------------------
-# Making it fast, 3: the pre-token cache, long words, a collector pause. Natural text repeats the
-# same few thousand words, so most pre-tokens are a dict lookup, not a merge loop (README: benchmarks).
+# Making it fast, 3: the pre-token cache (text repeats a few thousand words: most are one lookup), long words, no GC.
 
 class _Cache(dict):
-    """dict that computes missing entries: cache[piece] merges the piece once, then remembers it.
-    A hit is one C-level lookup (dict calls __missing__ itself), which lets the hot loop in
-    `_encode_fast` be two C-level maps. A miss runs the plain loop, or the heap (same ids) for a
-    long piece: it wins from ~100 characters on, and natural words are far shorter."""
+    """dict that computes missing entries: cache[piece] merges the piece once, then remembers it. A hit is one C-level
+    lookup (dict calls __missing__ itself), which lets the hot loop in `_encode_fast` be two C-level maps. A miss runs
+    the plain loop, or the heap (same ids) for a long piece: it wins from ~100 characters on; words are far shorter."""
 
     def __init__(self, tok):
         self.tok, self.heap = tok, type(tok)._bpe is Tokenizer._bpe  # a subclass's own _bpe is kept
@@ -959,10 +927,9 @@ class _Cache(dict):
 
 
 def _bpe_long(tok, piece):
-    """Tokenizer._bpe in O(n log n), not O(n^2) (a 40k-character word takes seconds there). The
-    symbols form a linked list (nxt/prv); a heap holds (rank, position) of every pair, so its top is
-    the lowest rank, leftmost first: `_bpe`'s pick. A merge kills the right symbol and pushes the
-    two new pairs around it; entries whose pair changed since are stale, skipped when popped."""
+    """Tokenizer._bpe in O(n log n), not O(n^2) (seconds for a 40k-character word). Symbols form a linked list
+    (nxt/prv); a heap holds (rank, position) of every pair, its top the lowest rank, leftmost first: `_bpe`'s pick. A
+    merge kills the right symbol and pushes the two new pairs; stale entries (pair changed since) are skipped."""
     ids = [tok._byte_ids[x] for x in piece.encode("utf-8")]
     get, merged, n = tok._rank_of.get, tok._merged_id, len(ids)
     nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
@@ -984,9 +951,8 @@ def _bpe_long(tok, piece):
 
 
 def _encode_fast(tok, parts):
-    """Tokenizer.encode's plain loop, with the ASCII twin, the cache and no cycle collector."""
-    # A cold cache makes one small list per new pre-token and no reference cycles, so the cycle
-    # collector only burns time here, rescanning the growing cache and output: we pause it.
+    """Tokenizer.encode's plain loop, with the ASCII twin, the cache and no cycle collector: a cold cache makes one
+    small list per new pre-token and no reference cycles: the collector would only rescan the cache and output."""
     gc_was_on = gc.isenabled()
     gc.disable()
     try:

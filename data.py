@@ -1,5 +1,4 @@
-"""
-data.py: from raw web pages (or the Python docs already on your disk) to a clean training corpus.
+"""data.py: from raw web pages (or the Python docs already on your disk) to a clean training corpus.
 
 A language model is mostly its data, and raw crawled text is mostly not what you want to train on: navigation menus,
 cookie banners, other languages, e-mail addresses, spam, a thousand copies of one page, binary garbage. Every large
@@ -12,13 +11,11 @@ pretraining set comes out of a filtering pipeline like this one: the classic sta
 Every input document ends up kept or dropped *with a reason* ("stage:why"), and stats.json accounts for all of
 them: a filter that silently eats half the corpus is easy to write and hard to notice.
 
-The default corpus needs no network: `python data.py` renders the installed standard library's documentation with
-pydoc (plus the `pydoc_data` topics) and pushes the pages through exactly the path a Common Crawl page takes: real
-English with real problems (author e-mails, IP addresses in examples, the same boilerplate "Methods defined here:"
-on every page, near-duplicate pages such as the `encodings.*` codecs).
+The default corpus needs no network: `python data.py` renders the installed stdlib's documentation with pydoc (plus
+the `pydoc_data` topics) and sends the pages down exactly a Common Crawl page's path: real English with real problems
+(author e-mails, IPs in examples, "Methods defined here:" on every page, near-duplicates such as `encodings.*`).
 
-Papers / references
--------------------
+Papers:
 - Gopher rules: Rae et al. 2021, arXiv:2112.11446, App. A. C4's bad-word rule: Raffel et al. 2020, arXiv:1910.10683.
   fastText classifiers: Joulin et al. 2016, arXiv:1607.01759. MinHash: Broder 1997; LSH banding: Leskovec,
   Rajaraman & Ullman, "Mining of Massive Datasets", ch. 3. Why dedup: Lee et al. 2021, arXiv:2107.06499.
@@ -26,8 +23,7 @@ Papers / references
   arXiv:2306.01116), Dolma (Soldaini et al. 2024, arXiv:2402.00159), FineWeb (Penedo et al. 2024, arXiv:2406.17557),
   and Stanford CS336 assignment 4, whose stage function names we borrow.
 
-How to run (CPU only: no stage needs a GPU)
-----------
+How to run (CPU only: no stage needs a GPU):
     python data.py                                   # default corpus -> data/pydocs/{train,val}.txt
     python data.py --modules json,textwrap,csv --out runs/tiny/data    # a few modules, chosen dir
     python data.py --input CC-MAIN-*.warc.gz pages/ docs.jsonl notes.txt --name mine   # WARC/WET, HTML, jsonl, txt
@@ -78,17 +74,15 @@ def _fixture(name):
         raise SystemExit(f"error: cannot read {e.filename} ({e.strerror}); data.py needs its fixtures/ directory")
 
 
-# Write path.tmpPID, fsync, rename: a killed run leaves the old file or the new one, never half. bpe.py owns it.
-atomic_write = bpe._atomic_open
+atomic_write = bpe._atomic_open  # path.tmpPID, fsync, rename: a killed run leaves the old file or the new, never half
 
 
 # ---------------------------------------------------------------
-# Stage 1: HTML -> text.
-# A page is a tree of tags; we want the prose. We walk it with the stdlib HTMLParser, drop subtrees that are never
-# content (script, style, nav, ...), turn block tags into paragraph breaks and keep <pre> verbatim: a tiny cousin of
-# resiliparse / trafilatura (menus that survive are line dedup's job). Real pages are broken: a skipped element whose
-# end tag never comes (an omitted </head>, an open <nav>) would hide the rest of the page, so what it hid is shown
-# after all. <form> is not skipped: ASP.NET wraps the whole body in one.
+# Stage 1: HTML -> text. We walk the tag tree with the stdlib HTMLParser, dropping subtrees that are never content
+# (script, style, nav, ...), turning block tags into paragraph breaks and keeping <pre> verbatim: a tiny cousin of
+# resiliparse/trafilatura (surviving menus are line dedup's job). A skipped element whose end tag never comes (broken
+# pages: an omitted </head>, an open <nav>) would hide the rest, so it is shown after all. <form> is not skipped:
+# ASP.NET wraps the whole body in one.
 _SKIP_TAGS = {"script", "style", "head", "title", "nav", "noscript", "template", "svg", "iframe", "footer", "aside",
               "select"}
 _BLOCK_TAGS = {"p", "div", "section", "article", "main", "header", "h1", "h2", "h3", "h4", "h5", "h6",
@@ -178,13 +172,11 @@ def extract_text_from_html_bytes(html_bytes, http_charset=None):
 
 
 # ---------------------------------------------------------------
-# Stage 2: language identification without a downloaded model.
-# We keep one language: a model trained on a mix spends capacity on all of them. CCNet keeps pages that fastText's
-# lid.176.bin gives > 0.5 confidence; we copy the threshold, not the model, because two cheap signals get far: the
-# Unicode *script* (Han, Kana, Cyrillic, ...) settles most non-Latin languages outright, and among Latin-script ones
-# ~25 stopwords per language plus letters and suffixes that (almost) only one language uses (a hit counts half a
-# stopword) are very distinctive (fixtures/langid.json). fastText is better on short or mixed text: a reader can plug
-# lid.176.bin into identify_language, returning its top label and score.
+# Stage 2: language identification without a downloaded model. We keep one language: a model trained on a mix spends
+# capacity on all of them. CCNet keeps pages fastText's lid.176.bin gives > 0.5 confidence; we copy the threshold, not
+# the model: the Unicode *script* (Han, Kana, Cyrillic, ...) settles most non-Latin languages outright, and among Latin
+# ones ~25 stopwords per language plus letters and suffixes (almost) only one language uses (a hit counts half a
+# stopword) go far (fixtures/langid.json). (fastText is better on short or mixed text: plug it into identify_language.)
 _LID = _fixture("langid")
 _SCRIPTS, _MARKERS = _LID["scripts"], _LID["markers"]
 _STOPWORDS = {lang: set(words.split()) for lang, words in _LID["stopwords"].items()}
@@ -212,24 +204,21 @@ def identify_language(text):
     best, second = sorted(scores, key=scores.get, reverse=True)[:2]
     if scores[best] == 0:
         return "unk", 0.0
-    # Confidence = margin over the runner-up (related languages share stopwords) x evidence (prose is ~40% stopwords;
-    # 10% already counts as full evidence).
+    # Confidence = margin over the runner-up (languages share stopwords) x evidence (prose: ~40% stopwords; 10%: full)
     coverage = min(1.0, scores[best] / (0.10 * len(words) + 1))
     return best, round(scores[best] / (scores[best] + scores[second]) * coverage, 4)
 
 
 # ---------------------------------------------------------------
-# Stage 3: PII masking.
-# A model memorizes rare strings it sees verbatim (an e-mail address, a phone number); Dolma masks them rather than
-# drop the page. Each mask is re.subn: text -> (masked text, count); a placeholder contains none of the characters
+# Stage 3: PII masking. A model memorizes rare strings it sees verbatim (an e-mail address, a phone number); Dolma masks
+# them rather than drop the page. Each mask is re.subn: text -> (masked text, count); no placeholder holds a character
 # the patterns need, so masking twice never counts twice.
-#
-# An address needs a dotted domain ending in 2+ letters ("user@localhost" stays). The lookbehind lets a match start
-# only where a run of address characters starts: else a long run with no '@' is rescanned n times, O(n²).
+# An address needs a dotted domain ending in 2+ letters ("user@localhost" stays). The lookbehind starts a match only
+# where a run of address characters starts: else a long run with no '@' is rescanned n times, O(n²).
 _EMAIL_RE = re.compile(r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
-# US numbers: optional +1, area code with or without parentheses, 3 + 4 digits separated by nothing, '-', '.' or a
-# space (not a newline: a column of numbers is no phone). Digits glued to more digits do not match (a long integer),
-# and area codes never start with 0 or 1, which keeps string.digits ('0123456789') and 1234567890 out.
+# US numbers: optional +1, area code in optional parentheses, 3 + 4 digits, split by nothing, '-', '.' or a space (not
+# a newline: a column of numbers is no phone). No digits glued on (a long integer); area codes never start with 0 or
+# 1, which keeps string.digits ('0123456789') and 1234567890 out.
 _PHONE_RE = re.compile(r"(?<![\w.])(?:\+?1[ .\-]?)?(?:\([2-9]\d\d\)|[2-9]\d\d)[ .\-]?\d{3}[ .\-]?\d{4}(?![\w])")
 # An octet is 0-255, spelled out (a regex cannot compare numbers); the lookarounds refuse "1.2.3.4.5", "10.0.0.1a".
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
@@ -240,11 +229,10 @@ mask_ips = functools.partial(_IP_RE.subn, "|||IP_ADDRESS|||")
 
 
 # ---------------------------------------------------------------
-# Stage 4: Gopher quality rules (Rae et al. 2021, App. A).
-# Cheap heuristics that remove pages that are not prose, before anything costs a model call: too short or too long,
-# word salad (mean word length outside 3-10: minified code, URL lists), "read more..." link lists (> 30% of lines
-# ending in an ellipsis), tables of numbers or symbols (< 80% of words with a letter). The paper's symbol-to-word,
-# bullet-line and stopword rules are left out; each would be one more `if`.
+# Stage 4: Gopher quality rules (Rae et al. 2021, App. A): cheap tests that drop non-prose before any model call: too
+# short or too long, word salad (mean word length outside 3-10: minified code, URL lists), "read more..." link lists
+# (> 30% of lines ending in an ellipsis), tables of numbers or symbols (< 80% of words with a letter). The paper's
+# symbol-to-word, bullet-line and stopword rules are left out; each would be one more `if`.
 def gopher_failure(text):
     """The name of the first Gopher rule `text` breaks, or None if it passes (CS336's gopher_quality_filter)."""
     words = text.split()
@@ -264,16 +252,15 @@ def gopher_failure(text):
 
 
 # ---------------------------------------------------------------
-# Stage 5: fastText-style classifiers (Joulin et al. 2016).
-# "Does this read like a reference page / an insult / porn spam" is easier to show by example than to write as a rule.
-# fastText hashes every word and word bigram into one of `num_buckets` rows of an embedding table (no vocabulary, fixed
-# memory; bigrams give a little word order), averages the rows (EmbeddingBag) and puts one linear layer on top: it
-# trains in seconds and is hard to beat (Dolma and DCLM still filter with it). The defaults train at build time on a few
-# hundred lines written for this repo (fixtures/classifier_train.tsv); the README gives their held-out precision and
-# recall (`eval-classifiers`). They see only words, no context: for real filtering, `train-classifier` on your own data.
-# Toxic and NSFW also get C4's rule (Raffel et al. 2020): drop a page that contains a listed bad word. Our lists
+# Stage 5: fastText-style classifiers (Joulin et al. 2016). "Does this read like a reference page / an insult / porn
+# spam" is easier to show by example than to write as a rule. fastText hashes every word and word bigram into one of
+# `num_buckets` rows of an embedding table (no vocabulary, fixed memory; bigrams give a little word order), averages the
+# rows (EmbeddingBag) and puts one linear layer on top: it trains in seconds and is hard to beat (Dolma and DCLM filter
+# with it). The defaults train at build time on a few hundred lines of fixtures/classifier_train.tsv (held-out scores:
+# README, `eval-classifiers`) and see only words, no context: for real filtering, `train-classifier` on your own data.
+# Toxic and NSFW also get C4's rule (Raffel et al. 2020): drop a page holding a listed bad word. Our lists
 # (fixtures/bad_words.json) hold only words hardly ever neutral ("idiot" and "nude" are the model's call: "the idiot
-# light", "a nude statue"). Rule and model first undo the spellings that dodge a list: f*ck, sh1t, b!tch.
+# light", "a nude statue"). Rule and model first undo spellings that dodge a list: f*ck, sh1t, b!tch.
 _TOKEN = re.compile(r"[\w*@$!#.\-]+")
 _LEET = str.maketrans("013457@$!", "oieastasi")  # digits and symbols that stand in for letters
 
@@ -312,8 +299,7 @@ def _hashed_features(text, num_buckets, max_words=2000):
 def _fasttext_model(num_buckets, dim, num_labels):
     import torch
     model = torch.nn.Sequential(torch.nn.EmbeddingBag(num_buckets, dim, mode="mean"), torch.nn.Linear(dim, num_labels))
-    # Zero-init the table: an unseen bucket adds nothing, not noise (gradients still reach it through the linear).
-    torch.nn.init.zeros_(model[0].weight)
+    torch.nn.init.zeros_(model[0].weight)  # an unseen bucket adds nothing, not noise (still trained via the linear)
     return model
 
 
@@ -380,8 +366,7 @@ def set_classifier(kind, path=None):
 
 
 def classify_batch(kind, texts):
-    """-> (label, its probability) per text (CS336's classify_nsfw(t) is classify_batch("nsfw", [t])[0]). Toxic and
-    NSFW: the model reads de-obfuscated text, and a listed bad word decides outright (label `kind`, probability 1)."""
+    """-> (label, probability) per text (CS336's classify_nsfw(t) is classify_batch("nsfw", [t])[0]); see Stage 5."""
     import torch
     if kind not in _CLASSIFIERS:
         set_classifier(kind)
@@ -411,10 +396,9 @@ def evaluate_classifiers(path=HELDOUT_SET, threshold=0.9):
 
 
 # ---------------------------------------------------------------
-# Stage 6: exact line dedup.
-# A line found in many documents is boilerplate (menus, footers, pydoc's "Methods defined here:"): removing the
-# line, not the page, keeps the prose around it (CCNet does this with paragraphs). Memory grows with the *distinct*
-# lines (at scale, an 8-byte digest per line: n lines collide with probability ~ n²/2^65). Runs after MinHash.
+# Stage 6: exact line dedup. A line found in many documents is boilerplate (menus, footers, pydoc's "Methods defined
+# here:"): removing the line, not the page, keeps the prose around it (CCNet does this with paragraphs). Memory grows
+# with the *distinct* lines (at scale, an 8-byte digest per line: n lines collide with probability ~ n²/2^65).
 def exact_line_dedup_docs(texts, min_docs=2):
     """Drop every line found in >= min_docs documents; -> (texts, lines removed). Documents, not copies: boilerplate
     repeats *across* pages (the CLI default is 10: with 2, every short code line goes). Blank lines stay."""
@@ -428,20 +412,18 @@ def exact_line_dedup_docs(texts, min_docs=2):
 
 
 # ---------------------------------------------------------------
-# Stage 7: MinHash + LSH near-duplicate detection (Broder 1997; MMDS ch. 3).
-# Crawls are full of pages that are the same text with a different header, date or ad; models trained on repeats
-# memorize them and generalize worse (Lee et al. 2021). Exact hashing misses a one-word edit, so we measure overlap:
-# Jaccard(A, B) = |A ∩ B| / |A ∪ B| over the sets of word 5-grams ("shingles"). For a random hash h,
-# P[min h(A) == min h(B)] = Jaccard(A, B) (the minimum of A ∪ B is equally likely to be any element, and both minima
-# agree exactly when it lies in A ∩ B), so K hashes give a signature whose agreement rate estimates Jaccard.
-#
-# Comparing all pairs is O(N²). LSH cuts the signature into b bands of r rows and only compares documents that agree
-# on a whole band: a pair at similarity s becomes a candidate with P = 1 - (1 - s^r)^b, an S-curve with its knee at
-# s ≈ (1/b)^(1/r). Our b = 16, r = 8 (K = 128) puts it at 0.71, below the 0.8 threshold on purpose: P = 0.947 at
-# s = 0.8, 0.9999 at 0.9, 0.06 at 0.5 (FineWeb: 14 bands of 8). The signature's estimate has std sqrt(J(1-J)/K) =
-# 0.035 at J = 0.8, so each candidate pair is verified with the exact Jaccard of its shingle sets. Near-duplication
-# is not transitive (A ~ M ~ B, A !~ B), but we want one survivor per group: connected components, by union-find
-# whose root is always the earliest document, the one we keep.
+# Stage 7: MinHash + LSH near-duplicate detection (Broder 1997; MMDS ch. 3). Crawls are full of pages that are the same
+# text with a different header, date or ad; models trained on repeats memorize them and generalize worse (Lee
+# et al. 2021). Exact hashing misses a one-word edit, so we measure overlap: Jaccard(A, B) = |A ∩ B| / |A ∪ B| over the
+# sets of word 5-grams ("shingles"). For a random hash h, P[min h(A) == min h(B)] = Jaccard(A, B) (the minimum of A ∪ B
+# is equally likely to be any element; both minima agree exactly when it lies in A ∩ B), so the agreement rate of K
+# hashes' minima estimates Jaccard.
+# All pairs cost O(N²). LSH cuts the signature into b bands of r rows and compares only documents that agree on a whole
+# band: a pair at similarity s is a candidate with P = 1 - (1 - s^r)^b, an S-curve with its knee at s ≈ (1/b)^(1/r). Our
+# b = 16, r = 8 (K = 128) puts it at 0.71, below the 0.8 threshold on purpose: P = 0.947 at s = 0.8, 0.9999 at 0.9,
+# 0.06 at 0.5 (FineWeb: 14 bands of 8). The estimate's std is sqrt(J(1-J)/K) = 0.035 at J = 0.8, so each candidate pair
+# is verified by the exact Jaccard of its shingle sets. Near-duplication is not transitive (A ~ M ~ B, A !~ B), but we
+# want one survivor per group: connected components, by union-find rooted at the earliest document, the one we keep.
 _P = np.uint64(0x100000001B3)  # odd multiplier of the polynomial n-gram hash (the FNV-1 prime)
 _COMBINING = regex.compile(r"\p{Mn}")  # every nonspacing mark: accents, but also e.g. the kana dakuten
 
@@ -457,27 +439,23 @@ def normalize_for_dedup(text):
 
 
 def shingles(text, ngrams=5):
-    """The word n-grams of normalize_for_dedup(text); a document shorter than n words is one shingle (so two short
-    copies still match), an empty one has none."""
+    """Word n-grams of normalize_for_dedup(text); under n words, one shingle (short copies still match); empty, none."""
     w = normalize_for_dedup(text).split()
     return {" ".join(w[i:i + ngrams]) for i in range(max(1, len(w) - ngrams + 1))} if w else set()
 
 
 def minhash_params(num_hashes, seed=0):
-    """(a, b) for num_hashes affine permutations h(x) = (a·x + b) mod 2^32 of 32-bit words, a odd (an odd a is
-    invertible mod 2^32, so h is a bijection: no two shingles collide)."""
+    """(a, b) for num_hashes bijections h(x) = (a·x + b) mod 2^32 (a odd: invertible, so no two shingles collide)."""
     a, b = np.random.default_rng(seed).integers(0, 2**32, size=(2, num_hashes), dtype=np.uint32)
     return a | np.uint32(1), b
 
 
 def minhash_signatures(shingle_list, a, b, chunk=4096):
-    """list of (S_i,) uint64 shingle hashes -> (N, K) uint32 signatures, min_x h_k(x).
-
-    A cheap hash family is enough: the inputs are already well-mixed 64-bit hashes, so each h_k is a fresh random
-    relabelling, and any bijection keeps P[argmin over A ∪ B lies in A ∩ B] = Jaccard(A, B). 32-bit arithmetic on
-    the top 32 bits of x halves the memory traffic (the textbook (a·x + b) mod (2^61 - 1) needs 128-bit products).
-    The shingles are laid end to end and cut into (K, chunk) tiles that stay in cache; np.minimum.reduceat takes
-    the per-document minima in a tile (a document split across two tiles gets the min of both)."""
+    """list of (S_i,) uint64 shingle hashes -> (N, K) uint32 signatures, min_x h_k(x). A cheap hash family is enough:
+    the inputs are well-mixed 64-bit hashes, so any bijection h_k relabels them at random and keeps P[argmin over A ∪ B
+    lies in A ∩ B] = Jaccard(A, B). 32-bit math on x's top 32 bits halves the memory traffic (the textbook (a·x + b) mod
+    (2^61 - 1) needs 128-bit products). Shingles laid end to end are cut into (K, chunk) tiles that stay in cache;
+    np.minimum.reduceat takes per-document minima in a tile (a document split across tiles: the min of both)."""
     K, N = len(a), len(shingle_list)
     sigs = np.full((N, K), 2**32 - 1, dtype=np.uint32)  # empty document: all max
     lens = np.array([len(s) for s in shingle_list], dtype=np.int64)
@@ -561,9 +539,7 @@ def minhash_dedup_docs(texts, num_hashes=128, num_bands=16, ngrams=5, jaccard_th
 
 
 # ---------------------------------------------------------------
-# The pipeline. Per-document stages (extract, language, PII) run in a process pool over the stream; corpus-level
-# stages (MinHash, line dedup: they need every document at once) and the batched classifiers run in the parent.
-# Every document gets one fate, kept or dropped as "stage:why": stats.json gives the funnel over STAGES.
+# The pipeline: per-document stages in a process pool over the stream, then whole-corpus stages and classifiers here.
 STAGES = ["source", "extract", "lang", "pii", "minhash", "line_dedup", "gopher", "quality", "toxic", "nsfw"]
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON "\ud800" escape decodes to one; UTF-8 cannot encode it
 _SPECIAL_TOKEN = re.compile(r"<\|([\w\-]+)\|>")  # <|endoftext|>, <|user|>, <|assistant|>, <|im_start|>, ...
@@ -572,10 +548,9 @@ neutralize_special_tokens = functools.partial(_SPECIAL_TOKEN.subn, r"<\1>")
 
 
 def process_document(cfg, item):
-    """(doc_id, kind, payload) -> (doc_id, text | None, drop_reason | None, counts, lang, n_bytes) under cfg's lang,
-    min_lang_confidence, pii; counts: PII masked and repairs made. Language ID runs on the extracted text (tags are
-    English) and before masking (no work on pages we drop); masking runs before dedup, so copies that differ only in
-    an address become duplicates."""
+    """(doc_id, kind, payload) -> (doc_id, text | None, drop_reason | None, counts, lang, n_bytes) under cfg; counts:
+    PII masked and repairs made. Language ID runs on the extracted text (tags are English), before masking (no work on
+    pages we drop); masking runs before dedup: copies differing only in an address become duplicates."""
     doc_id, kind, payload, http_charset = (*item, None)[:4]  # (WARC responses add their HTTP charset)
     if kind == "bad":
         return doc_id, None, f"source:{payload}", {}, None, 0
@@ -671,8 +646,7 @@ def corpus_stages(ids, texts, args, stats):
 
 
 def write_splits(out_dir, ids, texts, val_fraction, tokenizer, workers, stats):
-    """train.txt / val.txt (every document ends with <|endoftext|>), and token files with a tokenizer. A document's
-    split is a hash of its id (stable, whatever else is added); val is never empty."""
+    """train.txt / val.txt (+ .bin with a tokenizer), split by id hash (stable as docs are added; val never empty)."""
     in_val = [int(hashlib.sha1(d.encode()).hexdigest()[:8], 16) % 10000 < val_fraction * 10000 for d in ids]
     if ids and not any(in_val):
         in_val[min(range(len(ids)), key=lambda i: hashlib.sha1(ids[i].encode()).hexdigest())] = True
@@ -722,11 +696,9 @@ def build_corpus(items, args, doc_workers=None):
 
 
 # ---------------------------------------------------------------
-# Making it fast: the shingle hashes.
-# MinHash needs every document's shingles as 64-bit hashes, and hashing strings one at a time in Python is what
-# makes naive dedup slow. Here nothing loops in Python per document, word, shingle or hash: a batch is normalized
-# by one bytes.translate and one regex, and word and n-gram hashes are numpy operations over the whole batch
-# (uint64 wraps mod 2^64). README: the benchmark against datasketch (`python bench.py data`).
+# Making it fast: the shingle hashes. Hashing strings one by one makes naive dedup slow. Here nothing loops in Python
+# per document, word, shingle or hash: a batch is normalized by one bytes.translate and one regex, and word and n-gram
+# hashes are whole-batch numpy operations (uint64 wraps mod 2^64). README: vs datasketch (`python bench.py data`).
 def _mix64(h):
     """splitmix64's finalizer (Steele, Lea & Flood 2014; Stafford's "Mix13"): each input bit flips each output bit
     with probability ~1/2. The hashes below are linear, so without it similar inputs give related minima."""
@@ -762,9 +734,8 @@ def shingle_hashes_batch(texts, ngrams, batch_docs=2000):
     b = np.concatenate([b[:n], np.zeros(40, dtype=np.uint8)])  # padding: 8-byte loads may run past the end
     starts = np.concatenate([[0], np.flatnonzero(b[:n] == 32) + 1])  # (W,) first byte of each word
     lengths = np.diff(np.concatenate([starts, [n + 1]])) - 1  # (W,)
-    # Word hash: the word's bytes as little-endian 64-bit loads, one per 8-byte piece: the length and 1st piece,
-    # then the 2nd-4th pieces for words that long, then the last 8 bytes of longer words (told apart by length,
-    # head and tail only: a deliberate shortcut).
+    # Word hash: little-endian 8-byte loads mixed in turn: length + 1st piece, the 2nd-4th pieces of words that long,
+    # the last 8 bytes of longer ones (told apart by length, head and tail only: a deliberate shortcut).
     u64 = np.ndarray((len(b) - 7,), dtype="<u8", buffer=b, strides=(1,))  # unaligned: bytes i..i+7
     wh = _mix64(lengths.astype(np.uint64) ^ (u64[starts] & _MASKS[np.minimum(lengths, 8)]))  # (W,)
     for k in (1, 2, 3):
@@ -777,9 +748,9 @@ def shingle_hashes_batch(texts, ngrams, batch_docs=2000):
     nw = np.diff(np.concatenate([[-1], np.flatnonzero(is_sep), [len(starts) if n else 0]])) - 1
     wh = wh[~is_sep] if n else np.zeros(0, dtype=np.uint64)
     W, ws = len(wh), np.cumsum(nw) - nw
-    # n-gram hash = w_0·P^(n-1) + w_1·P^(n-2) + ... + w_(n-1) (mod 2^64), grown one word at a time at every position
-    # at once (Horner); windows that run into the next document are masked out. A document shorter than n words is
-    # one shingle: we save its value while the polynomial has exactly as many words.
+    # n-gram hash = w_0·P^(n-1) + w_1·P^(n-2) + ... + w_(n-1) (mod 2^64), grown one word at a time at every position at
+    # once (Horner); windows that run into the next document are masked out. A document shorter than n words is one
+    # shingle: we save its value while the polynomial has exactly as many words.
     h, inside = wh.copy(), np.arange(W) + ngrams - 1 < np.repeat(ws + nw, nw)  # (W,) window fits
     short = []
     for j in range(1, ngrams):
@@ -883,8 +854,7 @@ def main(argv=None):
     modules = args.modules.split(",") if args.modules else stdlib_modules(args.max_submodules)
     docs = iter_stdlib_docs(modules, args.workers, args.render_timeout)
     items = docs if not args.no_topics else (d for d in docs if not d[0].startswith("topic:"))
-    # Rendering is the expensive part and already has the workers: processing the pages in this process is faster
-    # than a second pool competing for the same cores.
+    # Rendering is the costly part and has the workers: processing pages here beats a second pool on the same cores.
     return build_corpus(items, args, doc_workers=1)
 
 
@@ -893,8 +863,8 @@ def main(argv=None):
 # charset), "text" or "bad" (payload = the reason): a billion-page crawl has truncated files; each costs a record.
 def iter_warc(path):
     """Records of a WARC (raw HTTP responses) or WET (extracted text) file, .gz or plain. A record (ISO 28500) is a
-    "WARC/1.0" line, "Key: value" headers, a blank line, Content-Length bytes of body. Common Crawl gzips each
-    record separately, so everything before a cut still decompresses."""
+    "WARC/1.0" line, "Key: value" headers, a blank line, Content-Length bytes of body. Common Crawl gzips each record
+    separately, so everything before a cut still decompresses."""
     n, resync = 0, False
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
@@ -994,11 +964,10 @@ def download(url, cache_dir):
 
 
 # ---------------------------------------------------------------
-# Appendix B: the default corpus. The standard library renders its own documentation.
-# A corpus that needs no download and is byte-identical on every run, so tests and benchmarks can compare outputs.
-# Importing a module can have side effects, so rendering runs in time-boxed workers (SIGALRM, plus a timeout from
-# the parent), output silenced, environment scrubbed (pydoc prints module data such as os.environ!). The rest of
-# this section removes, one by one, every way the machine or the run leaks into a page.
+# Appendix B: the default corpus, the standard library's own documentation: byte-identical on every run, so tests and
+# benchmarks can compare outputs. Importing a module can have side effects, so rendering runs in time-boxed workers
+# (SIGALRM, plus a timeout from the parent), output silenced, environment scrubbed (pydoc prints module data such as
+# os.environ!). The rest of this section removes, one by one, every way the machine or the run leaks into a page.
 # Opens windows, prints on import, or exists only on Windows.
 _SKIP_MODULES = {"antigravity", "this", "tkinter", "turtle", "turtledemo", "idlelib", "pydoc_data",
                  "msilib", "msvcrt", "nt", "winreg", "winsound", "_winapi"}
@@ -1075,8 +1044,7 @@ def render_module_html(name, timeout=20):
         signal.alarm(0)
     # Reprs carry memory addresses that change every run ("<object object at 0x7f..>", "handle 7f.."): drop them.
     page = re.sub(r"(?:\s|&nbsp;)(?:at(?:\s|&nbsp;)0x[0-9a-fA-F]+|handle(?:\s|&nbsp;)[0-9a-fA-F]{8,})", "", page)
-    # Where Python is installed is a fact about this machine: install prefixes become /usr, the working directory
-    # ".". Longest first, so a path is never half-rewritten through a shorter path it starts with.
+    # Machine facts: install prefixes become /usr, the cwd "."; longest first: no path is half-rewritten via a prefix.
     for path, neutral in sorted(_MACHINE_PATHS.items(), key=lambda kv: -len(kv[0])):
         page = page.replace(path, neutral)
     return name, page, None
@@ -1091,10 +1059,10 @@ def iter_stdlib_docs(modules, workers, timeout=20, shard_size=40):
     """Yield (doc_id, "html", bytes) for each module, in order, then the pydoc_data topics."""
     import pydoc
     from pydoc_data.topics import topics
-    # A page can depend on what its process imported before (pydoc finds where a class "lives" in sys.modules), so
-    # each fixed shard of modules gets a fresh process: the output depends only on the module list. Workers get a
-    # fixed PYTHONHASHSEED (set reprs), TZ=UTC (the time module's page) and no HOME (site's ~/.local); the pool
-    # respawns workers from the parent's environment, so it stays set until the pool closes.
+    # A page can depend on what its process imported before (pydoc finds where a class "lives" in sys.modules), so each
+    # fixed shard of modules gets a fresh process: the output depends only on the module list. Workers get a fixed
+    # PYTHONHASHSEED (set reprs), TZ=UTC (the time module's page), no HOME (site's ~/.local); the pool respawns them
+    # from the parent's environment, so it stays set until the pool closes.
     saved = dict(os.environ)
     os.environ.update({"PYTHONHASHSEED": "0", "TZ": "UTC", "HOME": "/nonexistent"})
     os.environ.pop("PYTHONUSERBASE", None)
