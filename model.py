@@ -54,9 +54,8 @@ import torch.utils.checkpoint
 
 
 def default_d_ff(d_model: int, ffn: str = "swiglu") -> int:
-    """SwiGLU has three matrices instead of two, so Shazeer shrinks the hidden size to 8/3·d to
-    keep the parameter count of a 4·d ReLU MLP; we round to a multiple of 64 for fast matmuls.
-    The two-matrix MLPs keep the classic 4·d, which matches SwiGLU's count (2·4d·d ≈ 3·(8/3)d·d)."""
+    """SwiGLU has three matrices, not two, so Shazeer shrinks the hidden size to 8/3·d to keep a 4·d ReLU MLP's
+    parameter count (3·(8/3)d·d ≈ 2·4d·d: two-matrix MLPs keep 4·d); we round to a multiple of 64 for fast matmuls."""
     return max(64, 64 * round(8 * d_model / 3 / 64)) if ffn == "swiglu" else 4 * d_model
 
 
@@ -144,9 +143,8 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) * weight. Unlike LayerNorm there is no mean subtraction and no
-    bias: rescaling alone is enough to keep activations tame, and it is cheaper. We square and
-    average in fp32 because bf16 sums of squares lose too many bits, then cast back."""
+    """x / sqrt(mean(x²) + eps) * weight. Unlike LayerNorm, no mean subtraction and no bias: rescaling alone keeps
+    activations tame, and is cheaper. We square and average in fp32 (bf16 sums of squares lose too many bits)."""
 
     def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
@@ -161,8 +159,7 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """(x - mean(x)) / sqrt(var(x) + eps) * weight + bias (Ba et al. 2016; GPT-2's norm). RMSNorm
-    is this without the centring and the bias; same fp32 statistics."""
+    """(x - mean(x)) / sqrt(var(x) + eps) * weight + bias (Ba et al. 2016; GPT-2's): RMSNorm plus centring and bias."""
 
     def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
@@ -279,10 +276,9 @@ def softmax(x, dim: int = -1):
 
 
 def scaled_dot_product_attention(Q, K, V, mask=None, dropout_p: float = 0.0):
-    """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V.
-    Q (..., T_q, d_k), K (..., T_k, d_k), V (..., T_k, d_v); mask (T_q, T_k) bool, True = may
-    attend. Dividing by sqrt(d_k) keeps the dot products at unit variance so softmax does not
-    saturate. Masked scores become -inf, i.e. exactly zero weight after the softmax."""
+    """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V. Q (..., T_q, d_k), K (..., T_k, d_k), V (..., T_k, d_v);
+    mask (T_q, T_k) bool, True = may attend. Dividing by sqrt(d_k) keeps the dot products at unit variance so
+    softmax does not saturate. Masked scores become -inf, i.e. exactly zero weight after the softmax."""
     scores = Q @ K.transpose(-2, -1) / math.sqrt(Q.shape[-1])  # (..., T_q, T_k)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -298,9 +294,8 @@ def sinusoidal_table(max_len: int, d_model: int):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE: rotate each pair (x[2k], x[2k+1]) of a query/key by the angle pos·θ^(-2k/d).
-    A rotation by angle a·i on q and a·j on k leaves q·k depending only on a·(i - j): the
-    attention score sees *relative* position, with no learned position table at all."""
+    """RoPE: rotate each pair (x[2k], x[2k+1]) of a query/key by the angle pos·θ^(-2k/d). Rotating q by a·i and k by
+    a·j leaves q·k depending only on a·(i - j): the score sees *relative* position, with no position table at all."""
 
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
         super().__init__()
@@ -316,8 +311,7 @@ class RotaryEmbedding(nn.Module):
         # x (..., T, d_k); token_positions (..., T) broadcastable against x's leading dims.
         # For each pair (x1, x2) = (x[2k], x[2k+1]) the 2-D rotation is
         #     x1' = x1·cos - x2·sin,    x2' = x2·cos + x1·sin.
-        # Swapping the members of every pair gives (x2, x1); times (-sin, +sin) that is the second
-        # term for both at once, so the whole rotation is two multiplies and an add.
+        # Swapping each pair gives (x2, x1); times (-sin, +sin) that is both second terms: two multiplies and an add.
         cos = self.cos[token_positions].to(x.dtype)  # (..., T, d_k)
         sin = self.sin[token_positions].to(x.dtype)
         swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x2, x1, x4, x3, ...)
@@ -325,10 +319,9 @@ class RotaryEmbedding(nn.Module):
 
 
 class MultiHeadSelfAttention(nn.Module):
-    """Causal multi-head self-attention with RoPE and optional grouped-query attention (GQA):
-    num_kv_heads < num_heads lets groups of query heads share one key/value head, shrinking the
-    KV cache by num_heads/num_kv_heads at a small quality cost. Heads are laid out head-major in
-    the projection rows: rows [h·d_k, (h+1)·d_k) of q_proj belong to head h."""
+    """Causal multi-head self-attention with RoPE and optional grouped-query attention (GQA): num_kv_heads <
+    num_heads lets groups of query heads share one key/value head, shrinking the KV cache by num_heads/num_kv_heads
+    at a small quality cost. Heads are laid out head-major: rows [h·d_k, (h+1)·d_k) of q_proj belong to head h."""
 
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
@@ -343,9 +336,8 @@ class MultiHeadSelfAttention(nn.Module):
 
     def forward(self, x, start_pos: int = 0, kv_cache=None):
         B, T, _ = x.shape
-        # Rotate while q, k are still contiguous (B, T, heads, d_k), then move heads forward for
-        # attention: elementwise work on the transposed layout is measurably slower on CPU.
-        # Positions shaped (T, 1) broadcast over the heads axis.
+        # Rotate while q, k are still contiguous (B, T, heads, d_k), then move heads forward for attention
+        # (elementwise work on the transposed layout is measurably slower on CPU); (T, 1) positions broadcast.
         pos = torch.arange(start_pos, start_pos + T, device=x.device)[:, None]  # (T, 1)
         q = self.q_proj(x).view(B, T, self.num_heads, self.d_k)  # (B, T, H, d_k)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.d_k)  # (B, T, Hkv, d_k)
@@ -376,9 +368,8 @@ class MultiHeadSelfAttention(nn.Module):
         p = self.cfg.dropout if self.training and torch.is_grad_enabled() else 0.0  # attention dropout, as in the block
         if backend == "triton" and T_q == T_k and not window and not p:  # decode steps, windows, dropout: sdpa below
             return _triton_attention(q, k, v, causal)
-        # With a KV cache the T_q new queries are the *last* T_q of the T_k positions: query i sits
-        # at absolute position (T_k - T_q) + i and may see keys j ≤ (T_k - T_q) + i. A single
-        # decoding query (T_q = 1) sees everything cached, so it needs no mask at all.
+        # With a KV cache the T_q new queries are the *last* T_q of the T_k positions: query i sits at position
+        # (T_k - T_q) + i and may see keys j ≤ (T_k - T_q) + i. One decoding query (T_q = 1) sees it all: no mask.
         mask = None
         if causal and (T_q > 1 or window):
             i = torch.arange(T_q, device=q.device)[:, None] + (T_k - T_q)
@@ -396,9 +387,8 @@ class MultiHeadSelfAttention(nn.Module):
 
 
 def _triton_attention(q, k, v, causal):
-    """Our FlashAttention-2 kernel from kernels.py, imported only when asked for, so model.py
-    runs anywhere torch does. Triton kernels need a CUDA device; without one kernels.py switches
-    Triton to its interpreter (TRITON_INTERPRET=1: correct, ~1000x slower, fine for tests)."""
+    """Our FlashAttention-2 kernel from kernels.py, imported only when asked for, so model.py runs anywhere torch does.
+    Without CUDA, kernels.py runs Triton's interpreter (TRITON_INTERPRET=1: correct, ~1000x slower, fine for tests)."""
     try:
         import kernels
     except ImportError as e:  # triton missing, or kernels.py not next to model.py
@@ -413,9 +403,8 @@ def _triton_attention(q, k, v, causal):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm residual block: x = x + attn(ln1(x)); x = x + ffn(ln2(x)). Normalizing the
-    *input* of each sublayer leaves the residual stream an untouched identity path from the
-    embedding to the output, which is why deep pre-norm stacks train without warmup tricks."""
+    """Pre-norm residual block: x = x + attn(ln1(x)); x = x + ffn(ln2(x)). Normalizing each sublayer's *input* leaves
+    the residual stream an untouched identity path, which is why deep pre-norm stacks need no warmup tricks."""
 
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
@@ -436,13 +425,11 @@ class TransformerBlock(nn.Module):
 
 
 class KVCache:
-    """Per-layer key/value buffers, preallocated to max_len. `pos` = number of positions filled.
-    Speculative decoding rolls back rejected tokens by just lowering `pos`."""
+    """Per-layer key/value buffers preallocated to max_len; `pos` = positions filled (lower it to roll back drafts)."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        # Why cache: at step t the keys/values of tokens < t are the same as at step t-1 (causal
-        # attention never lets a token see the future), so recomputing them is wasted work. The
-        # cache costs 2·L·Hkv·d_k·T numbers per sequence, which is what GQA shrinks.
+        # Why cache: at step t the keys/values of tokens < t equal those at step t-1 (causal attention never sees
+        # the future), so recomputing them is waste. It holds 2·L·Hkv·d_k·T numbers per sequence: what GQA shrinks.
         shape = (batch_size, cfg.num_kv_heads, max_len, cfg.d_model // cfg.num_heads)
         self.layers = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                        for _ in range(cfg.num_layers)]  # (k_buf, v_buf) per layer, each (B, Hkv, max_len, d_k)
@@ -478,8 +465,7 @@ class TransformerLM(nn.Module):
         return float(sum(m.aux_loss.detach() for m in moe)), [m.fractions.tolist() for m in moe]
 
     def hidden(self, idx, kv_cache: KVCache | None = None):
-        """The last layer's normalized features (B, T, C), i.e. everything but the lm_head (a
-        reward model or classifier puts its own head here)."""
+        """The last layer's normalized features (B, T, C): all but the lm_head (a reward model puts its head here)."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.cfg.context_length:
@@ -502,10 +488,9 @@ class TransformerLM(nn.Module):
         return self.ln_final(x)  # (B, T, C)
 
     def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
-        """Parameter count (a tied matrix counts once). non_embedding=True drops the input
-        embedding table, which is a lookup and costs no FLOPs (Kaplan et al.'s N); a tied
-        table stays, because as lm_head it does a full matmul. active=True: of a mixture of
-        experts, only the k experts a token runs through (see MoE)."""
+        """Parameter count (a tied matrix counts once). non_embedding=True drops the input embedding table, a lookup
+        that costs no FLOPs (Kaplan et al.'s N); a tied table stays: as lm_head it does a full matmul. active=True:
+        of a mixture of experts, only the k experts a token runs through (see MoE)."""
         n = sum(p.numel() for p in self.parameters())
         if active and self.cfg.num_experts > 1:
             idle = self.cfg.num_experts - self.cfg.experts_top_k
@@ -520,9 +505,8 @@ class TransformerLM(nn.Module):
 
 
 def mlm_corrupt(idx, mask_token_id: int, vocab_size: int, generator=None, mask_prob: float = 0.15):
-    """Select mask_prob of the positions; of those 80% become [MASK], 10% a random token, 10%
-    stay unchanged (so the model cannot learn "only [MASK] positions matter"). Returns
-    (inputs, labels) with labels = -100 (ignored by the loss) at unselected positions."""
+    """Select mask_prob of the positions; of those 80% become [MASK], 10% a random token, 10% stay unchanged (so the
+    model cannot learn "only [MASK] positions matter"). -> (inputs, labels); labels are -100 (ignored) elsewhere."""
     u = torch.rand(idx.shape, generator=generator, device=idx.device)
     selected = u < mask_prob
     labels = torch.where(selected, idx, torch.full_like(idx, -100))
@@ -557,22 +541,20 @@ def count_params(cfg: ModelConfig, non_embedding: bool = False, active: bool = F
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
-    """Training FLOPs per token (forward + backward) = 6N + 12·L·d·T (PaLM appendix B).
-    6N: each weight does one multiply-add (2 FLOPs) per token forward and twice that backward.
-    12·L·d·T: the attention matmuls QK^T and AV, which have no weights but cost 2·2·T·d per
-    layer per token forward (x3 for fwd+bwd). We count the full T×T square, like PaLM and
-    nanoGPT, even though a causal kernel skips half of it (and a `window` all but a band)."""
+    """Training FLOPs per token (forward + backward) = 6N + 12·L·d·T (PaLM appendix B). 6N: each weight does one
+    multiply-add (2 FLOPs) per token forward and twice that backward. 12·L·d·T: the attention matmuls QK^T and AV,
+    with no weights but 2·2·T·d FLOPs per layer per token forward (x3 for fwd+bwd). We count the full T×T square,
+    like PaLM and nanoGPT, though a causal kernel skips half of it (and a `window` all but a band)."""
     T = seq_len or cfg.context_length
     return 6 * count_params(cfg, non_embedding=True, active=True) + 12 * cfg.num_layers * cfg.d_model * T  # MoE: active N
 
 
 def memory_bytes(cfg: ModelConfig, batch_size: int) -> dict:
-    """Training memory (bytes) in bf16 mixed precision for one batch_size x context_length batch:
-    weights and grads 2 bytes per parameter, AdamW 12 (fp32 master copy + two moments: ZeRO's 16
-    bytes/parameter), and the activations autograd keeps for a bf16 forward's backward, counted
-    from our code (a test checks it against the tensors autograd really saves). Per token and
-    layer: each RMSNorm keeps fp32 input and output, each projection its bf16 input, attention
-    q, k, v, its output and RoPE's cos/sin rows (no T x T matrix: fused kernel), SwiGLU five
+    """Training memory (bytes) in bf16 mixed precision for one batch_size x context_length batch: weights and grads
+    2 bytes per parameter, AdamW 12 (fp32 master copy + two moments: ZeRO's 16 bytes/parameter), and the activations
+    autograd keeps for a bf16 forward's backward, counted from our code (a test checks it against the tensors
+    autograd really saves). Per token and layer: each RMSNorm keeps fp32 input and output, each projection its bf16
+    input, attention q, k, v, its output and RoPE's cos/sin rows (no T x T matrix: fused kernel), SwiGLU five
     d_ff-wide tensors. After the last layer: the final norm and the fp32 logits of the loss."""
     n, d, f, d_k = count_params(cfg), cfg.d_model, cfg.d_ff, cfg.d_model // cfg.num_heads
     norms, inputs, attn = 2 * (4 * d + 4 * d + 4), 2 * 2 * d, 2 * 4 * d + 4 * cfg.num_heads + 2 * 4 * d_k
@@ -582,9 +564,8 @@ def memory_bytes(cfg: ModelConfig, batch_size: int) -> dict:
     return {"weights": 2 * n, "grads": 2 * n, "optimizer": 12 * n, "activations": tokens * (cfg.num_layers * per_layer + last)}
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendor datasheets, keyed by the exact name
-# torch.cuda.get_device_name() reports. PCIe, SXM and NVL parts of one chip differ (clock, power),
-# so we match exactly instead of by substring ("l40" must not match "l4").
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendor datasheets, keyed by the exact torch.cuda.get_device_name().
+# PCIe, SXM and NVL parts of one chip differ (clock, power): match exactly, not by substring ("l40" is not "l4").
 PEAK_FLOPS = {
     "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA GH200 480GB": 989e12,
     "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,  # SXM | PCIe | NVL
@@ -602,8 +583,7 @@ def device_peak_flops(device=None) -> float | None:
 
 
 def estimate_mfu(cfg: ModelConfig, tokens_per_s: float, peak_flops: float | None = None, seq_len: int | None = None, device=None) -> float | None:
-    """Model FLOPs utilization = achieved model FLOP/s / peak FLOP/s (a fraction, 0.5 = 50%).
-    Returns None when the peak is unknown (CPU) and none is given."""
+    """Model FLOPs utilization = achieved model FLOP/s / peak FLOP/s (0.5 = 50%); None if no peak is known (CPU)."""
     peak = peak_flops or device_peak_flops(device)
     if not peak:
         return None
@@ -615,10 +595,9 @@ def estimate_mfu(cfg: ModelConfig, tokens_per_s: float, peak_flops: float | None
 
 
 def logits_to_probs(logits, temperature: float = 1.0, top_k=None, top_p=None, min_p=None):
-    """Turn last-position logits (B, V) into a sampling distribution (B, V).
-    temperature 0 = greedy (a one-hot on the argmax); top-k keeps the k most likely tokens;
-    min-p drops tokens with p < min_p·p_max; top-p keeps the smallest set with mass ≥ top_p.
-    Out-of-range knobs are a ValueError (the CLIs print it as one line) rather than a silent
+    """Turn last-position logits (B, V) into a sampling distribution (B, V). temperature 0 = greedy (a one-hot on
+    the argmax); top-k keeps the k most likely tokens; min-p drops tokens with p < min_p·p_max; top-p keeps the
+    smallest set with mass ≥ top_p. Out-of-range knobs are a ValueError (one line in the CLIs), not a silent
     surprise: T < 0 would reverse the distribution, top_p = 0 would drop every token."""
     if (temperature < 0 or (top_k is not None and top_k < 0) or (top_p is not None and not 0 < top_p <= 1)
             or (min_p is not None and not 0 <= min_p <= 1)):
@@ -652,14 +631,12 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k=No
 
 @torch.no_grad()
 def stream(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None, min_p=None, stop_token=None, generator=None):
-    """generate() one step at a time: yields (next ids (B, 1), the distribution they came from (B, V)),
-    so a chat can print each token as it is sampled. The prompt is run once (prefill) to fill the
-    KV cache; after that each step feeds only the newest token, so a step costs O(T) attention
-    instead of re-running the whole sequence. Once the window is full we slide it like nanoGPT
-    (re-run the last context_length tokens, no cache)."""
-    # Temperature divides the logits before the softmax: < 1 sharpens toward the argmax, > 1
-    # flattens toward uniform. The truncations (top-k, top-p, min-p) cut off the unreliable tail
-    # that, summed over thousands of tokens, otherwise derails long samples.
+    """generate() one step at a time: yields (next ids (B, 1), the distribution they came from (B, V)), so a chat
+    can print each token as it is sampled. The prompt is run once (prefill) to fill the KV cache; after that each
+    step feeds only the newest token, so a step costs O(T) attention instead of re-running the whole sequence. Once
+    the window is full we slide it like nanoGPT (re-run the last context_length tokens, no cache)."""
+    # Temperature divides the logits before the softmax: < 1 sharpens toward the argmax, > 1 flattens toward uniform.
+    # Truncation (top-k, top-p, min-p) cuts the unreliable tail that, summed over many tokens, derails long samples.
     cfg = model.cfg
     ctx = cfg.context_length
     dtype = next(model.parameters()).dtype
@@ -688,17 +665,15 @@ def stream(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None
 
 
 def speculative_accept(p, q, draft_tokens, generator=None):
-    """The accept/reject rule that makes speculative sampling exact.
-    p (k+1, V): target distributions at the k drafted positions plus one more; q (k, V): draft
-    distributions; draft_tokens (k,) were sampled from q. Accept x_i with probability
-    min(1, p_i(x_i)/q_i(x_i)); at the first rejection sample from normalize(max(0, p_i - q_i))
-    and stop; if all k are accepted, sample a bonus token from p_{k+1}. Then every emitted token
-    is distributed exactly as the target would have sampled it (Leviathan et al. 2022, Thm 1):
+    """The accept/reject rule that makes speculative sampling exact. p (k+1, V): target distributions at the k
+    drafted positions plus one more; q (k, V): draft distributions; draft_tokens (k,) were sampled from q. Accept
+    x_i with probability min(1, p_i(x_i)/q_i(x_i)); at the first rejection sample from normalize(max(0, p_i - q_i))
+    and stop; if all k are accepted, sample a bonus token from p_{k+1}. Then every emitted token is distributed
+    exactly as the target would have sampled it (Leviathan et al. 2022, Thm 1):
         P(emit x) = P(draft x and accept) + P(reject) · residual(x)
                   = q(x)·min(1, p(x)/q(x)) + (1 - Σ_y min(p(y), q(y))) · max(0, p(x)-q(x)) / Σ_y max(0, p(y)-q(y))
                   = min(p(x), q(x)) + max(0, p(x) - q(x)) = p(x),
-    because Σ max(0, p-q) = 1 - Σ min(p, q) (both distributions sum to one).
-    Returns the list of emitted token ids (length 1..k+1)."""
+    because Σ max(0, p-q) = 1 - Σ min(p, q) (both distributions sum to one). -> the emitted token ids (1..k+1)."""
     out = []
     for i, x in enumerate(draft_tokens.tolist()):
         r = torch.rand((), generator=generator, device=p.device)
@@ -716,10 +691,9 @@ def speculative_accept(p, q, draft_tokens, generator=None):
 
 @torch.no_grad()
 def speculative_generate(target, draft, idx, max_new_tokens: int, k: int = 4, temperature: float = 1.0, generator=None, stats=None):
-    """Let a small draft model propose k tokens, verify them all in ONE target forward pass, keep
-    the accepted prefix (+1 token from the target). Same output distribution as sampling the
-    target alone, but up to k+1 tokens per target pass. Batch size 1; the prompt plus the new
-    tokens must fit in both context windows. `stats` (a dict) receives proposed/accepted counts."""
+    """A small draft model proposes k tokens, ONE target forward pass verifies them all, and we keep the accepted
+    prefix (+1 token from the target): the target's own output distribution, at up to k+1 tokens per target pass.
+    Batch size 1; prompt + new tokens must fit both context windows. `stats` (a dict) gets proposed/accepted counts."""
     if idx.shape[0] != 1:
         raise ValueError("speculative_generate supports batch size 1")
     T0 = idx.shape[1]
@@ -821,8 +795,7 @@ def quantize_checkpoint(ckpt_path: str, bits: int, group_size: int, out: str):
 
 
 def pick_device(name=None) -> str:
-    """cuda -> mps -> cpu when `name` is None; otherwise `name`, if this machine has it.
-    Asking for a device that is not there is a one-line error, not torch's 20-line traceback."""
+    """cuda -> mps -> cpu, or `name` if this machine has it (else a one-line error, not torch's 20-line traceback)."""
     mps = torch.backends.mps.is_available()
     if name is None:
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
@@ -851,8 +824,7 @@ def read_checkpoint(src) -> dict:
 
 
 def load_model(src, device="cpu"):
-    """Build a TransformerLM from a checkpoint's config and load its weights. Returns (model in
-    eval mode, the checkpoint dict). torch.compile'd models save keys prefixed "_orig_mod.": stripped."""
+    """Checkpoint -> (TransformerLM in eval mode, checkpoint dict); torch.compile's "_orig_mod." prefix is stripped."""
     ckpt = read_checkpoint(src)
     model = TransformerLM(cfg := ModelConfig(**ckpt["config"]))
     if cfg.quant_bits:  # same modules as the saved ones; their (random) contents are overwritten below
@@ -866,9 +838,8 @@ def load_model(src, device="cpu"):
 
 
 def _rope_rows_to_hf(w, num_heads: int):
-    """Our RoPE rotates interleaved pairs (2i, 2i+1); HF's rotate_half pairs (i, i + d/2).
-    Reorder each head's rows to [0, 2, 4, ..., 1, 3, 5, ...]: q·k is unchanged because q and k
-    get the same permutation, and each pair lands where HF expects it."""
+    """Our RoPE rotates interleaved pairs (2i, 2i+1); HF's rotate_half pairs (i, i + d/2). Reorder each head's rows
+    to [0, 2, 4, ..., 1, 3, 5, ...]: q·k is unchanged (q, k share the permutation); pairs land where HF expects."""
     d_out, d_in = w.shape
     d_k = d_out // num_heads
     perm = torch.cat([torch.arange(0, d_k, 2), torch.arange(1, d_k, 2)])
@@ -911,9 +882,8 @@ def to_hf_llama(model):
 
 
 def export_hf(ckpt_path: str, out_dir: str):
-    """Read a train.py checkpoint, write a directory LlamaForCausalLM.from_pretrained loads. The
-    export is written to a temp dir beside out_dir and swapped in whole: a crash or a full disk
-    leaves the previous export in place, never a mix of old and new files."""
+    """Read a train.py checkpoint, write a directory LlamaForCausalLM.from_pretrained loads, via a temp dir beside
+    out_dir swapped in whole: a crash or a full disk leaves the previous export, never a mix of old and new."""
     try:
         from transformers import LlamaForCausalLM
     except ImportError:

@@ -1,23 +1,20 @@
 """Parallel training from scratch: DDP, bucketed DDP, ZeRO-1, FSDP (ZeRO-3), tensor and pipeline parallelism.
 
-The problem. One device has a fixed amount of compute and memory. To train faster we split the
-*batch* across devices (data parallelism); to train a model that does not fit we split the
-*model state* (ZeRO / FSDP), the *matrices* (tensor parallelism) or the *layers* (pipeline
-parallelism). Every variant here is ~50 lines on top of four `torch.distributed` collectives:
+The problem. One device has fixed compute and memory. To train faster we split the *batch* (data parallelism); to
+train a model that does not fit we split the *model state* (ZeRO / FSDP), the *matrices* (tensor parallelism) or the
+*layers* (pipeline parallelism). Each variant is ~50 lines on four `torch.distributed` collectives:
 
     all_reduce      every rank ends with the sum of everyone's tensor      (gradients in DDP)
     broadcast       every rank ends with rank r's tensor                   (ZeRO-1 parameters)
     all_gather      every rank ends with the concatenation of all shards   (FSDP forward)
     reduce_scatter  rank r ends with shard r of the sum                    (FSDP backward)
 
-A ring all-reduce is a reduce-scatter followed by an all-gather, so each rank sends about
-2·(N-1)/N × the payload. That is why FSDP (all-gather + reduce-scatter) costs about the same bytes
-as DDP (all-reduce) while storing only 1/N of the weights.
+A ring all-reduce is a reduce-scatter followed by an all-gather (each rank sends ~2·(N-1)/N × the payload), which is
+why FSDP (all-gather + reduce-scatter) costs about DDP's bytes (all-reduce) while storing 1/N of the weights.
 
-Memory per rank, Ψ params on N ranks, AdamW in fp32 (4 B weight + 4 B grad + 8 B moments; the ZeRO
-paper's mixed precision, 2 + 2 + 12, also makes 16): DDP 16Ψ, ZeRO-1 8Ψ + 8Ψ/N, ZeRO-3 16Ψ/N.
-Tensor parallelism (Megatron) splits each matrix and pays an activation all-reduce per block;
-pipeline parallelism (GPipe) splits the layers and idles (p-1)/(m+p-1) of the time.
+Memory per rank, Ψ params on N ranks, AdamW in fp32 (4 B weight + 4 B grad + 8 B moments; ZeRO's mixed precision,
+2+2+12, also makes 16): DDP 16Ψ, ZeRO-1 8Ψ + 8Ψ/N, ZeRO-3 16Ψ/N. Tensor parallelism (Megatron) splits each matrix,
+paying an activation all-reduce per block; pipeline parallelism (GPipe) splits the layers and idles (p-1)/(m+p-1).
 
 Papers:
     Li et al. 2020, "PyTorch Distributed: Experiences on Accelerating Data Parallel Training" (arXiv:2006.15704)
@@ -26,7 +23,7 @@ Papers:
     Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion Parameter Language Models Using Model Parallelism" (arXiv:1909.08053)
     Huang et al. 2018, "GPipe: Efficient Training of Giant Neural Networks using Pipeline Parallelism" (arXiv:1811.06965)
 
-Run it:
+Run it (gloo on CPU, NCCL on CUDA, chosen by `setup_distributed`; nothing here assumes a GPU):
     python parallel.py demo --world-size 2                    # every variant on model.py's TransformerLM, gloo, ~1 min on 2 CPU cores
     python -m pytest -q test_all.py -k parallel               # each variant == one process (2 gloo ranks)
     # the real path: train.py wraps the model in our BucketedDDP (or torch's FSDP2 with --fsdp)
@@ -34,8 +31,6 @@ Run it:
     torchrun --standalone --nproc_per_node=8 train.py --data data/pydocs --fsdp
     # multi-node: the same command on every node, meeting at one rendezvous endpoint
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-id=run1 --rdzv-backend=c10d --rdzv-endpoint=HOST0:29500 train.py ...
-
-Backend: gloo on CPU, NCCL on CUDA (chosen by `setup_distributed`). Nothing here assumes a GPU.
 """
 import argparse
 import contextlib
@@ -112,11 +107,10 @@ def _broadcast_from_rank0(module):
 
 
 # ---------------------------------------------------------------
-# FSDP2 for train.py. `train.py --fsdp` shards with torch's own FSDP2 (`fully_shard`, the
-# production twin of the FSDP class below): every parameter becomes a DTensor holding 1/N of
-# the rows. Three places in a training loop must then know about shards, and they live here so
-# train.py reads as the plain loop: wrapping, checkpoints (gather the full tensors to save,
-# scatter them back to load) and the global gradient norm. Plus the one gather DDP needs too.
+# FSDP2 for train.py. `train.py --fsdp` shards with torch's own FSDP2 (`fully_shard`, the production twin of the
+# FSDP class below): every parameter becomes a DTensor holding 1/N of the rows. Three places in a training loop must
+# then know about shards, and they live here so train.py reads as the plain loop: wrapping, checkpoints (gather the
+# full tensors to save, scatter them back to load) and the global gradient norm. Plus the one gather DDP needs too.
 
 def fsdp_wrap(model):
     """Shard a TransformerLM in place: each block gathers its params just in time and frees them
@@ -133,8 +127,7 @@ def is_fsdp(model):
 
 
 def fsdp_state_dicts(model, optimizers):
-    """(model state dict, [optimizer state dicts]) with full, unsharded tensors on the CPU: the
-    checkpoint one process would write. Collective: every rank calls it, rank 0 saves."""
+    """Full, unsharded (model, [optimizer]) state dicts on the CPU; collective: every rank calls it, rank 0 saves."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     o = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=o), [get_optimizer_state_dict(model, opt, options=o) for opt in optimizers]
@@ -161,8 +154,7 @@ def fsdp_clip_grad_norm(params, max_norm, eps=1e-6):
 
 
 def gather_object(obj):
-    """[rank 0's obj, rank 1's obj, ...] on every rank ([obj] without a process group): train.py saves
-    every rank's batch-generator state this way."""
+    """Every rank's obj in rank order, on every rank ([obj] without a process group): train.py's generator states."""
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
@@ -171,12 +163,11 @@ def gather_object(obj):
 
 
 # ---------------------------------------------------------------
-# DDP, one all-reduce per parameter. The trick that makes DDP fast is overlap: the gradient of the
-# last layer is ready long before backward reaches the first layer, so we start its all-reduce at
-# once (async_op=True returns a handle) and let communication run while autograd keeps computing.
-# `register_post_accumulate_grad_hook` fires after autograd has written the *final* gradient of
-# this backward into p.grad; a tied parameter is a single leaf with a single AccumulateGrad node,
-# so its hook fires once, after both uses have been summed.
+# DDP, one all-reduce per parameter. The trick that makes DDP fast is overlap: the gradient of the last layer is
+# ready long before backward reaches the first layer, so we start its all-reduce at once (async_op=True returns a
+# handle) and let communication run while autograd keeps computing. `register_post_accumulate_grad_hook` fires after
+# autograd has written the *final* gradient of this backward into p.grad; a tied parameter is a single leaf with a
+# single AccumulateGrad node, so its hook fires once, after both uses are summed.
 
 class DDP(nn.Module):
     def __init__(self, module):
@@ -201,8 +192,7 @@ class DDP(nn.Module):
 
     @contextlib.contextmanager
     def no_sync(self):
-        """Gradient accumulation: let grads pile up locally; the backward after the block syncs.
-        The all-reduce is linear, so one all-reduce of the accumulated sum = the sum of k all-reduces."""
+        """Gradient accumulation: grads pile up locally; the backward after the block syncs (all-reduce is linear)."""
         prev, self._sync = self._sync, False
         try:
             yield
@@ -210,8 +200,7 @@ class DDP(nn.Module):
             self._sync = prev
 
     def finish_gradient_synchronization(self):
-        # all_reduce sums; every rank computed the mean over its own shard of the batch, so
-        # mean over the global batch = sum / world_size (averaged, not summed).
+        # all_reduce sums; each rank's grad is the mean over its batch shard, so the global mean is sum / world_size.
         for work, p in self._handles:
             work.wait()
             p.grad.div_(self.world_size)
@@ -219,11 +208,10 @@ class DDP(nn.Module):
 
 
 # ---------------------------------------------------------------
-# Bucketed DDP. One all-reduce per parameter pays the fixed latency of a collective hundreds of
-# times. Instead we pack gradients into ~bucket_size_mb flat buffers, in *reverse* parameter order
-# (roughly the order backward produces them), and launch one all-reduce when a bucket is full.
-# Buckets that never fill (a parameter unused this step) are launched in finish(), in the same
-# order on every rank, so the ranks never disagree about which collective comes next.
+# Bucketed DDP. One all-reduce per parameter pays the fixed latency of a collective hundreds of times. Instead we pack
+# gradients into ~bucket_size_mb flat buffers, in *reverse* parameter order (roughly the order backward produces
+# them), and launch one all-reduce when a bucket is full. Buckets that never fill (a parameter unused this step) go
+# out in finish(), in the same order on every rank, so the ranks agree on the next collective.
 
 class BucketedDDP(DDP):
     """DDP with another hook and finish; the broadcast, forward and no_sync are DDP's."""
@@ -242,9 +230,8 @@ class BucketedDDP(DDP):
             size += p.nbytes
         self.buckets = [b for b in self.buckets if b]           # no trainable parameters: no buckets
         self._bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
-        # One preallocated flat buffer per bucket, and p.grad becomes a *view* into it (torch's
-        # gradient_as_bucket_view=True): each gradient is copied once, as it arrives, the
-        # all-reduce and the averaging work in place, and nothing is copied back afterwards.
+        # One preallocated flat buffer per bucket, p.grad a *view* into it (torch's gradient_as_bucket_view=True):
+        # each gradient is copied once, on arrival; all-reduce and averaging work in place; nothing is copied back.
         self._flat = [torch.empty(sum(p.numel() for p in b), dtype=b[0].dtype, device=b[0].device)
                       for b in self.buckets]                                  # (bucket_numel,)
         self._view = {p: v.view_as(p) for b, flat in zip(self.buckets, self._flat)
@@ -290,13 +277,12 @@ class BucketedDDP(DDP):
 
 
 # ---------------------------------------------------------------
-# ZeRO stage 1: shard the optimizer state. With AdamW each parameter carries two fp32 moments,
-# 8 bytes/param, twice the weights themselves. Every rank has the full (all-reduced) gradient
-# anyway, so rank r only *steps* the parameters it owns and then broadcasts them to everyone.
-# AdamW is elementwise, so stepping a subset gives bit-identical results to stepping everything.
-# Memory per rank: 4Ψ weights + 4Ψ grads + 8Ψ/N moments = 8Ψ + 8Ψ/N (vs DDP's 16Ψ). We keep DDP's
-# all-reduce and add a broadcast of the weights, 2x DDP's bytes; the paper reduce-scatters grads and
-# all-gathers new weights, the two halves of one all-reduce, so its ZeRO-1 costs what DDP costs.
+# ZeRO stage 1: shard the optimizer state. With AdamW each parameter carries two fp32 moments, 8 bytes/param, twice
+# the weights themselves. Every rank has the full (all-reduced) gradient anyway, so rank r only *steps* the parameters
+# it owns and then broadcasts them to everyone. AdamW is elementwise: stepping a subset is bit-identical to stepping
+# everything. Memory per rank: 4Ψ weights + 4Ψ grads + 8Ψ/N moments = 8Ψ + 8Ψ/N (vs DDP's 16Ψ). We keep DDP's
+# all-reduce and add a broadcast of the weights, 2x DDP's bytes; the paper reduce-scatters grads and all-gathers new
+# weights, the two halves of one all-reduce, so its ZeRO-1 costs DDP's bytes.
 
 class ShardedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, optimizer_cls, **kwargs):
@@ -309,10 +295,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults=kwargs)   # calls add_param_group for every group
 
     def add_param_group(self, param_group):
-        # Whole parameters go to ranks, biggest first, each to the least-loaded rank (greedy
-        # balancing; every rank computes the same assignment): simple, and a parameter's state never
-        # straddles two ranks. Caveat: state_dict() holds only this rank's shard, so a checkpoint
-        # needs a gather first (not implemented here).
+        # Whole parameters go to ranks, biggest first, each to the least-loaded rank (greedy balancing; every rank
+        # computes the same assignment): simple, and a parameter's state never straddles two ranks. Caveat:
+        # state_dict() holds only this rank's shard, so a checkpoint needs a gather first (not implemented here).
         super().add_param_group(param_group)     # self.param_groups keeps *all* params (zero_grad, lr)
         group = self.param_groups[-1]
         mine = []
@@ -336,9 +321,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for outer, inner in zip(self.param_groups, self.inner.param_groups):
             inner.update({k: v for k, v in outer.items() if k != "params"})
         self.inner.step()
-        # Owner r now has the new values of its parameters; everyone else has stale ones. One
-        # broadcast per parameter, all in flight at once (a real ZeRO flattens them per rank).
-        # Frozen parameters never change, so they are never sent.
+        # Owner r now has its parameters' new values, everyone else stale ones: one broadcast per parameter, all in
+        # flight at once (a real ZeRO flattens them per rank); frozen ones never change, so they are never sent.
         sent = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         works = [dist.broadcast(p, src=self._owner[p], async_op=True) for p in sent]
         self.comm_bytes += sum(p.nbytes for p in sent)
@@ -352,19 +336,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------
-# FSDP = ZeRO stage 3: shard the weights too (16Ψ/N per rank). Each Linear/Embedding weight is
-# flattened, padded to a multiple of N, and rank r keeps only slice r as an fp32 "master" Parameter:
-# the optimizer sees shards only, so weights, grads and optimizer state all shrink by N. Just before
-# a module runs we all-gather its full weight (optionally cast to bf16 first: half the bytes on the
-# wire, and a low-precision matmul); our backward then reduce-scatters the full-size gradient.
-# Why reduce-scatter, not all-reduce: rank r updates only slice r, so it needs only slice r of the
-# sum, the first half of a ring all-reduce; the other half, the all-gather, moves to the next
-# forward and gathers weights instead. So FSDP hands collectives 2x DDP's payload (the demo's comm
-# column) yet, at (N-1)/N per ring op, puts the same bytes on the wire. The RMSNorm gains stay
-# replicated and all-reduced like DDP: d floats next to d×d matrices, not worth a gather per norm
-# call (the demo's formula adds 16 B each). A production FSDP also frees the gathered weight after
-# forward and re-gathers it in backward; here autograd keeps it until backward ends (dropped in
-# finish_gradient_synchronization): shorter code, and the persistent memory is sharded all the same.
+# FSDP = ZeRO stage 3: shard the weights too (16Ψ/N per rank). Each Linear/Embedding weight is flattened, padded to a
+# multiple of N, and rank r keeps only slice r as an fp32 "master" Parameter: the optimizer sees shards only, so
+# weights, grads and optimizer state all shrink by N. Just before a module runs we all-gather its full weight
+# (optionally cast to bf16 first: half the bytes on the wire, and a low-precision matmul); our backward then
+# reduce-scatters the full-size gradient. Why reduce-scatter, not all-reduce: rank r updates only slice r, so it needs
+# only slice r of the sum, the first half of a ring all-reduce; the other half, the all-gather, moves to the next
+# forward and gathers weights instead. So FSDP hands collectives 2x DDP's payload yet, at (N-1)/N per ring op, puts
+# the same bytes on the wire. The RMSNorm gains stay replicated and all-reduced like DDP: d floats next to d×d
+# matrices, not worth a gather per call. A production FSDP also frees the gathered weight after forward and
+# re-gathers it in backward; here autograd keeps it until backward ends: shorter code, persistent memory still sharded.
 
 class _GatherWeight(torch.autograd.Function):
     @staticmethod
@@ -379,10 +360,9 @@ class _GatherWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         fsdp, e = ctx.fsdp, ctx.entry
-        # Reduce in fp32 even when computing in bf16: summing N low-precision grads loses bits.
-        # A tied weight has two users, so backward lands here twice: we add the full-size grads
-        # locally and reduce-scatter once, after the last user (half the traffic, and the same
-        # summation order as autograd's single AccumulateGrad in the unsharded model).
+        # Reduce in fp32 even when computing in bf16: summing N low-precision grads loses bits. A tied weight has two
+        # users, so backward lands here twice: we add the full-size grads locally and reduce-scatter once, after the
+        # last user (half the traffic, and the unsharded model's summation order).
         g = grad.reshape(-1).float()
         e["acc"] = g if e["acc"] is None else e["acc"] + g
         e["pending"] -= 1
@@ -424,10 +404,9 @@ class FSDP(nn.Module):
         self.replicated = [p for p in module.parameters() if id(p) not in shard_ids and p.requires_grad]
 
     def _pre_hook(self, entry, mod, args):
-        # Runs right before the Linear/Embedding's own forward: put a *plain tensor* attribute
-        # `weight` (the gathered, autograd-tracked full matrix) where the Parameter used to be, so
-        # the module's unchanged forward (x @ self.weight.t(), self.weight[ids]) just works. A tied
-        # weight has two users; each gathers it, and _GatherWeight.backward sums both before sending.
+        # Runs right before the Linear/Embedding's own forward: put a *plain tensor* attribute `weight` (the gathered,
+        # autograd-tracked full matrix) where the Parameter used to be, so the module's unchanged forward
+        # (x @ self.weight.t(), self.weight[ids]) just works. Each user of a tied weight gathers it.
         if torch.is_grad_enabled() and entry["shard"].requires_grad:
             entry["pending"] += 1                # one more backward use to wait for
         mod.weight = _GatherWeight.apply(entry["shard"], entry, self.compute_dtype, self)
@@ -474,14 +453,12 @@ class FSDP(nn.Module):
 # ---------------------------------------------------------------
 # Tensor parallelism (Megatron). Split a weight matrix instead of the batch. For Y = X Wᵀ:
 #   column-parallel: W split by *output* rows, rank r computes Y[:, slice r]   (no comm)
-#   row-parallel:    W split by *input* columns, X arrives already split; each rank computes a
-#                    partial sum of Y, and one all-reduce adds the partials.
-# Chaining column → row means the intermediate activation never leaves its rank: one all-reduce
-# per MLP and one per attention block in forward (operator g), one each in backward (operator f).
-# The order matters: after the column split rank r holds h_r = act(X W_rᵀ), computable without
-# other ranks (SiLU and the SwiGLU product are elementwise, attention is per head), and h_r is the
-# split input a row-parallel layer wants. Row first would need the all-reduce before the
-# nonlinearity: silu(a + b) != silu(a) + silu(b). (B, T, d) all-reduces every block keep TP in a node.
+#   row-parallel:    W split by *input* columns, X arrives split; rank r computes a partial sum of Y  (one all-reduce)
+# Chaining column → row means the intermediate activation never leaves its rank: one all-reduce per MLP and one per
+# attention block in forward (operator g), one each in backward (operator f). The order matters: after the column
+# split rank r holds h_r = act(X W_rᵀ), computable without other ranks (SiLU and the SwiGLU product are elementwise,
+# attention is per head), and h_r is the split input a row-parallel layer wants. Row first would need the all-reduce
+# before the nonlinearity: silu(a + b) != silu(a) + silu(b). (B, T, d) all-reduces every block keep TP in a node.
 
 class _CopyToTP(torch.autograd.Function):
     """f: identity forward; backward all-reduces, because every rank's branch used the same X."""
@@ -524,8 +501,7 @@ class TPSwiGLU(nn.Module):
 
 
 class TPAttention(nn.Module):
-    """Causal attention with heads split across ranks: q/k/v column-parallel, output row-parallel.
-    Supports RoPE (pass model.py's rotary module) and grouped-query attention (num_kv_heads)."""
+    """Causal attention, heads split over ranks (q/k/v column-, output row-parallel); RoPE and GQA as in model.py."""
     def __init__(self, wq, wk, wv, wo, num_heads, rank, world_size, num_kv_heads=None, rope=None):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
@@ -568,12 +544,11 @@ class TPBlock(nn.Module):
 
 
 # ---------------------------------------------------------------
-# Pipeline parallelism (GPipe). Give each rank a contiguous run of layers (a "stage"). A naive
-# pipeline leaves all but one stage idle; GPipe cuts the batch into m micro-batches so stage s can
-# work on micro-batch i while stage s+1 works on i-1. With p stages a sweep takes m + p - 1 time
-# slots (the last micro-batch starts at slot m and needs p - 1 more), and each stage is busy in m of
-# them: idle "bubble" fraction = (p-1)/(m+p-1), under 20% once m >= 4p. The price: each stage
-# keeps m micro-batches' activations for backward (GPipe recomputes them; we simply keep them).
+# Pipeline parallelism (GPipe). Give each rank a contiguous run of layers (a "stage"). A naive pipeline leaves all but
+# one stage idle; GPipe cuts the batch into m micro-batches so stage s can work on micro-batch i while stage s+1 works
+# on i-1. With p stages a sweep takes m + p - 1 time slots (the last micro-batch starts at slot m, then needs p - 1
+# more), and each stage is busy in m of them: idle "bubble" fraction = (p-1)/(m+p-1), under 20% once m >= 4p. The
+# price: each stage keeps m micro-batches' activations for backward (GPipe recomputes them; we keep them).
 # Schedule: all forwards, then all backwards (in reverse); gradients accumulate over micro-batches.
 
 def lm_as_layers(model):
@@ -588,17 +563,15 @@ def split_stages(layers, world_size):
 
 
 def gpipe_step(stage, inputs, targets, num_micro, act_shape, act_dtype=None):
-    """One GPipe forward+backward. `inputs`/`targets` are only read on the first/last rank.
-    act_shape = shape of one micro-batch's activation crossing a stage boundary; the receive buffers
-    live on the stage's device (NCCL receives only into GPU memory) in act_dtype (default: the stage's).
-    Returns the mean loss on the last rank (None elsewhere); grads land in stage's parameters."""
+    """One GPipe forward+backward; `inputs`/`targets` are read only on the first/last rank. act_shape: one
+    micro-batch's activation at a stage boundary, received on the stage's device (NCCL receives only into GPU memory)
+    in act_dtype (default: the stage's). -> last rank's mean loss (None elsewhere); grads land in the stage."""
     p = next(stage.parameters())
     buf = dict(device=p.device, dtype=act_dtype or p.dtype)
     rank, world = dist.get_rank(), dist.get_world_size()
     first, last = rank == 0, rank == world - 1
     ins, outs, losses = [], [], []
-    # Blocking send/recv keep the schedule easy to read; the price is that a stage cannot compute
-    # while it sends (real pipelines post isend/irecv and interleave, e.g. 1F1B in PipeDream).
+    # Blocking send/recv: easy to read, but a stage idles while it sends (real pipelines: isend/irecv, PipeDream 1F1B).
     for m in range(num_micro):                                  # ---- forward, micro-batch m
         if first:
             x = inputs.chunk(num_micro)[m]
@@ -628,15 +601,12 @@ def gpipe_step(stage, inputs, targets, num_micro, act_shape, act_dtype=None):
 
 
 # ---------------------------------------------------------------
-# The demo: every variant on the same model.py TransformerLM, N gloo processes on one machine.
-# Each part returns rows of step time, bytes handed to collectives and measured memory per rank,
-# and the data-parallel rows carry the ZeRO formula (module docstring) next to the measurement.
-# Measured tables: the README.
+# The demo: every variant on the same model.py TransformerLM, N gloo processes on one machine. Each part returns rows
+# of step time, collective bytes and measured memory per rank (+ the ZeRO formula for data parallel); tables: README.
 
 def state_bytes(model, optimizer):
     """Measured bytes per rank: weights + grads + optimizer state tensors."""
-    # Counts what lives between steps. Activations and the transiently gathered FSDP weights are
-    # not included: they depend on batch size, while the ZeRO formula is about model state.
+    # What lives between steps, as in the ZeRO formula: activations and gathered FSDP weights are transient.
     params = {id(p): p for p in model.parameters()}.values()
     opt = _optimizer_state_bytes(optimizer.inner if isinstance(optimizer, ShardedOptimizer) else optimizer)
     return sum(p.nbytes for p in params) + sum(p.grad.nbytes for p in params if p.grad is not None) + opt
@@ -650,9 +620,8 @@ def demo_model(args, tie=True):
 
 
 def demo_data_parallel(args, x, y):
-    """Split the batch: DDP, bucketed DDP, ZeRO-1 and FSDP in fp32 and bf16, one row each. The same
-    training step for every variant, only the wrapper and the optimizer change; each rank trains on
-    its own B sequences (x, y). Step 0 is warm-up, not timed."""
+    """Split the batch: DDP, bucketed DDP, ZeRO-1, FSDP in fp32 and bf16, one row each: the same training step, only
+    the wrapper and optimizer swapped; each rank trains on its B sequences (x, y); step 0 is an untimed warm-up."""
     params = list(demo_model(args).parameters())
     psi, repl, N = sum(p.numel() for p in params), sum(p.numel() for p in params if p.dim() == 1), dist.get_world_size()
     bucketed, adamw = functools.partial(BucketedDDP, bucket_size_mb=args.bucket_size_mb), torch.optim.AdamW

@@ -1,26 +1,23 @@
 """Scaling laws: how big a model to train, on how many tokens, for a given compute budget.
 
-The question. You have C floating-point operations to spend. A bigger model (N parameters)
-learns more per token but costs more FLOPs per token, so it sees fewer tokens (D ~= C / 6N).
-Which split of C gives the lowest loss? Kaplan et al. (2020, arXiv:2001.08361) found loss to be
-a smooth power law in N, D and C and concluded N_opt ~ C^0.73: spend compute on the model.
-Hoffmann et al. ("Chinchilla", 2022, arXiv:2203.15556) gave every run a cosine schedule as long
-as the run itself (Kaplan's fixed long schedule penalised the short-data runs) and found
-N_opt ~ C^0.5: N and D grow together, ~20 tokens per parameter, and most large models of the
-time were undertrained. Chinchilla estimates the exponent a (N_opt ~ C^a) three ways:
-  approach 1  fix N, vary D; the lower envelope of the loss curves gives N_opt(C). It needs
-              several schedule lengths per size: here decay branches of one WSD run each.
-  approach 2  IsoFLOP profiles: at each fixed C train several N, fit loss vs log N with a
-              parabola, take its minimum N_opt(C); then fit log N_opt = a log C + k.
+The question. You have C floating-point operations to spend. A bigger model (N parameters) learns more per token
+but costs more FLOPs per token, so it sees fewer tokens (D ~= C / 6N). Which split of C gives the lowest loss?
+Kaplan et al. (2020, arXiv:2001.08361) found loss to be a smooth power law in N, D and C and concluded
+N_opt ~ C^0.73: spend compute on the model. Hoffmann et al. ("Chinchilla", 2022, arXiv:2203.15556) gave every run
+a cosine schedule as long as the run itself (Kaplan's fixed long schedule penalised the short-data runs) and found
+N_opt ~ C^0.5: N and D grow together, ~20 tokens per parameter, and most large models of the time were
+undertrained. Chinchilla estimates the exponent a (N_opt ~ C^a) three ways:
+  approach 1  fix N, vary D (here: WSD decay branches); the lower envelope of the loss curves gives N_opt(C).
+  approach 2  IsoFLOP profiles: at each fixed C train several N, fit loss vs log N with a parabola, take its
+              minimum N_opt(C); then fit log N_opt = a log C + k.
   approach 3  fit L(N, D) = E + A/N^alpha + B/D^beta to every run, solve for the optimum.
-The paper gets a = 0.50, 0.49, 0.46. Besiroglu et al. (2024, arXiv:2404.10102) refit approach
-3 from the paper's own data and found the published fit inconsistent with the other two and its
-confidence intervals implausibly narrow; their lesson (fit so the optimizer can converge, then
-bootstrap) is why every number here comes with a CI.
+The paper gets a = 0.50, 0.49, 0.46. Besiroglu et al. (2024, arXiv:2404.10102) refit approach 3 from the paper's own
+data and found the published fit inconsistent with the other two and its confidence intervals implausibly narrow;
+their lesson (fit so the optimizer can converge, then bootstrap) is why every number here comes with a CI.
 
-This file does the whole loop at toy scale: 1. FLOP accounting (C ~= 6ND, our exact count, where
-6ND is off); 2. reading runs (our sweep's JSONL or any published CSV/JSONL); 3, 4, 5. approach 1,
-and 2 and 3 with bootstrap CIs; 6. sweeps that drive train.py; 7. the fit reports.
+This file does the whole loop at toy scale: 1. FLOP accounting (C ~= 6ND, our exact count, where 6ND is off);
+2. reading runs (our sweep's JSONL or any published CSV/JSONL); 3-5. approaches 1-3 (2 and 3 with bootstrap
+CIs); 6. sweeps that drive train.py; 7. the fit reports.
 
 Run it on CPU (byte-level pydocs; the README's sweep, its cost measured there). Each budget gets the
 sizes that bracket its optimum; the sweep is resumable, so several invocations fill one results.jsonl:
@@ -61,27 +58,21 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # ---------------------------------------------------------------
 # 1. FLOP accounting
 #
-# A matmul (m, k) @ (k, n) costs 2mkn FLOPs (a multiply and an add per term), so per token a
-# weight matrix with P entries costs 2P, and a forward pass costs 2N. The backward does two
-# matmuls per forward one (grad w.r.t. the input, grad w.r.t. the weight): 4N. Training is 6N
-# per token, C = 6ND -- the rule both papers budget with. Where it is off (`flops` prints it):
-#   * Attention scores. QK^T and AV have no parameters, yet each costs 2*T*d per token and layer
-#     (T = keys attended to): 12*L*d*T per training token for the full T x T square (PaLM's
-#     6N + 12LdT), about half that for a causal kernel. Against the body's 6N ~ 72*L*d^2 that
-#     is T/(6d) extra: negligible at d_model 4096, tens of percent for our d_model 16-64 models.
-#   * Embeddings. A token-embedding lookup is a gather, not a matmul, so Kaplan leaves it out of
-#     N; the lm_head (d_model x vocab) is a real matmul and stays in. For small models with a
-#     big vocabulary the lm_head IS most of N, and 6 * N_total (Chinchilla counts every
-#     parameter) overstates the cost ~2x (the exact/6N_tot column).
-#   * RMSNorm gains cost O(d), not 2 FLOPs each: we leave them out (model.flops_per_token keeps
-#     them in its 6N). The parameter count itself is model.count_params: one home, no drift.
+# A matmul (m, k) @ (k, n) costs 2mkn FLOPs (a multiply and an add per term), so per token a weight matrix with P
+# entries costs 2P and a forward pass 2N. The backward does two matmuls per forward one (grads w.r.t. input and
+# weight): 4N. Training is 6N per token, C = 6ND, the rule both papers budget with. Where it is off (`flops` shows):
+#   * Attention scores. QK^T and AV have no parameters, yet each costs 2*T*d per token and layer (T = keys attended
+#     to): 12*L*d*T per training token for the full T x T square (PaLM's 6N + 12LdT), ~half that for a causal kernel.
+#     Against the body's 6N ~ 72*L*d^2 that is T/(6d) extra: negligible at d_model 4096, tens of percent at 16-64.
+#   * Embeddings. A token-embedding lookup is a gather, not a matmul, so Kaplan leaves it out of N; the lm_head
+#     (d_model x vocab) is a real matmul and stays in. For small models with a big vocabulary the lm_head IS most
+#     of N, and 6 * N_total (Chinchilla counts every parameter) overstates the cost ~2x (the exact/6N_tot column).
+#   * RMSNorm gains cost O(d), not 2 FLOPs each: we leave them out (model.flops_per_token keeps them in its 6N).
 
 def forward_flops_per_token(cfg: ModelConfig, causal=True):
-    """Exact matmul FLOPs of one forward pass per token (norms, softmax, SiLU ignored: O(d) each):
-    2 per matmul weight (every non-embedding parameter but the RMSNorm gains), plus QK^T and AV,
-    2·t·d each per layer for t keys. causal=True counts the unmasked keys only, a causal flash
-    kernel's work (query t sees t keys: (T+1)/2 on average); causal=False the full T x T square, as
-    a plain masked matmul, torch's FlopCounterMode and model.flops_per_token (PaLM's 6N + 12LdT) do."""
+    """Exact matmul FLOPs of one forward pass per token (norms, softmax, SiLU ignored: O(d) each): 2 per matmul
+    weight, plus QK^T and AV. causal=True counts unmasked keys only, a causal flash kernel's work (query t sees t
+    keys: (T+1)/2 on average); causal=False the full square, as FlopCounterMode and model.flops_per_token do."""
     L, d, T = cfg.num_layers, cfg.d_model, cfg.context_length
     matmul_params = count_params(cfg, non_embedding=True) - (2 * L + 1) * d   # minus ln1, ln2, ln_final
     t_att = (T + 1) / 2 if causal else T
@@ -94,8 +85,7 @@ def train_flops_per_token(cfg: ModelConfig, causal=True):
 
 
 def flops_table(vocab_size=4096, context_length=256):
-    """Rows comparing exact training FLOPs/token to 6N (N = non-embedding) and 6N_total,
-    from d_model 16 (where attention and lm_head dominate) to 4096 (where 6N is within 1%)."""
+    """Exact training FLOPs/token vs 6N, 6N_total: d_model 16 (attention, lm_head dominate) to 4096 (6N within 1%)."""
     rows = []
     for d, L in [(16, 2), (32, 2), (64, 2), (128, 4), (256, 4), (512, 8), (768, 12), (2048, 24), (4096, 32)]:
         cfg = ModelConfig(vocab_size=vocab_size, context_length=context_length, d_model=d, num_layers=L,
@@ -123,11 +113,10 @@ def print_flops_table(vocab_size, context_length):
 # ---------------------------------------------------------------
 # 2. Reading runs: our sweep's results.jsonl, or any published table (CSV or JSONL)
 #
-# Columns: N (parameters), loss, and D (tokens) or C (FLOPs); the missing one comes from C = 6ND.
-# An optional "budget" column names the IsoFLOP group (our sweep writes one). Without it we must
-# infer the groups from C, which published tables often jitter (C = 6ND from rounded N and D):
-# rounding C to 2 digits would split a budget wherever it straddles a rounding edge, giving
-# spurious 3-point IsoFLOP minima and a confident wrong exponent, so we cluster log C instead.
+# Columns: N (parameters), loss, and D (tokens) or C (FLOPs); the missing one comes from C = 6ND. An optional "budget"
+# column names the IsoFLOP group (our sweep writes one). Without it we infer the groups from C, which published tables
+# often jitter (C = 6ND from rounded N and D): rounding C to 2 digits would split a budget wherever it straddles a
+# rounding edge, giving spurious 3-point IsoFLOP minima and a confident wrong exponent, so we cluster log C instead.
 
 BUDGET_TOL = 0.05   # decades: runs whose C differ by < 12% (with no bigger gap between) share a budget
 
@@ -165,8 +154,7 @@ def _number(row, key, where):
 
 
 def isoflop_budgets(C, tol=BUDGET_TOL):
-    """Group runs into budgets by C: sort log10 C, start a new budget wherever the gap to the
-    previous run exceeds `tol` decades; each budget is named by its median C."""
+    """Group runs by C: sort log10 C, start a new budget at each gap over `tol` decades, named by its median C."""
     order = np.argsort(C)
     group = np.concatenate([[0], np.cumsum(np.diff(np.log10(C[order])) > tol)])
     budget = np.empty_like(C)
@@ -182,12 +170,11 @@ def _subset(runs, idx):
 # ---------------------------------------------------------------
 # 3. Approach 1: the lower envelope of the loss curves
 #
-# Train each size N to several token counts D; at every compute C the size with the lowest loss is
-# N_opt(C), and D_opt(C) = C / (FLOPs per token of N_opt). No form for L(N, D), no parabola -- but
-# each D must be a full schedule of that length (a cosine run's loss mid-run is not a shorter
-# run's loss): WSD branches make that cheap (`approach1_sweep`). A size's loss is interpolated
-# linearly in log D (= log C + const at fixed N), never extrapolated. N_opt can only be a size we
-# trained, so it climbs in steps; the slope of log N_opt vs log C still estimates the exponent.
+# Train each size N to several token counts D; at every compute C the size with the lowest loss is N_opt(C), and
+# D_opt(C) = C / (FLOPs per token of N_opt). No form for L(N, D), no parabola; but each D must be a full schedule
+# of that length (a cosine run's loss mid-run is not a shorter run's loss), which WSD branches make cheap
+# (`approach1_sweep`). A size's loss is interpolated linearly in log D (= log C + const at fixed N), never
+# extrapolated. N_opt can only be a size we trained, so it climbs in steps; its slope still estimates the exponent.
 
 def approach1(runs, n_grid=40):
     """runs: N, D, loss (and C, else 6ND) -> {"a", "b", "log_k_N", "log_k_D", "points"}. At each of n_grid
@@ -214,19 +201,16 @@ def approach1(runs, n_grid=40):
 # ---------------------------------------------------------------
 # 4. Approach 2: IsoFLOP profiles
 #
-# At fixed C, loss vs log N is a valley: too small a model underfits, too big a model sees too few
-# tokens. Near the bottom the valley is close to a parabola in log N, so we fit
+# At fixed C, loss vs log N is a valley: too small a model underfits, too big a model sees too few tokens. Near
+# the bottom the valley is close to a parabola in log N, so we fit
 #     loss = p0 (log N)^2 + p1 log N + p2,   log N_opt = -p1 / (2 p0)
-# and across budgets log N_opt = a log C + k is a straight line whose slope a is the exponent.
-# Approach 2 assumes no form for L(N, D) -- its strength; its weakness is that each minimum rests
-# on a handful of noisy runs, which is what the bootstrap below measures.
+# and across budgets log N_opt = a log C + k is a straight line whose slope a is the exponent. Approach 2 assumes
+# no form for L(N, D), its strength; its weakness: each minimum rests on a handful of noisy runs (the bootstrap's job).
 
 def isoflop_minimum(N, D, loss, window=2):
-    """Parabola fit of loss vs log N at one budget -> (N_opt, D_opt, coefficients) or None.
-
-    Only the best size and its `window` nearest sizes on each side enter the fit: the valley is
-    asymmetric (steeper on the small-N side), so a parabola through far-away sizes misplaces
-    the bottom (by how much on our CPU sweep: see the README)."""
+    """Parabola fit of loss vs log N at one budget -> (N_opt, D_opt, coefficients, N range) or None.
+    Only the best size and its `window` nearest sizes on each side enter the fit: the valley is asymmetric (steeper
+    on the small-N side), so a parabola through far-away sizes misplaces the bottom (README: by how much)."""
     x = np.log(N)
     ux = np.unique(x)                                   # distinct sizes (a budget may repeat one)
     j = np.searchsorted(ux, x[np.argmin(loss)])
@@ -240,8 +224,7 @@ def isoflop_minimum(N, D, loss, window=2):
     x_opt = -p[1] / (2 * p[0])
     if not x[m].min() <= x_opt <= x[m].max():  # a minimum outside the sampled sizes is extrapolation
         return None
-    # D is a function of N at fixed C (D = C/6N, or C/flops_per_token(N)); interpolate log D
-    # linearly in log N rather than assuming 6ND, so exact-FLOP budgets work too.
+    # At fixed C, D is a function of N: fit log D linearly in log N rather than assume 6ND, so exact-FLOP budgets work.
     q = np.polyfit(x, np.log(D), 1)
     return math.exp(x_opt), math.exp(np.polyval(q, x_opt)), p, np.exp([x[m].min(), x[m].max()])
 
@@ -269,10 +252,9 @@ def _ci(v):
 
 
 def approach2(runs, n_boot=200, seed=0, targets=()):
-    """Fit N_opt ~ C^a, D_opt ~ C^b and L_opt ~ C^g across IsoFLOP budgets, bootstrap CIs.
-
-    Returns {"budgets": [...per-budget minima...], "a", "b", "a_ci", "b_ci", "log_k_N", "log_k_D",
-    "loss_exponent", "log_k_L", "predict": {target: {N_opt, N_ci, D_opt, D_ci, loss, loss_ci}}}."""
+    """Fit N_opt ~ C^a, D_opt ~ C^b and L_opt ~ C^g across IsoFLOP budgets, bootstrap CIs -> {"budgets": [minima],
+    "a", "b", "a_ci", "b_ci", "log_k_N", "log_k_D", "loss_exponent", "log_k_L", "predict": {target: {N_opt, N_ci,
+    D_opt, D_ci, loss, loss_ci}}}."""
     groups = [np.flatnonzero(runs["budget"] == c) for c in np.unique(runs["budget"])]   # run indices per budget
     if (few := sum(len(np.unique(runs["N"][g])) < 3 for g in groups)) > len(groups) / 2:
         print(f"warning: {few} of {len(groups)} budgets have fewer than 3 model sizes, too few for a "
@@ -280,11 +262,9 @@ def approach2(runs, n_boot=200, seed=0, targets=()):
     params, mins = isoflop_fit(runs)
     if params is None:
         raise SystemExit("error: approach 2 needs >= 2 budgets whose sizes bracket a loss minimum")
-    # Why bootstrap: a, b come out of a chain of fits (parabola per budget, then a line through
-    # the minima) with no textbook error formula, and there are only ~5 points on the line. So we
-    # resample runs with replacement *within each budget* (every budget keeps its size), refit the
-    # whole chain, and read 95% CIs off the spread of the refits. With few runs per budget this is
-    # crude but honest about how much a handful of noisy runs can pin down: a wide CI is the result.
+    # Why bootstrap: a, b come out of a chain of fits (parabola per budget, then a line through ~5 minima) with no
+    # textbook error formula. So we resample runs with replacement *within each budget* (each keeps its size), refit
+    # the whole chain and read 95% CIs off the refits' spread: crude, but honest about how little noisy runs pin down.
     rng = np.random.default_rng(seed)
     resamples = (np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups]) for _ in range(n_boot))
     fits = [isoflop_fit(_subset(runs, idx))[0] for idx in resamples]
@@ -307,15 +287,14 @@ def approach2(runs, n_boot=200, seed=0, targets=()):
 # ---------------------------------------------------------------
 # 5. Approach 3: the parametric loss L(N, D) = E + A / N^alpha + B / D^beta
 #
-# E is the irreducible loss (entropy of text), A/N^alpha the penalty for a finite model, B/D^beta
-# for finite data. Following Chinchilla we fit in log space: with A = e^a, B = e^b, E = e^e,
+# E is the irreducible loss (entropy of text), A/N^alpha the penalty for a finite model, B/D^beta for finite data.
+# Following Chinchilla we fit in log space: with A = e^a, B = e^b, E = e^e,
 #     log L = LSE(a - alpha log N, b - beta log D, e)         (LSE = log-sum-exp)
-# which keeps A, B, E positive and makes residuals relative (a 1% miss costs the same at loss 4
-# as at loss 1). The objective is a Huber loss on the log-loss residuals, *summed* over runs
-# (why summed: see _lbfgs). Huber with delta = 1e-3 is quadratic below a 0.1% miss and linear
-# beyond, so a diverged or mislogged run pulls with bounded force, not squared. The problem is
-# non-convex with long flat valleys (A and alpha trade off), so we start L-BFGS from many
-# points: we score Chinchilla's whole init grid in one vectorized pass and polish the best few.
+# which keeps A, B, E positive and makes residuals relative (a 1% miss costs the same at loss 4 as at loss 1). The
+# objective is a Huber loss on the log-loss residuals, *summed* over runs (why summed: see _lbfgs); delta = 1e-3 is
+# quadratic below a 0.1% miss and linear beyond, so a diverged or mislogged run pulls with bounded force, not
+# squared. The problem is non-convex with long flat valleys (A and alpha trade off), so L-BFGS polishes the best few
+# points of Chinchilla's whole init grid, scored in one vectorized pass.
 
 HUBER_DELTA = 1e-3
 INIT_GRID = {"e": np.arange(-1.0, 1.01, 0.5), "a": np.arange(0.0, 25.1, 5.0), "b": np.arange(0.0, 25.1, 5.0),
@@ -345,10 +324,9 @@ def _lbfgs(theta0, logN, logD, logL, max_iter=500):
 
     def closure():
         opt.zero_grad()
-        # Summed, not averaged: L-BFGS stops on *absolute* tolerances (tolerance_grad/_change),
-        # and with delta = 1e-3 each run adds only ~delta * |r| ~ 1e-5. Dividing that by the
-        # number of runs shrinks objective and gradient toward the tolerances, and L-BFGS stops
-        # long before converging (the pitfall Besiroglu et al. found in the original fit).
+        # Summed, not averaged: L-BFGS stops on *absolute* tolerances, and with delta = 1e-3 each run adds only
+        # ~delta * |r| ~ 1e-5. Dividing that by the number of runs shrinks objective and gradient toward the
+        # tolerances, and L-BFGS stops long before converging (the pitfall Besiroglu et al. found in the original fit).
         loss = huber(log_loss_pred(theta, logN, logD) - logL).sum()
         loss.backward()
         return loss
@@ -378,39 +356,31 @@ def predict_loss(fit, N, D):
 
 
 def compute_optimal(fit, C):
-    """Minimize L(N, C/6N) over N in closed form -> (N_opt, D_opt).
-
-    With D = C/(6N), dD/dN = -D/N, so dL/dN = 0 reads alpha A / N^alpha = beta B / D^beta
-    (at the optimum 1% more N buys as much loss as 1% more D). Substituting D = C/(6N):
-        N^(alpha+beta) = (alpha A / (beta B)) (C/6)^beta, i.e.
-        G = (alpha A / (beta B))^(1/(alpha+beta)),
+    """Minimize L(N, C/6N) over N in closed form -> (N_opt, D_opt). With D = C/(6N), dD/dN = -D/N, so dL/dN = 0
+    reads alpha A / N^alpha = beta B / D^beta (at the optimum 1% more N buys as much loss as 1% more D). Substituting:
+        N^(alpha+beta) = (alpha A / (beta B)) (C/6)^beta, i.e. with G = (alpha A / (beta B))^(1/(alpha+beta)),
         N_opt = G (C/6)^(beta/(alpha+beta)),   D_opt = C/(6 N_opt) = G^-1 (C/6)^(alpha/(alpha+beta)).
-    So N_opt ~ C^a with a = beta/(alpha+beta), the same exponent approach 2 measures.
-    (This uses C = 6ND; with exact FLOPs per token slightly above 6N the true optimum is a few
-    percent smaller -- well inside the CI of any fit we can afford.)"""
+    So N_opt ~ C^a with a = beta/(alpha+beta), the same exponent approach 2 measures. (This uses C = 6ND; with exact
+    FLOPs per token slightly above 6N the true optimum is a few percent smaller, well inside any CI we can afford.)"""
     A, B, al, be = fit["A"], fit["B"], fit["alpha"], fit["beta"]
     G = (al * A / (be * B)) ** (1 / (al + be))                               # G = (aA/bB)^(1/(a+b))
     return G * (C / 6) ** (be / (al + be)), (C / 6) ** (al / (al + be)) / G  # N_opt, D_opt
 
 
 def approach3(runs, n_boot=100, seed=0, targets=()):
-    """Parametric fit on all runs + bootstrap CIs for the parameters and the allocation.
-
-    Unlike approach 2, this uses every run (not just those near a minimum) and gives a loss
-    prediction for any (N, D), which is what we check against a held-out training run."""
+    """Parametric fit on all runs + bootstrap CIs for the parameters and the allocation. Unlike approach 2, it uses
+    every run (not just those near a minimum) and predicts the loss at any (N, D): what a held-out run checks."""
     fit = fit_parametric(runs["N"], runs["D"], runs["loss"])
-    # Why bootstrap: five parameters from ~25 runs on a flat, non-convex surface, where the
-    # curvature at the optimum is a poor guide to how far the fit could move (Chinchilla's own
-    # intervals proved implausibly narrow). Resampling runs and refitting gives a CI on every
-    # derived quantity (N_opt at each target) directly, with no error propagation.
+    # Why bootstrap: five parameters from ~25 runs on a flat, non-convex surface, where the curvature at the optimum
+    # is a poor guide to how far the fit could move (Chinchilla's own intervals proved implausibly narrow).
+    # Resampling runs and refitting gives a CI on every derived quantity (N_opt at each target), no error propagation.
     rng = np.random.default_rng(seed)
     keys = ["E", "A", "B", "alpha", "beta"]
     samples = {k: [] for k in keys + [f"N_opt@{C:g}" for C in targets] + [f"D_opt@{C:g}" for C in targets]}
     n = len(runs["N"])
     for _ in range(n_boot):
         idx = rng.integers(0, n, size=n)
-        # Starting each resample from the full-data optimum is the usual shortcut: the bootstrap
-        # fits are small perturbations of it, and a full grid search per resample costs far more.
+        # Resamples start from the full-data optimum (they only perturb it); a grid search per resample costs more.
         f = fit_parametric(runs["N"][idx], runs["D"][idx], runs["loss"][idx], inits=[fit["theta"]])
         for k in keys:
             samples[k].append(f[k])
@@ -429,18 +399,15 @@ def approach3(runs, n_boot=100, seed=0, targets=()):
 # ---------------------------------------------------------------
 # 6. The sweep: train every (budget, size) pair with train.py
 #
-# Model sizes are d_model values (heads = d_model / head_dim, fixed depth), so N grows ~ d_model^2.
-# For each budget C the number of steps follows from the exact FLOPs per token:
+# Model sizes are d_model values (size_config). For each budget C the number of steps follows from the exact FLOPs:
 #     steps = C / (train_flops_per_token(model) * tokens_per_step)      (or 6N with --flops 6nd)
-# Each run gets its own cosine schedule ending at its last step: Chinchilla's fix to Kaplan, whose
-# too-long schedules made small-data runs look worse than they are.
+# Each run gets its own cosine schedule ending at its last step: Chinchilla's fix to Kaplan (module docstring).
 
 def size_config(d_model, args, vocab_size):
-    """One size knob: d_model. Depth and head size stay fixed, so N ~ 12 L d^2 + V d grows with
-    width alone -- the simplest family in which "bigger" means one thing. -> (ModelConfig, FLOPs/token)."""
-    # d_ff = 8/3 d rounded to a multiple of 8, passed to train.py explicitly: model.py's default
-    # rounds to 64 with a floor of 64, which at d_model <= 48 makes the MLP jump in steps and the
-    # family stop being "the same shape, wider".
+    """One size knob: d_model. Depth and head size stay fixed, so N ~ 12 L d^2 + V d grows with width alone: the
+    simplest family in which "bigger" means one thing. -> (ModelConfig, FLOPs/token)."""
+    # d_ff = 8/3 d rounded to a multiple of 8, passed to train.py explicitly: model.py's default rounds to 64 with a
+    # floor of 64, which at d_model <= 48 makes the MLP jump in steps: the family stops being "the same shape, wider".
     cfg = ModelConfig(vocab_size=vocab_size, context_length=args.context_length, d_model=d_model,
                       num_layers=args.num_layers, num_heads=max(1, d_model // args.head_dim),
                       d_ff=max(8, 8 * round(d_model / 3)))
@@ -468,11 +435,9 @@ def write_atomic(path, data):
 
 
 def write_byte_dataset(text_dir, out_dir):
-    """train.txt/val.txt -> train.bin/val.bin of raw UTF-8 bytes (vocab 256, no tokenizer needed).
-
-    Why: with a 4096-token vocab the lm_head alone is 4096*d_model parameters, so CPU-sized
-    models are mostly lm_head and a CPU-sized budget buys only a few hundred steps. With bytes,
-    the Transformer body is most of N and a tiny budget still trains for hundreds of steps."""
+    """train.txt/val.txt -> train.bin/val.bin of raw UTF-8 bytes (vocab 256, no tokenizer needed). Why: with a
+    4096-token vocab the lm_head alone is 4096*d_model parameters, so CPU-sized models are mostly lm_head; with
+    bytes the Transformer body is most of N, and a tiny budget still trains for hundreds of steps."""
     os.makedirs(out_dir, exist_ok=True)
     for split in ("train", "val"):
         src = os.path.join(text_dir, f"{split}.txt")
@@ -501,8 +466,7 @@ TRAIN_FLAGS = ("data", "flops", "head_dim", "context_length", "batch_size", "lr"
 
 
 def flags_hash(args, vocab_size, keys=TRAIN_FLAGS):
-    """8 hex digits of TRAIN_FLAGS: part of every run name, so a rerun with another --lr (say)
-    into the same --out-dir trains new runs instead of reusing the old ones."""
+    """8 hex digits of TRAIN_FLAGS in every run name: a rerun with another --lr in the same --out-dir trains anew."""
     flags = {k: getattr(args, k) for k in keys} | {"vocab_size": vocab_size}
     return hashlib.sha1(json.dumps(flags, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -527,8 +491,7 @@ def train_command(args, cfg, run_dir, steps):
 def run_train(cmd, run_dir, threads):
     """Run train.py (log to RUN_DIR/train.log) -> its final metrics record; a failure is a one-line error."""
     os.makedirs(run_dir, exist_ok=True)
-    # Tiny models are bound by per-op overhead, not FLOPs: one thread per run avoids OpenMP
-    # threads spinning against each other (how much faster: see the README).
+    # Tiny models are bound by per-op overhead, not FLOPs: one thread per run stops OpenMP threads spinning (README).
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     with open(os.path.join(run_dir, "train.log"), "w") as log:
         rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -574,8 +537,7 @@ def sweep(args):
     spent_C, t0 = 0.0, time.time()     # FLOPs trained by *this* invocation, for the ETA
     for i, (C, d) in enumerate(plan):
         cfg, per_tok = size_config(d, args, V)
-        # The budget fixes the step count: a 4x bigger model gets ~4x fewer tokens. Runs whose
-        # budget buys fewer than --min-steps steps would measure only the warmup, so we skip them.
+        # The budget fixes the steps (4x the model, ~4x fewer tokens); under --min-steps a run measures only warmup.
         name, steps = run_name(C, d, args, flags), int(round(C / (per_tok * tokens_per_step)))
         run_dir, tag = os.path.join(args.out_dir, name), f"[{i + 1}/{len(plan)}] {name}"
         skip = "done" if name in done else f"only {steps} steps at this budget" if steps < args.min_steps else None
@@ -635,12 +597,10 @@ def approach1_sweep(args):
 # 7. Fit report: both approaches, the allocation for a target budget, and a plot
 
 def fit_report(runs_path, targets, out_dir=None, n_boot=100, seed=0, min_budget=0.0):
-    """Fit both approaches, print parameters + CIs + the allocation at each target, write fit.json
-    (pipeline.py's report reads it) and scaling.png. When the approaches disagree (they usually do
-    at toy scale) the honest output is both numbers and their CIs."""
+    """Fit both approaches, print parameters + CIs + the allocation at each target, write fit.json (pipeline.py's
+    report reads it) and scaling.png. They usually disagree at toy scale: the honest output is both, with CIs."""
     runs = load_runs(runs_path)
-    # The smallest budgets are a few dozen optimizer steps: loss there measures warmup, not
-    # capacity. --min-budget drops them (say so when you report the fit: it is a choice).
+    # Budgets of a few dozen steps measure warmup, not capacity: --min-budget drops them (a choice: report it).
     runs = _subset(runs, runs["budget"] >= min_budget)
     out_dir = out_dir or os.path.dirname(os.path.abspath(runs_path))
     print(f"{len(runs['N'])} runs, {len(np.unique(runs['budget']))} budgets, from {runs_path}")
@@ -683,9 +643,8 @@ def print_approach3(a3, runs):
         lo, hi = a3["ci"][k]
         print(f"  {k:5s} = {a3[k]:10.4g}   95% CI [{lo:.4g}, {hi:.4g}]")
     if a3["E"] < 0.01 * runs["loss"].min():
-        # At toy scale every run is far above the entropy floor, so A/N^alpha + B/D^beta alone
-        # fits as well: E slides to 0, where its gradient vanishes (dL/de = e^e), and the
-        # bootstrap, started from there, cannot move it. Its CI then means nothing.
+        # At toy scale every run is far above the entropy floor, so A/N^alpha + B/D^beta alone fits as well: E
+        # slides to 0, where its gradient vanishes (dL/de = e^e); the bootstrap, started there, cannot move it: no CI.
         print("  note: E collapsed to ~0 -- these runs do not constrain the irreducible loss")
     print(f"  implied a = beta/(alpha+beta) = {a3['a']:.3f}")
     for C, p in a3["predict"].items():
@@ -695,10 +654,9 @@ def print_approach3(a3, runs):
 
 
 def print_family(runs_path, a3, targets):
-    """The closed form assumes C = 6ND; our runs spend exact FLOPs, so for runs from our own sweep
-    we also search the sweep's actual model family (its knobs are in every results.jsonl row): the
-    width whose exact-FLOP budget split minimizes the fitted L(N, D), what `sweep` would train
-    next. -> {C: best row}, or None for a table our sweep did not write."""
+    """The closed form assumes C = 6ND; our runs spend exact FLOPs, so for runs from our own sweep we also search
+    the sweep's actual model family (its knobs are in every results.jsonl row): the width whose exact-FLOP budget
+    split minimizes the fitted L(N, D), what `sweep` would train next. -> {C: best row}, or None if not our sweep's."""
     family = json.loads(open(runs_path).readline()) if runs_path.endswith(".jsonl") else {}
     if not all(k in family for k in ("vocab_size", "num_layers", "head_dim", "context_length")):
         return None
