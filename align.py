@@ -870,13 +870,13 @@ def stream_reply(model, tok, prompt: list, args, gen, out) -> list:
     eot, utf8 = tok.special_ids[EOT], codecs.getincrementaldecoder("utf-8")(errors="replace")
     idx, reply = torch.tensor([prompt], device=args.device), []
     print("bot> ", end="", file=out, flush=True)
-    for nxt, probs in stream(model.eval(), idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                             stop_token=eot, generator=gen):
+    for nxt, logits in stream(model.eval(), idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                              stop_token=eot, generator=gen):
         t = nxt.item()
         reply.append(t)
-        if t != eot:
-            text = utf8.decode(tok.vocab.get(t, b""))
-            print(text + (f"[{probs[0, t].item():.2f}]" if args.show_probs else ""), end="", file=out, flush=True)
+        if t != eot:  # the model's own probability of t: before temperature and truncation reshape it
+            p = f"[{F.softmax(logits[0].float(), -1)[t].item():.2f}]" if args.show_probs else ""
+            print(utf8.decode(tok.vocab.get(t, b"")) + p, end="", file=out, flush=True)
     print(utf8.decode(b"", final=True), file=out, flush=True)
     return reply if reply[-1] == eot else reply + [eot]
 
@@ -1057,7 +1057,7 @@ def build_parser(tiny=False):
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set with this much mass")
     p.add_argument("--max-new-tokens", type=int, default=64, help="reply length cap (a reply ends at <|endoftext|>)")
-    p.add_argument("--show-probs", action="store_true", help="print each token's probability after it, as token[0.93]")
+    p.add_argument("--show-probs", action="store_true", help="print the model's probability of each token after it, as token[0.93] (before temperature/top-k/top-p)")
     sub.add_parser("all", parents=[common, sft, pairs, dpo, lora, grpo], help="eval base, then sft, dpo, grpo at their defaults")
     return ap, sub.choices
 

@@ -196,7 +196,7 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(d_model, d_ff, device, dtype)  # weight (d_ff, d_model)
 
     def forward(self, x):
-        return self.w2(silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # F.silu: silu() above as one op each way, not three (faster)
 
 
 class MLP(nn.Module):
@@ -294,28 +294,24 @@ def sinusoidal_table(max_len: int, d_model: int):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE: rotate each pair (x[2k], x[2k+1]) of a query/key by the angle pos·θ^(-2k/d). Rotating q by a·i and k by
-    a·j leaves q·k depending only on a·(i - j): the score sees *relative* position, with no position table at all."""
+    """RoPE: rotate each pair (x[2k], x[2k+1]) of a query/key by the angle pos·θ^(-2k/d).
+    A rotation by angle a·i on q and a·j on k leaves q·k depending only on a·(i - j): the
+    attention score sees *relative* position, with no learned position table at all."""
 
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
         super().__init__()
         inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device, dtype=torch.float32) / d_k)  # (d_k/2,)
-        angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
-        angles = angles.repeat_interleave(2, dim=-1)  # (max_seq_len, d_k): both members of a pair share an angle
-        sign = torch.tensor([-1.0, 1.0], device=device).repeat(d_k // 2)  # (-, +, -, +, ...)
-        # Not persistent: these are a pure function of the config, so they stay out of the state dict.
-        self.register_buffer("cos", angles.cos(), persistent=False)  # (max_seq_len, d_k)
-        self.register_buffer("sin", angles.sin() * sign, persistent=False)  # sin with the rotation's signs folded in
+        angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)  # (max_seq_len, d_k/2)
+        # Not persistent: a pure function of the config, so it stays out of the state dict.
+        self.register_buffer("rot", torch.polar(torch.ones_like(angles), angles), persistent=False)  # e^{i·angle}, complex64
 
     def forward(self, x, token_positions):
         # x (..., T, d_k); token_positions (..., T) broadcastable against x's leading dims.
-        # For each pair (x1, x2) = (x[2k], x[2k+1]) the 2-D rotation is
-        #     x1' = x1·cos - x2·sin,    x2' = x2·cos + x1·sin.
-        # Swapping each pair gives (x2, x1); times (-sin, +sin) that is both second terms: two multiplies and an add.
-        cos = self.cos[token_positions].to(x.dtype)  # (..., T, d_k)
-        sin = self.sin[token_positions].to(x.dtype)
-        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x2, x1, x4, x3, ...)
-        return x * cos + swapped * sin
+        # Read each pair as one complex number z = x1 + i·x2. Rotating it by angle a is multiplying by
+        # e^{ia} = cos a + i·sin a:  z·e^{ia} = (x1 cos a - x2 sin a) + i·(x2 cos a + x1 sin a),
+        # the 2-D rotation in one complex multiply (as Llama's own code does it). In fp32: there is no complex bf16.
+        z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., T, d_k/2)
+        return torch.view_as_real(z * self.rot[token_positions]).flatten(-2).to(x.dtype)  # (..., T, d_k)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -554,14 +550,17 @@ def memory_bytes(cfg: ModelConfig, batch_size: int) -> dict:
     2 bytes per parameter, AdamW 12 (fp32 master copy + two moments: ZeRO's 16 bytes/parameter), and the activations
     autograd keeps for a bf16 forward's backward, counted from our code (a test checks it against the tensors
     autograd really saves). Per token and layer: each RMSNorm keeps fp32 input and output, each projection its bf16
-    input, attention q, k, v, its output and RoPE's cos/sin rows (no T x T matrix: fused kernel), SwiGLU five
-    d_ff-wide tensors. After the last layer: the final norm and the fp32 logits of the loss."""
+    input, attention q, k, v, its output (no T x T matrix: fused kernel), SwiGLU four d_ff-wide tensors; per position
+    and layer, RoPE's two complex rotation rows (q's and k's; the rotated inputs are not needed: the rotation's
+    gradient is the inverse rotation). After the last layer: the final norm and the fp32 logits of the loss."""
     n, d, f, d_k = count_params(cfg), cfg.d_model, cfg.d_ff, cfg.d_model // cfg.num_heads
-    norms, inputs, attn = 2 * (4 * d + 4 * d + 4), 2 * 2 * d, 2 * 4 * d + 4 * cfg.num_heads + 2 * 4 * d_k
-    per_layer = norms + inputs + attn + 2 * 5 * f  # bytes per token
+    norms, inputs, attn = 2 * (4 * d + 4 * d + 4), 2 * 2 * d, 2 * 4 * d + 4 * cfg.num_heads
+    per_layer = norms + inputs + attn + 2 * 4 * f  # bytes per token
+    rope = 2 * 4 * d_k * cfg.context_length if cfg.pos_emb == "rope" else 0  # bytes per layer: 2 x (T, d_k/2) complex64
     last = 8 + (8 * d + 4) + 2 * d + 4 * cfg.vocab_size  # token ids, ln_final, fp32 logits
     tokens = batch_size * cfg.context_length
-    return {"weights": 2 * n, "grads": 2 * n, "optimizer": 12 * n, "activations": tokens * (cfg.num_layers * per_layer + last)}
+    acts = tokens * (cfg.num_layers * per_layer + last) + cfg.num_layers * rope
+    return {"weights": 2 * n, "grads": 2 * n, "optimizer": 12 * n, "activations": acts}
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendor datasheets, keyed by the exact torch.cuda.get_device_name().
@@ -631,7 +630,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k=No
 
 @torch.no_grad()
 def stream(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None, min_p=None, stop_token=None, generator=None):
-    """generate() one step at a time: yields (next ids (B, 1), the distribution they came from (B, V)), so a chat
+    """generate() one step at a time: yields (next ids (B, 1), the logits they were sampled from (B, V)), so a chat
     can print each token as it is sampled. The prompt is run once (prefill) to fill the KV cache; after that each
     step feeds only the newest token, so a step costs O(T) attention instead of re-running the whole sequence. Once
     the window is full we slide it like nanoGPT (re-run the last context_length tokens, no cache)."""
@@ -650,7 +649,7 @@ def stream(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None
         if stop_token is not None:
             nxt = nxt.masked_fill(done[:, None], stop_token)
             done = done | (nxt[:, 0] == stop_token)
-        yield nxt, probs
+        yield nxt, logits
         if step == max_new_tokens - 1 or done.all():
             break
         out = torch.cat([out, nxt], dim=1)

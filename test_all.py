@@ -1643,16 +1643,18 @@ def test_model_sdpa_with_and_without_mask_vs_torch():
 
 
 def test_model_rope_matches_complex_rotation_and_is_relative():
-    """RoPE equals multiplication by exp(i·pos·θ) on complex pairs, and q·k depends only on the position offset."""
+    """RoPE equals the 2-D rotation of each pair by pos·θ_k written out in reals, and q·k depends only on the offset."""
     torch.manual_seed(0)
     d, theta = 8, 10000.0
     rope = M.RotaryEmbedding(theta, d, 64)
     x = torch.randn(2, 10, d)
     pos = torch.arange(10)
-    # reference: pairs (x[2k], x[2k+1]) as complex numbers times exp(i * pos * theta^(-2k/d))
+    # reference: the 2-D rotation of each pair (x[2k], x[2k+1]) by pos * theta^(-2k/d), written out in reals
     ang = pos[:, None].float() * theta ** (-torch.arange(0, d, 2).float() / d)  # (T, d/2)
-    z = torch.view_as_complex(x.view(2, 10, d // 2, 2).contiguous()) * torch.polar(torch.ones_like(ang), ang)
-    torch.testing.assert_close(rope(x, pos), torch.view_as_real(z).flatten(-2))
+    for xin in (x, x.bfloat16()):  # bf16 in, bf16 out (computed in fp32)
+        x1, x2 = xin.float()[..., 0::2], xin.float()[..., 1::2]
+        want = torch.stack((x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()), -1).flatten(-2)
+        torch.testing.assert_close(rope(xin, pos), want.to(xin.dtype))
     # relative property: <R_i q, R_j k> depends only on i - j
     q, k = torch.randn(d), torch.randn(d)
 
