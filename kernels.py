@@ -1,27 +1,21 @@
 """
 kernels.py -- writing GPU kernels for a language model: RMSNorm, FlashAttention-2, and friends.
 
-Why kernels at all?  The roofline model (Williams et al. 2009): an op takes at least
-max(FLOPs / peak FLOP/s, bytes moved / HBM bandwidth), so what decides which term wins is its
-arithmetic intensity I = FLOPs per byte of HBM traffic.  An H100 SXM does ~990 dense bf16
-TFLOP/s but reads HBM at only ~3 TB/s (3.35 on the spec sheet), a ridge point of
-990e12 / 3e12 ~ 330 FLOP/byte: an op below it is memory-bound and leaves the tensor cores
-idle.  (An H200 has the same compute and 4.8 TB/s, ridge ~200.)
-  * a bf16 (n x n) @ (n x n) matmul does 2n^3 FLOPs on 6n^2 bytes, I = n/3: compute-bound
-    from n ~ 1000 up, which is why big tiles win;
-  * RMSNorm does ~4 FLOPs per element (square, sum, two multiplies) on 4 bytes (read x, write
-    y in bf16): I ~ 1, 300x under the ridge.  No kernel makes it compute-bound; the best one
-    touches each byte once, and its score is % of HBM bandwidth, not TFLOP/s;
-  * attention kept on chip does 4*T^2*d FLOPs on 8*T*d bytes of q, k, v, o: I = T/2,
-    compute-bound once T > ~660.  Written naively it also stores and reloads the (T x T)
-    scores S and probabilities P, ~8*T^2 bytes per head, and becomes memory-bound.
+Why kernels at all?  The roofline model (Williams et al. 2009): an op takes at least max(FLOPs / peak FLOP/s, bytes
+moved / HBM bandwidth), and which term wins is set by its arithmetic intensity I = FLOPs per byte of HBM traffic.  An
+H100 SXM does ~990 dense bf16 TFLOP/s but reads HBM at ~3 TB/s (spec: 3.35), a ridge point of 990e12 / 3e12 ~ 330
+FLOP/byte: an op below it is memory-bound and idles the tensor cores.  (H200: same compute, 4.8 TB/s, ridge ~200.)
+  * a bf16 (n x n) @ (n x n) matmul: 2n^3 FLOPs on 6n^2 bytes, I = n/3, compute-bound from n ~ 1000 (big tiles win);
+  * RMSNorm: ~4 FLOPs/element (square, sum, 2 mults) on 4 bytes (read x, write y; bf16): I ~ 1, 300x under the ridge.
+    No kernel makes it compute-bound: the best touches each byte once, scored in % of HBM bandwidth, not TFLOP/s;
+  * attention kept on chip: 4*T^2*d FLOPs on 8*T*d bytes of q, k, v, o, I = T/2, compute-bound once T > ~660.  Naively
+    it also writes and rereads the (T x T) scores S and probabilities P (~8*T^2 bytes per head): memory-bound.
 Memory-bound ops are sped up only by touching HBM fewer times:
-  * fusion: one kernel reads x once, does every elementwise step in registers, writes
-    y once (eager PyTorch RMSNorm launches ~6 kernels and re-reads x each time);
-  * tiling: split a big op into blocks that fit in SRAM/registers and never write the
-    intermediate to HBM.  FlashAttention streams K/V tiles past a Q tile, keeps a running max
-    and running sum (the "online softmax", Milakov & Gimelshein 2018, arXiv:1805.02867) and
-    never materialises S or P: O(T) memory instead of O(T^2), and far less traffic.
+  * fusion: one kernel reads x once, does every elementwise step in registers, writes y once (eager PyTorch RMSNorm
+    launches ~6 kernels and re-reads x each time);
+  * tiling: split a big op into blocks that fit in SRAM/registers, never writing the intermediate to HBM.
+    FlashAttention streams K/V tiles past a Q tile, keeps a running max and sum ("online softmax", Milakov &
+    Gimelshein 2018, arXiv:1805.02867) and never materialises S or P: O(T) memory, not O(T^2), and far less traffic.
 
 Contents, in teaching order:
   1. RMSNormTriton        fused forward + backward (dx and dweight) Triton kernels.
@@ -41,9 +35,8 @@ Run it:
   python -m pytest -q test_all.py -k kernels    # the tests (CPU: interpreter; GPU: compiled)
   python bench.py --only kernels                # GPU: the benchmarks; CPU: the PyTorch-level ones
   bash gpu_check.sh                             # one H100/H200: compiled tests + every GPU number
-Without a GPU we set TRITON_INTERPRET=1 before the @triton.jit decorators run (triton
-reads the variable when it decorates a kernel): the kernels then run in Triton's numpy
-interpreter on CPU tensors (correct, but ~1000x slower than a GPU).
+Without a GPU we set TRITON_INTERPRET=1 before the @triton.jit decorators run (triton reads it when it decorates a
+kernel): the kernels then run in Triton's numpy interpreter on CPU tensors (correct, but ~1000x slower than a GPU).
 """
 import math
 import os
@@ -65,15 +58,13 @@ _UPCAST = tl.constexpr(INTERPRET)
 # ---------------------------------------------------------------
 # 1. RMSNorm:  y = x / sqrt(mean(x^2) + eps) * w
 #
-# Memory-bound (I ~ 1 FLOP/byte, see the docstring), so the design is to touch HBM as little
-# as possible.  Forward, one program per row: load the row once, reduce, scale, store.  We
-# also save rstd = 1/sqrt(mean(x^2)+eps), 4 bytes per row, so backward skips the reduction.
+# Memory-bound (I ~ 1 FLOP/byte), so touch HBM as little as possible.  Forward, one program per row: load the row
+# once, reduce, scale, store, and save rstd = 1/sqrt(mean(x^2)+eps) (4 bytes per row) so backward skips the reduction.
 # Backward, with g = dy * w and r = rstd (which depends on x: dr/dx_j = -r^3 x_j / D):
 #     dx = r * g - x * r^3 * mean(g * x)
 #     dw = sum over rows of dy * x * r
-# dw is a reduction over all rows.  Instead of atomics we give each program a contiguous
-# block of rows, accumulate its partial dw in registers, write one (D,) partial, and sum the
-# few partials in torch -- Liger/Unsloth do the same.
+# dw is a reduction over all rows.  Instead of atomics we give each program a contiguous block of rows, accumulate its
+# partial dw in registers, write one (D,) partial, and sum the few partials in torch -- Liger/Unsloth do the same.
 
 
 @triton.jit
@@ -152,23 +143,19 @@ def rmsnorm_ref(x, weight, eps=1e-5):
 # ---------------------------------------------------------------
 # 2. FlashAttention-2 in plain PyTorch (Dao 2023; FlashAttention-1: Dao et al. 2022).
 #
-# Standard attention S = Q K^T / sqrt(d), P = softmax(S), O = P V writes the (T x T) S and P
-# to HBM.  FlashAttention splits Q into row tiles Q_i and K, V into column tiles K_j, V_j and
-# streams the K_j past one Q_i, keeping per row only a running max m, a running sum l and an
-# un-normalised output O~ -- the online softmax, whose recurrences sit at the lines computing
-# them.  FA2 over FA1: the Q tile is the outer loop (each program owns its output rows, no
-# atomics) and O~ is divided by l once at the end, not at every tile.  Forward saves only
-# L = m + log l, the logsumexp of each row, beyond Q, K, V, O.
-# Backward (FA2 Alg. 2) does not keep P: that (T x T) tensor is the very thing we avoided.
-# It recomputes each tile exactly as P = exp(S - L) -- an extra Q K^T matmul per tile, cheap
-# next to writing P to HBM and reading it back -- and then
+# Plain attention S = Q K^T / sqrt(d), P = softmax(S), O = P V writes the (T x T) S and P to HBM.  FlashAttention
+# splits Q into row tiles Q_i and K, V into column tiles K_j, V_j and streams the K_j past one Q_i, keeping per row
+# only a running max m, sum l and un-normalised output O~ (the online softmax; recurrences at the lines computing
+# them).  FA2 over FA1: the Q tile is the outer loop (each program owns its output rows, no atomics) and O~ is divided
+# by l once at the end, not per tile.  Beyond Q, K, V, O, forward saves only each row's logsumexp L = m + log l.
+# Backward (FA2 Alg. 2) does not keep P, the (T x T) tensor we avoided: each tile's P = exp(S - L) is recomputed
+# exactly -- an extra Q K^T matmul per tile, cheap next to writing P to HBM and reading it back -- then
 #     dV += P^T dO,   dP = dO V^T,   dS = P * (dP - D),   dQ += dS K / sqrt(d),   dK += dS^T Q / sqrt(d).
 # D comes from the softmax Jacobian, dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik), where
 #     sum_k P_ik dP_ik = sum_k P_ik (dO_i . V_k) = dO_i . (sum_k P_ik V_k) = dO_i . O_i,
 # so D = rowsum(dO * O): one (T,) vector from tensors we already have, no row of P needed.
-# Causal: key j is visible to query i iff j <= i (top-left aligned, like SDPA).  A tile wholly
-# above the diagonal scores -inf everywhere, so P = 0 there and it adds exactly nothing to O,
-# l, dQ, dK or dV: we skip it, which halves the work when Tq = Tk.
+# Causal: key j is visible to query i iff j <= i (top-left aligned, like SDPA).  A tile wholly above the diagonal is
+# -inf everywhere, so P = 0 adds nothing to O, l, dQ, dK or dV: we skip it (half the work when Tq = Tk).
 
 
 def attention_ref(q, k, v, is_causal=False):
@@ -183,8 +170,7 @@ def attention_ref(q, k, v, is_causal=False):
 
 
 class FlashAttentionTorch(torch.autograd.Function):
-    """FA2 with explicit tiles in PyTorch. Q, K, V: (..., T, d).  Saves L, Q, K, V, O: the
-    logsumexp L, shape (batch[, heads], n_queries), is the only tensor beyond inputs/outputs."""
+    """FA2 with explicit tiles in PyTorch. Q, K, V: (..., T, d). Saves L (batch[, heads], n_queries), Q, K, V, O."""
 
     BLOCK_Q = 16  # tile sizes; on a GPU these would be 64-128 (see the Triton version)
     BLOCK_K = 16
@@ -255,27 +241,21 @@ class FlashAttentionTorch(torch.autograd.Function):
 # 3. FlashAttention-2 in Triton.
 #
 # Same algorithm, but now a "tile" is what one program holds in registers/SRAM:
-#   forward  grid (cdiv(Tq, BLOCK_M), batch*heads): one program owns a Q tile and loops
-#            over K/V tiles; with is_causal it stops at the diagonal, skipping every
-#            fully-masked tile (half the work), and only masks inside the diagonal tiles.
-#   backward three kernels: D = rowsum(dO*O); dK/dV (one program per K/V tile, loops over
-#            Q tiles); dQ (one program per Q tile, loops over K/V tiles).  Two loops
-#            instead of one avoid atomic adds on dQ at the cost of recomputing S twice.
-# Tricks: scores are multiplied by softmax_scale * log2(e), so s = S log2(e) and 2^s = e^S:
-# exp2 is one instruction on the GPU, and m, l, L live in log2 units until the final store;
-# tl.dot takes bf16 inputs and accumulates in fp32; sequence lengths need not be multiples
-# of the tile (loads are masked, padded keys get -inf).  Tile shapes in the comments:
-# BM = BLOCK_M query rows, BN = BLOCK_N keys, BD = BLOCK_D >= d head-dim lanes.
-# Inputs are flattened to (batch*heads, T, d) contiguous, so one pointer stride works
-# for both (B, T, d) and (B, H, T, d) layouts.
+#   forward  grid (cdiv(Tq, BLOCK_M), batch*heads): one program owns a Q tile and loops over K/V tiles; with is_causal
+#            it stops at the diagonal, skipping every fully-masked tile, and only masks inside the diagonal tiles.
+#   backward three kernels: D = rowsum(dO*O); dK/dV (one program per K/V tile, loops over Q tiles); dQ (one program
+#            per Q tile, loops over K/V tiles).  Two loops avoid atomic adds on dQ, at the cost of computing S twice.
+# Tricks: scores are scaled by log2(e)/sqrt(d), so s = S log2(e) and 2^s = e^S: exp2 is one GPU instruction; m, l, L
+# stay in log2 units until the final store; sequence lengths need not be tile multiples (loads are masked, padded keys
+# get -inf).  Tile shapes in comments: BM = BLOCK_M query rows, BN = BLOCK_N keys, BD = BLOCK_D >= d head-dim lanes.
+# Inputs are flattened to contiguous (batch*heads, T, d): one stride serves (B, T, d) and (B, H, T, d).
 
 
 @triton.jit
 def _fa_fwd_inner(acc, l, m, q, K, V, offs_m, offs_d, Tk, qk_scale, lo, hi,
                   MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
                   d: tl.constexpr, PREC: tl.constexpr):
-    """Stream K/V tiles [lo, hi) past one Q tile, updating the online-softmax state.
-    MASK=False is the fast path for tiles that are entirely visible (no compares)."""
+    """Stream K/V tiles [lo, hi) past a Q tile, updating the online softmax; MASK=False: all-visible tiles, no compares."""
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < d  # (BD,) all-true when d == BLOCK_D
     for start_n in range(lo, hi, BLOCK_N):
@@ -426,8 +406,7 @@ def _fa_bwd_dq_kernel(Q, K, V, DO, L, Dr, DQ, Tq, Tk, T_BUCKET, sm_scale, d: tl.
 
 
 class FlashAttentionTriton(torch.autograd.Function):
-    """FA2 Triton kernels. q, k, v: (B, T, d) or (B, H, T, d); d in 16..128; fp32/bf16/fp16.
-    Called as FlashAttentionTriton.apply(q, k, v, is_causal)."""
+    """FA2 in Triton: .apply(q, k, v, is_causal); q, k, v (B, T, d) or (B, H, T, d); d in 16..128; fp32/bf16/fp16."""
 
     @staticmethod
     def forward(ctx, q, k, v, is_causal=False):
@@ -521,14 +500,12 @@ class SwiGLUTriton(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------
-# 5. Chunked cross-entropy.  The last layer of an LM makes logits (N tokens, V vocab): with
-# N = 16k tokens and V = 128k that is 8 GiB in fp32, plus as much again for its gradient,
-# usually the largest tensor in the whole step.  But each row of the loss only needs its
-# own row of logits, and d loss / d logits = (softmax - onehot) / N is known as soon as
-# the row's logits are.  So we go chunk by chunk: logits_c = h_c W^T, loss_c, and right
-# away dh_c = dlogits_c W and dW += dlogits_c^T h_c -- then throw logits_c away.  Peak
-# extra memory is (chunk x V) instead of (N x V).  The gradients are computed in the
-# forward (Liger kernel's trick) and merely scaled by grad_output in the backward.
+# 5. Chunked cross-entropy.  The LM head makes (N tokens x V vocab) logits: 8 GiB in fp32 for N = 16k and V = 128k,
+# plus as much again for their gradient, usually the step's largest tensor.  But each row of the loss only needs its
+# own row of logits, and d loss / d logits = (softmax - onehot) / N is known as soon as the row's logits are.  So we
+# go chunk by chunk: logits_c = h_c W^T, loss_c, and right away dh_c = dlogits_c W and dW += dlogits_c^T h_c -- then
+# throw logits_c away.  Peak extra memory: (chunk x V), not (N x V).  The gradients are computed in the forward (Liger
+# kernel's trick); backward only scales them by grad_output.
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -561,12 +538,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------
-# 6. Autotuning the FlashAttention kernels on a GPU (FlashAttentionTriton launches _fa_fwd,
-# _fa_dkdv, _fa_dq).  Every config is a separate compile (seconds each), so the search space
-# is a handful of Hopper-friendly tiles (BLOCK_M, BLOCK_N, warps, stages), and we only search
-# where speed matters: bf16/fp16 and sequences longer than 256.  fp32 (our exact "ieee"
-# correctness path) and short sequences take the first, safe config.  In the interpreter
-# there is no tuning at all: one fixed tile (_INTERP_TILE).
+# 6. Autotuning the FlashAttention kernels on a GPU (FlashAttentionTriton launches _fa_fwd, _fa_dkdv, _fa_dq).  Every
+# config is a separate compile (seconds each), so the search space is a handful of Hopper-friendly tiles (BLOCK_M,
+# BLOCK_N, warps, stages), and we only search where speed matters: bf16/fp16 and sequences longer than 256.  fp32 (our
+# exact "ieee" correctness path) and short sequences take the first, safe config.
 
 
 def _cfgs(tiles):
@@ -576,9 +551,8 @@ def _cfgs(tiles):
 _FA_CONFIGS = _cfgs([(64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),
                      (128, 32, 4, 3)])
 _FA_BWD_CONFIGS = _cfgs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3)])
-# T_BUCKET = next power of two >= max(Tq, Tk) is an argument the kernels ignore: it is the
-# autotuner's key, so a new sequence length (every step of a generation loop) reuses the
-# config tuned for its bucket instead of re-running the whole search.
+# T_BUCKET = next power of two >= max(Tq, Tk) is an argument the kernels ignore: it is the autotuner's key, so a new
+# sequence length (every step of a generation loop) reuses its bucket's tuned config instead of searching again.
 _KEY = ["T_BUCKET", "d", "IS_CAUSAL"]
 
 

@@ -3,8 +3,7 @@ train.py -- the training loop, built from its parts.
 
 A language model learns by next-token prediction: read a window of token ids, predict each next id, measure the
 surprise (cross-entropy), step the weights downhill. Everything that makes this work at scale is a small, separate
-idea, and each one is written here from scratch so you can read it, test it against PyTorch's own version, and
-change it:
+idea, each written here from scratch so you can read it, test it against PyTorch's own version, and change it:
 
   1. `cross_entropy`      -- the loss, computed stably with the log-sum-exp trick.
   2. `AdamW`, `Muon`      -- Adam (Kingma & Ba 2014, arXiv:1412.6980) with decoupled weight decay (Loshchilov &
@@ -20,14 +19,12 @@ change it:
                              ZeRO/FSDP: Rajbhandari et al. 2019, arXiv:1910.02054; from scratch in parallel.py).
 
 Three ideas carry the loop. Gradient accumulation: B sequences x --grad-accum micro-steps give the gradient of one
-batch of B x accum, in the memory of B, because backward *adds* into p.grad. Under DDP the all-reduce is linear too,
-so we run it once, on the last micro-step. Mixed precision: matmuls in bf16 on CUDA (half the bytes, tensor cores),
-but the loss and the optimizer's master weights and moments stay fp32. Resumability: a run killed at any moment
-continues from its last checkpoint as if it had never stopped (the test checks it bit for bit). MFU, the fraction of
-the chip's peak we use, is (tokens/s x FLOPs/token) / peak FLOP/s with FLOPs/token = 6N + 12*L*d*T (Chowdhery et al.
-2022, PaLM, arXiv:2204.02311, appendix B).
-
-`--objective mlm` trains a bidirectional model with BERT-style masking (Devlin et al. 2018, arXiv:1810.04805).
+batch of B x accum in the memory of B, because backward *adds* into p.grad; the DDP all-reduce is linear too, so it
+runs once, on the last micro-step. Mixed precision: bf16 matmuls on CUDA (half the bytes, tensor cores), but the loss,
+master weights and moments stay fp32. Resumability: a killed run continues from its last checkpoint as if it had never
+stopped (tested bit for bit). MFU, the fraction of the chip's peak we use, is (tokens/s x FLOPs/token) / peak FLOP/s
+with FLOPs/token = 6N + 12*L*d*T (Chowdhery et al. 2022, PaLM, arXiv:2204.02311, appendix B). `--objective mlm` trains
+a bidirectional model with BERT-style masking (Devlin et al. 2018, arXiv:1810.04805).
 
 Run it (data dir from `python data.py` + `python bpe.py ...`, see README):
     python train.py --data data/pydocs                                 # CPU, a few minutes
@@ -38,8 +35,7 @@ Run it (data dir from `python data.py` + `python bpe.py ...`, see README):
     python train.py sample --ckpt out/ckpt.pt --prompt "def main("     # sample from a checkpoint
     python train.py --data data/pydocs --objective mlm                 # bidirectional masked-LM encoder
 
-Outputs in --out-dir: ckpt.pt (atomic; model, optimizer, step, config, args, RNG states) and
-metrics.jsonl: one JSON record per log step, per eval and a final one (README lists the fields).
+Outputs in --out-dir: ckpt.pt (atomic; 5. + config, args) and metrics.jsonl (a record per log step, per eval, final).
 """
 
 import argparse
@@ -65,13 +61,10 @@ from model import (CHOICES, ModelConfig, MoE, TransformerLM, estimate_mfu, flops
 
 
 def cross_entropy(logits, targets, ignore_index=-100):
-    """Mean of -log softmax(logits)[target] over all positions whose target != ignore_index.
+    """Mean of -log softmax(logits)[target] over positions whose target != ignore_index (-100: MLM's unmasked tokens).
 
-    logits (..., V), targets (...). -log p_y = logsumexp(z) - z_y. Computing exp(z) directly
-    overflows for large logits (exp(1000) = inf), so we subtract the row max m first:
-    logsumexp(z) = m + log sum exp(z - m), where every exponent is <= 0.
-    ignore_index = -100 marks positions that carry no loss (the unmasked tokens in MLM).
-    """
+    logits (..., V), targets (...). -log p_y = logsumexp(z) - z_y. exp(z) alone overflows (exp(1000) = inf), so we
+    subtract the row max m first: logsumexp(z) = m + log sum exp(z - m), where every exponent is <= 0."""
     V = logits.size(-1)
     z = logits.reshape(-1, V).float()  # (N, V) -- upcast: bf16 log-sum-exp loses digits
     y = targets.reshape(-1)  # (N,)
@@ -94,9 +87,7 @@ class AdamW(torch.optim.Optimizer):
     Per parameter, with gradient g at step t:
         theta <- theta - lr * wd * theta               (decay, *not* folded into g: "decoupled")
         m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2
-        theta <- theta - lr/(1 - b1^t) * m / (sqrt(v)/sqrt(1 - b2^t) + eps)   (bias correction)
-    The bias correction undoes the zero initialization of m and v in the first steps.
-    """
+        theta <- theta - lr/(1 - b1^t) * m / (sqrt(v)/sqrt(1 - b2^t) + eps)   (bias correction: m, v start at 0)"""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -125,11 +116,9 @@ class AdamW(torch.optim.Optimizer):
 def newton_schulz(G, steps=5):
     """Approximately orthogonalize G (replace its singular values by ~1), as in modded-nanogpt.
 
-    For X = U S V^T, the odd polynomial f(X) = aX + b(XX^T)X + c(XX^T)^2 X = U f(S) V^T acts on
-    the singular values only. The quintic coefficients (3.4445, -4.7750, 2.0315) are tuned to
-    push every s in (0, 1] towards 1 as fast as possible in 5 steps; they do not converge exactly,
-    they leave the values in a band of roughly [0.7, 1.2], which works just as well for training.
-    """
+    For X = U S V^T, the odd polynomial f(X) = aX + b(XX^T)X + c(XX^T)^2 X = U f(S) V^T acts on the singular values
+    only. The quintic coefficients a, b, c are tuned to push every s in (0, 1] towards 1 as fast as possible in 5
+    steps; not all the way: they leave the values in a band of roughly [0.7, 1.2], which trains just as well."""
     a, b, c = 3.4445, -4.7750, 2.0315
     # bf16 is fine on GPU (the iteration is self-correcting); on CPU fp32 is faster and exact.
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
@@ -145,12 +134,9 @@ def newton_schulz(G, steps=5):
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-Schulz, for 2-D hidden weight matrices only.
-
-    update = NS(nesterov_momentum(g)): every direction of the update gets the same magnitude, so
-    rare-but-useful directions are not drowned by the dominant ones. Embeddings, lm_head and
-    norm gains are not "hidden linear maps" and stay with AdamW (see `build_optimizers`).
-    """
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D hidden weight matrices only. Its update
+    NS(nesterov_momentum(g)) gives every direction the same magnitude, so rare-but-useful ones are not drowned by the
+    dominant ones. Embeddings, lm_head and norm gains stay with AdamW (`build_optimizers`)."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay))
@@ -170,8 +156,7 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - mu)  # buf = mu buf + (1-mu) g
                 g = p.grad.lerp(buf, mu) if group["nesterov"] else buf  # look ahead along buf
                 u = newton_schulz(g, group["ns_steps"])  # (out, in), singular values ~1
-                # an orthogonal (out, in) matrix has per-element RMS 1/sqrt(max(out, in)); the factor
-                # sqrt(out/in) on tall ones makes it 1/sqrt(in) for every shape
+                # NS(g)'s element RMS is 1/sqrt(max(out, in)); sqrt(out/in) on tall ones makes it 1/sqrt(in) always
                 scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)  # theta -= lr * scale * NS(g)
@@ -204,11 +189,8 @@ def build_optimizers(model, args):
 
 
 def lr_cosine_schedule(it, max_lr, min_lr, warmup_iters, cosine_cycle_iters):
-    """Linear warmup it/T_w * max_lr, cosine from max_lr down to min_lr at T_c, min_lr after.
-
-    Warmup: Adam's second moment is noisy in the first steps, so a full-size step would be
-    too big. Cosine: large steps while far from a minimum, small ones to settle into it.
-    """
+    """Linear warmup it/T_w * max_lr, cosine from max_lr to min_lr at T_c, min_lr after. Warmup: Adam's second moment
+    is noisy at first, so full steps are too big. Cosine: big steps far from a minimum, small ones to settle in."""
     if it < warmup_iters:
         return it / warmup_iters * max_lr
     if it > cosine_cycle_iters:
@@ -219,9 +201,9 @@ def lr_cosine_schedule(it, max_lr, min_lr, warmup_iters, cosine_cycle_iters):
 
 def lr_wsd_schedule(it, max_lr, min_lr, warmup_iters, decay_start, total_iters):
     """Warmup-stable-decay (Hu et al. 2024, MiniCPM, arXiv:2404.06395): linear warmup, max_lr until decay_start, then
-    the "1-sqrt" cooldown max_lr - (max_lr - min_lr) sqrt(progress), which Hägele et al. 2024 (arXiv:2405.18392) find
-    beats a linear one, to min_lr at total_iters. The stable phase does not depend on the run's length: a checkpoint
-    taken in it can start a decay to any later length, so one long run gives the loss at many token counts."""
+    the "1-sqrt" cooldown max_lr - (max_lr - min_lr) sqrt(progress) to min_lr at total_iters (it beats a linear one:
+    Hägele et al. 2024, arXiv:2405.18392). The stable phase ignores the run's length: a decay can branch off any
+    checkpoint in it, so one long run gives the loss at many token counts."""
     if it < warmup_iters:
         return it / warmup_iters * max_lr
     progress = min(1.0, max(0, it - decay_start) / max(1, total_iters - decay_start))  # 0 while stable -> 1
@@ -230,11 +212,9 @@ def lr_wsd_schedule(it, max_lr, min_lr, warmup_iters, decay_start, total_iters):
 
 @torch.no_grad()
 def clip_grad_norm(params, max_norm, eps=1e-6):
-    """If ||g||_2 over *all* grads exceeds max_norm, scale every grad by max_norm/(||g|| + eps).
-
-    One global norm (not per tensor) keeps the update direction; only its length is capped, so a single bad batch
-    cannot throw the weights far away. Returns the norm before clipping. (FSDP: parallel.fsdp_clip_grad_norm.)
-    """
+    """If ||g||_2 over *all* grads exceeds max_norm, scale every grad by max_norm/(||g|| + eps). One global norm (not
+    per tensor) keeps the update direction; only its length is capped, so a single bad batch cannot throw the weights
+    far away. Returns the norm before clipping. (FSDP: parallel.fsdp_clip_grad_norm.)"""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
@@ -251,11 +231,8 @@ def clip_grad_norm(params, max_norm, eps=1e-6):
 
 
 def get_batch(data, batch_size, context_length, device, generator=None):
-    """Sample B windows of T+1 consecutive tokens; x = first T, y = last T (shifted by one).
-
-    data is a 1-D np.memmap of token ids: the OS pages in only the windows we touch, so a file bigger than RAM
-    is fine. `generator`'s state is saved in checkpoints: the batch sequence replays exactly after a resume.
-    """
+    """Sample B windows of T+1 consecutive tokens; x = first T, y = last T (shifted by one). data: a 1-D np.memmap of
+    token ids (the OS pages in only the windows we touch: a file bigger than RAM is fine)."""
     T = context_length
     starts = torch.randint(len(data) - T, (batch_size,), generator=generator).tolist()  # 0..n-T-1
     x = torch.from_numpy(np.stack([data[s : s + T] for s in starts]).astype(np.int64))  # (B, T)
@@ -266,9 +243,9 @@ def get_batch(data, batch_size, context_length, device, generator=None):
 
 
 def unigram_entropy(tokens, vocab_size, chunk=1 << 22):
-    """H = -sum p log p (nats) of the token frequencies: the loss of the best model that ignores
-    context. A model that has learned anything must get below it. Counted `chunk` tokens at a time:
-    bincount copies its input to int64, 4x a uint16 file, and train.bin may be bigger than RAM."""
+    """H = -sum p log p (nats) of the token frequencies: the loss of the best model that ignores context; getting well
+    below it shows the model uses its context at all. Counted `chunk` tokens at a time: bincount copies its input to
+    int64 (4x a uint16 file) and train.bin may exceed RAM."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     for i in range(0, len(tokens), chunk):
         # bincount grows past minlength if some id >= vocab_size: that is how a wrong --vocab-size shows
@@ -281,9 +258,8 @@ def unigram_entropy(tokens, vocab_size, chunk=1 << 22):
 
 
 def bytes_per_token(tok, tokens):
-    """Average UTF-8 bytes per token on a sample, so loss can be reported in bits per byte
-    (bpb = loss / ln 2 / bytes_per_token), a number comparable across tokenizers. A special token
-    (<|endoftext|>) is 0 bytes of text: it is a marker, not the 13 characters that spell it."""
+    """Mean UTF-8 bytes per token on a sample, for loss in bits per byte (ppl_bpb), a number comparable across
+    tokenizers. A special token (<|endoftext|>) is 0 bytes: a marker, not the 13 characters that spell it."""
     ids, special = np.asarray(tokens[:200_000]).tolist(), set(tok.special_ids.values())
     return sum(len(tok.vocab[i]) for i in ids if i not in special) / len(ids)  # exact: the byte lengths of the tokens
 
@@ -521,10 +497,8 @@ def train_step(model, optimizers, draw, data, gen, args, autocast):
     for micro in range(args.grad_accum):
         last = micro == args.grad_accum - 1
         x, y = draw(data, gen)
-        # Communication is the expensive part of a distributed step, and the all-reduce is linear:
-        # sum_ranks(g_1 + ... + g_k) = sum_ranks(g_1) + ... + sum_ranks(g_k). So non-final
-        # micro-steps accumulate locally (no_sync) and the last one all-reduces (FSDP:
-        # reduce-scatters) the accumulated grads: the same gradient for 1/k of the traffic.
+        # The all-reduce is linear, sum_ranks(g_1 + ... + g_k) = sum_k sum_ranks(g_k), so non-final micro-steps
+        # accumulate locally (no_sync) and the last all-reduces (FSDP: reduce-scatters) the sum: 1/k of the traffic
         if fsdp:
             model.set_requires_gradient_sync(last)
         with model.no_sync() if ddp and not last else contextlib.nullcontext():
@@ -532,9 +506,7 @@ def train_step(model, optimizers, draw, data, gen, args, autocast):
                 loss = cross_entropy(model(x), y)
             # MoE: + the load-balancing loss, in the gradient only (the logged loss stays comparable)
             aux = args.moe_aux_coef * sum(m.aux_loss for m in model.modules() if isinstance(m, MoE)) if args.num_experts > 1 else 0
-            # the loss is a mean over one micro-batch and .backward() *adds* into p.grad, so
-            # grad = sum_k grad(loss_k / k) = grad(mean of the k losses): B x grad_accum
-            # sequences give exactly the gradient of one big batch (up to float rounding)
+            # backward *adds* into p.grad: sum_k grad(loss_k / k) = grad(mean of k losses), one big batch's gradient
             ((loss + aux) / args.grad_accum).backward()
         loss_sum += loss.detach().float()
     if ddp:
@@ -553,8 +525,7 @@ def train_step(model, optimizers, draw, data, gen, args, autocast):
 
 def mask_fill_counts(logits, labels, k=5):
     """BERT's held-out mask-fill accuracy, as counts: (top-1 hits, top-k hits, masked positions) of one MLM batch.
-    A masked position (label != -100) is a top-1 hit when its true token has the largest logit, a top-k hit when
-    it is among the k largest. Counts, not fractions: summed over batches and ranks, then divided once."""
+    Counts, not fractions: summed over batches and ranks, then divided once."""
     keep = labels != -100  # (B, T)
     top = logits[keep].topk(k, dim=-1).indices  # (n, k), largest first
     hit = top == labels[keep].unsqueeze(-1)  # (n, k)
@@ -563,9 +534,8 @@ def mask_fill_counts(logits, labels, k=5):
 
 @torch.no_grad()
 def evaluate(model, draw, val_data, args, autocast, rank, world):
-    """Mean val loss over fixed batches (own generator: eval never perturbs training RNG), the same for any number of
-    ranks: every rank draws the same --eval-steps batches (draw: one rank's B windows) and scores every world-th.
-    Returns {"val_loss"}, plus "mlm_top1" and "mlm_top5" (mask-fill accuracy over the [MASK] positions) for MLM."""
+    """Mean val loss (+ MLM's mlm_top1/5) over fixed batches (own generator: training RNG untouched), the same for any
+    world size: each rank draws all --eval-steps batches (draw: one rank's B windows) and scores every world-th."""
     model.eval()
     gen = torch.Generator().manual_seed(10_000)  # the same val batches every eval: curves compare
     total = torch.zeros(4, device=next(model.parameters()).device)  # loss sum; MLM top-1 hits, top-5 hits, masked
@@ -630,8 +600,7 @@ def train(args):
     H_train, H_val = unigram_entropy(train_data, data_vocab), unigram_entropy(val_data, data_vocab)  # the baselines to beat
     mask_id = data_vocab if args.objective == "mlm" else None  # MLM's [MASK]: the extra embedding row
     bpt = bytes_per_token(tok, val_data) if tok is not None and mask_id is None else None  # bits/byte: causal LM only
-    # a dedicated generator for batches (and MLM masks): its state is all a resume needs to replay
-    # the same data order (and every rank draws the same global batch: see next_batch)
+    # a dedicated generator for batches (and MLM masks): its state is all a resume needs to replay the data order
     batch_gen = torch.Generator().manual_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     raw_model, model, optimizers, start, wall_before = build_model(args, data_vocab, device, batch_gen, rank, world)
@@ -683,8 +652,6 @@ def report(model, ev, bpt, entropies, tokens_per_step, wall, args, metrics):
     final = dict(final=True, step=args.max_steps, val_loss=val_loss, val_ppl=ppl, val_bpb=bpb, params=model.num_params(),
                  non_embedding_params=model.num_params(non_embedding=True), tokens=tokens, flops=flops_per_token(model.cfg) * tokens,
                  unigram_entropy=entropies[0], val_unigram_entropy=entropies[1], objective=args.objective, wall_s=wall) | ev  # fmt: skip
-    # The unigram entropy is the loss of the best model that ignores context (it only knows token
-    # frequencies); getting well below it is the evidence that the model uses its context at all.
     log(f"done: val loss {val_loss:.3f} nats (ppl {ppl:.1f}" + (f", {bpb:.3f} bits/byte" if bpb else "")
         + f") vs unigram entropy {entropies[0]:.3f} (train) / {entropies[1]:.3f} (val) nats | {args.max_steps} steps, "
         f"{tokens / 1e6:.2f}M tokens in {wall:.0f}s" + mlm_text(ev), metrics, final)  # fmt: skip
