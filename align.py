@@ -1,10 +1,9 @@
 """Alignment on a verifiable task: SFT -> DPO -> GRPO on generated math problems.
 
-A pretrained language model continues text; it does not answer questions. InstructGPT (Ouyang
-et al. 2022, arXiv:2203.02155) set the recipe that turns one into an assistant: supervised
-fine-tuning on demonstrations, then a learned reward model and PPO against it. This file walks
-through that recipe and the two simplifications most used today, on a task where "better" is
-not a matter of taste but of arithmetic, so an exact verifier stands in for the reward model:
+A pretrained language model continues text; it does not answer questions. InstructGPT (Ouyang et al. 2022,
+arXiv:2203.02155) set the recipe that turns one into an assistant: supervised fine-tuning on demonstrations, then a
+learned reward model and PPO against it. This file walks through that recipe and the two simplifications most used
+today, on a task where "better" is arithmetic, not taste, so an exact verifier stands in for the reward model:
 
 1. The task: graded math problems with exact answers, held out by arithmetic fact, the chat format
    `<|user|>question<|assistant|>answer<|endoftext|>`, a verifier that *parses* the answer.
@@ -13,29 +12,24 @@ not a matter of taste but of arithmetic, so an exact verifier stands in for the 
    against a frozen reference, the closed-form optimum of the KL-regularized RL objective.
 4. GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300): RL from the verifier, the group mean
    reward as baseline instead of a value network, PPO's clip (Schulman et al. 2017, arXiv:1707.06347).
-5. Evaluation: greedy held-out accuracy, a Wilson (1927) interval per stage, a paired one per gain;
-   test-time compute: majority vote or best-of-N over N samples (`eval --samples N --vote`).
+5. Evaluation: greedy held-out accuracy, Wilson (1927) and paired intervals; test-time compute: majority or best-of-N.
 6. Chat: `chat` talks to a checkpoint, multi-turn, streaming tokens as they are sampled.
-Two asides: the Bradley-Terry (1952) reward model that InstructGPT trains and DPO does without
-(`rm`, not part of `all`), and LoRA adapters for SFT/DPO (Hu et al. 2021, arXiv:2106.09685).
+Asides: a Bradley-Terry (1952) reward model (`rm`, not in `all`); LoRA for SFT/DPO (Hu et al. 2021, arXiv:2106.09685).
 
 Where DPO here departs from the paper:
-1. Pairs are the SFT model's own samples judged by the verifier (a correct one over a wrong
-   one), falling back to the gold answer / a perturbed gold answer; no human labels.
+1. Pairs: the SFT model's own samples, right over wrong by the verifier (else gold / perturbed gold); no human labels.
 2. The chosen answer's per-token NLL is added, as in RPO (Pang et al. 2024, arXiv:2404.19733)
    (`--dpo-nll 1`); without it DPO lowered accuracy (README, "What did not work").
 Where GRPO here departs from DeepSeekMath:
 1. The reward is the verifier (answer right: 1) plus a 0.1 format bonus; no reward model.
 2. No KL penalty by default (`--kl-coef 0`; the paper uses 0.04 with the same k3 estimator).
-3. One gradient step per rollout batch (`--epochs-per-rollout 1`): on-policy, so the clip never
-   binds (ratio = 1); more epochs make it bind.
+3. One gradient step per rollout batch (`--epochs-per-rollout 1`): on-policy, so ratio = 1 and the clip never binds.
 4. Linear lr warmup, AdamW betas (0.9, 0.95). `--no-std-norm` is Dr. GRPO (Liu et al. 2025,
    arXiv:2503.20783): no std division, and each response's loss summed over a constant, not |o|.
 
 Run it (CPU, ~10 CPU minutes; `python pipeline.py` runs exactly this after pretraining):
     python align.py all --ckpt runs/cpu/base/ckpt.pt --tokenizer runs/cpu/data/tokenizer --out-dir runs/cpu/align
-or stage by stage, each with its own defaults (`python align.py sft -h`; `all` runs each stage at
-them; the tokenizer is found through the checkpoint; outputs go to runs/align):
+or stage by stage, each at its own defaults (`python align.py sft -h`), the tokenizer found through the checkpoint:
     python align.py eval --ckpt runs/cpu/base/ckpt.pt --stage-name base
     python align.py sft  --ckpt runs/cpu/base/ckpt.pt             # -> runs/align/sft.pt
     python align.py dpo  --ckpt runs/align/sft.pt --beta 0.1      # -> runs/align/dpo.pt
@@ -76,12 +70,10 @@ USER, ASSISTANT, EOT = "<|user|>", "<|assistant|>", "<|endoftext|>"
 CHAT_SPECIALS = [EOT, USER, ASSISTANT]
 
 # ---------------------------------------------------------------
-# 1. The task: math problems with exact answers, graded difficulty, a held-out split by fact.
-#
-# The base model is a few-M-parameter model pretrained for minutes on Python docs, so the ladder
-# starts low. The response is the bare answer ("7") and <|endoftext|>: the answer appears once.
-# (With "3 + 4 = 7. #### 7" a wrong GRPO sample's negative advantage also punished the consistent
-# copy after "####" and the <|endoftext|> after it: the policy learned to stop stopping.)
+# 1. The task: math problems with exact answers, graded difficulty, a held-out split by fact. The base model is a
+#    few-M-parameter model trained for minutes on Python docs, so the ladder starts low. The response is the bare
+#    answer ("7") and <|endoftext|>: the answer appears once. With "3 + 4 = 7. #### 7" a wrong GRPO sample's negative
+#    advantage also punished the repeat after "####" and the <|endoftext|>: the policy learned to stop stopping.
 
 LEVELS = {1: "add/sub 1-digit", 2: "mul 1x1", 3: "word mul 1x1", 4: "word 1-digit", 5: "add/sub 2-digit",
           6: "add/sub 3-digit, mul 2x1", 7: "mul 2x2"}
@@ -91,8 +83,7 @@ ASK = ["What is {e}?", "Compute {e}.", "{e} = ?", "Calculate {e}.", "What do you
 
 
 def make_problem(rng: random.Random, level: int) -> dict:
-    """One problem: {"prompt", "response", "answer", "level"} at the given difficulty level.
-    Operands are uniform with up to da / db digits; subtraction is kept non-negative (a >= b)."""
+    """One problem {"prompt", "response", "answer", "level", "fact"}: uniform operands, subtraction kept >= 0."""
     if level not in LEVELS:
         raise ValueError(f"unknown level {level}")
     if level == 6:
@@ -116,18 +107,15 @@ def make_problem(rng: random.Random, level: int) -> dict:
 
 
 def split_of(key: str, test_percent: int = 20) -> str:
-    """'test' or 'train', a pure function of a key (sha256; stable across runs and machines, unlike
-    Python's salted hash()). The key of a generated problem is its canonical arithmetic *fact*
-    ("3 + 4", "2 * 7", "9 - 5"), not its text: split by text, every held-out problem had its fact
-    trained on in another wording, and "held-out accuracy" measured recall of a table. The key of
-    a user's jsonl row is its prompt."""
+    """'test' or 'train', a pure function of a key (sha256: unlike Python's salted hash(), stable across runs). A
+    generated problem's key is its arithmetic *fact* ("3 + 4", "2 * 7"), not its text: split by text, every held-out
+    problem had its fact trained on in another wording, and "held-out accuracy" measured recall of a table."""
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")  # 64 uniform bits
     return "test" if h % 100 < test_percent else "train"
 
 
 def sample_problems(split: str, n: int, levels, seed: int, test_percent: int = 20, unique=False) -> list:
-    """n problems from one split, levels round-robin. unique=True (the eval set) asks each fact once
-    per level, and stops early when a level has fewer distinct test facts than asked for."""
+    """n problems of one split, levels round-robin; unique (the eval set): each fact at most once per level."""
     rng, out, seen = random.Random(seed), [], set()
     for i, level in enumerate(levels):
         want = n // len(levels) + (i < n % len(levels))
@@ -144,9 +132,7 @@ def sample_problems(split: str, n: int, levels, seed: int, test_percent: int = 2
 
 
 def load_jsonl(path: str) -> list:
-    """User data, one JSON object per line: prompt/response (SFT), prompt/chosen/rejected (DPO) or
-    prompt/answer (GSM8K-style: the answer text ends in '#### N'). Returns problems in the same
-    dict shape as make_problem, with "answer" the parsed gold number where one exists."""
+    """--data-jsonl rows (formats: module docstring) like make_problem's, "answer" the parsed gold number if any."""
     rows = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -177,9 +163,8 @@ def user_rows(args, split: str) -> list:
 
 
 # ---------------------------------------------------------------
-# 2. The verifier: parse a number out of free text. Plain string parsing only: model output is
-#    data, never code (no eval, no sympy.sympify). Priority: the last "#### N" marker, then the
-#    last "answer: N", then simply the last number in the text.
+# 2. The verifier: parse a number out of free text, by plain string parsing: model output is data, never code (no
+#    eval, no sympy.sympify). Priority: the last "#### N" marker, then the last "answer: N", then the last number.
 
 _NUM = r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # -12, 1,000, 3.5; not the 3 in x3
 _PATTERNS = [re.compile(r"####\s*(" + _NUM + ")"), re.compile(r"answer\s*(?:is)?\s*[:=]?\s*(" + _NUM + ")", re.I),
@@ -208,24 +193,22 @@ _FINAL = re.compile(r"(?:^|####|=)\s*" + _NUM + r"\s*$")  # a bare number, or te
 
 
 def reward_fn(response: str, ground_truth, format_weight: float = 0.1) -> dict:
-    """The verifier's score. answer_reward: the parsed answer equals the gold one; format_reward:
-    a bare number or text ending in '= N' / '#### N', a bonus for stopping right after the answer."""
+    """answer_reward: parsed answer == gold; format_reward (_FINAL): a bonus for stopping right after the answer."""
     fmt = float(_FINAL.search(response) is not None)
     ans = float(ground_truth is not None and parse_answer(response) == ground_truth)
     return {"reward": ans + format_weight * fmt, "format_reward": fmt, "answer_reward": ans}
 
 
 # ---------------------------------------------------------------
-# 3. Chat format and tokenization. Prompt and output are tokenized separately and concatenated
-#    (so the boundary is exact), right-padded, then shifted by one for next-token prediction.
+# 3. Chat format and tokenization. Prompt and output are tokenized separately and concatenated (so the boundary is
+#    exact), right-padded, then shifted by one for next-token prediction.
 
 def chat_prompt(question: str) -> str:
     return f"{USER}{question}{ASSISTANT}"
 
 
 def ensure_chat_tokens(tok, model):
-    """A tokenizer without the chat specials gets them as new ids, and embedding / lm_head grow to
-    match (new rows start at the mean embedding, so they are not wildly off-distribution)."""
+    """Missing chat specials get new ids; embedding / lm_head grow, new rows at the mean (not off-distribution)."""
     missing = [s for s in CHAT_SPECIALS if s not in tok.special_ids]
     if missing:  # the Tokenizer constructor appends specials absent from the vocab as new ids
         tok = Tokenizer(tok.vocab, tok.merges, list(tok.special_ids) + missing, tok.pattern)
@@ -283,27 +266,23 @@ def get_response_log_probs(model, input_ids, labels, return_token_entropy=False,
 
 
 def masked_mean(t: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    """Mean of t over mask==1 entries. An all-zero mask row gives 0, not NaN (0/0): one empty
-    response must not poison the whole batch's loss."""
+    """Mean over mask==1 entries; an all-zero row gives 0, not NaN (0/0): one empty response can't poison a batch."""
     m = mask.to(t.dtype)
     return (t * m).sum(dim) / m.sum(dim).clamp(min=1)  # dim=None: over all entries
 
 
 def masked_normalize(t: torch.Tensor, mask: torch.Tensor, dim=None, normalize_constant: float = 1.0):
-    """Sum of t over mask==1 entries divided by a constant (Dr. GRPO / CS336 SFT normalization:
-    a fixed constant instead of the per-sequence length removes the bias toward short answers)."""
+    """Sum over mask==1 / a constant (Dr. GRPO, CS336 SFT): unlike dividing by length, no bias to short answers."""
     return (t * mask.to(t.dtype)).sum(dim) / normalize_constant
 
 
 # ---------------------------------------------------------------
-# 5. SFT: maximize log p(response | prompt), summed over response tokens only. The prompt is
-#    given at test time, never generated, so a loss on it would only teach the model to write
-#    questions; and prompts here are several times longer than answers, so they would dominate it.
+# 5. SFT: maximize log p(response | prompt) over response tokens only. The prompt is given, never generated, so a loss
+#    on it would only teach writing questions; and prompts here, several times longer than answers, would dominate it.
 
 def sft_microbatch_train_step(policy_log_probs, response_mask, gradient_accumulation_steps, normalize_constant=1.0):
-    """Backward on one microbatch of loss -(1/B) sum_b sum_t mask_bt log pi(y_bt) / c / k, with
-    c = normalize_constant and k = gradient_accumulation_steps: the 1/k makes k microbatches sum
-    to the gradient of one big batch. Returns (loss, metadata)."""
+    """Backward on one microbatch of loss -(1/B) sum_b sum_t mask_bt log pi(y_bt) / c / k, c = normalize_constant,
+    k = gradient_accumulation_steps (1/k: k microbatches sum to one big batch's gradient) -> (loss, metadata)."""
     per_seq = masked_normalize(policy_log_probs, response_mask, dim=-1, normalize_constant=normalize_constant)  # (B,)
     loss = -per_seq.mean() / gradient_accumulation_steps
     loss.backward()
@@ -312,9 +291,8 @@ def sft_microbatch_train_step(policy_log_probs, response_mask, gradient_accumula
 
 
 def sft_step(model, tok, batches: list, device) -> dict:
-    """Backward on k microbatches (lists of problems) as one batch: every microbatch's summed
-    response log-prob is divided by the response-token count of all k together, so the gradient
-    is the big batch's per-token mean (a microbatch's own count would weight short ones up)."""
+    """Backward on k microbatches (lists of problems) as one batch: each one's summed response log-prob is divided
+    by all k's response-token count, the big batch's per-token mean (its own count would weight short ones up)."""
     bs = [tokenize_prompt_and_output([chat_prompt(p["prompt"]) for p in rows], [p["response"] + EOT for p in rows], tok)
           for rows in batches]
     n_tok = sum(b["response_mask"].sum().item() for b in bs)
@@ -355,9 +333,8 @@ def run_sft(model, tok, args, log):
 
 @torch.no_grad()
 def sample_responses(model, tok, prompts: list, n: int, temperature: float, max_new_tokens: int, generator=None):
-    """n completions per prompt -> (prompt_ids, completion_ids, texts), flat, prompt-major.
-    generate() has no padding mask, so prompts are batched by token length. Completions are cut
-    after the first <|endoftext|> (kept, so the policy learns to stop)."""
+    """n completions per prompt -> (prompt_ids, completion_ids, texts), flat, prompt-major, each cut after its first
+    <|endoftext|> (kept: the policy learns to stop). generate() has no padding mask: prompts are batched by length."""
     eot = tok.special_ids.get(EOT)
     enc = [tok.encode(chat_prompt(p)) for p in prompts]
     by_len, rows = {}, [None] * len(prompts)
@@ -383,23 +360,20 @@ def max_response_tokens(tok, problems) -> int:
 
 
 # ---------------------------------------------------------------
-# 7. DPO. The RLHF objective max_pi E[r] - beta KL(pi || ref) is maximized by
-#    pi*(y|x) = ref(y|x) exp(r(x,y) / beta) / Z(x), so r = beta log(pi*/ref) + beta log Z(x): the
-#    policy is its own reward model. In the Bradley-Terry preference model p(y_w > y_l) =
-#    sigmoid(r_w - r_l) the intractable beta log Z(x) is the same for both answers and cancels:
+# 7. DPO. RLHF's objective max_pi E[r] - beta KL(pi || ref) is maximized by pi*(y|x) = ref(y|x) exp(r / beta) / Z(x),
+#    so r = beta log(pi*/ref) + beta log Z(x): the policy is its own reward model. In the Bradley-Terry preference
+#    model p(y_w > y_l) = sigmoid(r_w - r_l) the intractable beta log Z(x) is the same for both answers and cancels:
 #        loss = -log sigmoid(beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))])
-#    a logistic regression that the chosen answer out-scores the rejected one. Plain DPO lowered
-#    accuracy here: answers are bare numbers, the same few tokens everywhere, so pushing "9" down
-#    as a wrong answer to one problem pushes it down where it is right. The RPO anchor and more
-#    pairs made it harmless (measured: README, "What did not work").
+#    a logistic regression that the chosen answer out-scores the rejected one. Plain DPO lowered accuracy here:
+#    answers are bare numbers, the same few tokens everywhere, so pushing "9" down as a wrong answer to one problem
+#    pushes it down where it is right. The RPO anchor and more pairs made it harmless (README, "What did not work").
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
              alpha: float = 0.0, chosen_lengths=1.0):
-    """Per-pair loss (B,) and implicit rewards (B,) of chosen and rejected, from sequence log-probs
-    (sums over response tokens); loss = log 2 at policy == reference. alpha > 0 is RPO (Pang 2024):
-        loss = -log sigmoid(chosen - rejected) + alpha * (-log pi(y_w) / |y_w|)
-    The DPO term only sees the *difference* of the log-ratios, so it is as happy to push both down
-    as to push the chosen one up, and does; the chosen side's per-token NLL holds it up."""
+    """Per-pair loss and implicit rewards of chosen and rejected, (B,) each, from summed response log-probs; the loss
+    is log 2 at policy == reference. alpha > 0 is RPO (Pang 2024): loss = -log sigmoid(chosen - rejected) + alpha *
+    (-log pi(y_w) / |y_w|). The DPO term only sees the *difference* of the log-ratios, so it is as happy to push both
+    down as to push the chosen one up, and does; the chosen side's per-token NLL holds it up."""
     chosen = beta * (policy_chosen_logps - ref_chosen_logps)  # (B,)
     rejected = beta * (policy_rejected_logps - ref_rejected_logps)  # (B,)
     nll = -policy_chosen_logps / chosen_lengths  # (B,): mean per-token NLL of the chosen response
@@ -420,9 +394,8 @@ def perturb(problem: dict, rng: random.Random) -> str:
 
 
 def build_preference_pairs(model, tok, args, log, split="train") -> list:
-    """(prompt, chosen, rejected) from the task: sample k answers from the SFT model; chosen = a
-    correct sample (else the gold response), rejected = a wrong sample (else a perturbed gold).
-    split: DPO's pairs are train-split; the reward model also ranks held-out ("test") pairs."""
+    """(prompt, chosen, rejected): of k samples from the SFT model, chosen = a correct one (else the gold response),
+    rejected = a wrong one (else a perturbed gold). DPO's pairs are train-split; the RM also ranks "test" pairs."""
     if args.data_jsonl:
         rows = user_rows(args, split)
         bad = [r for r in rows if "chosen" not in r or "rejected" not in r]
@@ -445,8 +418,8 @@ def build_preference_pairs(model, tok, args, log, split="train") -> list:
 
 
 def run_dpo(model, tok, args, log):
-    # The reference is the policy's starting point (the SFT model); beta sets how far the policy
-    # may move from it (pi* ~ ref exp(r / beta)). Under --lora-rank the copy has B = 0: the model before.
+    # The reference is the policy's starting point (the SFT model); beta sets how far the policy may move from it
+    # (pi* ~ ref exp(r / beta)). Under --lora-rank the copy has B = 0: the model before.
     pairs = build_preference_pairs(model, tok, args, log)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
@@ -477,18 +450,15 @@ def run_dpo(model, tok, args, log):
 
 
 # ---------------------------------------------------------------
-# 8. GRPO. The policy gradient E[grad log pi(y|x) r] is unbiased but noisy. A baseline b(x) that
-#    does not depend on y keeps it unbiased (E_y[grad log pi(y|x)] = 0) and cuts its variance when
-#    b(x) tracks the expected reward of x. PPO learns b(x) with a value network as big as the
-#    policy; GRPO samples G answers per prompt and uses their mean reward, for the price of G samples.
+# 8. GRPO. The policy gradient E[grad log pi(y|x) r] is unbiased but noisy. A baseline b(x) independent of y keeps
+#    it unbiased (E_y[grad log pi(y|x)] = 0) and cuts its variance when b(x) tracks x's expected reward. PPO learns
+#    b(x) with a policy-sized value network; GRPO, for the price of G samples per prompt, uses their mean reward.
 
 def compute_group_normalized_rewards(reward_fn, rollout_responses, repeated_ground_truths, group_size,
                                      advantage_eps=1e-6, normalize_by_std=True):
-    """Rewards of group_size-major rollouts and advantages A = (r - mean_group) / (std_group + eps)
-    -> (advantages (N,), raw_rewards (N,), metadata). The std division weights each question by
-    1 / std: with 0/1 rewards std = sqrt(p(1-p)), so questions nearly always right or nearly always
-    wrong get the biggest updates (7 of 8 right: the wrong answer gets A = -2.47, not -0.875).
-    normalize_by_std=False (Dr. GRPO) keeps r - mean."""
+    """(advantages, raw rewards) (N,) and meta of group_size-major rollouts, A = (r - mean_group) / (std_group + eps).
+    Dividing by std weights each question by 1 / std = 1 / sqrt(p(1-p)) with 0/1 rewards, so questions nearly always
+    right or wrong get the biggest updates (7 of 8 right: the wrong one gets A = -2.47, not -0.875)."""
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2, got {group_size}")
     scores = [reward_fn(r, g) for r, g in zip(rollout_responses, repeated_ground_truths)]
@@ -507,10 +477,9 @@ def compute_naive_policy_gradient_loss(raw_rewards_or_advantages, policy_log_pro
 
 
 def compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange):
-    """PPO's clipped surrogate per token: -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi/pi_old.
-    Past 1 + eps with A > 0 (or below 1 - eps with A < 0) the clipped term is the min and constant,
-    so that token stops pushing (moves back toward 1 are never clipped): one rollout batch can drag
-    the policy only so far, which makes several epochs on it safe. "clipped": tokens the clip cut."""
+    """PPO's clipped surrogate per token: -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi/pi_old. Past 1 + eps with
+    A > 0 (or below 1 - eps with A < 0) the clipped term is the min and constant, so that token stops pushing (moves
+    back toward 1 are never clipped): one rollout batch moves the policy only so far, making several epochs safe."""
     ratio = torch.exp(policy_log_probs - old_log_probs)  # (B, T): rho = exp(log pi - log pi_old)
     unclipped = ratio * advantages  # (B, T): rho A, A (B, 1) broadcast over tokens
     clipped = ratio.clamp(1 - cliprange, 1 + cliprange) * advantages  # clip(rho, 1-eps, 1+eps) A
@@ -519,7 +488,6 @@ def compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprang
 
 def compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards=None, advantages=None,
                                  old_log_probs=None, cliprange=None):
-    """Dispatch: 'no_baseline' (raw reward), 'reinforce_with_baseline' (advantage), 'grpo_clip'."""
     if loss_type in ("no_baseline", "reinforce_with_baseline"):
         return compute_naive_policy_gradient_loss(raw_rewards if loss_type == "no_baseline" else advantages,
                                                   policy_log_probs), {}
@@ -531,11 +499,10 @@ def compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards=None, 
 def grpo_microbatch_train_step(policy_log_probs, response_mask, gradient_accumulation_steps, loss_type,
                                raw_rewards=None, advantages=None, old_log_probs=None, cliprange=None,
                                ref_log_probs=None, kl_coef=0.0, normalize_constant=None):
-    """Per-token loss -> mean over each response's tokens -> mean over the batch -> backward. The
-    1/|o| shrinks the penalty on long wrong answers; Dr. GRPO sums over a normalize_constant instead.
-    Optional KL penalty to a reference with the k3 estimator (Schulman 2020): with d = log ref -
-    log pi on tokens sampled from pi, E[e^d] = 1, so E[e^d - d - 1] = E[-d] = KL(pi || ref):
-    unbiased like plain -d, but every sample is >= 0 (e^d >= 1 + d) and, near ref, less noisy."""
+    """Per-token loss -> mean over each response's tokens -> mean over the batch -> backward. The 1/|o| shrinks the
+    penalty on long wrong answers; Dr. GRPO sums over a normalize_constant instead. Optional KL penalty to a reference,
+    k3 estimator (Schulman 2020): with d = log ref - log pi on tokens sampled from pi, E[e^d] = 1, so E[e^d - d - 1] =
+    E[-d] = KL(pi || ref): unbiased like plain -d, but each sample is >= 0 (e^d >= 1 + d) and, near ref, less noisy."""
     loss, meta = compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, cliprange)
     if kl_coef and ref_log_probs is not None:
         d = ref_log_probs - policy_log_probs
@@ -558,10 +525,8 @@ def batched_log_probs(model, ids, labels, mb: int, temperature: float) -> torch.
 
 def grpo_step(policy, optimizer, prompt_ids, completion_ids, texts, ground_truths, reward_fn, args, ref=None,
               max_new_tokens=None):
-    """One GRPO step on G-grouped rollouts (prompt-major, already sampled): score, normalize
-    within groups, then `epochs` passes of microbatch updates against the sampling policy's
-    log-probs (epochs=1 is on-policy; epochs>1 is the off-policy reuse the clip makes safe).
-    --no-std-norm (Dr. GRPO) also sums each response's loss over a constant, max_new_tokens."""
+    """One GRPO step on G-grouped rollouts (prompt-major, already sampled): score, normalize within groups, then
+    `epochs` passes of microbatch updates against the sampler's log-probs (--no-std-norm sums over max_new_tokens)."""
     dev = next(policy.parameters()).device
     adv, raw, meta = compute_group_normalized_rewards(reward_fn, texts, ground_truths, args.group_size,
                                                       1e-6, not args.no_std_norm)
@@ -570,8 +535,7 @@ def grpo_step(policy, optimizer, prompt_ids, completion_ids, texts, ground_truth
     N, mb = len(texts), args.micro_batch_size
     on_policy = args.epochs_per_rollout == 1
     with torch.no_grad():  # pi_old (the sampler) and the reference, scored once per rollout batch
-        # On-policy, pi_old is the policy we are about to differentiate, so its log-probs are the
-        # detached forward of the training pass itself (ratio == 1 exactly): one forward saved.
+        # On-policy, pi_old's log-probs are the training forward's, detached (ratio == 1 exactly): one forward saved.
         old = None if on_policy else batched_log_probs(policy, ids, labels, mb, args.temperature)
         ref_lp = batched_log_probs(ref, ids, labels, mb, args.temperature) if ref is not None and args.kl_coef else None
     accum = math.ceil(N / mb)  # microbatches per optimizer step: one step per pass over the batch
@@ -606,8 +570,7 @@ def run_grpo(model, tok, args, log):
     rf = functools.partial(reward_fn, format_weight=args.format_weight)
     t_start = time.time()
     for step in range(1, args.steps + 1):
-        # Warmup: a fresh Adam's first updates are ~lr * sign(g) on *every* weight, noise that
-        # knocked a few points off the SFT model before the reward signal could add any.
+        # Warmup: a fresh Adam's first updates are ~lr * sign(g) on *every* weight, noise that knocked points off SFT.
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, step / max(1, args.steps // 10))
         t0 = time.time()
@@ -626,10 +589,9 @@ def run_grpo(model, tok, args, log):
 
 
 # ---------------------------------------------------------------
-# 9. Aside: the reward model DPO does without (InstructGPT's step 2). Bradley & Terry (1952):
-#    p(y_w beats y_l) = sigmoid(r_w - r_l), so maximum likelihood is loss = -log sigmoid(r_w - r_l),
-#    DPO's loss with r a network (TransformerLM.hidden + a scalar head at the response's last token,
-#    which has read prompt and answer) instead of beta log pi/ref. We only ask how well r ranks.
+# 9. Aside: the reward model DPO does without (InstructGPT's step 2). Bradley & Terry (1952): p(y_w > y_l) =
+#    sigmoid(r_w - r_l), so maximum likelihood is loss = -log sigmoid(r_w - r_l), DPO's loss with a network for r (a
+#    head at the last response token, which has read x and y) instead of beta log pi/ref.
 
 class RewardModel(nn.Module):
     """r(x, y) = h_last . w, w = 0 at init (loss log 2). No bias: only r_w - r_l matters."""
@@ -683,12 +645,10 @@ def run_rm(model, tok, args, log):
 
 
 # ---------------------------------------------------------------
-# 10. Aside: LoRA (Hu et al. 2021, arXiv:2106.09685). The change fine-tuning makes to a weight has low
-#    intrinsic rank, so we freeze W (out, in) and learn W' = W + (alpha / r) B A, A (r, in), B (out, r):
-#    r (in + out) trainable numbers instead of in * out, and Adam state for those only. B = 0 at
-#    the start, so the adapted model *is* the base model at step 0. After training B A folds into W
-#    and the checkpoint is a plain TransformerLM again. New facts in a tiny model are not the small
-#    change the low-rank hypothesis is about: LoRA falls far short of full SFT here (README).
+# 10. Aside: LoRA (Hu et al. 2021, arXiv:2106.09685). Fine-tuning updates have low intrinsic rank, so we freeze W
+#    (out, in) and learn W' = W + (alpha / r) B A, A (r, in), B (out, r): r (in + out) trainable, not in * out, and
+#    Adam state for those only. B = 0 at the start, so at step 0 the adapted model *is* the base model. New facts for
+#    a tiny model are not the small change low rank assumes: LoRA falls far short of full SFT (README).
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")  # not embeddings, not lm_head
 
@@ -729,13 +689,12 @@ def merge_lora(model):
 
 
 # ---------------------------------------------------------------
-# 11. Evaluation: greedy accuracy on the held-out split with a Wilson 95% interval; test-time
-#    compute: N samples and a vote (majority, or best-of-N by the reward model of section 9).
+# 11. Evaluation: greedy held-out accuracy with a Wilson 95% interval; test-time compute: a vote over N samples.
 
 def wilson_interval(k: int, n: int, z: float = 1.96):
-    """Wilson (1927) score interval: every p with |k/n - p| <= z sqrt(p(1-p)/n), the variance taken
-    at the candidate p. The Wald interval q +/- z sqrt(q(1-q)/n) collapses to [0, 0] at 0 of 10 and
-    covers far less than 95% at small n or p near 0 or 1, where early stages live; Wilson stays near."""
+    """Wilson (1927) score interval: every p with |k/n - p| <= z sqrt(p(1-p)/n), the variance taken at the candidate
+    p. The Wald interval q +/- z sqrt(q(1-q)/n) collapses to [0, 0] at 0 of 10 and covers far less than 95% at small
+    n or p near 0 or 1, where early stages live; Wilson stays near."""
     if n == 0:
         return 0.0, 0.0
     p = k / n
@@ -748,10 +707,9 @@ def wilson_interval(k: int, n: int, z: float = 1.96):
 @torch.no_grad()
 def evaluate_accuracy(model, tok, problems: list, max_new_tokens=None, samples=1, vote="majority", rm=None,
                       temperature=1.0, generator=None) -> dict:
-    """Greedy (samples=1): one temperature-0 answer per problem, parsed and compared. Test-time
-    compute (samples=N): N answers at `temperature`, one picked by vote(); accuracy is also given at
-    every power of two n < N from the first n samples (nested, so one run draws the whole curve),
-    with pass@n, the share where *some* sample is right: what a perfect picker would get."""
+    """Greedy (samples=1): one temperature-0 answer per problem. Test-time compute (samples=N): N answers at
+    `temperature`, one picked by vote(); also accuracy at every power of two n < N from the first n samples (nested:
+    one run draws the whole curve), and pass@n, the share where *some* sample is right (a perfect picker's score)."""
     T = max_new_tokens or max_response_tokens(tok, problems)
     prompts = [p["prompt"] for p in problems]
     _, _, texts = sample_responses(model, tok, prompts, samples, temperature if samples > 1 else 0.0, T, generator)
@@ -779,9 +737,8 @@ def evaluate_accuracy(model, tok, problems: list, max_new_tokens=None, samples=1
 
 
 def vote_answer(texts: list, vote: str, scores: list):
-    """One answer from N samples. majority (self-consistency, Wang et al. 2022, arXiv:2203.11171):
-    the most frequent parsed answer, ties to the one sampled first, unparseable ones never win.
-    rm (best-of-N): the answer of the sample the reward model scores highest (first on ties)."""
+    """majority (self-consistency, Wang et al. 2022, arXiv:2203.11171): the most frequent parsed answer, ties to the
+    first sampled, unparseable ones never win. rm (best-of-N): the answer the reward model scores highest."""
     answers = [parse_answer(t) for t in texts]
     if vote == "rm":
         return answers[max(range(len(texts)), key=lambda i: scores[i])]
@@ -791,12 +748,10 @@ def vote_answer(texts: list, vote: str, scores: list):
 
 @torch.no_grad()
 def rm_scores(rm, tok, prompts: list, responses: list, batch: int = 64) -> list:
-    """r(x, y) of each (prompt, response) pair, batched."""
     return torch.cat([rm(tok, prompts[i:i + batch], responses[i:i + batch]) for i in range(0, len(prompts), batch)]).tolist()
 
 
 def load_reward_model(path: str, tok, device):
-    """rm.pt (`align.py rm`): a TransformerLM body plus ckpt["reward_head"]."""
     if not os.path.exists(path):
         raise SystemExit(f"error: reward model {path} not found (train one: python align.py rm --ckpt runs/align/sft.pt)")
     body, ckpt = load_model(path, device=device)
@@ -815,9 +770,9 @@ def eval_problems(args) -> list:
 
 
 def paired_difference(a: list, b: list, z: float = 1.96) -> dict:
-    """Gain of stage a over b on the *same* problems: mean(d) +/- z sd(d) / sqrt(n), d_i = a_i - b_i.
-    Var(a_i - b_i) = Var(a) + Var(b) - 2 Cov(a, b), and both stages find the same problems easy, so
-    this is far tighter than two separate Wilson intervals (which read most real gains as noise)."""
+    """Gain of stage a over b on the *same* problems: mean(d) +/- z sd(d) / sqrt(n), d_i = a_i - b_i. Var(a_i - b_i)
+    = Var(a) + Var(b) - 2 Cov(a, b), and both stages find the same problems easy, so this is far tighter than two
+    separate Wilson intervals (which read most real gains as noise)."""
     n = len(a)
     if n == 0 or len(b) != n:
         raise ValueError(f"paired_difference needs the same problems in both stages ({n} vs {len(b)}; no problems?)")
@@ -839,9 +794,8 @@ def write_eval(path: str, stage: str, res: dict):
 
 
 # ---------------------------------------------------------------
-# 12. Chat: talk to the model. Turns are the training template repeated, each answer closed by
-#    <|endoftext|>: <|user|>q1<|assistant|>a1<|endoftext|><|user|>q2<|assistant|>... (SFT saw one
-#    turn only, so earlier turns are context the model was never taught to use.)
+# 12. Chat: turns repeat the training template, <|user|>q1<|assistant|>a1<|endoftext|><|user|>q2<|assistant|>...
+#    SFT saw one turn only, so earlier turns are context the model was never taught to use.
 
 def chat(model, tok, args, lines=None, out=None):
     """Read questions line by line (a terminal or a pipe), stream each reply; EOF or /quit ends."""
@@ -865,8 +819,7 @@ def chat(model, tok, args, lines=None, out=None):
 
 
 def stream_reply(model, tok, prompt: list, args, gen, out) -> list:
-    """Print tokens as they are sampled; -> the reply's ids (with <|endoftext|>). Tokens are bytes and
-    a character may span two of them, so an incremental UTF-8 decoder holds back a partial one."""
+    """Stream the reply -> its ids; an incremental UTF-8 decoder holds back a character split across byte tokens."""
     eot, utf8 = tok.special_ids[EOT], codecs.getincrementaldecoder("utf-8")(errors="replace")
     idx, reply = torch.tensor([prompt], device=args.device), []
     print("bot> ", end="", file=out, flush=True)
@@ -970,8 +923,7 @@ def run_stage(stage, args):
 
 
 def run_all(args, stage_parsers):
-    """eval base, then sft -> dpo -> grpo, each starting from the last one's checkpoint and run at
-    its own subcommand's steps / lr / batch size, each evaluated; then the paired-gain table."""
+    """eval base; sft -> dpo -> grpo, each from the last checkpoint at its subcommand's defaults; paired gains."""
     run_eval_and_record(*load_policy(args), args, "base")
     ckpt = args.ckpt
     for stage in ("sft", "dpo", "grpo"):
