@@ -52,7 +52,6 @@ import torch.utils.checkpoint
 # ---------------------------------------------------------------
 # Configuration
 
-
 def default_d_ff(d_model: int, ffn: str = "swiglu") -> int:
     """SwiGLU has three matrices, not two, so Shazeer shrinks the hidden size to 8/3·d to keep a 4·d ReLU MLP's
     parameter count (3·(8/3)d·d ≈ 2·4d·d: two-matrix MLPs keep 4·d); we round to a multiple of 64 for fast matmuls."""
@@ -112,7 +111,6 @@ class ModelConfig:
 
 # ---------------------------------------------------------------
 # Primitives: Linear, Embedding, RMSNorm, SiLU, SwiGLU, softmax (and the ablations' LayerNorm, MLP, dropout)
-
 
 class Linear(nn.Module):
     """y = x W^T (+ b, only for imported GPT-2s). W is stored (out, in) like torch so state dicts
@@ -274,7 +272,6 @@ def softmax(x, dim: int = -1):
 # ---------------------------------------------------------------
 # Attention: scaled dot product, RoPE, multi-head / grouped-query
 
-
 def scaled_dot_product_attention(Q, K, V, mask=None, dropout_p: float = 0.0):
     """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V. Q (..., T_q, d_k), K (..., T_k, d_k), V (..., T_k, d_v);
     mask (T_q, T_k) bool, True = may attend. Dividing by sqrt(d_k) keeps the dot products at unit variance so
@@ -397,7 +394,6 @@ def _triton_attention(q, k, v, causal):
 # ---------------------------------------------------------------
 # The Transformer block and the language model
 
-
 class TransformerBlock(nn.Module):
     """Pre-norm residual block: x = x + attn(ln1(x)); x = x + ffn(ln2(x)). Normalizing each sublayer's *input* leaves
     the residual stream an untouched identity path, which is why deep pre-norm stacks need no warmup tricks."""
@@ -499,7 +495,6 @@ class TransformerLM(nn.Module):
 # ---------------------------------------------------------------
 # Masked-LM corruption (BERT): the encoder's training objective
 
-
 def mlm_corrupt(idx, mask_token_id: int, vocab_size: int, generator=None, mask_prob: float = 0.15):
     """Select mask_prob of the positions; of those 80% become [MASK], 10% a random token, 10% stay unchanged (so the
     model cannot learn "only [MASK] positions matter"). -> (inputs, labels); labels are -100 (ignored) elsewhere."""
@@ -515,7 +510,6 @@ def mlm_corrupt(idx, mask_token_id: int, vocab_size: int, generator=None, mask_p
 
 # ---------------------------------------------------------------
 # Counting: parameters, FLOPs, MFU
-
 
 def count_params(cfg: ModelConfig, non_embedding: bool = False, active: bool = False) -> int:
     """The same count as TransformerLM.num_params, from the config alone (no model built). active=True
@@ -592,7 +586,6 @@ def estimate_mfu(cfg: ModelConfig, tokens_per_s: float, peak_flops: float | None
 # ---------------------------------------------------------------
 # Sampling with a KV cache
 
-
 def logits_to_probs(logits, temperature: float = 1.0, top_k=None, top_p=None, min_p=None):
     """Turn last-position logits (B, V) into a sampling distribution (B, V). temperature 0 = greedy (a one-hot on
     the argmax); top-k keeps the k most likely tokens; min-p drops tokens with p < min_p·p_max; top-p keeps the
@@ -662,7 +655,6 @@ def stream(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None
 # ---------------------------------------------------------------
 # Speculative decoding
 
-
 def speculative_accept(p, q, draft_tokens, generator=None):
     """The accept/reject rule that makes speculative sampling exact. p (k+1, V): target distributions at the k
     drafted positions plus one more; q (k, V): draft distributions; draft_tokens (k,) were sampled from q. Accept
@@ -731,7 +723,6 @@ def speculative_generate(target, draft, idx, max_new_tokens: int, k: int = 4, te
 # ---------------------------------------------------------------
 # Weight-only quantization: int8 / int4 weights with one scale per group, dequantized on the fly
 
-
 def quantize_weight(w, bits: int, group_size: int):
     """Group-wise symmetric: each `group_size` consecutive input columns of a (d_out, d_in) row share scale = max|w| / qmax
     and q = round(w / scale), so |q·scale - w| <= scale/2; an outlier coarsens only its own group, not the row."""
@@ -792,7 +783,6 @@ def quantize_checkpoint(ckpt_path: str, bits: int, group_size: int, out: str):
 # ---------------------------------------------------------------
 # Devices and checkpoints: the one home of both (train.py, align.py, pipeline.py import them)
 
-
 def pick_device(name=None) -> str:
     """cuda -> mps -> cpu, or `name` if this machine has it (else a one-line error, not torch's 20-line traceback)."""
     mps = torch.backends.mps.is_available()
@@ -834,7 +824,6 @@ def load_model(src, device="cpu"):
 
 # ---------------------------------------------------------------
 # Export to Hugging Face Llama
-
 
 def _rope_rows_to_hf(w, num_heads: int):
     """Our RoPE rotates interleaved pairs (2i, 2i+1); HF's rotate_half pairs (i, i + d/2). Reorder each head's rows
@@ -927,7 +916,6 @@ def _swap_in_dir(new, dst):
 # ---------------------------------------------------------------
 # Import from Hugging Face (Llama, GPT-2): export's inverse, so every script runs on a real model
 
-
 def read_safetensors(path) -> dict:
     """A .safetensors file by hand: 8 bytes (little-endian u64) giving the JSON header's length, the
     header {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian tensor bytes."""
@@ -1018,7 +1006,6 @@ def import_hf(hf_dir: str, out_dir: str):
 
 # ---------------------------------------------------------------
 # CLI
-
 
 def _info(args):
     cfg = ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model, num_layers=args.num_layers,
