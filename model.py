@@ -438,6 +438,9 @@ class TransformerLM(nn.Module):
         self.token_embeddings = Embedding(cfg.vocab_size, cfg.d_model, device, dtype)
         if cfg.pos_emb == "learned":  # GPT-2: one trained vector per position, added to the token's
             self.position_embeddings = Embedding(cfg.context_length, cfg.d_model, device, dtype)
+            # σ 0.02 as GPT-2/nanoGPT, not the token table's N(0, 1): a position starts as a small nudge to its token
+            # (at N(0, 1) it drowned the tied GPT-2 token embedding, which is Glorot-small; README: ablations)
+            nn.init.normal_(self.position_embeddings.weight, std=0.02)
         if cfg.pos_emb == "sinusoidal":  # a fixed function of the config: not in the state dict
             self.register_buffer("sinusoids", sinusoidal_table(cfg.context_length, cfg.d_model).to(device), persistent=False)
         self.layers = nn.ModuleList([TransformerBlock(cfg, device, dtype) for _ in range(cfg.num_layers)])

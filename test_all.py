@@ -1787,6 +1787,13 @@ VARIANTS = [dict(norm="layernorm"), dict(norm="none"), dict(norm_position="post"
             dict(norm="layernorm", pos_emb="learned", ffn="gelu", tie_embeddings=True), dict(window=5), dict(dropout=0.1)]
 
 
+def test_model_learned_positions_start_small_as_gpt2():
+    """--pos-emb learned: the position table starts at GPT-2's σ 0.02, the token table at N(0, 1)."""
+    m = M.TransformerLM(M.ModelConfig(pos_emb="learned"))
+    assert abs(m.position_embeddings.weight.std().item() - 0.02) < 0.002
+    assert abs(m.token_embeddings.weight.std().item() - 1.0) < 0.05
+
+
 def test_model_layernorm_vs_torch_and_post_norm_block_by_hand():
     """LayerNorm == F.layer_norm (weight and bias); a post-norm block == ln2(h + ffn(h)), h = ln1(x + attn(x)), by hand; norm none is the identity."""
     torch.manual_seed(0)
