@@ -4,7 +4,7 @@ Each stage is one of the repo's files run as a script, exactly as you would run 
 file only chains them, skips stages whose outputs already exist (so a rerun after a crash picks
 up where it stopped), times them, and writes `report.md` from the artifacts they left behind.
 
-    python pipeline.py                 # embedded corpus, CPU: ~7 min on 2 quiet cores -> runs/cpu/report.md
+    python pipeline.py                 # embedded corpus, CPU: ~5.5 min on 2 quiet cores -> runs/cpu/report.md
     python pipeline.py --fresh         # redo every stage
     python pipeline.py --preset gpu    # same pipeline, 124M-class model, meant for ~1 h on one H100 (untested)
     python pipeline.py --preset gpu --url https://.../TinyStoriesV2-GPT4-train.txt   # real data instead
