@@ -714,7 +714,7 @@ def evaluate_accuracy(model, tok, problems: list, max_new_tokens=None, samples=1
     prompts = [p["prompt"] for p in problems]
     _, _, texts = sample_responses(model, tok, prompts, samples, temperature if samples > 1 else 0.0, T, generator)
     groups = [texts[i * samples:(i + 1) * samples] for i in range(len(problems))]  # (problems, N) answers
-    scores = rm_scores(rm, tok, [p for p in prompts for _ in range(samples)], texts) if vote == "rm" else texts
+    scores = rm_scores(rm, tok, [p for p in prompts for _ in range(samples)], texts) if vote == "rm" and samples > 1 else texts
     scores = [scores[i * samples:(i + 1) * samples] for i in range(len(problems))]
     results = [(p["level"], p["answer"] is not None and vote_answer(g, vote, s) == p["answer"])
                for p, g, s in zip(problems, groups, scores)]

@@ -962,6 +962,14 @@ def _copy_probe_gbs(mb=512, rounds=5):
     return 2 * a.nbytes / t / 1e9
 
 
+def _prefill_and_generate_s(model, prompt, n, rounds):
+    """Median seconds of the prompt's prefill alone and of greedy generate(n) (prefill + n decode steps), + its spread;
+    decode tok/s = B·n / (generate - prefill)."""
+    t_pre, _, _ = _timed(lambda: model(prompt, kv_cache=M.KVCache(model.cfg, len(prompt), model.cfg.context_length)), rounds)
+    t_all, spread, _ = _timed(lambda: M.generate(model, prompt, n, temperature=0.0), rounds)
+    return t_pre, t_all, spread
+
+
 @torch.no_grad()
 def bench_inference(args):
     target = M.load_model(args.inference_ckpt)[0] if os.path.exists(args.inference_ckpt) else M.TransformerLM(M.ModelConfig())
@@ -972,8 +980,7 @@ def bench_inference(args):
     g = torch.Generator().manual_seed(0)
     for B in (1, 8):
         prompt = torch.randint(0, cfg.vocab_size, (B, 64), generator=g)
-        t_pre, _, _ = _timed(lambda: target(prompt, kv_cache=M.KVCache(cfg, B, cfg.context_length)), R)
-        t_all, spread, _ = _timed(lambda: M.generate(target, prompt, n, temperature=0.0), R)
+        t_pre, t_all, spread = _prefill_and_generate_s(target, prompt, n, R)
         print(f"  batch {B}: prefill {B * 64 / t_pre:,.0f} tok/s | decode {B * n / (t_all - t_pre):,.0f} tok/s "
               f"(generate {n} tokens: {t_all * 1e3:.0f} ms, spread {spread[0] * 1e3:.0f}-{spread[1] * 1e3:.0f})")
         if B == 1:
@@ -1081,8 +1088,7 @@ def _quant_row(ckpt, bits, group, args, val, bpt, problems, tok, work):
     row = {"bits": bits, "group": group if bits < 32 else None, "MiB": os.path.getsize(path) / 2**20,
            "val_bpb": _val_bits_per_byte(model, val, bpt, model.cfg.context_length, args.quant_val_tokens)}
     prompt = torch.randint(0, model.cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
-    t_pre, _, _ = _timed(lambda: model(prompt, kv_cache=M.KVCache(model.cfg, 1, model.cfg.context_length)), args.quant_rounds)
-    t_all, _, _ = _timed(lambda: M.generate(model, prompt, 64, temperature=0.0), args.quant_rounds)
+    t_pre, t_all, _ = _prefill_and_generate_s(model, prompt, 64, args.quant_rounds)
     row["decode_tps"] = 64 / (t_all - t_pre)
     if problems:
         policy = M.load_model(args.quant_align_ckpt)[0].eval()

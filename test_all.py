@@ -4622,6 +4622,7 @@ def test_align_eval_samples_vote_matches_a_hand_count_and_an_oracle_rm_equals_pa
     best = align.evaluate_accuracy(m, tok, probs, 4, N, "rm", OracleRM(), 1.0, torch.Generator().manual_seed(5))
     assert [b["acc"] for b in best["by_samples"].values()] == [b["pass_at_n"] for b in res["by_samples"].values()]
     greedy = align.evaluate_accuracy(m, tok, probs, 4)
+    assert align.evaluate_accuracy(m, tok, probs, 4, 1, "rm", None)["correct"] == greedy["correct"]  # one sample: no RM needed
     assert "by_samples" not in greedy and greedy["correct"] == [int(align.parse_answer(t) == p["answer"]) for t, p in
                                                                 zip(align.sample_responses(m, tok, [p["prompt"] for p in probs], 1, 0.0, 4)[2], probs)]
 
