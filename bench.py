@@ -1107,7 +1107,7 @@ def bench_quant(args):
     bpt = TR.bytes_per_token(tok, val)
     have_align = os.path.exists(args.quant_align_ckpt)
     problems = align.eval_problems(argparse.Namespace(data_jsonl=None, n_eval=600, levels=[5], test_percent=20)) if have_align else []
-    print(f"quant: {args.quant_ckpt} | val {args.quant_val_tokens:,} tokens of {d}/val.bin | "
+    print(f"quant: {args.quant_ckpt} | val {min(args.quant_val_tokens, len(val) - 1):,} tokens of {d}/val.bin | "
           f"held-out: {len(problems)} problems, {args.quant_align_ckpt if have_align else 'skipped (no aligned ckpt)'}")
     print(f"  {'bits':>4} {'group':>5} {'MiB':>6} {'val bits/byte':>13} {'decode tok/s':>12}  held-out acc [95% CI], paired vs float")
     rows = []
