@@ -300,15 +300,19 @@ class RotaryEmbedding(nn.Module):
         inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device, dtype=torch.float32) / d_k)  # (d_k/2,)
         angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)  # (max_seq_len, d_k/2)
         # Not persistent: a pure function of the config, so it stays out of the state dict.
-        self.register_buffer("rot", torch.polar(torch.ones_like(angles), angles), persistent=False)  # e^{i·angle}, complex64
+        self.register_buffer("rot", torch.stack([angles.cos(), angles.sin()], -1), persistent=False)  # (max_seq_len, d_k/2, 2)
 
     def forward(self, x, token_positions):
-        # x (..., T, d_k); token_positions (..., T) broadcastable against x's leading dims.
-        # Read each pair as one complex number z = x1 + i·x2. Rotating it by angle a is multiplying by
-        # e^{ia} = cos a + i·sin a:  z·e^{ia} = (x1 cos a - x2 sin a) + i·(x2 cos a + x1 sin a),
-        # the 2-D rotation in one complex multiply (as Llama's own code does it). In fp32: there is no complex bf16.
-        z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., T, d_k/2)
-        return torch.view_as_real(z * self.rot[token_positions]).flatten(-2).to(x.dtype)  # (..., T, d_k)
+        # x (..., T, d_k); token_positions (..., T) broadcastable against x's leading dims. Each pair (x1, x2) turns by a:
+        # (x1 cos a - x2 sin a, x2 cos a + x1 sin a). In fp32: there is no complex bf16.
+        pairs, rot = x.float().unflatten(-1, (-1, 2)), self.rot[token_positions]  # (..., T, d_k/2, 2) each
+        if torch.compiler.is_compiling():  # Inductor fuses this; it generates no code for the complex form below
+            (x1, x2), (cos, sin) = pairs.unbind(-1), rot.unbind(-1)
+            return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2).to(x.dtype)
+        # Eager: read the pair as z = x1 + i·x2 and the angle as e^{ia} = cos a + i·sin a: z·e^{ia} is the rotation
+        # above in one complex multiply (as Llama's own code does; faster on CPU, and backward keeps no rotated copy).
+        z = torch.view_as_complex(pairs) * torch.view_as_complex(rot)
+        return torch.view_as_real(z).flatten(-2).to(x.dtype)  # (..., T, d_k)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -553,7 +557,7 @@ def memory_bytes(cfg: ModelConfig, batch_size: int) -> dict:
     n, d, f, d_k = count_params(cfg), cfg.d_model, cfg.d_ff, cfg.d_model // cfg.num_heads
     norms, inputs, attn = 2 * (4 * d + 4 * d + 4), 2 * 2 * d, 2 * 4 * d + 4 * cfg.num_heads
     per_layer = norms + inputs + attn + 2 * 4 * f  # bytes per token
-    rope = 2 * 4 * d_k * cfg.context_length if cfg.pos_emb == "rope" else 0  # bytes per layer: 2 x (T, d_k/2) complex64
+    rope = 2 * 4 * d_k * cfg.context_length if cfg.pos_emb == "rope" else 0  # bytes per layer: 2 x (T, d_k/2, 2) fp32
     last = 8 + (8 * d + 4) + 2 * d + 4 * cfg.vocab_size  # token ids, ln_final, fp32 logits
     tokens = batch_size * cfg.context_length
     acts = tokens * (cfg.num_layers * per_layer + last) + cfg.num_layers * rope

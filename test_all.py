@@ -1642,8 +1642,9 @@ def test_model_sdpa_with_and_without_mask_vs_torch():
     torch.testing.assert_close(M.scaled_dot_product_attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
-def test_model_rope_matches_complex_rotation_and_is_relative():
-    """RoPE equals the 2-D rotation of each pair by pos·θ_k written out in reals, and q·k depends only on the offset."""
+def test_model_rope_matches_complex_rotation_and_is_relative(monkeypatch):
+    """RoPE equals the 2-D rotation of each pair by pos·θ_k written out in reals, eager (complex multiply) and under
+    torch.compile (its real form), and q·k depends only on the offset."""
     torch.manual_seed(0)
     d, theta = 8, 10000.0
     rope = M.RotaryEmbedding(theta, d, 64)
@@ -1655,6 +1656,9 @@ def test_model_rope_matches_complex_rotation_and_is_relative():
         x1, x2 = xin.float()[..., 0::2], xin.float()[..., 1::2]
         want = torch.stack((x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()), -1).flatten(-2)
         torch.testing.assert_close(rope(xin, pos), want.to(xin.dtype))
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
+            torch.testing.assert_close(rope(xin, pos), want.to(xin.dtype))
     # relative property: <R_i q, R_j k> depends only on i - j
     q, k = torch.randn(d), torch.randn(d)
 
@@ -2900,11 +2904,14 @@ def test_train_bf16_autocast_runs_on_cpu_close_to_fp32(tmp_path):
 
 @pytest.mark.slow
 def test_train_torch_compile_matches_eager(tmp_path):
-    """--compile (inductor, C++ on CPU) trains the same 4 steps as eager: losses equal to 1e-5."""
+    """--compile (inductor, C++ on CPU) trains the same 4 steps as eager: losses equal to 1e-5, no eager fallback warned."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    eager, compiled = _short_run(tmp_path, "eager"), _short_run(tmp_path, "compiled", "--compile")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        eager, compiled = _short_run(tmp_path, "eager"), _short_run(tmp_path, "compiled", "--compile")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # dynamo really captured the model
+    assert not [w for w in seen if "complex" in str(w.message)]  # RoPE's real form: Inductor generates all the code
     assert compiled == pytest.approx(eager, abs=1e-5, rel=0) and len(eager) == 4
 
 
