@@ -304,15 +304,13 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x, token_positions):
         # x (..., T, d_k); token_positions (..., T) broadcastable against x's leading dims. Each pair (x1, x2) turns by a:
-        # (x1 cos a - x2 sin a, x2 cos a + x1 sin a). In fp32: there is no complex bf16.
-        pairs, rot = x.float().unflatten(-1, (-1, 2)), self.rot[token_positions]  # (..., T, d_k/2, 2) each
-        if torch.compiler.is_compiling():  # Inductor fuses this; it generates no code for the complex form below
-            (x1, x2), (cos, sin) = pairs.unbind(-1), rot.unbind(-1)
-            return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2).to(x.dtype)
-        # Eager: read the pair as z = x1 + i·x2 and the angle as e^{ia} = cos a + i·sin a: z·e^{ia} is the rotation
-        # above in one complex multiply (as Llama's own code does; faster on CPU, and backward keeps no rotated copy).
-        z = torch.view_as_complex(pairs) * torch.view_as_complex(rot)
-        return torch.view_as_real(z).flatten(-2).to(x.dtype)  # (..., T, d_k)
+        # (x1 cos a - x2 sin a, x2 cos a + x1 sin a), in fp32 (there is no complex bf16). Eager reads the pair as z = x1 +
+        # i·x2: z·e^{ia} is that rotation in one complex multiply (Llama's way; faster on CPU, and backward keeps no copy).
+        pairs, rot = x.float().unflatten(-1, (-1, 2)), self.rot[token_positions]  # (..., T, d_k/2, 2): pairs, (cos, sin)
+        if not torch.compiler.is_compiling():  # Inductor generates no code for complex ops: it gets the real form below
+            return torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rot)).flatten(-2).to(x.dtype)
+        (x1, x2), (cos, sin) = pairs.unbind(-1), rot.unbind(-1)
+        return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2).to(x.dtype)  # (..., T, d_k)
 
 
 class MultiHeadSelfAttention(nn.Module):
