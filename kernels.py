@@ -66,7 +66,6 @@ _UPCAST = tl.constexpr(INTERPRET)
 # dw is a reduction over all rows.  Instead of atomics we give each program a contiguous block of rows, accumulate its
 # partial dw in registers, write one (D,) partial, and sum the few partials in torch -- Liger/Unsloth do the same.
 
-
 @triton.jit
 def _rmsnorm_fwd_kernel(X, W, Y, RSTD, D, eps, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64 so row * D cannot overflow on big inputs
@@ -80,8 +79,7 @@ def _rmsnorm_fwd_kernel(X, W, Y, RSTD, D, eps, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _rmsnorm_bwd_kernel(X, W, DY, RSTD, DX, DW_PART, N, D, rows_per_prog,
-                        BLOCK_D: tl.constexpr):
+def _rmsnorm_bwd_kernel(X, W, DY, RSTD, DX, DW_PART, N, D, rows_per_prog, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -156,7 +154,6 @@ def rmsnorm_ref(x, weight, eps=1e-5):
 # so D = rowsum(dO * O): one (T,) vector from tensors we already have, no row of P needed.
 # Causal: key j is visible to query i iff j <= i (top-left aligned, like SDPA).  A tile wholly above the diagonal is
 # -inf everywhere, so P = 0 adds nothing to O, l, dQ, dK or dV: we skip it (half the work when Tq = Tk).
-
 
 def attention_ref(q, k, v, is_causal=False):
     """Naive reference: materialises the full score matrix. Returns (O, L)."""
@@ -250,11 +247,9 @@ class FlashAttentionTorch(torch.autograd.Function):
 # get -inf).  Tile shapes in comments: BM = BLOCK_M query rows, BN = BLOCK_N keys, BD = BLOCK_D >= d head-dim lanes.
 # Inputs are flattened to contiguous (batch*heads, T, d): one stride serves (B, T, d) and (B, H, T, d).
 
-
 @triton.jit
 def _fa_fwd_inner(acc, l, m, q, K, V, offs_m, offs_d, Tk, qk_scale, lo, hi,
-                  MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                  d: tl.constexpr, PREC: tl.constexpr):
+                  MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, d: tl.constexpr, PREC: tl.constexpr):
     """Stream K/V tiles [lo, hi) past a Q tile, updating the online softmax; MASK=False: all-visible tiles, no compares."""
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < d  # (BD,) all-true when d == BLOCK_D
@@ -282,8 +277,7 @@ def _fa_fwd_inner(acc, l, m, q, K, V, offs_m, offs_d, Tk, qk_scale, lo, hi,
 
 @triton.jit
 def _fa_fwd_kernel(Q, K, V, O, L, Tq, Tk, T_BUCKET, qk_scale, d: tl.constexpr, PREC: tl.constexpr,
-                   IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+                   IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)  # int64: bh * T * d overflows int32 for big batches
     offs_m = start_m + tl.arange(0, BLOCK_M)  # query rows of this tile
@@ -326,9 +320,8 @@ def _fa_bwd_preprocess(O, DO, Dr, Tq, d: tl.constexpr, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
-def _fa_bwd_dkdv_kernel(Q, K, V, DO, L, Dr, DK, DV, Tq, Tk, T_BUCKET, sm_scale, d: tl.constexpr,
-                        PREC: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+def _fa_bwd_dkdv_kernel(Q, K, V, DO, L, Dr, DK, DV, Tq, Tk, T_BUCKET, sm_scale, d: tl.constexpr, PREC: tl.constexpr,
+                        IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -367,9 +360,8 @@ def _fa_bwd_dkdv_kernel(Q, K, V, DO, L, Dr, DK, DV, Tq, Tk, T_BUCKET, sm_scale, 
 
 
 @triton.jit
-def _fa_bwd_dq_kernel(Q, K, V, DO, L, Dr, DQ, Tq, Tk, T_BUCKET, sm_scale, d: tl.constexpr,
-                      PREC: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+def _fa_bwd_dq_kernel(Q, K, V, DO, L, Dr, DQ, Tq, Tk, T_BUCKET, sm_scale, d: tl.constexpr, PREC: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -453,7 +445,6 @@ class FlashAttentionTriton(torch.autograd.Function):
 # the fused kernel reads a and b once and writes out once (and the backward likewise).
 #     d/da = dout * b * sig(a) * (1 + a * (1 - sig(a))),   d/db = dout * silu(a)
 
-
 @triton.jit
 def _swiglu_fwd_kernel(A, B, OUT, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -507,7 +498,6 @@ class SwiGLUTriton(torch.autograd.Function):
 # throw logits_c away.  Peak extra memory: (chunk x V), not (N x V).  The gradients are computed in the forward (Liger
 # kernel's trick); backward only scales them by grad_output.
 
-
 class ChunkedCrossEntropy(torch.autograd.Function):
     """mean cross-entropy of softmax(h @ W^T) against targets, never building all logits.
     h: (N, C) hidden states, W: (V, C) lm_head weight, targets: (N,) int64."""
@@ -543,13 +533,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 # BLOCK_N, warps, stages), and we only search where speed matters: bf16/fp16 and sequences longer than 256.  fp32 (our
 # exact "ieee" correctness path) and short sequences take the first, safe config.
 
-
 def _cfgs(tiles):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in tiles]
 
 
-_FA_CONFIGS = _cfgs([(64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),
-                     (128, 32, 4, 3)])
+_FA_CONFIGS = _cfgs([(64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3)])
 _FA_BWD_CONFIGS = _cfgs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3)])
 # T_BUCKET = next power of two >= max(Tq, Tk) is an argument the kernels ignore: it is the autotuner's key, so a new
 # sequence length (every step of a generation loop) reuses its bucket's tuned config instead of searching again.
@@ -573,7 +561,6 @@ _INTERP_TILE = {"BLOCK_M": 16, "BLOCK_N": 16}  # tl.dot needs every dim >= 16
 
 # ---------------------------------------------------------------
 # 7. Demo: causal attention and RMSNorm vs the naive references (the tests check far more).
-
 
 def demo(T=64, d=32):
     dev = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"

@@ -392,8 +392,7 @@ class FSDP(nn.Module):
             if id(p) not in self.sharded:        # first user of a (possibly tied) weight
                 k = -(-p.numel() // self.world_size)                           # ceil(numel / N)
                 flat = F.pad(p.detach().reshape(-1), (0, k * self.world_size - p.numel()))
-                shard = nn.Parameter(flat[self.rank * k:(self.rank + 1) * k].clone().float(),
-                                     requires_grad=p.requires_grad)
+                shard = nn.Parameter(flat[self.rank * k:(self.rank + 1) * k].clone().float(), requires_grad=p.requires_grad)
                 mod.register_parameter("weight_shard", shard)   # so .parameters() yields shards
                 self.sharded[id(p)] = dict(name=self.names[id(p)], shape=p.shape, shard=shard, users=[],
                                            pending=0, acc=None)   # backward bookkeeping, see above

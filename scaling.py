@@ -106,8 +106,7 @@ def print_flops_table(vocab_size, context_length):
     for r in flops_table(vocab_size, context_length):
         print(f"{r['d_model']:>7} {r['layers']:>6} {r['N']:>14,} {r['N_total']:>14,} "
               f"{r['exact']:>14,.0f} {r['exact/6N']:>9.3f} {r['full/6N']:>8.3f} {r['exact/6N_total']:>12.3f}")
-    print("exact = causal attention (unmasked keys only); full = the whole T x T square, "
-          "as model.flops_per_token counts it")
+    print("exact = causal attention (unmasked keys only); full = the whole T x T square, as model.flops_per_token counts it")
 
 
 # ---------------------------------------------------------------
@@ -408,9 +407,8 @@ def size_config(d_model, args, vocab_size):
     simplest family in which "bigger" means one thing. -> (ModelConfig, FLOPs/token)."""
     # d_ff = 8/3 d rounded to a multiple of 8, passed to train.py explicitly: model.py's default rounds to 64 with a
     # floor of 64, which at d_model <= 48 makes the MLP jump in steps: the family stops being "the same shape, wider".
-    cfg = ModelConfig(vocab_size=vocab_size, context_length=args.context_length, d_model=d_model,
-                      num_layers=args.num_layers, num_heads=max(1, d_model // args.head_dim),
-                      d_ff=max(8, 8 * round(d_model / 3)))
+    cfg = ModelConfig(vocab_size=vocab_size, context_length=args.context_length, d_model=d_model, num_layers=args.num_layers,
+                      num_heads=max(1, d_model // args.head_dim), d_ff=max(8, 8 * round(d_model / 3)))
     per_tok = 6 * count_params(cfg, non_embedding=True) if args.flops == "6nd" else train_flops_per_token(cfg)
     return cfg, per_tok
 
@@ -710,8 +708,7 @@ def plot(runs, a2, a3, targets, out_dir):
     ax1.legend(fontsize=8)
     Cs = np.logspace(np.log10(budgets.min()) - 0.3, np.log10(max([budgets.max(), *targets])) + 0.3, 50)
     if a2 is not None:
-        ax2.scatter([b["C"] for b in a2["budgets"]], [b["N_opt"] for b in a2["budgets"]],
-                    color="C0", label="IsoFLOP minima")
+        ax2.scatter([b["C"] for b in a2["budgets"]], [b["N_opt"] for b in a2["budgets"]], color="C0", label="IsoFLOP minima")
         ax2.plot(Cs, np.exp(a2["a"] * np.log(Cs) + a2["log_k_N"]), "C0", label=f"approach 2: a={a2['a']:.2f}")
     ax2.plot(Cs, [compute_optimal(a3, C)[0] for C in Cs], "C1--", label=f"approach 3: a={a3['a']:.2f}")
     for C in targets:

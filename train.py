@@ -57,7 +57,6 @@ from model import (CHOICES, ModelConfig, MoE, TransformerLM, estimate_mfu, flops
 
 # ---------------------------------------------------------------
 # 1. The loss: cross-entropy with the log-sum-exp trick
-# ---------------------------------------------------------------
 
 
 def cross_entropy(logits, targets, ignore_index=-100):
@@ -78,7 +77,6 @@ def cross_entropy(logits, targets, ignore_index=-100):
 
 # ---------------------------------------------------------------
 # 2. Optimizers: AdamW and Muon
-# ---------------------------------------------------------------
 
 
 class AdamW(torch.optim.Optimizer):
@@ -185,7 +183,6 @@ def build_optimizers(model, args):
 
 # ---------------------------------------------------------------
 # 3. Learning-rate schedule and gradient clipping
-# ---------------------------------------------------------------
 
 
 def lr_cosine_schedule(it, max_lr, min_lr, warmup_iters, cosine_cycle_iters):
@@ -227,7 +224,6 @@ def clip_grad_norm(params, max_norm, eps=1e-6):
 
 # ---------------------------------------------------------------
 # 4. Data: random windows from a flat token file
-# ---------------------------------------------------------------
 
 
 def get_batch(data, batch_size, context_length, device, generator=None):
@@ -277,7 +273,6 @@ def load_tokenizer(tok_dir):
 
 # ---------------------------------------------------------------
 # 5. Checkpoints: atomic, complete, checked
-# ---------------------------------------------------------------
 # A resumed run must produce the very losses the uninterrupted run would have. That needs more than the weights: AdamW's
 # moments and step counts (the bias correction depends on t), the step (it sets the lr), and the RNG states, above all the
 # batch generator's, which *is* the data position (it decides which windows come next): we store no offset into the data.
@@ -350,7 +345,6 @@ def save(model, optimizers, step, batch_gen, args, wall_s):
 
 # ---------------------------------------------------------------
 # 6. The training loop: setup, the steps, the report
-# ---------------------------------------------------------------
 
 
 def log(text, metrics=None, rec=None):
@@ -660,7 +654,6 @@ def report(model, ev, bpt, entropies, tokens_per_step, wall, args, metrics):
 
 # ---------------------------------------------------------------
 # 7. Sampling from a checkpoint, and the command line
-# ---------------------------------------------------------------
 
 
 def sample(args):
