@@ -995,7 +995,7 @@ def build_parser(tiny=False):
     p = sub.add_parser("dpo", parents=[common, single, pairs, dpo, lora], help="DPO (+ RPO NLL) -> OUT_DIR/dpo.pt")
     add_optim_flags(p, tiny, 30, 5e-5, 16, "preference pairs per step")
     p = sub.add_parser("grpo", parents=[common, single, grpo], help="GRPO against the verifier -> OUT_DIR/grpo.pt")
-    add_optim_flags(p, tiny, 100, 3e-4, 16, "unused by GRPO (see --prompts-per-step)")
+    add_optim_flags(p, tiny, 100, 3e-5, 16, "unused by GRPO (see --prompts-per-step)")  # 3e-4 hurt: README
     p = sub.add_parser("rm", parents=[common, single, pairs], help="Bradley-Terry reward model (an aside) -> OUT_DIR/rm.pt")
     add_optim_flags(p, tiny, 40, 1e-4, 16, "preference pairs per step")
     p = sub.add_parser("eval", parents=[common], help="greedy held-out accuracy of --ckpt -> OUT_DIR/eval.json")
