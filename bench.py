@@ -191,6 +191,12 @@ def _bpe_train_big(big, mb, vocab_size, tok_dir, tokenizers):
     print(line, flush=True)
 
 
+def _ratios(num, den):
+    """(median, min, max) of the per-round ratios num[i] / den[i]: rounds are paired, so load hits both sides alike."""
+    r = [a / b for a, b in zip(num, den)]
+    return statistics.median(r), min(r), max(r)
+
+
 def _mb_per_s(fn, text, n_mb):
     """(fn(text), MB/s of that one call)."""
     t0 = time.perf_counter()
@@ -223,7 +229,7 @@ def _bpe_encode(big, enc_mb, tok_dir, tiktoken, rounds):
     med = statistics.median
     line = f"bpe encode {n:.1f} MB, 1 thread, median of {rounds}: {med(cold):.1f} MB/s cold cache, {med(warm):.1f} MB/s warm"
     if enc is not None:
-        (c, c0, c1), (w, w0, w1) = ([med(r), min(r), max(r)] for r in ([a / b for a, b in zip(x, tk)] for x in (cold, warm)))
+        (c, c0, c1), (w, w0, w1) = _ratios(cold, tk), _ratios(warm, tk)
         line += (f" | tiktoken {tiktoken.__version__}: {med(tk):.1f} MB/s | ours/tiktoken {c:.2f}x cold ({c0:.2f}-{c1:.2f}), "
                  f"{w:.2f}x warm ({w0:.2f}-{w1:.2f}) (goal >= 1.0x cold) | ids identical: {ids == ref}")
     print(line, flush=True)
@@ -460,9 +466,9 @@ def bench_model(args):
         line += f", MFU {100 * mfu:.1f}% of {M.device_peak_flops(device) / 1e12:.0f} TFLOP/s bf16 peak (goal >= 50% on H100)"
     print(line)
     if hf is not None:
-        ms_hf, r = statistics.median(res["hf"]), [h / o for o, h in zip(res["ours"], res["hf"])]  # paired by round
+        ms_hf, (r, r0, r1) = statistics.median(res["hf"]), _ratios(res["hf"], res["ours"])  # paired by round
         print(f"  HF LlamaForCausalLM (transformers {transformers.__version__}, sdpa, eager): {ms_hf:.1f} ms/step, "
-              f"{B * T / ms_hf:.1f}k tok/s | ours / HF throughput = {statistics.median(r):.2f}x (rounds {min(r):.2f}-{max(r):.2f};"
+              f"{B * T / ms_hf:.1f}k tok/s | ours / HF throughput = {r:.2f}x (rounds {r0:.2f}-{r1:.2f};"
               f" goal >= 1.05x)")
 
 
@@ -1014,8 +1020,7 @@ def _interleaved(fns, rounds):
             t0 = time.perf_counter()
             outs[i] = f()
             ts[i].append(time.perf_counter() - t0)
-    ratios = [[a / b for a, b in zip(ts[0], t)] for t in ts[1:]]
-    return [(statistics.median(r), min(r), max(r)) for r in ratios], outs
+    return [_ratios(ts[0], t) for t in ts[1:]], outs
 
 
 def _bench_inference_hf(target, n, R, decode_tps):
