@@ -137,7 +137,9 @@ class Embedding(nn.Module):
         nn.init.trunc_normal_(self.weight, 0.0, 1.0, -3.0, 3.0)
 
     def forward(self, token_ids):
-        return self.weight[token_ids]  # (B, T) -> (B, T, C)
+        # = self.weight[token_ids], but that indexing's backward (index_put_ with accumulate) sums the rows of a
+        # token seen twice in thread-dependent order: runs on 2+ threads then differ in the last bit, and drift.
+        return self.weight.index_select(0, token_ids.reshape(-1)).view(*token_ids.shape, -1)  # (B, T) -> (B, T, C)
 
 
 class RMSNorm(nn.Module):

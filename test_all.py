@@ -1601,6 +1601,22 @@ def test_model_state_dict_names_shapes_and_init():
     assert emb.weight.abs().max() <= 3.0 and abs(emb.weight.std().item() - 0.9866) < 0.02
 
 
+def test_model_embedding_backward_is_deterministic_on_two_threads():
+    """The embedding's gradient is index_add_ of the upstream rows (one fixed summation order), bit for bit, run after run on 2 threads."""
+    torch.manual_seed(0)
+    emb, ids, dy = M.Embedding(64, 32), torch.randint(0, 64, (16, 128)), torch.randn(16, 128, 32)
+    ref = torch.zeros(64, 32).index_add_(0, ids.flatten(), dy.view(-1, 32))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the old `weight[ids]` summed a repeated token's rows in thread-dependent order
+    try:
+        for _ in range(5):
+            emb.weight.grad = None
+            emb(ids).backward(dy)
+            assert torch.equal(emb.weight.grad, ref)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_model_softmax_silu_cross_entropy_vs_torch():
     """Our softmax, SiLU and cross-entropy equal torch's, including at logits of 1e3 and with ignored (-100) labels."""
     x = torch.randn(5, 11, dtype=torch.float64)
